@@ -1,0 +1,3 @@
+from sync_tools.cli import main
+
+main()

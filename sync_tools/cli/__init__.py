@@ -1,0 +1,78 @@
+"""The ``sync-tools`` console script.
+
+Commands live in one module per area and are imported only when invoked (``LazyGroup``), so a
+``sync-tools check`` does not pay for Flask, PyGithub or cryptography at start-up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from sync_tools import __version__
+from sync_tools.errors import SyncToolsError
+
+# command name -> ("module:attribute", one-line help); each module owns its area's commands. The help
+# line is here so `sync-tools --help` lists commands without importing them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("sync_tools.cli.check:check", "Pinned vs newest upstream version per subsystem."),
+    "plan": ("sync_tools.cli.pipeline:plan", "The GitHub Actions matrix of what to build."),
+    "build": ("sync_tools.cli.pipeline:build", "Run a subsystem's build commands; write .bin/.version."),
+    "package": ("sync_tools.cli.pipeline:package", "Reproducible .dist/<binary>-<os>-<arch>.tar.gz."),
+    "release": ("sync_tools.cli.pipeline:release", "Upload only NAME's assets; re-sign manifest.json."),
+    "verify": ("sync_tools.cli.pipeline:verify", "Check every installed binary against its .version."),
+    "keys": ("sync_tools.cli.pipeline:keys", "Release signing keys (ed25519)."),
+    "relay": ("sync_tools.cli.relay:relay", "Run the webhook relay (verify, queue, dispatch, fan out)."),
+    "watch": ("sync_tools.cli.agent:watch", "Webhook receiver on a DEV (build) or USER (agent) machine."),
+    "agent": ("sync_tools.cli.agent:agent", "The USER agent: reconcile, then apply pushed events."),
+    "status": ("sync_tools.cli.agent:status", "Installed version, checksum and running state per subsystem."),
+    "rollback": ("sync_tools.cli.agent:rollback", "Swap .bin/.previous back in and reload."),
+    "demo": ("sync_tools.cli.demo:demo", "The whole loop on loopback, self-contained."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use, and whose errors are one clear line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[cmd_name][0].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except SyncToolsError as e:
+            raise click.ClickException(str(e)) from e
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sync-tools")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Keep a fleet of machines on the newest builds of the services they run: event-driven, incremental.
+
+    \b
+    Example:
+      sync-tools check --json          # pinned vs newest upstream version per subsystem
+      sync-tools demo                  # the whole loop on loopback
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    cli(prog_name="sync-tools")

@@ -1,0 +1,543 @@
+"""sync-tools.yaml, loaded into frozen dataclasses and validated.
+
+When a workspace has no ``sync-tools.yaml``, plat-telemetry's own files are read instead: the root
+``manifest.yaml`` (``subsystems: {nats: {version, upstream, branch}}``) and the Taskfile vars
+``<NAME>_VERSION`` / ``<NAME>_UPSTREAM_REPO`` / ``<NAME>_BIN_NAME`` of the root and per-subsystem
+Taskfiles, so the real repository works without rewriting.
+
+Every problem is a :class:`~sync_tools.errors.ConfigError` naming the file, the key and the line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from sync_tools.errors import ConfigError
+
+CONFIG_NAME = "sync-tools.yaml"
+CONFIG_ENV = "SYNC_TOOLS_CONFIG"
+STRATEGIES = ("tags", "commits", "releases")
+MAJOR_POLICIES = ("manual", "auto")
+DISPATCHERS = ("github", "local")
+RELOADERS = ("process-compose", "supervisor", "command", "none")
+DEFAULT_PLATFORMS = ("linux/amd64", "linux/arm64", "darwin/amd64", "darwin/arm64")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9]+$")
+
+
+# --------------------------------------------------------------------------------------------- YAML
+
+
+class _LineDict(dict):
+    """A mapping that remembers the line (1-based) each key was written on."""
+
+    lines: dict[str, int]
+    start_line: int
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
+    loader.flatten_mapping(node)
+    out = _LineDict()
+    out.lines = {}
+    out.start_line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str | int | float | bool) and key is not None:
+            raise ConfigError("mapping keys must be plain scalars", line=key_node.start_mark.line + 1)
+        key = str(key)
+        if key in out:
+            raise ConfigError(f"duplicate key {key!r}", line=key_node.start_mark.line + 1)
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: Path) -> Any:
+    """Parse a YAML file with line tracking; errors become ConfigError naming file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError("file not found", path=path) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read: {e}", path=path) from e
+    try:
+        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(str(e).split(": ", 1)[-1], path=path, line=e.line) from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"invalid YAML: {problem}", path=path, line=line) from e
+
+
+def _line(obj: Any, key: str) -> int | None:
+    if isinstance(obj, _LineDict):
+        return obj.lines.get(key, obj.start_line)
+    return None
+
+
+class _Section:
+    """Typed reads from one mapping of a YAML file, each error naming file, dotted key and line."""
+
+    def __init__(self, path: Path, data: Any, prefix: str, allowed: tuple[str, ...], line: int | None = None):
+        self.path = path
+        self.prefix = prefix
+        if data is None:
+            data = _LineDict()
+            data.lines, data.start_line = {}, line or 1
+        if not isinstance(data, dict):
+            raise ConfigError("must be a mapping", path=path, key=prefix or None, line=line)
+        self.data = data
+        for key in data:
+            if key not in allowed:
+                raise ConfigError(
+                    f"unknown key (expected one of: {', '.join(allowed)})",
+                    path=path, key=self.key(key), line=_line(data, key),
+                )
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(message, path=self.path, key=self.key(name), line=_line(self.data, name))
+
+    def raw(self, name: str, default: Any = None) -> Any:
+        return self.data.get(name, default)
+
+    def str(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
+        value = self.data.get(name)
+        if value is None:
+            if required:
+                raise self.error(name, "is required")
+            return default
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.error(name, f"must be a string, not {type(value).__name__}")
+        return str(value)
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, "must be true or false")
+        return value
+
+    def number(self, name: str, default: float) -> float:
+        value = self.data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise self.error(name, "must be a non-negative number")
+        return float(value)
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.str(name, default)
+        if value not in choices:
+            raise self.error(name, f"unknown value {value!r} (expected one of: {', '.join(choices)})")
+        return value
+
+    def str_list(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list) or not all(isinstance(v, str | int | float) and not isinstance(v, bool)
+                                                 for v in value):
+            raise self.error(name, "must be a list of strings")
+        return tuple(str(v) for v in value)
+
+    def regex(self, name: str) -> re.Pattern[str] | None:
+        value = self.str(name)
+        if value is None:
+            return None
+        try:
+            return re.compile(value)
+        except re.error as e:
+            raise self.error(name, f"bad regex {value!r}: {e}") from e
+
+    def section(self, name: str, allowed: tuple[str, ...]) -> _Section:
+        return _Section(self.path, self.data.get(name), self.key(name), allowed, line=_line(self.data, name))
+
+
+# ------------------------------------------------------------------------------------------ classes
+
+
+@dataclass(frozen=True)
+class PinSource:
+    """Where a subsystem's pin was read from, so a pin update can rewrite exactly that spot."""
+
+    path: Path
+    kind: str  # "sync-tools.yaml" | "manifest.yaml" | "taskfile"
+    key: str  # the YAML key path ("subsystems.nats.current") or Taskfile var name ("NATS_VERSION")
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class Subsystem:
+    name: str
+    upstream: str
+    strategy: str = "tags"
+    branch: str | None = None
+    include: re.Pattern[str] | None = None
+    exclude: re.Pattern[str] | None = None
+    prereleases: bool = False
+    major: str = "manual"
+    current: str | None = None
+    binary: str = ""
+    build: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    process: str = ""
+    health: str | None = None
+    depends_on: tuple[str, ...] = ()
+    pin: PinSource | None = None
+
+    def bin_dir(self, root: Path) -> Path:
+        return root / self.name / ".bin"
+
+    def binary_path(self, root: Path) -> Path:
+        return self.bin_dir(root) / self.binary
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    repo: str | None = None
+    store: str | None = None
+    tag: str = "latest"
+    public_key: str | None = None
+    expires_days: float = 30.0
+
+    @property
+    def backend(self) -> str:
+        """``local`` when a store directory is set or no GitHub repo is; ``github`` otherwise."""
+        if self.store or not self.repo:
+            return "local"
+        return "github"
+
+    def store_path(self, root: Path) -> Path:
+        return (root / (self.store or ".releases")).resolve()
+
+
+@dataclass(frozen=True)
+class AgentTarget:
+    url: str
+    secret_env: str
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    dispatch: str = "github"
+    agents: tuple[AgentTarget, ...] = ()
+    max_body: int = 25 * 1024 * 1024
+    max_attempts: int = 8
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    root: str = "."
+    source: str | None = None
+    relay: str | None = None
+    reload: str = "none"
+    socket: str | None = None
+    url: str | None = None
+    command: str | None = None
+    listen: str | None = None
+    secret_env: str = "SYNC_TOOLS_AGENT_SECRET"
+    token_env: str = "SYNC_TOOLS_AGENT_TOKEN"
+    public_key: str | None = None
+    platform: str | None = None
+    health_timeout: float = 30.0
+    supervisor_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    root: Path
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    platforms: tuple[str, ...] = DEFAULT_PLATFORMS
+    subsystems: Mapping[str, Subsystem] = field(default_factory=lambda: MappingProxyType({}))
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+    def subsystem(self, name: str) -> Subsystem:
+        try:
+            return self.subsystems[name]
+        except KeyError:
+            known = ", ".join(self.subsystems) or "none"
+            raise ConfigError(f"unknown subsystem {name!r} (configured: {known})", path=self.path) from None
+
+    def select(self, names: list[str] | tuple[str, ...] | None) -> list[Subsystem]:
+        """The named subsystems (all when none are named), in config order; unknown names raise."""
+        if not names:
+            return list(self.subsystems.values())
+        return [self.subsystem(n) for n in names]
+
+    def resolve(self, value: str | None) -> Path | None:
+        """A path from the config, relative to the workspace root."""
+        if value is None:
+            return None
+        return (self.root / os.path.expanduser(value)).resolve()
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+_TOP_KEYS = ("release", "platforms", "subsystems", "relay", "agent")
+_RELEASE_KEYS = ("repo", "store", "tag", "public_key", "expires_days")
+_SUB_KEYS = ("upstream", "strategy", "branch", "include", "exclude", "prereleases", "major", "current",
+             "binary", "build", "paths", "process", "health", "depends_on", "description")
+_RELAY_KEYS = ("dispatch", "agents", "max_body", "max_attempts")
+_AGENT_KEYS = ("root", "source", "relay", "reload", "socket", "url", "command", "listen", "secret_env",
+               "token_env", "public_key", "platform", "health_timeout", "supervisor_url")
+
+
+def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None) -> Subsystem:
+    if not _NAME_RE.match(name):
+        raise ConfigError("subsystem names are lower-case letters, digits, - and _", path=sec.path,
+                          key=sec.prefix, line=_line(sec.data, name))
+    strategy = sec.choice("strategy", STRATEGIES, "tags")
+    upstream = sec.str("upstream", required=True)
+    assert upstream is not None
+    if not upstream.strip():
+        raise sec.error("upstream", "must not be empty")
+    binary = sec.str("binary", name) or name
+    if "/" in binary or binary in (".", ".."):
+        raise sec.error("binary", "must be a file name, not a path")
+    build = sec.str_list("build", (f"task {name}:src:update", f"task {name}:bin:build"))
+    return Subsystem(
+        name=name,
+        upstream=upstream,
+        strategy=strategy,
+        branch=sec.str("branch"),
+        include=sec.regex("include"),
+        exclude=sec.regex("exclude"),
+        prereleases=sec.bool("prereleases", False),
+        major=sec.choice("major", MAJOR_POLICIES, "manual"),
+        current=sec.str("current"),
+        binary=binary,
+        build=build,
+        paths=sec.str_list("paths", (f"{name}/**",)),
+        process=sec.str("process", name) or name,
+        health=sec.str("health"),
+        depends_on=sec.str_list("depends_on"),
+        pin=pin,
+    )
+
+
+def _check_graph(path: Path, subs: dict[str, Subsystem], data: Any) -> None:
+    for sub in subs.values():
+        for dep in sub.depends_on:
+            if dep not in subs:
+                raise ConfigError(f"depends on unknown subsystem {dep!r}", path=path,
+                                  key=f"subsystems.{sub.name}.depends_on")
+    # cycle check (depth-first, colours)
+    state: dict[str, int] = {}
+
+    def visit(n: str, trail: list[str]) -> None:
+        if state.get(n) == 2:
+            return
+        if state.get(n) == 1:
+            cycle = " -> ".join(trail[trail.index(n):] + [n])
+            raise ConfigError(f"dependency cycle: {cycle}", path=path, key=f"subsystems.{n}.depends_on")
+        state[n] = 1
+        for d in subs[n].depends_on:
+            visit(d, trail + [n])
+        state[n] = 2
+
+    for n in subs:
+        visit(n, [])
+
+
+def parse_config(path: Path, data: Any) -> Config:
+    """Build a Config from parsed sync-tools.yaml data (as :func:`load_yaml` returns it)."""
+    top = _Section(path, data, "", _TOP_KEYS)
+    rel = top.section("release", _RELEASE_KEYS)
+    release = ReleaseConfig(
+        repo=rel.str("repo"),
+        store=rel.str("store"),
+        tag=rel.str("tag", "latest") or "latest",
+        public_key=rel.str("public_key"),
+        expires_days=rel.number("expires_days", 30.0),
+    )
+    if release.repo and not re.match(r"^[\w.-]+/[\w.-]+$", release.repo):
+        raise rel.error("repo", f"must be owner/name, not {release.repo!r}")
+    platforms = top.str_list("platforms", DEFAULT_PLATFORMS)
+    for p in platforms:
+        if not _PLATFORM_RE.match(p):
+            raise top.error("platforms", f"bad platform {p!r} (expected os/arch, e.g. linux/amd64)")
+
+    subs_raw = top.raw("subsystems")
+    if subs_raw is None:
+        subs_raw = {}
+    if not isinstance(subs_raw, dict):
+        raise top.error("subsystems", "must be a mapping of name -> settings")
+    subs: dict[str, Subsystem] = {}
+    for name, body in subs_raw.items():
+        sec = _Section(path, body, f"subsystems.{name}", _SUB_KEYS, line=_line(subs_raw, name))
+        pin = PinSource(path, "sync-tools.yaml", f"subsystems.{name}.current", _line(body, "current"))
+        subs[name] = _parse_subsystem(sec, name, pin)
+    _check_graph(path, subs, subs_raw)
+
+    rl = top.section("relay", _RELAY_KEYS)
+    agents_raw = rl.raw("agents") or []
+    if not isinstance(agents_raw, list):
+        raise rl.error("agents", "must be a list of {url, secret_env}")
+    agents = []
+    for i, item in enumerate(agents_raw):
+        a = _Section(path, item, f"relay.agents[{i}]", ("url", "secret_env"), line=_line(rl.data, "agents"))
+        url = a.str("url", required=True)
+        assert url is not None
+        if not url.startswith(("http://", "https://")):
+            raise a.error("url", f"must be an http(s) URL, not {url!r}")
+        agents.append(AgentTarget(url=url, secret_env=a.str("secret_env", required=True) or ""))
+    relay = RelayConfig(
+        dispatch=rl.choice("dispatch", DISPATCHERS, "github"),
+        agents=tuple(agents),
+        max_body=int(rl.number("max_body", 25 * 1024 * 1024)),
+        max_attempts=int(rl.number("max_attempts", 8)),
+    )
+
+    ag = top.section("agent", _AGENT_KEYS)
+    agent = AgentConfig(
+        root=ag.str("root", ".") or ".",
+        source=ag.str("source"),
+        relay=ag.str("relay"),
+        reload=ag.choice("reload", RELOADERS, "none"),
+        socket=ag.str("socket"),
+        url=ag.str("url"),
+        command=ag.str("command"),
+        listen=ag.str("listen"),
+        secret_env=ag.str("secret_env", "SYNC_TOOLS_AGENT_SECRET") or "SYNC_TOOLS_AGENT_SECRET",
+        token_env=ag.str("token_env", "SYNC_TOOLS_AGENT_TOKEN") or "SYNC_TOOLS_AGENT_TOKEN",
+        public_key=ag.str("public_key", release.public_key),
+        platform=ag.str("platform"),
+        health_timeout=ag.number("health_timeout", 30.0),
+        supervisor_url=ag.str("supervisor_url"),
+    )
+    if agent.platform and not _PLATFORM_RE.match(agent.platform):
+        raise ag.error("platform", f"bad platform {agent.platform!r} (expected os/arch)")
+    if agent.reload == "command" and not agent.command:
+        raise ag.error("command", "is required when reload is 'command'")
+    return Config(
+        path=path,
+        root=path.parent.resolve(),
+        release=release,
+        platforms=platforms,
+        subsystems=MappingProxyType(subs),
+        relay=relay,
+        agent=agent,
+    )
+
+
+# ------------------------------------------------------------------- plat-telemetry's existing files
+
+_DEFAULT_TMPL = re.compile(r"""default\s+(?:"([^"]*)"|'([^']*)'|([^\s}|]+))""")
+
+
+def _taskfile_value(raw: Any) -> str | None:
+    """A Taskfile var's literal value, reading through ``{{.X | default "v1"}}`` templates."""
+    if isinstance(raw, dict):  # `sh:` vars and the like cannot be read without running task
+        return None
+    if raw is None or isinstance(raw, bool):
+        return None
+    value = str(raw)
+    if "{{" in value:
+        m = _DEFAULT_TMPL.search(value)
+        if not m:
+            return None
+        return next(g for g in m.groups() if g is not None)
+    return value
+
+
+def _taskfile_vars(path: Path) -> dict[str, tuple[str, int | None]]:
+    if not path.is_file():
+        return {}
+    data = load_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("vars"), dict):
+        return {}
+    out: dict[str, tuple[str, int | None]] = {}
+    for k, v in data["vars"].items():
+        value = _taskfile_value(v)
+        if value is not None:
+            out[k] = (value, _line(data["vars"], k))
+    return out
+
+
+def load_plat_telemetry(root: Path) -> Config:
+    """Read plat-telemetry's ``manifest.yaml`` and Taskfile vars into a Config (no sync-tools.yaml)."""
+    manifest_path = root / "manifest.yaml"
+    data = load_yaml(manifest_path)
+    top = _Section(manifest_path, data, "", ("subsystems", "release", "platforms", "version", "description"))
+    subs_raw = top.raw("subsystems") or {}
+    if not isinstance(subs_raw, dict):
+        raise top.error("subsystems", "must be a mapping of name -> {version, upstream}")
+    root_vars = _taskfile_vars(root / "Taskfile.yml")
+    subs: dict[str, Subsystem] = {}
+    for name, body in subs_raw.items():
+        sec = _Section(manifest_path, body, f"subsystems.{name}", _SUB_KEYS + ("version",),
+                       line=_line(subs_raw, name))
+        sub_taskfile = root / name / "Taskfile.yml"
+        tvars = {**root_vars, **_taskfile_vars(sub_taskfile)}
+        prefix = re.sub(r"[^A-Z0-9]", "_", name.upper())
+        pin: PinSource | None = None
+        version = sec.str("version")
+        if version is not None:
+            pin = PinSource(manifest_path, "manifest.yaml", f"subsystems.{name}.version", _line(body, "version"))
+        elif f"{prefix}_VERSION" in tvars:
+            version, vline = tvars[f"{prefix}_VERSION"]
+            where = sub_taskfile if f"{prefix}_VERSION" in _taskfile_vars(sub_taskfile) else root / "Taskfile.yml"
+            pin = PinSource(where, "taskfile", f"{prefix}_VERSION", vline)
+        upstream = sec.str("upstream") or (tvars.get(f"{prefix}_UPSTREAM_REPO") or (None,))[0]
+        if not upstream:
+            raise ConfigError(f"no upstream: set subsystems.{name}.upstream or {prefix}_UPSTREAM_REPO",
+                              path=manifest_path, key=f"subsystems.{name}", line=_line(subs_raw, name))
+        explicit = sec.str("strategy")
+        strategy = explicit or ("tags" if version is not None else ("commits" if sec.str("branch") else "tags"))
+        merged = _LineDict({k: v for k, v in (body or {}).items() if k not in ("version", "description")})
+        merged.lines = dict(getattr(body, "lines", {}))
+        merged.start_line = getattr(body, "start_line", 1)
+        merged["upstream"] = upstream
+        merged["strategy"] = strategy
+        if version is not None:
+            merged["current"] = version
+        if "binary" not in merged and f"{prefix}_BIN_NAME" in tvars:
+            merged["binary"] = tvars[f"{prefix}_BIN_NAME"][0]
+        subs[name] = _parse_subsystem(_Section(manifest_path, merged, f"subsystems.{name}", _SUB_KEYS), name, pin)
+    _check_graph(manifest_path, subs, subs_raw)
+    return Config(path=manifest_path, root=root.resolve(), subsystems=MappingProxyType(subs))
+
+
+def find_config_path(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> Path:
+    """The config file to read: --config, then $SYNC_TOOLS_CONFIG, then ./sync-tools.yaml, then
+    ./manifest.yaml (plat-telemetry's own). Raises ConfigError when there is none."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    here = cwd or Path.cwd()
+    for name in (CONFIG_NAME, "manifest.yaml"):
+        if (here / name).is_file():
+            return here / name
+    raise ConfigError(f"no {CONFIG_NAME} (or plat-telemetry manifest.yaml) here; pass --config FILE",
+                      path=here / CONFIG_NAME)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> Config:
+    """Load and validate the workspace configuration. Raises ConfigError."""
+    p = find_config_path(path, cwd)
+    if p.name == "manifest.yaml":
+        return load_plat_telemetry(p.parent)
+    return parse_config(p, load_yaml(p))
