@@ -1,0 +1,75 @@
+"""``<subsystem>/.bin/.version``: what binary is installed and where it came from.
+
+Format (the contract plat-telemetry's Taskfiles already write)::
+
+    commit: <sha>
+    timestamp: <iso8601>
+    checksum: <sha256 of the binary>
+    version: <v>            (optional)
+
+Unknown ``key: value`` lines are kept on read and ignored; anything else is a DataError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sync_tools.errors import DataError
+from sync_tools.fsutil import atomic_write_text
+
+VERSION_FILE = ".version"
+PREVIOUS_DIR = ".previous"
+MAX_VERSION_FILE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    commit: str
+    timestamp: str
+    checksum: str
+    version: str | None = None
+
+    def render(self) -> str:
+        lines = [f"commit: {self.commit}", f"timestamp: {self.timestamp}", f"checksum: {self.checksum}"]
+        if self.version:
+            lines.append(f"version: {self.version}")
+        return "\n".join(lines) + "\n"
+
+
+def parse_version_text(text: str, where: str = ".version") -> VersionInfo:
+    """Parse .version text. Raises DataError on a malformed file or a missing required key."""
+    fields: dict[str, str] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            raise DataError(f"{where}:{n}: expected 'key: value', got {raw!r}")
+        fields[key.strip()] = value.strip()
+    missing = [k for k in ("commit", "timestamp", "checksum") if not fields.get(k)]
+    if missing:
+        raise DataError(f"{where}: missing {', '.join(missing)}")
+    return VersionInfo(fields["commit"], fields["timestamp"], fields["checksum"].lower(), fields.get("version"))
+
+
+def read_version(bin_dir: Path) -> VersionInfo | None:
+    """The .version in *bin_dir*, or None when there is none. Raises DataError when it is malformed."""
+    path = bin_dir / VERSION_FILE
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_VERSION_FILE + 1)
+    except FileNotFoundError:
+        return None
+    if len(data) > MAX_VERSION_FILE:
+        raise DataError(f"{path}: larger than {MAX_VERSION_FILE} bytes")
+    try:
+        return parse_version_text(data.decode("utf-8"), str(path))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text") from e
+
+
+def write_version(bin_dir: Path, info: VersionInfo) -> None:
+    """Write .version atomically (tmp, fsync, rename)."""
+    atomic_write_text(bin_dir / VERSION_FILE, info.render())
