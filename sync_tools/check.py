@@ -1,0 +1,182 @@
+"""``check``: pinned versus newest upstream version for each subsystem, and the record of it.
+
+All subsystems are checked concurrently in a bounded pool sharing one :class:`Sources` (so a remote
+tracked by several subsystems is asked once). One failing subsystem never sinks the others: its
+result carries an ``error`` and the rest are still reported. :func:`write_version_manifest` records
+the run in ``.version-manifest.json`` (seed schema of ARCHITECTURE.md), atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sync_tools.config import Config, Subsystem
+from sync_tools.errors import SyncToolsError
+from sync_tools.fsutil import atomic_write_json
+from sync_tools.sources import Latest, Sources, find_latest
+
+log = logging.getLogger(__name__)
+
+VERSION_MANIFEST = ".version-manifest.json"
+MAX_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One subsystem's answer. ``error`` is set (and ``latest`` None) when its upstream failed."""
+
+    name: str
+    upstream: str
+    strategy: str
+    current: str | None
+    latest: str | None = None
+    commit: str | None = None
+    current_commit: str | None = None
+    update_available: bool = False
+    major_available: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The CLI's JSON shape: current, latest, update_available always; commit, major_available,
+        error where set."""
+        out: dict[str, Any] = {"current": self.current, "latest": self.latest,
+                               "update_available": self.update_available}
+        for key in ("commit", "major_available", "error"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """A whole run: results in config order and when it ran."""
+
+    results: tuple[CheckResult, ...]
+    checked_at: datetime
+
+    @property
+    def errors(self) -> tuple[CheckResult, ...]:
+        return tuple(r for r in self.results if r.error is not None)
+
+    @property
+    def updates(self) -> tuple[CheckResult, ...]:
+        return tuple(r for r in self.results if r.update_available)
+
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        return {r.name: r.to_json() for r in self.results}
+
+
+def check_one(sub: Subsystem, sources: Sources) -> CheckResult:
+    """Check one subsystem; any SyncToolsError becomes the result's ``error`` (never raised)."""
+    started = time.monotonic()
+    base = {"name": sub.name, "upstream": sub.upstream, "strategy": sub.strategy, "current": sub.current}
+    try:
+        found: Latest = find_latest(sub, sources)
+    except SyncToolsError as e:
+        log.info("check %s failed: %s", sub.name, e)
+        return CheckResult(**base, error=str(e), seconds=time.monotonic() - started)
+    except Exception as e:  # a bug or an unwrapped library error must not sink the other subsystems
+        log.exception("check %s crashed", sub.name)
+        return CheckResult(**base, error=f"internal error: {type(e).__name__}: {e}",
+                           seconds=time.monotonic() - started)
+    return CheckResult(**base, latest=found.latest, commit=found.commit, current_commit=found.current_commit,
+                       update_available=found.update_available, major_available=found.major_available,
+                       seconds=time.monotonic() - started)
+
+
+def check(config: Config, names: Iterable[str] | None = None, *, sources: Sources | None = None,
+          max_workers: int = MAX_WORKERS, clock: Callable[[], datetime] | None = None) -> CheckReport:
+    """Check the named subsystems (all when none are named) concurrently.
+
+    Raises ConfigError for an unknown name; upstream failures are reported per subsystem, not raised.
+    """
+    subs = config.select(list(names) if names else None)
+    sources = sources or Sources()
+    now = (clock or _utcnow)()
+    if not subs:
+        return CheckReport((), now)
+    workers = max(1, min(max_workers, len(subs)))
+    if workers == 1:
+        results = [check_one(s, sources) for s in subs]
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check") as pool:
+            results = list(pool.map(lambda s: check_one(s, sources), subs))
+    return CheckReport(tuple(results), now)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def manifest_entry(result: CheckResult, checked_at: datetime) -> dict[str, Any]:
+    """One subsystem's record in the seed schema of ``.version-manifest.json``."""
+    if result.strategy == "commits":
+        current_commit, current_tag = result.current, None
+        latest_commit, latest_tag = result.commit, None
+    else:
+        current_commit, current_tag = result.current_commit, result.current
+        latest_commit, latest_tag = result.commit, result.latest
+    entry = {
+        "name": result.name,
+        "upstream_repo": result.upstream,
+        "current_commit": current_commit,
+        "current_tag": current_tag,
+        "latest_commit": latest_commit,
+        "latest_tag": latest_tag,
+        "update_available": result.update_available,
+        "last_updated": _iso(checked_at),
+    }
+    if result.major_available:
+        entry["major_available"] = result.major_available
+    return entry
+
+
+def write_version_manifest(path: Path, report: CheckReport) -> dict[str, Any]:
+    """Merge *report* into the ``.version-manifest.json`` at *path* and write it atomically.
+
+    Subsystems not checked this run keep their entries; a subsystem whose check failed keeps its last
+    good entry, with ``error`` added (a failed check loses nothing). Returns what was written. A
+    missing or unreadable old file is replaced; raises OSError only when the new one cannot be written.
+    """
+    old = _read_json(path)
+    old_subs: Mapping[str, Any] = old.get("subsystems", {}) if isinstance(old.get("subsystems"), dict) else {}
+    subsystems: dict[str, Any] = {k: v for k, v in old_subs.items() if isinstance(v, dict)}
+    for r in report.results:
+        if r.error is None:
+            subsystems[r.name] = manifest_entry(r, report.checked_at)
+        else:
+            kept = dict(subsystems.get(r.name) or {"name": r.name, "upstream_repo": r.upstream,
+                                                   "current_tag": None if r.strategy == "commits" else r.current,
+                                                   "current_commit": r.current if r.strategy == "commits" else None,
+                                                   "latest_commit": None, "latest_tag": None,
+                                                   "update_available": False, "last_updated": None})
+            kept["error"] = r.error
+            subsystems[r.name] = kept
+    data = {"last_check": _iso(report.checked_at), "subsystems": subsystems}
+    atomic_write_json(path, data)
+    return data
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("%s is unreadable (%s); writing a fresh one", path, e)
+        return {}
+    return data if isinstance(data, dict) else {}

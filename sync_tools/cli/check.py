@@ -1,0 +1,74 @@
+"""``sync-tools check``: pinned versus newest upstream version per subsystem."""
+
+from __future__ import annotations
+
+import click
+
+from sync_tools.cli._common import config_option, echo_json, json_option, load
+
+EXIT_UPDATE = 10
+
+
+@click.command("check")
+@click.argument("names", nargs=-1, metavar="[NAME...]")
+@json_option
+@click.option("--exit-code", "exit_code", is_flag=True,
+              help=f"Exit {EXIT_UPDATE} when an update is available (errors still exit 1).")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds each network call may take.")
+@config_option
+def check(names: tuple[str, ...], as_json: bool, exit_code: bool, timeout: float, config_path: str | None) -> None:
+    """Newest upstream version per subsystem, next to the pinned one.
+
+    Asks every upstream at once (each remote once), prints a table or --json, and records the answer in
+    .version-manifest.json. Exit 1 when any upstream failed (the others are still reported).
+
+    \b
+    Example:
+      sync-tools check                      # all subsystems, a table
+      sync-tools check nats --json          # {"nats": {"current": "v2.10.24", "latest": "v2.10.25", ...}}
+      sync-tools check --exit-code || ...   # exit 10 when something is out of date
+    """
+    from sync_tools.check import VERSION_MANIFEST, write_version_manifest
+    from sync_tools.check import check as run_check
+    from sync_tools.sources import Sources
+
+    config = load(config_path)
+    report = run_check(config, names, sources=Sources(timeout=timeout))
+    try:
+        write_version_manifest(config.root / VERSION_MANIFEST, report)
+    except OSError as e:
+        raise click.ClickException(f"{config.root / VERSION_MANIFEST}: cannot write: {e}") from e
+    if as_json:
+        echo_json(report.to_json())
+    else:
+        _print_table(report)
+    for r in report.errors:
+        click.echo(f"Error: {r.name}: {r.error}", err=True)
+    if report.errors:
+        raise SystemExit(1)
+    if exit_code and report.updates:
+        raise SystemExit(EXIT_UPDATE)
+
+
+def _short(value: str | None, strategy: str) -> str:
+    if value is None:
+        return "-"
+    return value[:12] if strategy == "commits" else value
+
+
+def _print_table(report) -> None:  # type: ignore[no-untyped-def]
+    rows = [("SUBSYSTEM", "CURRENT", "LATEST", "STATUS")]
+    for r in report.results:
+        if r.error:
+            status = "error"
+        elif r.update_available:
+            status = "update available"
+        else:
+            status = "up to date"
+        if r.major_available:
+            status += f" (major {r.major_available} held back)"
+        rows.append((r.name, _short(r.current, r.strategy), _short(r.latest, r.strategy), status))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])

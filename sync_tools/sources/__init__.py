@@ -1,0 +1,62 @@
+"""Where newest versions come from: one small module per strategy, each exposing ``find_latest``.
+
+``tags`` and ``commits`` read a remote's refs (:mod:`sync_tools.sources.remote`, dulwich, no git
+binary); ``releases`` asks the GitHub API (PyGithub, imported only when that strategy runs).
+:class:`Latest` is what every strategy returns; :class:`Sources` carries the injected clients.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sync_tools.sources.remote import DEFAULT_TIMEOUT, RefCache
+
+if TYPE_CHECKING:
+    from sync_tools.config import Subsystem
+
+
+@dataclass(frozen=True)
+class Latest:
+    """A strategy's answer for one subsystem.
+
+    ``latest``: the newest acceptable version (a tag, or a commit sha for ``commits``);
+    ``commit``: the commit it names, when known; ``major_available``: a newer major held back by
+    ``major: manual``; ``current_commit``: the commit the pinned version names upstream, when known.
+    """
+
+    latest: str | None
+    commit: str | None = None
+    major_available: str | None = None
+    current_commit: str | None = None
+    update_available: bool = False
+
+
+@dataclass
+class Sources:
+    """The clients strategies use, built once per run: a shared ref cache and a GitHub factory.
+
+    ``github`` is called with no arguments and returns a PyGithub ``Github`` (or a stand-in with the
+    same methods); the default builds one from GITHUB_TOKEN / GITHUB_API_URL on first use.
+    """
+
+    timeout: float = DEFAULT_TIMEOUT
+    refs: RefCache = field(default=None)  # type: ignore[assignment]
+    github: Callable[[], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.refs is None:
+            self.refs = RefCache(timeout=self.timeout)
+
+
+_STRATEGY_MODULES = {"tags": "sync_tools.sources.tags", "commits": "sync_tools.sources.commits",
+                     "releases": "sync_tools.sources.releases"}
+
+
+def find_latest(sub: Subsystem, sources: Sources) -> Latest:
+    """Dispatch to *sub*'s strategy module (imported on first use). Raises what the strategy raises:
+    RemoteError for unreachable upstreams, DataError for upstreams with nothing usable."""
+    module = importlib.import_module(_STRATEGY_MODULES[sub.strategy])
+    return module.find_latest(sub, sources)

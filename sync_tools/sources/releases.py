@@ -1,0 +1,124 @@
+"""Strategy ``releases``: the latest GitHub release of the upstream, through PyGithub.
+
+Honours ``GITHUB_TOKEN`` (optional: public repos answer without one, within a lower rate limit) and
+``GITHUB_API_URL`` (GitHub Enterprise, and the tests' loopback server). PyGithub is imported only
+when this strategy runs, so ``check`` of tag-tracked subsystems never pays for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import TYPE_CHECKING, Any
+
+from sync_tools import versions
+from sync_tools.errors import DataError, RemoteError
+from sync_tools.sources import Latest, Sources
+
+if TYPE_CHECKING:
+    from sync_tools.config import Subsystem
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API_URL = "https://api.github.com"
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+_PER_PAGE = 100
+_MAX_PAGES = 3  # the newest 300 releases: plenty to find the newest in a major
+
+
+def repo_slug(upstream: str) -> str:
+    """``owner/name`` of a GitHub upstream given as a URL (https, ssh, git@host:) or as ``owner/name``.
+    Raises DataError when there is no owner/name in it."""
+    text = upstream.strip().removesuffix("/").removesuffix(".git")
+    if "://" in text:
+        text = text.split("://", 1)[1].split("/", 1)[-1] if "/" in text.split("://", 1)[1] else ""
+    elif re.match(r"^[\w.-]+@[\w.-]+:", text):
+        text = text.split(":", 1)[1]
+    parts = [p for p in text.split("/") if p]
+    if len(parts) < 2:
+        raise DataError(f"{upstream}: not a GitHub repository (expected owner/name or its URL)")
+    return "/".join(parts[-2:])
+
+
+def make_github(timeout: float) -> Any:
+    """A PyGithub client from the environment: GITHUB_TOKEN (if set), GITHUB_API_URL (default
+    api.github.com), *timeout* seconds per request, no automatic retries (a retry loop could outlast
+    the check; the next check simply asks again)."""
+    from github import Auth, Github
+
+    token = os.environ.get("GITHUB_TOKEN") or None
+    base_url = (os.environ.get("GITHUB_API_URL") or DEFAULT_API_URL).rstrip("/")
+    return Github(auth=Auth.Token(token) if token else None, base_url=base_url, timeout=max(1, int(timeout)),
+                  retry=None, per_page=_PER_PAGE, seconds_between_requests=None)
+
+
+def find_latest(sub: Subsystem, sources: Sources) -> Latest:
+    """The newest release of *sub*'s upstream on GitHub.
+
+    Drafts are always left out; pre-releases (GitHub's flag, or a pre-release version in the tag) unless
+    ``prereleases``. With no include/exclude and no pre-releases this is GitHub's ``releases/latest``;
+    when that is a newer major under ``major: manual`` (or filters are set) the release list is read and
+    chosen from with the same rules as tags. Raises RemoteError (network, HTTP errors, rate limits) or
+    DataError (no such repository or no release qualifies).
+    """
+    from github import GithubException
+
+    slug = repo_slug(sub.upstream)
+    gh = sources.github() if sources.github else make_github(sources.timeout)
+    try:
+        repo = gh.get_repo(slug, lazy=True)
+        if sub.include is None and sub.exclude is None and not sub.prereleases:
+            try:
+                rel = repo.get_latest_release()
+            except GithubException as e:
+                if e.status != 404:
+                    raise
+                raise DataError(f"{slug}: no published release (GitHub answered 404)") from e
+            tag = rel.tag_name
+            cur = versions.parse_version(sub.current) if sub.current else None
+            new = versions.parse_version(tag)
+            if sub.major != "manual" or cur is None or new is None or new.major <= cur.major:
+                return _result(sub, tag, rel.target_commitish, None)
+        return _from_list(sub, slug, repo)
+    except GithubException as e:
+        raise RemoteError(f"{slug}: GitHub API error {e.status}: {_message(e)}", status_code=e.status) from e
+    except (OSError, ValueError) as e:
+        # requests' ConnectionError/Timeout are OSErrors; JSON decode problems are ValueErrors
+        raise RemoteError(f"{slug}: GitHub API unreachable: {e}") from e
+
+
+def _from_list(sub: Subsystem, slug: str, repo: Any) -> Latest:
+    releases = []
+    for i, rel in enumerate(repo.get_releases()):
+        if i >= _PER_PAGE * _MAX_PAGES:
+            break
+        if not rel.draft:
+            releases.append(rel)
+    if not releases:
+        raise DataError(f"{slug}: no published release")
+    by_tag = {r.tag_name: r for r in releases}
+    sel = versions.select(by_tag, current=sub.current, include=sub.include, exclude=sub.exclude,
+                          prereleases=sub.prereleases, major=sub.major,
+                          prerelease_tags=[r.tag_name for r in releases if r.prerelease])
+    major_available = sel.major_available.tag if sel.major_available else None
+    if sel.latest is None:
+        if major_available:
+            return Latest(latest=None, major_available=major_available)
+        raise DataError(f"{slug}: none of {len(releases)} releases qualifies")
+    tag = sel.latest.tag
+    return _result(sub, tag, by_tag[tag].target_commitish, major_available)
+
+
+def _result(sub: Subsystem, tag: str, target: str | None, major_available: str | None) -> Latest:
+    # target_commitish is a branch name unless the release was made from a sha
+    commit = target if target and _SHA.match(target) else None
+    return Latest(latest=tag, commit=commit, major_available=major_available,
+                  update_available=versions.update_available(sub.current, tag))
+
+
+def _message(e: Any) -> str:
+    data = getattr(e, "data", None)
+    if isinstance(data, dict) and data.get("message"):
+        return str(data["message"])
+    return str(e)[:200]

@@ -1,0 +1,258 @@
+"""Listing a remote's refs with dulwich (``git ls-remote`` without git), with timeouts and a cache.
+
+One :class:`RefCache` lives for one ``check`` run: the same remote is asked once however many
+subsystems track it, and concurrent askers of one URL wait for the single request in flight.
+Every network call has a timeout; every failure is a :class:`~sync_tools.errors.RemoteError` whose
+message names the URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from urllib.parse import urlsplit
+
+from sync_tools.errors import RemoteError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30.0
+_PEELED = "^{}"
+
+
+@dataclass(frozen=True)
+class RemoteRefs:
+    """A remote's refs as ``git ls-remote`` shows them.
+
+    ``refs`` maps ref names to the sha they point at (an annotated tag's ref points at the tag object);
+    ``peeled`` maps an annotated tag's ref to the commit it names; ``symrefs`` maps ``HEAD`` to the
+    branch ref it names, when the server says.
+    """
+
+    url: str
+    refs: Mapping[str, str]
+    peeled: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    symrefs: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def tags(self) -> dict[str, str]:
+        """Tag name -> the commit it names (annotated tags peeled)."""
+        out = {}
+        for ref, sha in self.refs.items():
+            if ref.startswith("refs/tags/"):
+                out[ref[len("refs/tags/"):]] = self.peeled.get(ref, sha)
+        return out
+
+    def head_branch(self) -> str | None:
+        """The branch the remote's HEAD names (``main``), or None when the server does not say."""
+        target = self.symrefs.get("HEAD")
+        if target and target.startswith("refs/heads/"):
+            return target[len("refs/heads/"):]
+        return None
+
+    def branch(self, name: str) -> str | None:
+        """The head commit of branch *name*, or None when there is no such branch."""
+        return self.refs.get(f"refs/heads/{name}")
+
+
+def _is_remote_url(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def _local_refs(path: str) -> RemoteRefs:
+    """Refs of a repository on this disk, read directly (peeled and with HEAD's target)."""
+    from dulwich.errors import NotGitRepository
+    from dulwich.repo import Repo
+
+    try:
+        repo = Repo(path)
+    except (NotGitRepository, FileNotFoundError, NotADirectoryError) as e:
+        raise RemoteError(f"{path}: not a git repository") from e
+    with repo:
+        refs: dict[str, str] = {}
+        peeled: dict[str, str] = {}
+        for name, sha in repo.get_refs().items():
+            ref = name.decode("utf-8", "replace")
+            refs[ref] = sha.decode()
+            if ref.startswith("refs/tags/"):
+                p = repo.refs.get_peeled(name)
+                if p is None:  # a loose ref: peel through the object store
+                    obj = repo[sha]
+                    while obj.type_name == b"tag":
+                        obj = repo[obj.object[1]]
+                    p = obj.id
+                if p != sha:
+                    peeled[ref] = p.decode()
+        symrefs = {}
+        head = repo.refs.read_ref(b"HEAD")
+        if head and head.startswith(b"ref: "):
+            symrefs["HEAD"] = head[5:].decode()
+    return RemoteRefs(path, MappingProxyType(refs), MappingProxyType(peeled), MappingProxyType(symrefs))
+
+
+def _tcp_client_class():
+    """dulwich's git:// client, connecting with a timeout: dulwich's own connects and reads without one,
+    and a stalled daemon would otherwise hang the check for ever. Only ``upload-pack`` (ls-remote and
+    fetch) is needed here."""
+    from dulwich.client import TCPGitClient
+    from dulwich.protocol import DEFAULT_GIT_PROTOCOL_VERSION_FETCH, Protocol
+
+    class TimeoutTCPGitClient(TCPGitClient):
+        timeout: float = DEFAULT_TIMEOUT
+
+        def _connect(self, cmd, path, protocol_version=None):  # type: ignore[no-untyped-def]
+            if cmd != b"upload-pack":
+                return super()._connect(cmd, path, protocol_version)
+            if not isinstance(path, bytes):
+                path = path.encode("utf-8")
+            s = socket.create_connection((self._host, self._port), timeout=self.timeout)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            rfile = s.makefile("rb", -1)
+            wfile = s.makefile("wb", 0)
+
+            def close() -> None:
+                rfile.close()
+                wfile.close()
+                s.close()
+
+            proto = Protocol(rfile.read, wfile.write, close, report_activity=self._report_activity)
+            if path.startswith(b"/~"):
+                path = path[1:]
+            self.protocol_version = protocol_version or DEFAULT_GIT_PROTOCOL_VERSION_FETCH
+            # the version advertisement hides behind two NULs, as git itself sends it
+            extra = b"\0\0version=%d\0" % self.protocol_version if self.protocol_version == 2 else b""
+            proto.send_cmd(b"git-upload-pack", path, b"host=" + self._host.encode("ascii") + extra)
+            return proto, lambda: _readable(s), None
+
+    return TimeoutTCPGitClient
+
+
+def _readable(s: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([s], [], [], 0)[0])
+
+
+def _client_for(url: str, timeout: float):  # type: ignore[no-untyped-def]
+    from dulwich.client import Urllib3HttpGitClient, default_urllib3_manager, get_transport_and_path
+
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https"):
+        from urllib3.util import Retry
+
+        pool = default_urllib3_manager(None, base_url=url, timeout=timeout)
+        # urllib3 retries refused connections three times by default, logging a warning each time;
+        # the next check asks again anyway, so fail at once (redirects are still followed)
+        pool.connection_pool_kw["retries"] = Retry(total=5, connect=0, read=0, status=0, redirect=5)
+        return Urllib3HttpGitClient(url, pool_manager=pool, timeout=timeout), ""
+    if parts.scheme == "git":
+        cls = _tcp_client_class()
+        client = cls(parts.hostname or "localhost", port=parts.port)
+        client.timeout = timeout
+        return client, parts.path
+    return get_transport_and_path(url)
+
+
+def ls_remote(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> RemoteRefs:
+    """List *url*'s refs: smart HTTP(S), git://, ssh, ``file://`` or a local path.
+
+    Raises RemoteError (naming the URL) when the remote cannot be reached, times out, is not a git
+    repository or answers garbage.
+    """
+    url = url.strip()
+    if not _is_remote_url(url):
+        path = url[len("file://"):] if url.startswith("file://") else url
+        return _local_refs(os.path.expanduser(path))
+    from dulwich.errors import GitProtocolError, HangupException
+
+    started = time.monotonic()
+    try:
+        client, path = _client_for(url, timeout)
+        result = client.get_refs(path.encode() if isinstance(path, str) else path)
+    except (GitProtocolError, HangupException) as e:
+        raise RemoteError(f"{url}: {_describe(e)}") from e
+    except OSError as e:
+        raise RemoteError(f"{url}: {_describe(e)}") from e
+    except Exception as e:  # urllib3 and dulwich raise assorted types; wrap them once, here
+        if type(e).__module__.startswith(("urllib3", "dulwich")):
+            raise RemoteError(f"{url}: {_describe(e)}") from e
+        raise
+    finally:
+        log.debug("ls-remote %s took %.3fs", url, time.monotonic() - started)
+    refs: dict[str, str] = {}
+    peeled: dict[str, str] = {}
+    for name, sha in result.refs.items():
+        if sha is None:  # an unborn HEAD
+            continue
+        ref = name.decode("utf-8", "replace")
+        if ref.endswith(_PEELED):
+            peeled[ref[: -len(_PEELED)]] = sha.decode()
+        else:
+            refs[ref] = sha.decode()
+    symrefs = {k.decode(): v.decode() for k, v in (result.symrefs or {}).items()}
+    return RemoteRefs(url, MappingProxyType(refs), MappingProxyType(peeled), MappingProxyType(symrefs))
+
+
+def _describe(e: BaseException) -> str:
+    """A short reason for a transport failure (urllib3 and dulwich nest long reprs)."""
+    from dulwich.errors import NotGitRepository
+
+    if isinstance(e, NotGitRepository):
+        return "not a git repository (or not served here)"
+    text = str(getattr(e, "reason", None) or e).strip() or type(e).__name__
+    m = re.search(r"\[Errno -?\d+\] ([^\"')]+)", text)
+    if m:
+        return f"cannot reach: {m.group(1).strip()}"
+    if "timed out" in text.lower():
+        return "timed out"
+    return text.splitlines()[0][:300]
+
+
+class RefCache:
+    """Per-run cache of :func:`ls_remote`: each URL is asked once; concurrent askers share the answer
+    (or the error). Thread-safe. *lister* is the injected seam (default :func:`ls_remote`)."""
+
+    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT,
+                 lister: Callable[..., RemoteRefs] | None = None):
+        self.timeout = timeout
+        self._lister = lister or ls_remote
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self.requests = 0  # how many remote listings were actually made (tests read it)
+
+    def get(self, url: str) -> RemoteRefs:
+        """The refs of *url*, listed at most once per cache. Raises RemoteError."""
+        key = url.strip().rstrip("/")
+        with self._lock:
+            entry = self._entries.get(key)
+            owner = entry is None
+            if owner:
+                entry = self._entries[key] = _Entry()
+                self.requests += 1
+        assert entry is not None
+        if owner:
+            try:
+                entry.value = self._lister(url, timeout=self.timeout)
+            except RemoteError as e:
+                entry.error = e
+            finally:
+                entry.done.set()
+        else:
+            entry.done.wait()
+        if entry.error is not None:
+            raise entry.error
+        assert entry.value is not None
+        return entry.value
+
+
+@dataclass
+class _Entry:
+    done: threading.Event = field(default_factory=threading.Event)
+    value: RemoteRefs | None = None
+    error: RemoteError | None = None

@@ -1,0 +1,49 @@
+"""Strategy ``tags``: the newest version tag on the upstream remote."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sync_tools import versions
+from sync_tools.errors import DataError
+from sync_tools.sources import Latest, Sources
+
+if TYPE_CHECKING:
+    from sync_tools.config import Subsystem
+
+
+def find_latest(sub: Subsystem, sources: Sources) -> Latest:
+    """The newest tag of *sub*'s upstream under its include/exclude/prereleases/major settings.
+
+    Annotated tags are peeled: ``commit`` is always a commit sha. Tags that cannot be ordered as
+    versions are skipped. Raises RemoteError when the upstream cannot be listed and DataError when it
+    has no tag that qualifies (the message says why).
+    """
+    refs = sources.refs.get(sub.upstream)
+    tags = refs.tags()
+    if not tags:
+        raise DataError(f"{sub.upstream}: the upstream has no tags")
+    sel = versions.select(tags, current=sub.current, include=sub.include, exclude=sub.exclude,
+                          prereleases=sub.prereleases, major=sub.major)
+    major_available = sel.major_available.tag if sel.major_available else None
+    current_commit = tags.get(sub.current) if sub.current else None
+    if sel.latest is None:
+        if major_available:  # every candidate is a newer major: nothing to apply without --allow-major
+            return Latest(latest=None, major_available=major_available, current_commit=current_commit)
+        raise DataError(f"{sub.upstream}: none of {len(tags)} tags qualifies ({_why(sub)})")
+    latest = sel.latest.tag
+    return Latest(latest=latest, commit=tags[latest], major_available=major_available,
+                  current_commit=current_commit,
+                  update_available=versions.update_available(sub.current, latest))
+
+
+def _why(sub: Subsystem) -> str:
+    parts = []
+    if sub.include is not None:
+        parts.append(f"include {sub.include.pattern!r}")
+    if sub.exclude is not None:
+        parts.append(f"exclude {sub.exclude.pattern!r}")
+    if not sub.prereleases:
+        parts.append("pre-releases left out")
+    parts.append("tags that are not versions skipped")
+    return "; ".join(parts)

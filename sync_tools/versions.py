@@ -1,0 +1,163 @@
+"""Version tags: parsing, ordering and choosing the newest, as versions rather than strings.
+
+Pure functions over tag names; no I/O. ``release-1.10`` sorts above ``release-1.2``; a leading ``v``
+or any other non-numeric prefix (``release-``, ``go``, ``nats-server-v``) is tolerated; suffixes are
+read through :mod:`packaging` where they fit PEP 440 (``-rc.1``, ``-RC.1``, ``-beta.2``, ``.dev3``,
+``+build``) and as semver pre-release identifiers otherwise (``-alpha.x.7``). A tag that cannot be
+ordered is skipped by :func:`select`; nothing here raises on a strange tag.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from packaging.version import InvalidVersion
+from packaging.version import Version as _PepVersion
+
+# prefix (anything up to the first digit that starts a dotted number), the dotted number, the rest
+_TAG_RE = re.compile(r"^(?P<prefix>[^\d]*?)(?P<release>\d+(?:[._]\d+)*)(?P<rest>.*)$")
+# semver pre-release identifiers, for suffixes PEP 440 cannot read
+_SEMVER_PRE_RE = re.compile(r"^-(?P<pre>[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)(?:\+[0-9A-Za-z.-]+)?$")
+_MAX_RELEASE_PARTS = 6  # longer dotted numbers are dates/IPs/hashes, not versions worth ordering
+
+
+@dataclass(frozen=True)
+class Version:
+    """One parsed tag. ``key`` orders versions; equal keys are broken by the tag text."""
+
+    tag: str
+    prefix: str
+    release: tuple[int, ...]
+    prerelease: bool
+    key: tuple = field(repr=False)
+
+    @property
+    def major(self) -> int:
+        return self.release[0]
+
+    def __lt__(self, other: Version) -> bool:
+        return (self.key, self.tag) < (other.key, other.tag)
+
+
+def _pad(release: tuple[int, ...]) -> tuple[int, ...]:
+    # 1.2 and 1.2.0 are the same version
+    r = list(release)
+    while len(r) > 1 and r[-1] == 0:
+        r.pop()
+    return tuple(r)
+
+
+def parse_version(tag: str) -> Version | None:
+    """Parse a tag name into a :class:`Version`, or None when it cannot be ordered."""
+    m = _TAG_RE.match(tag.strip())
+    if not m:
+        return None
+    prefix, release_text, rest = m.group("prefix"), m.group("release"), m.group("rest")
+    parts = tuple(int(p) for p in re.split(r"[._]", release_text))
+    if len(parts) > _MAX_RELEASE_PARTS:
+        return None
+    release = _pad(parts)
+    numeric = ".".join(str(p) for p in parts)
+    try:
+        pep = _PepVersion(numeric + rest)
+    except InvalidVersion:
+        pep = None
+    if pep is not None:
+        if pep.is_prerelease:
+            # among pre-releases of one release, packaging orders dev < a < b < rc
+            key = (release, 0, 0, pep)
+        else:
+            key = (release, 1, 0, pep)  # final, then post-releases; packaging orders those too
+        return Version(tag=tag, prefix=prefix, release=release, prerelease=pep.is_prerelease, key=key)
+    sm = _SEMVER_PRE_RE.match(rest)
+    if sm is None:
+        return None
+    # semver 11: numeric identifiers compare numerically and sort below alphanumeric ones
+    ids = tuple((0, int(i), "") if i.isdigit() else (1, 0, i.lower()) for i in sm.group("pre").split("."))
+    # below the release it precedes; after PEP 440 pre-releases of it (kind 1), an arbitrary but total order
+    return Version(tag=tag, prefix=prefix, release=release, prerelease=True, key=(release, 0, 1, ids))
+
+
+def order_key(v: Version) -> tuple:
+    """Sort key: versions as versions, ties broken by the tag text (so the result is stable)."""
+    return (v.key, v.tag)
+
+
+def is_newer(a: Version, b: Version) -> bool:
+    """True when *a* is a strictly newer version than *b* (the tag text does not count)."""
+    return a.key > b.key
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What :func:`select` chose: the newest acceptable tag and, under ``major: manual``, a newer major."""
+
+    latest: Version | None
+    major_available: Version | None = None
+    skipped: tuple[str, ...] = ()
+
+
+def filter_tags(tags: Iterable[str], *, include: re.Pattern[str] | None = None,
+                exclude: re.Pattern[str] | None = None) -> list[str]:
+    """The tags passing ``include`` (searched, must match) and ``exclude`` (must not match)."""
+    out = []
+    for t in tags:
+        if include is not None and not include.search(t):
+            continue
+        if exclude is not None and exclude.search(t):
+            continue
+        out.append(t)
+    return out
+
+
+def select(tags: Iterable[str], *, current: str | None = None, include: re.Pattern[str] | None = None,
+           exclude: re.Pattern[str] | None = None, prereleases: bool = False,
+           major: str = "manual", prerelease_tags: Iterable[str] = ()) -> Selection:
+    """Choose the newest tag.
+
+    ``include``/``exclude`` filter first; pre-releases (by their text, or listed in
+    *prerelease_tags*, e.g. GitHub's flag) are dropped unless *prereleases*. Under ``major="manual"``
+    with a parseable *current*, ``latest`` stays within current's major and the newest tag of a higher
+    major is returned as ``major_available``; ``major="auto"`` takes the newest overall. Tags that
+    cannot be ordered are listed in ``skipped``. Never raises for odd tag names.
+    """
+    flagged = set(prerelease_tags)
+    candidates: list[Version] = []
+    skipped: list[str] = []
+    for t in filter_tags(tags, include=include, exclude=exclude):
+        v = parse_version(t)
+        if v is None:
+            skipped.append(t)
+            continue
+        if (v.prerelease or t in flagged) and not prereleases:
+            continue
+        candidates.append(v)
+    if not candidates:
+        return Selection(None, None, tuple(skipped))
+    candidates.sort(key=order_key)
+    newest = candidates[-1]
+    cur = parse_version(current) if current else None
+    if major != "manual" or cur is None:
+        return Selection(newest, None, tuple(skipped))
+    same = [v for v in candidates if v.major <= cur.major]
+    latest = same[-1] if same else None
+    major_available = newest if newest.major > cur.major else None
+    return Selection(latest, major_available, tuple(skipped))
+
+
+def update_available(current: str | None, latest: str | None) -> bool:
+    """Whether *latest* is newer than the pinned *current*.
+
+    No pin counts as out of date (nothing is known to be installed); an unparseable pin is out of date
+    when its text differs from *latest*.
+    """
+    if latest is None:
+        return False
+    if not current:
+        return True
+    c, latest_v = parse_version(current), parse_version(latest)
+    if c is None or latest_v is None:
+        return current != latest
+    return is_newer(latest_v, c)
