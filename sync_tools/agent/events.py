@@ -1,0 +1,313 @@
+"""How release events reach the agent: the relay's SSE stream, or POSTs to the agent's own receiver.
+
+- :class:`SSEClient` holds ``GET <relay>/events`` open (``Authorization: Bearer <token>``), hands every
+  event to a callback, and reconnects with exponential backoff and full jitter, sending
+  ``Last-Event-ID`` so the relay replays what was missed.
+- :class:`WebhookVerifier` checks pushed deliveries: Standard Webhooks (``webhook-id``,
+  ``webhook-timestamp`` within 5 minutes, ``webhook-signature``) via the ``standardwebhooks`` package,
+  or GitHub's own ``X-Hub-Signature-256`` for a release webhook pointed straight at the agent; a
+  repeated delivery id is accepted once.
+- :func:`create_receiver` is the small Flask app: ``POST /webhook`` and ``GET /health``.
+
+Events carry no trust: an event only makes the agent fetch and verify the signed manifest itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from sync_tools.errors import DataError
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPE = "release.updated"
+HEARTBEAT_READ_TIMEOUT = 90.0  # the relay sends a comment at least every 30 s
+MAX_EVENT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class AgentEvent:
+    """A hint that the release changed; ``subsystems`` empty means "look at everything"."""
+
+    type: str = EVENT_TYPE
+    release: str = "latest"
+    subsystems: tuple[str, ...] = ()
+    serial: int | None = None
+    manifest: str | None = None
+    id: str | None = None
+    source: str = "sse"
+    repo: str | None = None  # the repository a GitHub delivery came from (DEV watch maps it to subsystems)
+
+
+def parse_agent_event(obj: Any, *, event_id: str | None = None, source: str = "sse") -> AgentEvent:
+    """An AgentEvent from the relay's JSON payload. Raises DataError when it is not one."""
+    if not isinstance(obj, dict):
+        raise DataError("event payload must be a JSON object")
+    etype = obj.get("type", EVENT_TYPE)
+    subs = obj.get("subsystems") or []
+    serial = obj.get("serial")
+    if not isinstance(etype, str) or not isinstance(subs, list) or not all(isinstance(s, str) for s in subs):
+        raise DataError("event payload: bad 'type' or 'subsystems'")
+    if serial is not None and (isinstance(serial, bool) or not isinstance(serial, int)):
+        raise DataError("event payload: 'serial' must be an integer")
+    manifest = obj.get("manifest")
+    return AgentEvent(type=etype, release=str(obj.get("release", "latest")), subsystems=tuple(subs),
+                      serial=serial, manifest=manifest if isinstance(manifest, str) else None,
+                      id=event_id, source=source)
+
+
+# ----------------------------------------------------------------------------------------------- SSE
+
+
+class SSEClient:
+    """Subscribes to ``<relay>/events`` until :meth:`stop`; reconnects forever with backoff + jitter."""
+
+    def __init__(self, relay_url: str, token: str | None, on_event: Callable[[AgentEvent], None], *,
+                 last_event_id: str | None = None, session: requests.Session | None = None,
+                 on_event_id: Callable[[str], None] | None = None, backoff_base: float = 0.5,
+                 backoff_max: float = 60.0, read_timeout: float = HEARTBEAT_READ_TIMEOUT,
+                 rng: random.Random | None = None):
+        self.url = relay_url.rstrip("/") + "/events"
+        self.token = token
+        self.on_event = on_event
+        self.on_event_id = on_event_id
+        self.last_event_id = last_event_id
+        self.session = session or requests.Session()
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.read_timeout = read_timeout
+        self.rng = rng or random.Random()
+        self._stop = threading.Event()
+        self._resp: requests.Response | None = None
+        self.connects = 0
+        self.connected = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+        resp = self._resp
+        if resp is not None:
+            try:
+                resp.close()  # unblocks a read waiting for the next heartbeat
+            except Exception:  # noqa: BLE001 - closing a dead connection may fail in any way
+                pass
+
+    def backoff(self, failures: int) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2**failures)]."""
+        return self.rng.uniform(0, min(self.backoff_max, self.backoff_base * (2 ** failures)))
+
+    def run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._stream()
+                failures = 0  # a clean end of stream: reconnect promptly
+                delay = self.backoff(0)
+            except (requests.RequestException, OSError, DataError) as e:
+                if self._stop.is_set():
+                    break
+                delay = self.backoff(failures)
+                failures += 1
+                log.warning("SSE %s: %s; reconnecting in %.1fs", self.url, e, delay)
+            self.connected.clear()
+            self._stop.wait(delay)
+
+    def _stream(self) -> None:
+        headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity", "Cache-Control": "no-cache"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if self.last_event_id:
+            headers["Last-Event-ID"] = self.last_event_id
+        with self.session.get(self.url, headers=headers, stream=True, timeout=(10.0, self.read_timeout)) as resp:
+            self._resp = resp
+            try:
+                if resp.status_code != 200:
+                    raise DataError(f"HTTP {resp.status_code}") if resp.status_code in (401, 403) \
+                        else requests.HTTPError(f"HTTP {resp.status_code}")
+                self.connects += 1
+                self.connected.set()
+                self._read(resp)
+            finally:
+                self._resp = None
+
+    def _read(self, resp: requests.Response) -> None:
+        buf = b""
+        fields: dict[str, list[str]] = {}
+        event_id: str | None = None
+        while not self._stop.is_set():
+            chunk = resp.raw.read1(65536)
+            if not chunk:
+                return
+            buf += chunk
+            if len(buf) > MAX_EVENT_BYTES:
+                raise DataError("SSE event larger than 1 MiB")
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                line = raw.rstrip(b"\r").decode("utf-8", "replace")
+                if not line:
+                    if "data" in fields:
+                        self._dispatch(fields, event_id)
+                    fields = {}
+                    continue
+                if line.startswith(":"):
+                    continue  # heartbeat comment
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "id":
+                    event_id = value or None
+                else:
+                    fields.setdefault(name, []).append(value)
+
+    def _dispatch(self, fields: dict[str, list[str]], event_id: str | None) -> None:
+        data = "\n".join(fields.get("data", []))
+        etype = (fields.get("event") or ["message"])[-1]
+        try:
+            obj = json.loads(data)
+            event = parse_agent_event(obj, event_id=event_id, source="sse")
+        except (ValueError, DataError) as e:
+            log.warning("SSE: ignoring a malformed %s event: %s", etype, e)
+            return
+        if event_id:
+            self.last_event_id = event_id
+        self.on_event(event)
+        if event_id and self.on_event_id is not None:
+            self.on_event_id(event_id)
+
+
+# ------------------------------------------------------------------------------------------ webhooks
+
+
+class _Seen:
+    """The last *size* delivery ids, to accept each delivery once."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self.ids: OrderedDict[str, None] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def first_time(self, key: str) -> bool:
+        with self.lock:
+            if key in self.ids:
+                return False
+            self.ids[key] = None
+            while len(self.ids) > self.size:
+                self.ids.popitem(last=False)
+            return True
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A verified push: the event, and whether this delivery id was seen before."""
+
+    event: AgentEvent | None  # None: verified but nothing to act on (a ping, an unrelated event)
+    duplicate: bool
+    reason: str = ""
+
+
+class WebhookVerifier:
+    """Verifies pushed deliveries with the agent's secret; raises DataError for anything unverified."""
+
+    def __init__(self, secret: str, *, clock: Callable[[], float] = time.time):
+        from standardwebhooks.webhooks import Webhook
+
+        if not secret:
+            raise DataError("empty webhook secret")
+        self.secret = secret
+        self._webhook = Webhook(secret)
+        self._seen = _Seen()
+        self.clock = clock
+
+    def verify(self, body: bytes, headers: dict[str, str]) -> Delivery:
+        """Check the signature and return the delivery. Raises DataError (unsigned, wrong signature,
+        timestamp outside +-5 minutes, malformed payload)."""
+        h = {k.lower(): v for k, v in headers.items()}
+        if "webhook-signature" in h:
+            return self._standard(body, h)
+        if "x-hub-signature-256" in h:
+            return self._github(body, h)
+        raise DataError("unsigned delivery (no webhook-signature or X-Hub-Signature-256)")
+
+    def _standard(self, body: bytes, h: dict[str, str]) -> Delivery:
+        from standardwebhooks.webhooks import WebhookVerificationError
+
+        try:
+            obj = self._webhook.verify(body, h)
+        except WebhookVerificationError as e:
+            raise DataError(f"webhook verification failed: {e}") from e
+        except (ValueError, TypeError, UnicodeDecodeError) as e:  # malformed headers or body
+            raise DataError(f"webhook verification failed: malformed delivery ({type(e).__name__})") from e
+        event = parse_agent_event(obj, event_id=h["webhook-id"], source="webhook")
+        return Delivery(event, duplicate=not self._seen.first_time("sw:" + h["webhook-id"]))
+
+    def _github(self, body: bytes, h: dict[str, str]) -> Delivery:
+        expected = "sha256=" + hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, h["x-hub-signature-256"].strip()):
+            raise DataError("X-Hub-Signature-256 does not match")
+        delivery = h.get("x-github-delivery", "")
+        kind = h.get("x-github-event", "")
+        try:
+            obj = json.loads(body)
+        except ValueError as e:
+            raise DataError("GitHub delivery is not JSON") from e
+        duplicate = bool(delivery) and not self._seen.first_time("gh:" + delivery)
+        if kind == "ping":
+            return Delivery(None, duplicate, "ping")
+        if kind != "release" or not isinstance(obj, dict):
+            return Delivery(None, duplicate, f"ignored event {kind!r}")
+        if obj.get("action") not in ("published", "released", "edited", "created"):
+            return Delivery(None, duplicate, f"ignored release action {obj.get('action')!r}")
+        release = obj.get("release") if isinstance(obj.get("release"), dict) else {}
+        repo = obj.get("repository") if isinstance(obj.get("repository"), dict) else {}
+        return Delivery(AgentEvent(release=str(release.get("tag_name") or "latest"), id=delivery or None,
+                                   source="github", repo=repo.get("html_url") or repo.get("full_name")),
+                        duplicate)
+
+
+def create_receiver(verifier: WebhookVerifier, on_event: Callable[[AgentEvent], None],
+                    health: Callable[[], dict[str, Any]], *, max_body: int = 1 << 20) -> Any:
+    """The agent's push receiver (Flask): ``POST /webhook`` and ``GET /health``.
+
+    Answers 401 for an unverified delivery, 413 over *max_body*, 200 for a duplicate or an ignored
+    event, 202 when the event was queued. The update itself runs after the reply.
+    """
+    from flask import Flask, jsonify, request
+
+    app = Flask("sync_tools.agent")
+    app.config["MAX_CONTENT_LENGTH"] = max_body
+
+    @app.post("/webhook")
+    def webhook():  # type: ignore[no-untyped-def]
+        body = request.get_data(cache=False)
+        try:
+            delivery = verifier.verify(body, dict(request.headers))
+        except DataError as e:
+            log.warning("refused a delivery: %s", e)
+            return jsonify(error="unverified delivery"), 401
+        if delivery.duplicate:
+            return jsonify(status="duplicate"), 200
+        if delivery.event is None:
+            return jsonify(status="ignored", reason=delivery.reason), 200
+        on_event(delivery.event)
+        return jsonify(status="queued"), 202
+
+    @app.get("/health")
+    def health_view():  # type: ignore[no-untyped-def]
+        info = health()
+        return jsonify(info), 200 if info.get("ready") else 503
+
+    @app.errorhandler(413)
+    def too_large(_e):  # type: ignore[no-untyped-def]
+        return jsonify(error=f"body over {max_body} bytes"), 413
+
+    return app

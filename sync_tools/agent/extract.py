@@ -1,0 +1,101 @@
+"""Safe extraction of the one binary a release asset holds.
+
+An asset ``<binary>-<os>-<arch>.tar.gz`` must hold exactly one member: a regular file named as the
+binary, at the archive root. Anything else (links, devices, directories, absolute paths, ``..``, a
+second member, a size over the cap) is refused with :class:`~sync_tools.errors.ArchiveError` before a
+byte of it is written. The member is also passed through tarfile's ``data`` filter, so the standard
+library's own rules apply on top of ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+import zlib
+from pathlib import Path
+
+from sync_tools.errors import ArchiveError
+
+CHUNK = 256 * 1024
+
+
+def _check_member(member: tarfile.TarInfo, binary: str, max_bytes: int) -> None:
+    name = member.name
+    if name.startswith("./"):
+        name = name[2:]
+    if name.startswith("/") or os.path.isabs(member.name):
+        raise ArchiveError(f"absolute path {member.name!r} in archive")
+    if ".." in Path(name).parts:
+        raise ArchiveError(f"path {member.name!r} leaves the archive root")
+    if member.issym() or member.islnk():
+        raise ArchiveError(f"link {member.name!r} in archive (only a regular file is allowed)")
+    if member.isdev():
+        raise ArchiveError(f"device or fifo {member.name!r} in archive")
+    if not member.isreg():
+        raise ArchiveError(f"{member.name!r} is not a regular file")
+    if name != binary:
+        raise ArchiveError(f"archive holds {member.name!r}, expected the binary {binary!r}")
+    if member.size > max_bytes:
+        raise ArchiveError(f"{member.name!r} claims {member.size} bytes, over the {max_bytes}-byte cap")
+
+
+def extract_binary(archive: Path, binary: str, dest: Path, *, max_bytes: int) -> str:
+    """Write the archive's single binary to *dest* (mode 0755, fsynced) and return its sha256.
+
+    *dest* is created exclusively and removed again on any failure, so a caller that stages into a
+    temporary name never sees a partial file. Raises ArchiveError.
+    """
+    try:
+        tf = tarfile.open(archive, mode="r:gz")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise ArchiveError(f"{archive.name}: not a readable tar.gz: {e}") from e
+    with tf:
+        try:
+            member = tf.next()
+            if member is None:
+                raise ArchiveError(f"{archive.name}: empty archive")
+            _check_member(member, binary, max_bytes)
+            try:
+                tarfile.data_filter(member, str(dest.parent))
+            except tarfile.FilterError as e:
+                raise ArchiveError(f"{archive.name}: refused by tarfile's data filter: {e}") from e
+            digest = _write_member(tf, member, dest)
+            # Anything after the first member is refused: the asset holds the binary and nothing else.
+            if tf.next() is not None:
+                raise ArchiveError(f"{archive.name}: more than one member (expected only {binary!r})")
+        except ArchiveError:
+            dest.unlink(missing_ok=True)
+            raise
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            dest.unlink(missing_ok=True)
+            if isinstance(e, OSError) and not isinstance(e, EOFError) and e.errno is not None:
+                raise  # a local write failure (ENOSPC...) is not the archive's fault
+            raise ArchiveError(f"{archive.name}: corrupt archive: {e}") from e
+    return digest
+
+
+def _write_member(tf: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> str:
+    src = tf.extractfile(member)
+    if src is None:
+        raise ArchiveError(f"{member.name!r} has no data")
+    digest = hashlib.sha256()
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
+    try:
+        written = 0
+        with os.fdopen(fd, "wb") as out:
+            while chunk := src.read(CHUNK):
+                written += len(chunk)
+                if written > member.size:
+                    raise ArchiveError(f"{member.name!r} holds more than its claimed {member.size} bytes")
+                out.write(chunk)
+                digest.update(chunk)
+            if written != member.size:
+                raise ArchiveError(f"{member.name!r} ended after {written} of {member.size} bytes")
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(dest, 0o755)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return digest.hexdigest()

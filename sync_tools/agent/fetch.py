@@ -1,0 +1,188 @@
+"""Fetchers: the agent's one seam for getting bytes from a release source.
+
+:class:`Fetcher` is abstract over ``_fetch(name, offset) -> Iterator[bytes]``; the base class adds the
+size cap and wraps every foreign error into :class:`~sync_tools.errors.DownloadError` once, so the
+pipeline above only sees our error families. Two real fetchers: :class:`HTTPFetcher` (a base URL such
+as a GitHub release download URL; streamed, with timeouts and HTTP Range resume) and
+:class:`LocalFetcher` (a local store directory ``<store>/<tag>/``). Tests may pass any other fetcher.
+
+:func:`download` streams one asset to a file, resuming after a cut, and checks size and sha256 before
+the caller may use the file.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import requests
+
+from sync_tools.errors import DataError, DownloadError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+#: (name, bytes done, bytes expected or None) - called as a download advances; the CLI draws a bar.
+ProgressFn = Callable[[str, int, int | None], None]
+
+
+class SizeCapError(DownloadError):
+    """The source sent more bytes than the cap allowed."""
+
+
+class Fetcher(abc.ABC):
+    """Gets the bytes of a named file (``manifest.json``, an asset) from one release source."""
+
+    #: Bytes actually received over the wire (or read from disk) since construction; benchmarks read it.
+    bytes_received: int = 0
+
+    def fetch(self, url_or_name: str, *, max_bytes: int, offset: int = 0) -> Iterator[bytes]:
+        """Yield the bytes of *url_or_name* from *offset* on, never more than ``max_bytes - offset``.
+
+        Raises DownloadError when the source fails, the transfer is cut, or the file is larger than
+        *max_bytes* (the cap counts from the start of the file, not from *offset*).
+        """
+        received = offset
+        try:
+            for chunk in self._fetch(url_or_name, offset):
+                if not chunk:
+                    continue
+                received += len(chunk)
+                self.bytes_received += len(chunk)
+                if received > max_bytes:
+                    raise SizeCapError(f"{url_or_name}: larger than the {max_bytes}-byte cap")
+                yield chunk
+        except (DownloadError, DataError):
+            raise
+        except (requests.RequestException, OSError, ValueError) as e:
+            raise DownloadError(f"{url_or_name}: {type(e).__name__}: {e}") from e
+
+    def fetch_bytes(self, url_or_name: str, *, max_bytes: int) -> bytes:
+        """The whole file in memory (for the manifest and its signature). Raises DownloadError."""
+        return b"".join(self.fetch(url_or_name, max_bytes=max_bytes))
+
+    @abc.abstractmethod
+    def _fetch(self, url_or_name: str, offset: int) -> Iterator[bytes]:
+        """Yield the file's bytes from *offset*; raise anything on failure (the base class wraps it)."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class HTTPFetcher(Fetcher):
+    """Files under a base URL over HTTP(S), streamed with connect/read timeouts.
+
+    A resume (``offset > 0``) sends ``Range: bytes=<offset>-``; a server that ignores it and answers 200
+    is read from the start with the first *offset* bytes skipped, so a resume is always correct.
+    """
+
+    def __init__(self, base_url: str, *, session: requests.Session | None = None,
+                 timeout: tuple[float, float] = (5.0, 30.0), headers: dict[str, str] | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.session = session or requests.Session()
+        self.timeout = timeout
+        self.headers = dict(headers or {})
+
+    def url(self, url_or_name: str) -> str:
+        if url_or_name.startswith(("http://", "https://")):
+            return url_or_name
+        return f"{self.base_url}/{url_or_name}"
+
+    def _fetch(self, url_or_name: str, offset: int) -> Iterator[bytes]:
+        headers = dict(self.headers)
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        url = self.url(url_or_name)
+        with self.session.get(url, headers=headers, stream=True, timeout=self.timeout) as resp:
+            if resp.status_code == 416 and offset:
+                return  # nothing left past offset: the caller's size check decides
+            if resp.status_code not in (200, 206):
+                raise DownloadError(f"{url}: HTTP {resp.status_code}", status_code=resp.status_code)
+            skip = offset if (offset and resp.status_code == 200) else 0
+            for chunk in resp.iter_content(CHUNK):
+                if skip:
+                    if len(chunk) <= skip:
+                        skip -= len(chunk)
+                        continue
+                    chunk, skip = chunk[skip:], 0
+                yield chunk
+
+    def describe(self) -> str:
+        return self.base_url
+
+
+class LocalFetcher(Fetcher):
+    """Files in a local directory: a local release store's ``<store>/<tag>/``."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def _fetch(self, url_or_name: str, offset: int) -> Iterator[bytes]:
+        name = os.path.basename(url_or_name)
+        if name != url_or_name or name in ("", ".", ".."):
+            raise DownloadError(f"{url_or_name!r}: not a plain file name")
+        with open(self.directory / name, "rb") as fh:
+            fh.seek(offset)
+            while chunk := fh.read(CHUNK):
+                yield chunk
+
+    def describe(self) -> str:
+        return str(self.directory)
+
+
+def make_fetcher(source: str, *, tag: str = "latest", base: Path | None = None) -> Fetcher:
+    """The fetcher for an ``agent.source``: an http(s) base URL, or a local store directory (read at
+    ``<store>/<tag>/``, relative to *base*)."""
+    if source.startswith(("http://", "https://")):
+        return HTTPFetcher(source)
+    store = Path(os.path.expanduser(source))
+    if base is not None and not store.is_absolute():
+        store = base / store
+    return LocalFetcher(store / tag)
+
+
+def download(fetcher: Fetcher, name: str, out: BinaryIO, *, size: int, sha256: str, max_bytes: int,
+             attempts: int = 4, progress: ProgressFn | None = None) -> int:
+    """Stream *name* into the open file *out* (positioned at 0), resuming after a cut with an offset.
+
+    The file must come to exactly *size* bytes with the given *sha256*; *size* over *max_bytes* is
+    refused before any byte moves. Returns the bytes transferred (resumes included).
+    Raises DownloadError (source failed *attempts* times in a row) or DataError (size or sha256 wrong:
+    the bytes are bad, retrying will not help).
+    """
+    if size > max_bytes:
+        raise DataError(f"{name}: manifest size {size} is over the {max_bytes}-byte cap")
+    digest = hashlib.sha256()
+    done = 0
+    moved = 0
+    failures = 0
+    while True:
+        try:
+            for chunk in fetcher.fetch(name, max_bytes=size, offset=done):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                moved += len(chunk)
+                failures = 0  # progress was made: a later cut gets fresh attempts
+                if progress is not None:
+                    progress(name, done, size)
+            if done < size:
+                raise DownloadError(f"{name}: ended after {done} of {size} bytes")
+            break
+        except SizeCapError as e:
+            raise DataError(f"{name}: more bytes than the manifest's size {size}") from e
+        except DownloadError as e:
+            failures += 1
+            if failures >= attempts:
+                raise
+            log.warning("download of %s cut at %d/%d bytes (%s); resuming", name, done, size, e)
+    out.flush()
+    os.fsync(out.fileno())
+    if digest.hexdigest() != sha256:
+        raise DataError(f"{name}: sha256 {digest.hexdigest()} does not match the manifest's {sha256}")
+    return moved

@@ -1,0 +1,85 @@
+"""Health checks: a shell command that exits 0, or an http(s) URL that answers 2xx.
+
+:func:`wait_healthy` retries until the check passes or the deadline passes; every single attempt has
+its own timeout, so a hung service cannot hang the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    ok: bool
+    detail: str
+    attempts: int = 1
+    seconds: float = 0.0
+
+
+def check_once(spec: str, *, timeout: float = 5.0, cwd: Path | None = None,
+               session: requests.Session | None = None) -> HealthResult:
+    """One attempt of *spec* (a URL or a shell command). Never raises: failures are a result."""
+    if spec.startswith(("http://", "https://")):
+        try:
+            resp = (session or requests).get(spec, timeout=(min(timeout, 2.0), timeout))
+        except requests.RequestException as e:
+            return HealthResult(False, f"{spec}: {type(e).__name__}")
+        ok = 200 <= resp.status_code < 300
+        return HealthResult(ok, f"{spec}: HTTP {resp.status_code}")
+    try:
+        proc = subprocess.run(spec, shell=True, cwd=cwd, timeout=timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return HealthResult(False, f"{spec}: timed out after {timeout}s")
+    except OSError as e:
+        return HealthResult(False, f"{spec}: {e}")
+    if proc.returncode == 0:
+        return HealthResult(True, f"{spec}: exit 0")
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+    return HealthResult(False, f"{spec}: exit {proc.returncode} {tail[0]}".rstrip())
+
+
+def wait_healthy(spec: str | None, *, deadline_s: float = 30.0, interval: float = 0.1,
+                 attempt_timeout: float = 5.0, cwd: Path | None = None,
+                 fallback: Callable[[], HealthResult] | None = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 ) -> HealthResult:
+    """Retry the health check until it passes or *deadline_s* is spent.
+
+    With no *spec*, *fallback* (e.g. "the process manager says it is running") is the check, and with
+    neither the result is healthy by definition. Never raises.
+    """
+    start = clock()
+    session = requests.Session() if spec and spec.startswith("http") else None
+    attempts = 0
+    delay = interval
+    try:
+        while True:
+            attempts += 1
+            if spec:
+                left = max(0.1, deadline_s - (clock() - start))
+                res = check_once(spec, timeout=min(attempt_timeout, left), cwd=cwd, session=session)
+            elif fallback is not None:
+                res = fallback()
+            else:
+                return HealthResult(True, "no health check configured", attempts, clock() - start)
+            elapsed = clock() - start
+            if res.ok:
+                return HealthResult(True, res.detail, attempts, elapsed)
+            if elapsed >= deadline_s:
+                log.warning("health check failed after %d attempts: %s", attempts, res.detail)
+                return HealthResult(False, res.detail, attempts, elapsed)
+            sleep(min(delay, max(0.0, deadline_s - elapsed)))
+            delay = min(delay * 1.5, 1.0)
+    finally:
+        if session is not None:
+            session.close()

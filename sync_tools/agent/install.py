@@ -1,0 +1,254 @@
+"""Crash-safe replacement of one subsystem's binary, with an intent journal.
+
+The swap never leaves a partial binary at ``<sub>/.bin/<binary>``:
+
+1. the new binary is staged (fully written, fsynced, sha256-checked) under a hidden name in the same
+   directory;
+2. an *intent* naming the new and old sha256 and their ``.version`` texts is written atomically to
+   ``<root>/.sync-tools/journal/<sub>.json``;
+3. the current binary is hard-linked (copied where links fail) into ``.bin/.previous/`` and its
+   ``.version`` copied next to it - the binary path itself never goes missing;
+4. ``os.replace`` puts the staged binary in place (atomic on POSIX);
+5. ``.version`` is rewritten;
+6. the caller reloads the process and checks health, then :meth:`Journal.remove` ends the intent.
+
+After a crash at any point, :func:`recover` finishes every intent *forward*: the staged file was verified
+before the intent existed, so it is either already in place or still staged and is moved in; the caller
+then reloads and health-checks as for a fresh install. A staged file with no intent (a crash before step
+2) is deleted: the old binary stays. Either way a verified binary is at the path, never a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sync_tools.errors import DataError, SyncToolsError
+from sync_tools.fsutil import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+from sync_tools.versionfile import PREVIOUS_DIR, VERSION_FILE, VersionInfo, read_version
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".sync-tools"
+#: Test hook: the agent SIGKILLs itself right after the named step (see STEPS) to prove crash safety.
+CRASH_ENV = "SYNC_TOOLS_AGENT_CRASH_AFTER"
+STEPS = ("downloaded", "staged", "journaled", "previous-saved", "swapped", "version-written", "reloaded",
+         "healthy")
+
+
+class InstallError(SyncToolsError):
+    """A local failure while installing (disk full, permissions); the installed binary is unchanged."""
+
+
+def crash_point(step: str) -> None:
+    """Kill this process with SIGKILL after *step* when the test hook names it; otherwise nothing."""
+    if os.environ.get(CRASH_ENV) == step:
+        log.warning("test hook %s=%s: SIGKILL now", CRASH_ENV, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def staged_path(bin_dir: Path, binary: str) -> Path:
+    return bin_dir / f".{binary}.staged"
+
+
+@dataclass(frozen=True)
+class Intent:
+    """One swap in progress, as written to the journal before the first visible change."""
+
+    subsystem: str
+    bin_dir: str
+    binary: str
+    new_sha: str
+    new_version: str  # rendered .version text of the binary going in
+    old_sha: str | None
+    old_version: str | None
+    kind: str = "update"  # update | restore (automatic, after a failed health check) | rollback
+
+    @property
+    def target(self) -> Path:
+        return Path(self.bin_dir) / self.binary
+
+    @property
+    def staged(self) -> Path:
+        return staged_path(Path(self.bin_dir), self.binary)
+
+
+class Journal:
+    """Intent files under ``<root>/.sync-tools/journal/``, one per subsystem, written atomically."""
+
+    def __init__(self, root: Path):
+        self.dir = Path(root) / STATE_DIR / "journal"
+
+    def path(self, subsystem: str) -> Path:
+        return self.dir / f"{subsystem}.json"
+
+    def write(self, intent: Intent) -> None:
+        atomic_write_json(self.path(intent.subsystem), asdict(intent))
+
+    def remove(self, subsystem: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(subsystem).unlink()
+            fsync_dir(self.dir)
+
+    def pending(self) -> list[Intent]:
+        """Every intent not yet ended. Raises DataError for an unreadable journal file."""
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for p in sorted(self.dir.glob("*.json")):
+            try:
+                out.append(Intent(**json.loads(p.read_text(encoding="utf-8"))))
+            except (ValueError, TypeError, OSError) as e:
+                raise DataError(f"{p}: unreadable install journal: {e}") from e
+        return out
+
+
+def _sha_or_none(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except FileNotFoundError:
+        return None
+
+
+def _read_text_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def save_previous(bin_dir: Path, binary: str) -> None:
+    """Keep the current binary and its .version in ``.previous/`` without the binary path ever going
+    missing: a hard link (a copy where links fail) replaces ``.previous/<binary>`` atomically."""
+    current = bin_dir / binary
+    prev = bin_dir / PREVIOUS_DIR
+    prev.mkdir(exist_ok=True)
+    tmp = prev / f".{binary}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(current, tmp)
+    except OSError:
+        shutil.copy2(current, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.replace(tmp, prev / binary)
+    version_text = _read_text_or_none(bin_dir / VERSION_FILE)
+    if version_text is None:
+        (prev / VERSION_FILE).unlink(missing_ok=True)
+    else:
+        atomic_write_text(prev / VERSION_FILE, version_text)
+    fsync_dir(prev)
+
+
+def begin(journal: Journal, *, subsystem: str, bin_dir: Path, binary: str, new_sha: str,
+          new_version: VersionInfo, kind: str = "update") -> Intent:
+    """Record the intent to swap in the already staged and verified ``staged_path(bin_dir, binary)``."""
+    target = bin_dir / binary
+    intent = Intent(
+        subsystem=subsystem, bin_dir=str(bin_dir), binary=binary, new_sha=new_sha,
+        new_version=new_version.render(), old_sha=_sha_or_none(target),
+        old_version=_read_text_or_none(bin_dir / VERSION_FILE), kind=kind,
+    )
+    try:
+        journal.write(intent)
+    except OSError as e:
+        raise InstallError(f"{subsystem}: cannot write the install journal: {e}") from e
+    crash_point("journaled")
+    return intent
+
+
+def swap(intent: Intent, *, keep_previous: bool = True) -> None:
+    """Steps 3-5: keep the old binary in ``.previous/``, move the staged one in, write ``.version``.
+
+    Raises InstallError on a local failure; the intent stays in the journal so :func:`recover` (or
+    the caller) can finish or retry it, and the binary path holds the old or the new verified binary.
+    """
+    bin_dir = Path(intent.bin_dir)
+    try:
+        if keep_previous and intent.old_sha is not None and intent.old_sha != intent.new_sha:
+            save_previous(bin_dir, intent.binary)
+        crash_point("previous-saved")
+        if intent.staged.exists():
+            os.replace(intent.staged, intent.target)
+            fsync_dir(bin_dir)
+        crash_point("swapped")
+        atomic_write_text(bin_dir / VERSION_FILE, intent.new_version)
+        crash_point("version-written")
+    except OSError as e:
+        raise InstallError(f"{intent.subsystem}: swap failed: {e}") from e
+
+
+def stage_previous(bin_dir: Path, binary: str) -> tuple[str, VersionInfo]:
+    """Stage ``.previous/<binary>`` for a swap back; returns its sha256 and .version.
+
+    Raises InstallError when there is no previous binary, or DataError when its .version does not
+    match its bytes (a previous binary is never put back unverified).
+    """
+    prev = bin_dir / PREVIOUS_DIR
+    src = prev / binary
+    if not src.is_file():
+        raise InstallError(f"{bin_dir}: no previous binary to go back to")
+    info = read_version(prev)
+    sha = sha256_file(src)
+    if info is None:
+        raise InstallError(f"{prev}: no .version for the previous binary")
+    if info.checksum != sha:
+        raise DataError(f"{src}: sha256 {sha} does not match its .version ({info.checksum})")
+    staged = staged_path(bin_dir, binary)
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(src, staged)
+    except OSError:
+        shutil.copy2(src, staged)
+    return sha, info
+
+
+def recover(journal: Journal) -> list[Intent]:
+    """Finish every interrupted intent forward; return them so the caller reloads and health-checks.
+
+    An intent whose binary is already in place gets its ``.version`` rewritten; one whose staged file
+    is still there (and verifies) is swapped in; one with neither (the staged file was lost) is left
+    with whatever verified binary is at the path and reported by a warning.
+    """
+    done = []
+    for intent in journal.pending():
+        current = _sha_or_none(intent.target)
+        if current != intent.new_sha:
+            staged_sha = _sha_or_none(intent.staged)
+            if staged_sha == intent.new_sha:
+                log.warning("%s: finishing an interrupted %s (swap)", intent.subsystem, intent.kind)
+                swap(intent, keep_previous=intent.kind != "restore")
+            else:
+                intent.staged.unlink(missing_ok=True)
+                log.warning("%s: interrupted %s had nothing staged; keeping the installed binary",
+                            intent.subsystem, intent.kind)
+                journal.remove(intent.subsystem)
+                continue
+        else:
+            log.warning("%s: finishing an interrupted %s (.version)", intent.subsystem, intent.kind)
+            if _read_text_or_none(intent.target.parent / VERSION_FILE) != intent.new_version:
+                atomic_write_text(intent.target.parent / VERSION_FILE, intent.new_version)
+            _repair_previous_version(intent)
+        done.append(intent)
+    return done
+
+
+def _repair_previous_version(intent: Intent) -> None:
+    """A crash inside save_previous can leave ``.previous/.version`` one generation behind its binary."""
+    prev = Path(intent.bin_dir) / PREVIOUS_DIR
+    if intent.old_sha and intent.old_version and _sha_or_none(prev / intent.binary) == intent.old_sha:
+        if _read_text_or_none(prev / VERSION_FILE) != intent.old_version:
+            atomic_write_text(prev / VERSION_FILE, intent.old_version)
+
+
+def clean_stale(bin_dir: Path, binary: str, journal: Journal, subsystem: str) -> None:
+    """Remove a staged file no intent refers to (a crash before the journal was written)."""
+    if not journal.path(subsystem).exists():
+        staged_path(bin_dir, binary).unlink(missing_ok=True)
+        (bin_dir / PREVIOUS_DIR / f".{binary}.tmp").unlink(missing_ok=True)

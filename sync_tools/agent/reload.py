@@ -1,0 +1,268 @@
+"""Reload backends: restart exactly one process after its binary was swapped, and read its state.
+
+- ``process-compose``: its REST API (``POST /process/restart/{name}``, ``GET /process/{name}``) over a
+  unix socket or TCP, with ``X-PC-Token-Key`` when ``PC_API_TOKEN`` is set.
+- ``supervisor``: supervisord's XML-RPC (``supervisor.stopProcess`` + ``supervisor.startProcess`` of that
+  one program) over a unix socket or http.
+- ``command``: a shell command template, ``{process}`` replaced (e.g. ``task reload PROC={process}``).
+- ``none``: nothing to restart (something else picks the binary up).
+
+Every call has a timeout; failures become :class:`ReloadError` (a RemoteError: the same call may work
+later).
+"""
+
+from __future__ import annotations
+
+import abc
+import http.client
+import json
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import time
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from sync_tools.errors import ConfigError, RemoteError
+
+log = logging.getLogger(__name__)
+
+PC_TOKEN_ENV = "PC_API_TOKEN"
+PC_TOKEN_HEADER = "X-PC-Token-Key"
+
+
+class ReloadError(RemoteError):
+    """The process manager could not be reached or refused the restart."""
+
+
+@dataclass(frozen=True)
+class ProcessStatus:
+    """What the process manager says about one process."""
+
+    name: str
+    running: bool | None  # None: the backend cannot tell
+    status: str
+    pid: int | None = None
+    ready: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"running": self.running, "status": self.status, "pid": self.pid, "ready": self.ready}
+
+
+class Reloader(abc.ABC):
+    name = "reloader"
+
+    @abc.abstractmethod
+    def restart(self, process: str) -> None:
+        """Restart *process* so it runs the binary now on disk. Raises ReloadError."""
+
+    @abc.abstractmethod
+    def status(self, process: str) -> ProcessStatus:
+        """The process's state. Raises ReloadError."""
+
+
+class NoReloader(Reloader):
+    name = "none"
+
+    def restart(self, process: str) -> None:
+        log.info("reload backend 'none': %s not restarted", process)
+
+    def status(self, process: str) -> ProcessStatus:
+        return ProcessStatus(process, None, "unknown")
+
+
+class CommandReloader(Reloader):
+    """Runs a shell command with ``{process}`` filled in; exit 0 is success."""
+
+    name = "command"
+
+    def __init__(self, template: str, *, cwd: Path | None = None, timeout: float = 60.0):
+        self.template = template
+        self.cwd = cwd
+        self.timeout = timeout
+
+    def restart(self, process: str) -> None:
+        cmd = self.template.replace("{process}", shlex.quote(process))
+        try:
+            proc = subprocess.run(cmd, shell=True, cwd=self.cwd, timeout=self.timeout,
+                                  capture_output=True, text=True)
+        except subprocess.TimeoutExpired as e:
+            raise ReloadError(f"reload command timed out after {self.timeout}s: {cmd}") from e
+        except OSError as e:
+            raise ReloadError(f"reload command failed to start: {cmd}: {e}") from e
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+            raise ReloadError(f"reload command exited {proc.returncode}: {cmd}: {tail[0]}")
+
+    def status(self, process: str) -> ProcessStatus:
+        return ProcessStatus(process, None, "unknown")
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix domain socket, with the same timeout as TCP connections."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _connection(target: str, timeout: float) -> http.client.HTTPConnection:
+    """A connection for ``unix:///path``, a bare socket path, or ``http://host:port``."""
+    if target.startswith(("http://", "https://")):
+        parts = urlsplit(target)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        return cls(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+    path = target[len("unix://"):] if target.startswith("unix://") else target
+    return _UnixHTTPConnection(path, timeout)
+
+
+class ProcessComposeReloader(Reloader):
+    """process-compose's REST API (see ``process-compose-openapi.json``)."""
+
+    name = "process-compose"
+
+    def __init__(self, target: str, *, token: str | None = None, timeout: float = 10.0,
+                 ready_timeout: float = 30.0, poll: float = 0.1):
+        self.target = target
+        self.token = token
+        self.timeout = timeout
+        self.ready_timeout = ready_timeout
+        self.poll = poll
+
+    def _call(self, method: str, path: str) -> Any:
+        conn = _connection(self.target, self.timeout)
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers[PC_TOKEN_HEADER] = self.token
+        try:
+            conn.request(method, path, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read(1 << 20)
+        except (OSError, http.client.HTTPException) as e:
+            raise ReloadError(f"process-compose at {self.target}: {method} {path}: {e}") from e
+        finally:
+            conn.close()
+        try:
+            data = json.loads(body) if body else {}
+        except ValueError as e:
+            raise ReloadError(f"process-compose {method} {path}: HTTP {resp.status}, not JSON") from e
+        if resp.status != 200:
+            detail = data.get("error") if isinstance(data, dict) else None
+            raise ReloadError(f"process-compose {method} {path}: HTTP {resp.status}: {detail or body[:200]!r}",
+                              status_code=resp.status)
+        return data
+
+    def restart(self, process: str) -> None:
+        self._call("POST", f"/process/restart/{quote(process, safe='')}")
+        # A restart is asynchronous in process-compose: wait until it reports the process running.
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            st = self.status(process)
+            if st.running and st.ready is not False:
+                return
+            if time.monotonic() >= deadline:
+                raise ReloadError(f"process-compose: {process} not running {self.ready_timeout}s after "
+                                  f"restart (status {st.status})")
+            time.sleep(self.poll)
+
+    def status(self, process: str) -> ProcessStatus:
+        data = self._call("GET", f"/process/{quote(process, safe='')}")
+        if not isinstance(data, dict):
+            raise ReloadError(f"process-compose GET /process/{process}: not a ProcessState object")
+        status = str(data.get("status", "unknown"))
+        ready_raw = data.get("is_ready")
+        ready = None
+        if data.get("has_ready_probe") and isinstance(ready_raw, str):
+            ready = ready_raw.lower() == "ready"
+        pid = data.get("pid") if isinstance(data.get("pid"), int) else None
+        return ProcessStatus(process, bool(data.get("is_running")), status, pid or None, ready)
+
+
+class _TimeoutSupervisorTransport(xmlrpc.client.Transport):
+    """supervisor's XML-RPC transport (unix socket or http) with a timeout on every call."""
+
+    def __init__(self, serverurl: str, timeout: float):
+        super().__init__()
+        self.serverurl = serverurl
+        self.timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        return _connection(self.serverurl, self.timeout)
+
+
+class SupervisorReloader(Reloader):
+    """supervisord over XML-RPC; restarts one program (stop + start, waiting for RUNNING)."""
+
+    name = "supervisor"
+
+    def __init__(self, serverurl: str, *, timeout: float = 30.0):
+        self.serverurl = serverurl
+        self.timeout = timeout
+
+    def _proxy(self) -> Any:
+        transport = _TimeoutSupervisorTransport(self.serverurl, self.timeout)
+        return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=transport, allow_none=True)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self._proxy().supervisor, method)(*args)
+        except xmlrpc.client.Fault as e:
+            raise ReloadError(f"supervisor {method}{args}: {e.faultString}") from e
+        except (OSError, xmlrpc.client.ProtocolError, http.client.HTTPException) as e:
+            raise ReloadError(f"supervisor at {self.serverurl}: {method}: {e}") from e
+
+    def restart(self, process: str) -> None:
+        info = self._call("getProcessInfo", process)
+        if info.get("statename") in ("RUNNING", "STARTING", "BACKOFF"):
+            try:
+                self._call("stopProcess", process, True)
+            except ReloadError as e:
+                if "NOT_RUNNING" not in str(e):
+                    raise
+        self._call("startProcess", process, True)
+
+    def status(self, process: str) -> ProcessStatus:
+        info = self._call("getProcessInfo", process)
+        state = str(info.get("statename", "UNKNOWN"))
+        pid = info.get("pid") or None
+        return ProcessStatus(process, state == "RUNNING", state, pid)
+
+
+def make_reloader(kind: str, *, root: Path, socket_path: str | None = None, url: str | None = None,
+                  command: str | None = None, supervisor_url: str | None = None) -> Reloader:
+    """The reloader an ``agent:`` section names. Raises ConfigError when a needed setting is missing."""
+    if kind == "none":
+        return NoReloader()
+    if kind == "command":
+        if not command:
+            raise ConfigError("agent.command is required when agent.reload is 'command'")
+        return CommandReloader(command, cwd=root)
+    if kind == "process-compose":
+        target = url or os.environ.get("PC_SOCKET_PATH") or socket_path
+        if url is None and target and not target.startswith(("unix://", "http")):
+            target = str((root / target).resolve()) if not os.path.isabs(target) else target
+        if not target:
+            target = "http://127.0.0.1:8080"
+        return ProcessComposeReloader(target, token=os.environ.get(PC_TOKEN_ENV) or None)
+    if kind == "supervisor":
+        target = supervisor_url or (f"unix://{(root / socket_path).resolve()}" if socket_path else None) or url
+        if not target:
+            raise ConfigError("agent.supervisor_url (unix:///path or http://host:port) is required "
+                              "when agent.reload is 'supervisor'")
+        return SupervisorReloader(target)
+    raise ConfigError(f"unknown reload backend {kind!r}")

@@ -1,0 +1,541 @@
+"""The USER agent: reconcile the install root with the signed release, then follow events.
+
+This module is the pipeline (every download, file write, reload); the trust decisions are the pure
+:func:`sync_tools.manifest.verify_manifest` over the bytes fetched here. One update runs at a time;
+events arriving meanwhile collapse into one more reconcile. A subsystem whose installed binary already
+has the manifest's ``binary_sha256`` is never downloaded, rewritten or restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform as _platform
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from sync_tools.config import Config, Subsystem
+from sync_tools.errors import ConfigError, DataError, RemoteError, SyncToolsError
+from sync_tools.fsutil import sha256_file
+from sync_tools.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    SIGNATURE_NAME,
+    Asset,
+    Entry,
+    Manifest,
+    verify_manifest,
+)
+from sync_tools.signing import load_public_key
+from sync_tools.versionfile import PREVIOUS_DIR, VersionInfo, read_version
+
+from . import install
+from .events import AgentEvent
+from .extract import extract_binary
+from .fetch import Fetcher, ProgressFn, download, make_fetcher
+from .health import HealthResult, wait_healthy
+from .reload import Reloader, ReloadError, make_reloader
+from .state import AgentState, load_state, save_state
+
+log = logging.getLogger(__name__)
+
+MAX_SIG_BYTES = 4096
+DEFAULT_MAX_ASSET_BYTES = 1 << 30
+DEFAULT_MAX_BINARY_BYTES = 2 << 30
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm"}
+
+
+def detect_platform() -> str:
+    """This machine as ``os/arch`` in Go's names (linux/amd64, darwin/arm64, ...)."""
+    machine = _platform.machine().lower()
+    return f"{_platform.system().lower()}/{_ARCH.get(machine, machine)}"
+
+
+@dataclass(frozen=True)
+class SubsystemResult:
+    """What one reconcile did to one subsystem.
+
+    ``action``: unchanged | updated | rolled_back (new binary failed health, previous restored) |
+    failed (nothing was changed, or no previous to restore) | skipped (a build known to fail) |
+    missing (the manifest has no asset for this platform) | recovered (a crashed install finished).
+    """
+
+    name: str
+    action: str
+    old_sha: str | None = None
+    new_sha: str | None = None
+    version: str | None = None
+    error: str | None = None
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.action in ("unchanged", "updated", "skipped", "recovered", "missing")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": self.action, "old_sha256": self.old_sha, "new_sha256": self.new_sha,
+                "version": self.version, "error": self.error, "bytes": self.bytes,
+                "seconds": round(self.seconds, 3)}
+
+
+@dataclass(frozen=True)
+class UpdateReport:
+    serial: int | None
+    results: tuple[SubsystemResult, ...] = ()
+    error: str | None = None
+    manifest_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(r.ok for r in self.results)
+
+    def result(self, name: str) -> SubsystemResult | None:
+        return next((r for r in self.results if r.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "serial": self.serial, "error": self.error,
+                "manifest_bytes": self.manifest_bytes, "seconds": round(self.seconds, 3),
+                "subsystems": {r.name: r.to_json() for r in self.results}}
+
+
+def _order(subs: list[Subsystem]) -> list[Subsystem]:
+    """Dependencies first (the config has no cycles), otherwise config order."""
+    by_name = {s.name: s for s in subs}
+    out: list[Subsystem] = []
+    seen: set[str] = set()
+
+    def visit(s: Subsystem) -> None:
+        if s.name in seen:
+            return
+        seen.add(s.name)
+        for d in s.depends_on:
+            if d in by_name:
+                visit(by_name[d])
+        out.append(s)
+
+    for s in subs:
+        visit(s)
+    return out
+
+
+class Agent:
+    """Keeps ``<root>/<sub>/.bin/`` on the release's verified binaries.
+
+    Clients are injected (fetcher, reloader, public key, clock); real ones are built from the config
+    only when none is given. Raises ConfigError at construction when a needed setting is missing.
+    """
+
+    def __init__(self, config: Config, *, root: Path | None = None, source: str | None = None,
+                 fetcher: Fetcher | None = None, reloader: Reloader | None = None,
+                 public_key: Ed25519PublicKey | None = None, platform: str | None = None,
+                 progress: ProgressFn | None = None, now: Callable[[], datetime] | None = None,
+                 max_asset_bytes: int = DEFAULT_MAX_ASSET_BYTES,
+                 max_binary_bytes: int = DEFAULT_MAX_BINARY_BYTES, health_timeout: float | None = None):
+        self.config = config
+        ac = config.agent
+        self.root = Path(root) if root is not None else (config.resolve(ac.root) or config.root)
+        self._source = source
+        self._fetcher = fetcher
+        self._public_key = public_key
+        self.reloader = reloader or make_reloader(ac.reload, root=self.root, socket_path=ac.socket,
+                                                  url=ac.url, command=ac.command,
+                                                  supervisor_url=ac.supervisor_url)
+        self.platform = platform or ac.platform or detect_platform()
+        self.progress = progress
+        self.now = now
+        self.max_asset_bytes = max_asset_bytes
+        self.max_binary_bytes = max_binary_bytes
+        self.health_timeout = ac.health_timeout if health_timeout is None else health_timeout
+        self.journal = install.Journal(self.root)
+        self.downloads = self.root / install.STATE_DIR / "downloads"
+        self._lock = threading.Lock()  # one update at a time
+        self._state_lock = threading.Lock()  # read-modify-write of agent-state.json
+        self._cond = threading.Condition()
+        self._pending: list[AgentEvent] = []
+        self._stop = threading.Event()
+        self.last_report: UpdateReport | None = None
+        self.updating = False
+        self.reports: list[UpdateReport] = []
+
+    @property
+    def fetcher(self) -> Fetcher:
+        """The injected fetcher, or one for ``--source`` / ``agent.source`` / ``release.store``, built on
+        first use. Raises ConfigError when no source is configured."""
+        if self._fetcher is None:
+            config = self.config
+            src = self._source or config.agent.source or config.release.store
+            if not src:
+                raise ConfigError("no release source: set agent.source (a URL or a local store) or pass "
+                                  "--source", path=config.path, key="agent.source")
+            self._fetcher = make_fetcher(src, tag=config.release.tag, base=config.root)
+        return self._fetcher
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        """The pinned key (agent.public_key, else release.public_key), loaded on first use.
+        Raises ConfigError when none is configured or it cannot be read."""
+        if self._public_key is None:
+            config = self.config
+            key_ref = config.agent.public_key or config.release.public_key
+            if not key_ref:
+                raise ConfigError("no pinned public key: set agent.public_key or release.public_key",
+                                  path=config.path, key="agent.public_key")
+            if not key_ref.lstrip().startswith("-----BEGIN"):
+                key_ref = str(config.resolve(key_ref))
+            self._public_key = load_public_key(key_ref)
+        return self._public_key
+
+    def update_state(self, change: Callable[[AgentState], AgentState]) -> AgentState:
+        """Apply *change* to the saved state and write it back (only if it changed)."""
+        with self._state_lock:
+            before = load_state(self.root)
+            after = change(before)
+            if after != before:
+                save_state(self.root, after)
+            return after
+
+    # ------------------------------------------------------------------------------ the pipeline
+
+    def fetch_manifest(self, state: AgentState) -> tuple[Manifest, int]:
+        """Fetch manifest.json and its .sig (size-capped) and verify them against the pinned key.
+
+        Raises DownloadError, SignatureError or ManifestError (expired, serial below the last applied).
+        """
+        data = self.fetcher.fetch_bytes(MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES)
+        sig = self.fetcher.fetch_bytes(SIGNATURE_NAME, max_bytes=MAX_SIG_BYTES)
+        now = self.now() if self.now else None
+        return verify_manifest(data, sig, self.public_key, min_serial=state.serial, now=now), len(data) + len(sig)
+
+    def recover(self) -> list[SubsystemResult]:
+        """Finish installs a crash interrupted (see :mod:`.install`), then reload and health-check them."""
+        with self._lock:
+            return self._recover_locked()
+
+    def _recover_locked(self) -> list[SubsystemResult]:
+        results = []
+        for intent in install.recover(self.journal):
+            sub = self.config.subsystems.get(intent.subsystem)
+            if sub is None:
+                self.journal.remove(intent.subsystem)
+                continue
+            res = self._reload_and_check(sub, intent, started=time.monotonic(), moved=0)
+            if res.action == "updated":
+                res = SubsystemResult(sub.name, "recovered", intent.old_sha, intent.new_sha, seconds=res.seconds)
+            results.append(res)
+        for sub in self.config.subsystems.values():
+            install.clean_stale(sub.bin_dir(self.root), sub.binary, self.journal, sub.name)
+        return results
+
+    def reconcile(self, event: AgentEvent | None = None) -> UpdateReport:
+        """Fetch and verify the manifest, then bring every configured subsystem whose binary differs
+        to the manifest's. Never raises for a bad release: the report carries the error and the
+        install root is untouched."""
+        started = time.monotonic()
+        with self._lock:
+            self.updating = True
+            try:
+                report = self._reconcile(started)
+            finally:
+                self.updating = False
+        self.last_report = report
+        self.reports.append(report)
+        del self.reports[:-20]
+        level = logging.INFO if report.ok else logging.ERROR
+        log.log(level, "reconcile (%s): serial %s, %s%s", event.source if event else "start", report.serial,
+                ", ".join(f"{r.name}={r.action}" for r in report.results) or "nothing configured",
+                f", error: {report.error}" if report.error else "")
+        return report
+
+    def _reconcile(self, started: float) -> UpdateReport:
+        try:
+            state = load_state(self.root)
+            manifest, mbytes = self.fetch_manifest(state)
+        except SyncToolsError as e:
+            return UpdateReport(None, error=str(e), seconds=time.monotonic() - started)
+        self.update_state(lambda st: st.with_serial(manifest.serial))
+        results = self._recover_locked()  # an intent a failed swap left behind
+        for sub in _order(list(self.config.subsystems.values())):
+            entry = manifest.subsystems.get(sub.name)
+            if entry is None:
+                continue
+            results.append(self._apply(sub, entry))
+        return UpdateReport(manifest.serial, tuple(results), manifest_bytes=mbytes,
+                            seconds=time.monotonic() - started)
+
+    def _apply(self, sub: Subsystem, entry: Entry) -> SubsystemResult:
+        started = time.monotonic()
+        asset = entry.assets.get(self.platform)
+        if asset is None:
+            return SubsystemResult(sub.name, "missing", error=f"no asset for {self.platform}")
+        bin_dir = sub.bin_dir(self.root)
+        target = bin_dir / sub.binary
+        old_sha = sha256_file(target) if target.is_file() else None
+        if old_sha == asset.binary_sha256:
+            return SubsystemResult(sub.name, "unchanged", old_sha, old_sha, entry.version)
+        state = load_state(self.root)
+        if state.failed.get(sub.name) == asset.binary_sha256:
+            return SubsystemResult(sub.name, "skipped", old_sha, asset.binary_sha256, entry.version,
+                                   error="this build failed its health check before; waiting for a new one")
+        moved = 0
+        try:
+            moved = self._stage(sub, asset)
+            info = VersionInfo(commit=entry.commit, timestamp=entry.built, checksum=asset.binary_sha256,
+                               version=entry.version)
+            intent = install.begin(self.journal, subsystem=sub.name, bin_dir=bin_dir, binary=sub.binary,
+                                   new_sha=asset.binary_sha256, new_version=info)
+            install.swap(intent)
+        except SyncToolsError as e:
+            swapped = target.is_file() and sha256_file(target) == asset.binary_sha256
+            if not swapped:  # the old binary is in place: drop the intent
+                install.staged_path(bin_dir, sub.binary).unlink(missing_ok=True)
+                self.journal.remove(sub.name)
+            # else the new verified binary is in place but .version is not: the intent stays, and the
+            # next start's recovery rewrites .version and reloads
+            return SubsystemResult(sub.name, "failed", old_sha, asset.binary_sha256, entry.version,
+                                   error=str(e), bytes=moved, seconds=time.monotonic() - started)
+        res = self._reload_and_check(sub, intent, started=started, moved=moved)
+        return SubsystemResult(res.name, res.action, old_sha, res.new_sha, entry.version, res.error,
+                               moved, res.seconds)
+
+    def _stage(self, sub: Subsystem, asset: Asset) -> int:
+        """Download, check and extract *asset* into the staged path. Returns bytes moved.
+
+        Raises DownloadError, DataError/ArchiveError or install.InstallError (a local write failed).
+        """
+        bin_dir = sub.bin_dir(self.root)
+        staged = install.staged_path(bin_dir, sub.binary)
+        part = self.downloads / f"{asset.name}.part"
+        try:
+            bin_dir.mkdir(parents=True, exist_ok=True)
+            self.downloads.mkdir(parents=True, exist_ok=True)
+            staged.unlink(missing_ok=True)
+            with open(part, "w+b") as out:
+                moved = download(self.fetcher, asset.name, out, size=asset.size, sha256=asset.sha256,
+                                 max_bytes=self.max_asset_bytes, progress=self.progress)
+            install.crash_point("downloaded")
+            sha = extract_binary(part, sub.binary, staged, max_bytes=self.max_binary_bytes)
+            if sha != asset.binary_sha256:
+                staged.unlink(missing_ok=True)
+                raise DataError(f"{asset.name}: binary sha256 {sha} does not match the manifest's "
+                                f"binary_sha256 {asset.binary_sha256}")
+            install.crash_point("staged")
+            return moved
+        except OSError as e:
+            staged.unlink(missing_ok=True)
+            raise install.InstallError(f"{sub.name}: cannot write {e.filename or bin_dir}: "
+                                       f"{e.strerror or e}") from e
+        finally:
+            part.unlink(missing_ok=True)
+
+    def _health(self, sub: Subsystem) -> HealthResult:
+        def backend_says() -> HealthResult:
+            try:
+                st = self.reloader.status(sub.process)
+            except ReloadError as e:
+                return HealthResult(False, str(e))
+            return HealthResult(st.running is not False, f"{self.reloader.name}: {st.status}")
+
+        return wait_healthy(sub.health, deadline_s=self.health_timeout, cwd=self.root, fallback=backend_says)
+
+    def _reload_and_check(self, sub: Subsystem, intent: install.Intent, *, started: float,
+                          moved: int) -> SubsystemResult:
+        """Restart the process on the swapped binary and wait for health; on failure put the previous
+        binary back (without losing .previous), restart again, and report ``rolled_back``."""
+        try:
+            self.reloader.restart(sub.process)
+            install.crash_point("reloaded")
+            health = self._health(sub)
+        except ReloadError as e:
+            health = HealthResult(False, f"reload failed: {e}")
+        if health.ok:
+            install.crash_point("healthy")
+            self.journal.remove(sub.name)
+            self.update_state(lambda st: st.with_failed(sub.name, None))
+            return SubsystemResult(sub.name, "updated", intent.old_sha, intent.new_sha,
+                                   bytes=moved, seconds=time.monotonic() - started)
+        log.error("%s: new binary %s unhealthy (%s); rolling back", sub.name, intent.new_sha[:12], health.detail)
+        self.update_state(lambda st: st.with_failed(sub.name, intent.new_sha))
+        if intent.kind == "restore" or intent.old_sha is None:
+            self.journal.remove(sub.name)
+            return SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha,
+                                   error=f"unhealthy and nothing to roll back to: {health.detail}",
+                                   bytes=moved, seconds=time.monotonic() - started)
+        error = f"new binary unhealthy ({health.detail}); previous restored"
+        try:
+            self._restore_previous(sub)
+        except SyncToolsError as e:
+            error = f"new binary unhealthy ({health.detail}); restoring the previous one failed: {e}"
+            return SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha, error=error,
+                                   bytes=moved, seconds=time.monotonic() - started)
+        return SubsystemResult(sub.name, "rolled_back", intent.old_sha, intent.new_sha, error=error,
+                               bytes=moved, seconds=time.monotonic() - started)
+
+    def _restore_previous(self, sub: Subsystem) -> None:
+        """Swap ``.previous`` back in (keeping it there), restart, and check health. Raises on failure."""
+        bin_dir = sub.bin_dir(self.root)
+        sha, info = install.stage_previous(bin_dir, sub.binary)
+        intent = install.begin(self.journal, subsystem=sub.name, bin_dir=bin_dir, binary=sub.binary,
+                               new_sha=sha, new_version=info, kind="restore")
+        install.swap(intent, keep_previous=False)
+        self.reloader.restart(sub.process)
+        health = self._health(sub)
+        self.journal.remove(sub.name)
+        if not health.ok:
+            raise RemoteError(f"the previous binary is unhealthy too: {health.detail}")
+
+    def rollback(self, name: str) -> SubsystemResult:
+        """``sync-tools rollback NAME``: swap ``.previous`` and the current binary, restart, check
+        health. Raises ConfigError (unknown name), InstallError/DataError (no verified previous)."""
+        sub = self.config.subsystem(name)
+        started = time.monotonic()
+        with self._lock:
+            bin_dir = sub.bin_dir(self.root)
+            target = bin_dir / sub.binary
+            old_sha = sha256_file(target) if target.is_file() else None
+            sha, info = install.stage_previous(bin_dir, sub.binary)
+            intent = install.begin(self.journal, subsystem=sub.name, bin_dir=bin_dir, binary=sub.binary,
+                                   new_sha=sha, new_version=info, kind="rollback")
+            install.swap(intent, keep_previous=True)
+            self.reloader.restart(sub.process)
+            health = self._health(sub)
+            self.journal.remove(sub.name)
+        action = "updated" if health.ok else "failed"
+        return SubsystemResult(sub.name, action, old_sha, sha, info.version,
+                               None if health.ok else f"unhealthy after rollback: {health.detail}",
+                               seconds=time.monotonic() - started)
+
+    # ------------------------------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        """Per subsystem: installed version and sha256, .version drift, the backend's process state."""
+        out: dict[str, Any] = {}
+        for sub in self.config.subsystems.values():
+            bin_dir = sub.bin_dir(self.root)
+            target = bin_dir / sub.binary
+            sha = sha256_file(target) if target.is_file() else None
+            try:
+                info = read_version(bin_dir)
+                version_error = None
+            except DataError as e:
+                info, version_error = None, str(e)
+            prev = bin_dir / PREVIOUS_DIR / sub.binary
+            try:
+                running = self.reloader.status(sub.process).to_json()
+            except ReloadError as e:
+                running = {"running": None, "status": "unreachable", "error": str(e)}
+            out[sub.name] = {
+                "installed": sha is not None,
+                "sha256": sha,
+                "version": info.version if info else None,
+                "commit": info.commit if info else None,
+                "version_file_checksum": info.checksum if info else None,
+                "drift": bool(sha and (info is None or info.checksum != sha)) or version_error is not None,
+                "version_file_error": version_error,
+                "previous": prev.is_file(),
+                "process": sub.process,
+                "running": running,
+            }
+        return out
+
+    # ------------------------------------------------------------------------------- event loop
+
+    def submit(self, event: AgentEvent) -> None:
+        """Queue an event; events that arrive while an update runs collapse into one more reconcile."""
+        with self._cond:
+            self._pending.append(event)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def run_forever(self, *, on_report: Callable[[UpdateReport], None] | None = None) -> None:
+        """Process queued events until :meth:`stop`: one reconcile per batch of events."""
+        while not self._stop.is_set():
+            with self._cond:
+                while not self._pending and not self._stop.is_set():
+                    self._cond.wait()
+                if self._stop.is_set():
+                    return
+                batch, self._pending = self._pending, []
+            log.info("%d event(s) -> one reconcile", len(batch))
+            report = self.reconcile(batch[-1])
+            if on_report is not None:
+                on_report(report)
+
+    def health_info(self) -> dict[str, Any]:
+        """The agent's own readiness, for ``GET /health``."""
+        last = self.last_report
+        return {"ready": last is not None, "updating": self.updating,
+                "serial": last.serial if last else None, "ok": last.ok if last else None,
+                "pid": os.getpid()}
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (or ``:port`` / ``port``: loopback) -> (host, port). Raises ConfigError."""
+    host, _, port = listen.rpartition(":")
+    try:
+        return (host.strip("[]") or "127.0.0.1"), int(port)
+    except ValueError as e:
+        raise ConfigError(f"agent.listen must be host:port, not {listen!r}") from e
+
+
+def serve(agent: Agent, *, relay: str | None = None, token: str | None = None, listen: str | None = None,
+          secret: str | None = None, on_report: Callable[[UpdateReport], None] | None = None,
+          on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Run the agent until ``agent.stop()``: finish crashed installs, reconcile once, then apply events
+    from the relay's SSE stream (*relay*, *token*) and/or pushes to its own receiver (*listen*, *secret*).
+
+    Raises ConfigError when *listen* is set without a *secret* (an unverified receiver is refused).
+    """
+    from .events import SSEClient, WebhookVerifier, create_receiver
+
+    if listen and not secret:
+        raise ConfigError(f"agent.listen is set but the secret (${agent.config.agent.secret_env}) is not: "
+                          "refusing to accept unverified pushes")
+    threads: list[threading.Thread] = []
+    sse: SSEClient | None = None
+    server = None
+    try:
+        for res in agent.recover():
+            log.warning("recovered %s: %s", res.name, res.action)
+        report = agent.reconcile()
+        if on_report is not None:
+            on_report(report)
+        info: dict[str, Any] = {}
+        if listen:
+            from werkzeug.serving import make_server
+
+            host, port = parse_listen(listen)
+            app = create_receiver(WebhookVerifier(secret or ""), agent.submit, agent.health_info)
+            server = make_server(host, port, app, threaded=True)
+            info["listen"] = f"http://{host}:{server.server_port}"
+            threads.append(threading.Thread(target=server.serve_forever, name="agent-receiver", daemon=True))
+        if relay:
+            state = load_state(agent.root)
+            sse = SSEClient(relay, token, agent.submit, last_event_id=state.last_event_id,
+                            on_event_id=lambda eid: agent.update_state(lambda st: st.with_event_id(eid)))
+            info["relay"] = sse.url
+            threads.append(threading.Thread(target=sse.run, name="agent-sse", daemon=True))
+        for t in threads:
+            t.start()
+        if on_ready is not None:
+            on_ready(info)
+        agent.run_forever(on_report=on_report)
+    finally:
+        if sse is not None:
+            sse.stop()
+        if server is not None:
+            server.shutdown()
+        for t in threads:
+            t.join(timeout=5)

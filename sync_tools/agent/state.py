@@ -1,0 +1,79 @@
+"""The agent's durable state in the install root: ``<root>/.sync-tools/agent-state.json``.
+
+It holds the highest manifest serial the agent has verified and acted on (a manifest with a lower
+serial is refused: rollback attack), the last SSE event id (resume), and per subsystem the binary
+sha256 that failed its health check (so the same bad build is not installed again and again until
+the release changes it). Written atomically; a missing file is the empty state.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from sync_tools.errors import DataError
+from sync_tools.fsutil import atomic_write_json
+
+from .install import STATE_DIR
+
+STATE_NAME = "agent-state.json"
+
+
+@dataclass(frozen=True)
+class AgentState:
+    serial: int = 0
+    last_event_id: str | None = None
+    failed: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def with_serial(self, serial: int) -> AgentState:
+        return replace(self, serial=max(self.serial, serial))
+
+    def with_event_id(self, event_id: str | None) -> AgentState:
+        return replace(self, last_event_id=event_id)
+
+    def with_failed(self, subsystem: str, sha: str | None) -> AgentState:
+        failed = dict(self.failed)
+        if sha is None:
+            failed.pop(subsystem, None)
+        else:
+            failed[subsystem] = sha
+        return replace(self, failed=MappingProxyType(failed))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"serial": self.serial, "last_event_id": self.last_event_id, "failed": dict(self.failed)}
+
+
+def state_path(root: Path) -> Path:
+    return Path(root) / STATE_DIR / STATE_NAME
+
+
+def load_state(root: Path) -> AgentState:
+    """The saved state, or the empty one. Raises DataError when the file is unreadable."""
+    path = state_path(root)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return AgentState()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read agent state: {e}") from e
+    try:
+        obj = json.loads(raw)
+        serial = obj["serial"]
+        failed = obj.get("failed") or {}
+        event_id = obj.get("last_event_id")
+        if not isinstance(serial, int) or serial < 0 or not isinstance(failed, dict):
+            raise ValueError("bad types")
+        if event_id is not None and not isinstance(event_id, str):
+            raise ValueError("bad last_event_id")
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: corrupt agent state ({e}); remove it to start over") from e
+    return AgentState(serial=serial, last_event_id=event_id,
+                      failed=MappingProxyType({str(k): str(v) for k, v in failed.items()}))
+
+
+def save_state(root: Path, state: AgentState) -> None:
+    """Write the state atomically (tmp, fsync, rename)."""
+    atomic_write_json(state_path(root), state.to_json())

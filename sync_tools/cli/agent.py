@@ -1,0 +1,259 @@
+"""USER-side commands: ``agent``, ``status``, ``rollback``, ``watch``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sync_tools.cli._common import config_option, echo_json, is_tty, json_option, load
+from sync_tools.config import Config
+from sync_tools.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _progress() -> Any:
+    """A one-line progress bar on stderr, only when stderr is a terminal."""
+    if not is_tty():
+        return None
+
+    def show(name: str, done: int, total: int | None) -> None:
+        if total:
+            pct = done * 100 // total
+            bar = "#" * (pct // 4)
+            end = "\n" if done >= total else ""
+            click.echo(f"\r{name} [{bar:<25}] {pct:3d}% {done / 1e6:.1f}/{total / 1e6:.1f} MB", err=True, nl=False)
+            if end:
+                click.echo("", err=True)
+
+    return show
+
+
+def _agent(config: Config, root: str | None = None, source: str | None = None, progress: bool = False) -> Any:
+    from sync_tools.agent.runner import Agent
+
+    return Agent(config, root=Path(root).resolve() if root else None, source=source,
+                 progress=_progress() if progress else None)
+
+
+def _print_report(report: Any, as_json: bool) -> None:
+    if as_json:
+        echo_json(report.to_json())
+        return
+    if report.error:
+        click.echo(f"release refused: {report.error}", err=True)
+        return
+    click.echo(f"manifest serial {report.serial} ({report.seconds:.2f}s)")
+    for r in report.results:
+        line = f"  {r.name:<16} {r.action:<12} {(r.new_sha or '')[:12]}"
+        if r.bytes:
+            line += f"  {r.bytes} bytes"
+        if r.error:
+            line += f"  ({r.error})"
+        click.echo(line)
+
+
+def _stop_on_signals(stop: Any) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def _serve(config: Config, agent: Any, listen: str | None, as_json: bool) -> None:
+    from sync_tools.agent.runner import serve
+
+    ac = config.agent
+    token = os.environ.get(ac.token_env) or None
+    secret = os.environ.get(ac.secret_env) or None
+    if ac.relay and not token:
+        log.warning("agent.relay is set but $%s is empty: subscribing without a token", ac.token_env)
+    if not ac.relay and not listen:
+        raise ConfigError("nothing to wait for: set agent.relay (SSE) and/or agent.listen (pushes), "
+                          "or use --once", path=config.path, key="agent")
+    _stop_on_signals(agent.stop)
+
+    def ready(info: dict[str, Any]) -> None:
+        for k, v in info.items():
+            click.echo(f"{k}: {v}", err=True)
+
+    serve(agent, relay=ac.relay, token=token, listen=listen, secret=secret,
+          on_report=lambda r: _print_report(r, as_json), on_ready=ready)
+
+
+@click.command()
+@config_option
+@click.option("--root", type=click.Path(file_okay=False), help="Install root holding <subsystem>/.bin/ "
+              "(default: agent.root).")
+@click.option("--source", help="Release source: a base URL or a local store directory (default: agent.source).")
+@click.option("--once", is_flag=True, help="Reconcile once and exit (1 if anything failed).")
+@json_option
+def agent(config_path: str | None, root: str | None, source: str | None, once: bool, as_json: bool) -> None:
+    """The USER agent: verify the signed release, install only what changed, reload, roll back on failure.
+
+    Reconciles once at start, then follows the relay's SSE stream (agent.relay, token in
+    $SYNC_TOOLS_AGENT_TOKEN) and/or signed pushes to agent.listen (secret in $SYNC_TOOLS_AGENT_SECRET).
+
+    \b
+    Example:
+      sync-tools agent --once --source .releases --json
+      sync-tools agent --root /opt/plat
+    """
+    config = load(config_path)
+    ag = _agent(config, root, source, progress=not as_json)
+    if once:
+        for res in ag.recover():
+            click.echo(f"recovered an interrupted install of {res.name}: {res.action}", err=True)
+        report = ag.reconcile()
+        _print_report(report, as_json)
+        if not report.ok:
+            sys.exit(1)
+        return
+    _serve(config, ag, config.agent.listen, as_json)
+
+
+@click.command()
+@config_option
+@click.option("--root", type=click.Path(file_okay=False), help="Install root (default: agent.root).")
+@json_option
+def status(config_path: str | None, root: str | None, as_json: bool) -> None:
+    """Installed version and sha256 per subsystem, drift between .version and the binary, running state.
+
+    \b
+    Example:
+      sync-tools status --json
+    """
+    config = load(config_path)
+    info = _agent(config, root).status()
+    if as_json:
+        echo_json(info)
+        return
+    for name, s in info.items():
+        sha = (s["sha256"] or "-")[:12]
+        state = s["running"].get("status", "?")
+        drift = "  DRIFT (.version does not match the binary)" if s["drift"] else ""
+        click.echo(f"{name:<16} {s['version'] or '-':<14} {sha:<13} {state}{drift}")
+
+
+@click.command()
+@config_option
+@click.argument("name")
+@click.option("--root", type=click.Path(file_okay=False), help="Install root (default: agent.root).")
+@json_option
+def rollback(config_path: str | None, name: str, root: str | None, as_json: bool) -> None:
+    """Swap .bin/.previous back in (the current binary becomes .previous), reload, check health.
+
+    \b
+    Example:
+      sync-tools rollback nats
+    """
+    config = load(config_path)
+    res = _agent(config, root).rollback(name)
+    if as_json:
+        echo_json({name: res.to_json()})
+    else:
+        click.echo(f"{name}: {res.old_sha and res.old_sha[:12]} -> {res.new_sha and res.new_sha[:12]} "
+                   f"({'healthy' if res.error is None else res.error})")
+    if res.error:
+        sys.exit(1)
+
+
+def _is_dev(config: Config) -> bool:
+    return any((config.root / s.name / ".src").is_dir() for s in config.subsystems.values())
+
+
+def _dev_builder(config: Config) -> Any:
+    """DEV mode: each verified event builds, packages and releases the subsystems it names (or whose
+    upstream it came from) with ``sync-tools build/package/release --only X`` subprocesses, one at a time;
+    events for a subsystem already queued collapse."""
+    from sync_tools.agent.events import AgentEvent
+
+    pending: list[str] = []
+    cond = threading.Condition()
+
+    def names_for(event: AgentEvent) -> list[str]:
+        if event.subsystems:
+            return [n for n in event.subsystems if n in config.subsystems]
+        if event.repo:
+            want = event.repo.rstrip("/").removesuffix(".git").lower()
+            return [s.name for s in config.subsystems.values()
+                    if s.upstream.rstrip("/").removesuffix(".git").lower().endswith(want)]
+        return []
+
+    def submit(event: AgentEvent) -> None:
+        with cond:
+            for n in names_for(event):
+                if n not in pending:
+                    pending.append(n)
+            cond.notify()
+
+    def work() -> None:
+        while True:
+            with cond:
+                while not pending:
+                    cond.wait()
+                name = pending.pop(0)
+            for step in ("build", "package", "release"):
+                cmd = [sys.executable, "-m", "sync_tools", step, "--only", name, "--config", str(config.path)]
+                try:
+                    proc = subprocess.run(cmd, cwd=config.root, timeout=3600, capture_output=True, text=True)
+                except subprocess.TimeoutExpired:
+                    log.error("%s: %s timed out", name, step)
+                    break
+                if proc.returncode != 0:
+                    log.error("%s: %s failed (exit %d): %s", name, step, proc.returncode,
+                              proc.stderr.strip().splitlines()[-1:] or "")
+                    break
+                log.info("%s: %s done", name, step)
+
+    threading.Thread(target=work, name="dev-builder", daemon=True).start()
+    return submit
+
+
+@click.command()
+@config_option
+@click.option("--port", type=int, default=8080, show_default=True, help="Port for POST /webhook, GET /health.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--mode", type=click.Choice(["auto", "dev", "user"]), default="auto", show_default=True,
+              help="dev: build locally; user: act as the agent; auto: dev when a <subsystem>/.src/ exists.")
+@click.option("--root", type=click.Path(file_okay=False), help="Install root in user mode (default: agent.root).")
+def watch(config_path: str | None, port: int, host: str, mode: str, root: str | None) -> None:
+    """The webhook receiver (secret in $SYNC_TOOLS_AGENT_SECRET): on a DEV machine it builds, packages and
+    releases the changed subsystem locally; on a USER machine it is the agent's push receiver.
+
+    \b
+    Example:
+      sync-tools watch --port 8080
+    """
+    config = load(config_path)
+    secret = os.environ.get(config.agent.secret_env)
+    if not secret:
+        raise ConfigError(f"${config.agent.secret_env} is not set: refusing to accept unverified webhooks")
+    listen = f"{host}:{port}"
+    if mode == "user" or (mode == "auto" and not _is_dev(config)):
+        ag = _agent(config, root)
+        from sync_tools.agent.runner import serve
+
+        _stop_on_signals(ag.stop)
+        serve(ag, listen=listen, secret=secret, on_report=lambda r: _print_report(r, False),
+              on_ready=lambda info: click.echo(f"watching (user): {info.get('listen')}", err=True))
+        return
+    from werkzeug.serving import make_server
+
+    from sync_tools.agent.events import WebhookVerifier, create_receiver
+
+    app = create_receiver(WebhookVerifier(secret), _dev_builder(config), lambda: {"ready": True, "mode": "dev"})
+    server = make_server(host, port, app, threaded=True)
+    _stop_on_signals(lambda: threading.Thread(target=server.shutdown, daemon=True).start())
+    click.echo(f"watching (dev): http://{host}:{server.server_port}", err=True)
+    server.serve_forever()
