@@ -1,0 +1,172 @@
+"""Reproducible release assets: ``.dist/<binary>-<os>-<arch>.tar.gz`` plus a ``.json`` sidecar.
+
+The tarball holds the binary at its root, mode 0755, owner 0:0 with empty owner names, mtime from
+``SOURCE_DATE_EPOCH`` (else the source commit's time, else 0), in USTAR format (no pax headers with
+wall-clock times), gzip with header mtime 0 and no file name: the same binary gives the same bytes.
+
+The sidecar ``.dist/<asset>.json`` records what the asset is (subsystem, platform, version, commit,
+built, binary, size, sha256, binary_sha256), so ``release`` can run on another machine after the
+``.dist`` directory was carried there (e.g. upload-artifact / download-artifact in Actions).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sync_tools.build import parse_platform, source_commit
+from sync_tools.config import Config
+from sync_tools.errors import BuildError, ConfigError, DataError
+from sync_tools.fsutil import atomic_write_bytes, atomic_writer, sha256_file
+from sync_tools.manifest import Asset, asset_name
+from sync_tools.versionfile import read_version
+
+log = logging.getLogger(__name__)
+
+DIST_DIR = ".dist"
+SIDECAR_SUFFIX = ".json"
+_MAX_SIDECAR = 64 * 1024
+_SIDECAR_KEYS = ("subsystem", "platform", "version", "commit", "built", "binary", "name", "size", "sha256",
+                 "binary_sha256")
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """One packaged asset and what it holds (the sidecar's content)."""
+
+    subsystem: str
+    platform: str
+    version: str
+    commit: str
+    built: str
+    binary: str
+    name: str
+    size: int
+    sha256: str
+    binary_sha256: str
+    path: Path  # the tarball
+
+    def asset(self) -> Asset:
+        return Asset(name=self.name, size=self.size, sha256=self.sha256, binary_sha256=self.binary_sha256)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _SIDECAR_KEYS}
+
+    @property
+    def sidecar(self) -> Path:
+        return self.path.with_name(self.name + SIDECAR_SUFFIX)
+
+
+def source_date_epoch(env: dict[str, str] | None = None) -> int | None:
+    """``$SOURCE_DATE_EPOCH`` as an int, None when unset. Raises ConfigError when it is not a number."""
+    value = (os.environ if env is None else env).get("SOURCE_DATE_EPOCH")
+    if not value:
+        return None
+    try:
+        epoch = int(value)
+    except ValueError as e:
+        raise ConfigError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, not {value!r}") from e
+    if epoch < 0:
+        raise ConfigError("SOURCE_DATE_EPOCH must not be negative")
+    return epoch
+
+
+def write_tarball(out: Path, files: Iterable[tuple[str, Path]], mtime: int) -> None:
+    """Write a reproducible ``.tar.gz`` of *files* (archive name, source path) to *out*, atomically.
+
+    Entries are sorted by name; each is a regular file with mode 0755, uid/gid 0, no owner names.
+    """
+    with atomic_writer(out, mode=0o644) as raw:
+        # filename="" keeps the temp file's name out of the gzip header; mtime=0 fixes the header time.
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
+            with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for arcname, src in sorted(files):
+                    info = tarfile.TarInfo(arcname)
+                    info.size = src.stat().st_size
+                    info.mode = 0o755
+                    info.mtime = mtime
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    info.type = tarfile.REGTYPE
+                    with open(src, "rb") as fh:
+                        tar.addfile(info, fh)
+
+
+def package(config: Config, name: str, *, platform: str | None = None, dist: Path | None = None,
+            mtime: int | None = None) -> Packaged:
+    """Package *name*'s built binary for *platform* (default: this machine) into ``.dist``.
+
+    The binary must match the checksum its build wrote to ``.bin/.version``. Returns what was written.
+    Raises ConfigError (unknown subsystem, bad platform), BuildError (nothing built) and DataError
+    (the binary changed since it was built).
+    """
+    sub = config.subsystem(name)
+    plat = "/".join(parse_platform(platform))
+    binary = sub.binary_path(config.root)
+    info = read_version(sub.bin_dir(config.root))
+    if info is None or not binary.is_file():
+        raise BuildError(f"{name}: nothing built at {binary} (with .version); run: sync-tools build --only {name}")
+    binary_sha = sha256_file(binary)
+    if binary_sha != info.checksum:
+        raise DataError(f"{binary} has sha256 {binary_sha} but its .version says {info.checksum}: "
+                        f"rebuild with sync-tools build --only {name}")
+    if mtime is None:
+        mtime = source_date_epoch()
+    if mtime is None:
+        src = source_commit(config.root / name / ".src")
+        mtime = src.time if src is not None and src.sha == info.commit else 0
+    dist = dist or config.root / DIST_DIR
+    asset = asset_name(sub.binary, plat)
+    out = dist / asset
+    write_tarball(out, [(sub.binary, binary)], mtime)
+    result = Packaged(subsystem=name, platform=plat, version=info.version or "unknown", commit=info.commit,
+                      built=info.timestamp, binary=sub.binary, name=asset, size=out.stat().st_size,
+                      sha256=sha256_file(out), binary_sha256=binary_sha, path=out)
+    atomic_write_bytes(result.sidecar, (json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n").encode(),
+                       mode=0o644)
+    log.info("packaged %s (%d bytes, sha256 %s)", out, result.size, result.sha256)
+    return result
+
+
+def _read_sidecar(path: Path) -> Packaged:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_SIDECAR + 1)
+        if len(raw) > _MAX_SIDECAR:
+            raise DataError(f"{path}: larger than {_MAX_SIDECAR} bytes")
+        obj = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable package sidecar: {e}") from e
+    if not isinstance(obj, dict) or any(k not in obj for k in _SIDECAR_KEYS):
+        raise DataError(f"{path}: package sidecar must hold {', '.join(_SIDECAR_KEYS)}")
+    if not isinstance(obj["size"], int) or not all(isinstance(obj[k], str) for k in _SIDECAR_KEYS if k != "size"):
+        raise DataError(f"{path}: package sidecar has a field of the wrong type")
+    if obj["name"] + SIDECAR_SUFFIX != path.name:
+        raise DataError(f"{path}: sidecar describes {obj['name']!r}, not its own asset")
+    return Packaged(**{k: obj[k] for k in _SIDECAR_KEYS}, path=path.with_name(obj["name"]))
+
+
+def read_packaged(dist: Path, name: str, platforms: Iterable[str] | None = None) -> list[Packaged]:
+    """The packaged assets of subsystem *name* in *dist* (optionally only *platforms*), each checked
+    against its sidecar (size and sha256). Raises DataError when an asset is missing or differs."""
+    wanted = set(platforms) if platforms else None
+    out = []
+    if dist.is_dir():
+        for path in sorted(dist.glob("*.tar.gz" + SIDECAR_SUFFIX)):
+            item = _read_sidecar(path)
+            if item.subsystem != name or (wanted is not None and item.platform not in wanted):
+                continue
+            if not item.path.is_file():
+                raise DataError(f"{item.path}: missing (its sidecar {path.name} is there)")
+            size, digest = item.path.stat().st_size, sha256_file(item.path)
+            if size != item.size or digest != item.sha256:
+                raise DataError(f"{item.path}: size/sha256 differ from its sidecar; package it again")
+            out.append(item)
+    return sorted(out, key=lambda p: p.platform)

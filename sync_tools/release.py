@@ -1,0 +1,164 @@
+"""Releasing one subsystem: upload its packaged assets, then re-sign the manifest with only its entry
+changed.
+
+The manifest update is an optimistic read-verify-modify-sign-write loop: read the current
+``manifest.json`` + ``.sig``, verify them with the pinned public key (a store whose manifest does not
+verify is an error, never silently overwritten), replace only this subsystem's entry
+(:func:`sync_tools.manifest.with_entry`: serial + 1, expiry renewed), sign, and write with the CAS
+token that was read. When another release got there first (:class:`ManifestConflict`) the loop reads
+again and redoes the change, after a short random pause so racing jobs spread out.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from sync_tools import signing
+from sync_tools.config import Config
+from sync_tools.errors import ConfigError, DataError, SignatureError
+from sync_tools.manifest import Entry, Manifest, empty_manifest, parse_manifest, sign_manifest, with_entry
+from sync_tools.package import DIST_DIR, Packaged, read_packaged
+from sync_tools.stores.base import ManifestConflict, Snapshot, Store, open_store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ATTEMPTS = 12
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    subsystem: str
+    version: str
+    commit: str
+    serial: int
+    assets: tuple[Packaged, ...]
+    attempts: int
+    store: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "subsystem": self.subsystem, "version": self.version, "commit": self.commit,
+            "serial": self.serial, "attempts": self.attempts, "store": self.store,
+            "assets": {p.platform: {"name": p.name, "size": p.size, "sha256": p.sha256,
+                                    "binary_sha256": p.binary_sha256} for p in self.assets},
+        }
+
+
+def release_keys(config: Config, signing_key: str | bytes | None = None
+                 ) -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
+    """The signing key (*signing_key*, else ``$SYNC_TOOLS_SIGNING_KEY``: a path or the PEM) and the
+    pinned public key (``release.public_key``; the signing key's own when none is configured).
+
+    Raises ConfigError when either cannot be loaded or they do not belong together (a manifest signed
+    with a key agents do not pin would be refused by every agent).
+    """
+    private = signing.load_private_key(signing_key)
+    if not config.release.public_key:
+        log.warning("release.public_key is not set: verifying the store with the signing key's own public key")
+        return private, private.public_key()
+    pub_path = config.resolve(config.release.public_key)
+    assert pub_path is not None
+    public = signing.load_public_key(str(pub_path))
+    if signing.public_key_pem(private) != signing.public_key_pem(public):
+        raise ConfigError("the signing key does not belong to release.public_key; agents would refuse "
+                          "the manifest", path=pub_path)
+    return private, public
+
+
+def read_verified(store: Store, public_key: Ed25519PublicKey) -> tuple[Manifest, Snapshot]:
+    """The store's current manifest, verified with *public_key*, and the snapshot it came from.
+
+    No manifest yet gives :func:`~sync_tools.manifest.empty_manifest`. Expiry is not checked: an old
+    manifest is still the right base for the next release. Raises SignatureError and ManifestError.
+    """
+    snap = store.read_manifest()
+    if snap.data is None:
+        return empty_manifest(), snap
+    if snap.signature is None:
+        raise SignatureError(f"{store!r}: manifest.json has no manifest.json.sig; refusing to build on it")
+    try:
+        signing.verify(snap.data, snap.signature, public_key)
+    except SignatureError as e:
+        raise SignatureError(f"{store!r}: the current manifest.json does not verify with the pinned "
+                             f"public key; refusing to overwrite it ({e})") from e
+    return parse_manifest(snap.data), snap
+
+
+def entry_for(items: Sequence[Packaged], binary: str | None) -> Entry:
+    """The manifest entry for one subsystem's packaged assets. Raises DataError when they disagree on
+    version or commit (two builds mixed in one .dist)."""
+    versions = {(p.version, p.commit) for p in items}
+    if len(versions) != 1:
+        raise DataError(f"{items[0].subsystem}: .dist holds assets of different builds: "
+                        + ", ".join(f"{v}@{c[:12]}" for v, c in sorted(versions)))
+    version, commit = versions.pop()
+    return Entry(version=version, commit=commit, built=max(p.built for p in items),
+                 assets=MappingProxyType({p.platform: p.asset() for p in items}), binary=binary)
+
+
+def release(
+    config: Config,
+    name: str,
+    *,
+    store: Store | None = None,
+    dist: Path | None = None,
+    platforms: Iterable[str] | None = None,
+    signing_key: str | bytes | None = None,
+    attempts: int = DEFAULT_ATTEMPTS,
+    sleep: Callable[[float], None] = time.sleep,
+    now: datetime | None = None,
+) -> ReleaseResult:
+    """Release subsystem *name*: upload its packaged assets from *dist* (default ``.dist``), then put
+    its entry into the signed manifest, leaving every other entry as it was.
+
+    Raises ConfigError (unknown subsystem, keys), DataError (nothing packaged, an asset differs from
+    its sidecar, the store's manifest does not verify), RemoteError (store I/O) and ManifestConflict
+    when *attempts* read-modify-write rounds all lost a race.
+    """
+    if attempts < 1:
+        raise ConfigError(f"attempts must be at least 1, not {attempts}")
+    sub = config.subsystem(name)
+    dist = dist or config.root / DIST_DIR
+    items = read_packaged(dist, name, platforms)
+    if not items:
+        wanted = f" for {', '.join(platforms)}" if platforms else ""
+        raise DataError(f"{name}: nothing packaged in {dist}{wanted}; run: sync-tools package --only {name}")
+    entry = entry_for(items, sub.binary)
+    private, public = release_keys(config, signing_key)
+    store = store or open_store(config)
+
+    store.ensure_release()
+    # Verify before uploading: a tampered store is refused before anything in it changes.
+    read_verified(store, public)
+    for item in items:
+        store.upload_asset(item.path, item.name)
+        log.info("uploaded %s", item.name)
+
+    for attempt in range(1, attempts + 1):
+        base, snap = read_verified(store, public)
+        new = with_entry(base, name, entry, now=now, expires_days=config.release.expires_days)
+        data, sig = sign_manifest(new, private)
+        try:
+            store.write_manifest(data, sig, snap.token)
+        except ManifestConflict as e:
+            if attempt == attempts:
+                raise ManifestConflict(f"{name}: the manifest kept changing; gave up after {attempts} "
+                                       f"attempts ({e})") from e
+            delay = min(2.0, 0.05 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)  # noqa: S311 - jitter
+            log.info("manifest changed under %s's release (attempt %d); retrying in %.2fs", name, attempt, delay)
+            sleep(delay)
+            continue
+        log.info("released %s %s: manifest serial %d", name, entry.version, new.serial)
+        return ReleaseResult(subsystem=name, version=entry.version, commit=entry.commit, serial=new.serial,
+                             assets=tuple(items), attempts=attempt, store=repr(store))
+    raise AssertionError("unreachable: the loop returns or raises")

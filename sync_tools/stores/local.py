@@ -1,0 +1,130 @@
+"""The local directory release store: ``<store>/<tag>/`` holding the assets, ``manifest.json`` and
+``manifest.json.sig`` under the same names a GitHub release uses.
+
+Assets are replaced with ``os.replace`` (the old file stays until the new one is complete). The
+manifest pair is written under an exclusive ``fcntl`` lock on ``<tag>/.manifest.lock`` after checking
+that the manifest still hashes to the CAS token the writer read, so two releases racing on one machine
+(or on one shared filesystem with working POSIX locks) never lose each other's entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from sync_tools.errors import ConfigError, DataError
+from sync_tools.fsutil import atomic_write_bytes, atomic_writer, sha256_bytes
+from sync_tools.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATURE_NAME
+from sync_tools.stores.base import ManifestConflict, Snapshot, Store
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".manifest.lock"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_MAX_SIG_BYTES = 4096
+
+
+def _read_capped(path: Path, cap: int) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(cap + 1)
+    except FileNotFoundError:
+        return None
+    if len(data) > cap:
+        raise DataError(f"{path}: larger than {cap} bytes")
+    return data
+
+
+class LocalStore(Store):
+    """A release kept in a directory: ``LocalStore(<store>, tag)`` uses ``<store>/<tag>/``."""
+
+    def __init__(self, path: str | os.PathLike[str], tag: str = "latest"):
+        if not _SAFE_NAME.match(tag):
+            raise ConfigError(f"bad release tag {tag!r} for a directory store")
+        self.base = Path(path)
+        self.tag = tag
+        self.dir = self.base / tag
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.base)!r}, {self.tag!r})"
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def _path(self, name: str) -> Path:
+        if not _SAFE_NAME.match(name):
+            raise DataError(f"unsafe asset name {name!r}")
+        return self.dir / name
+
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _read_pair(self) -> Snapshot:
+        data = _read_capped(self.dir / MANIFEST_NAME, MAX_MANIFEST_BYTES)
+        sig = _read_capped(self.dir / SIGNATURE_NAME, _MAX_SIG_BYTES)
+        return Snapshot(data=data, signature=sig, token=sha256_bytes(data) if data is not None else None)
+
+    # ------------------------------------------------------------------------------- the interface
+
+    def ensure_release(self) -> None:
+        """Create ``<store>/<tag>/`` if missing. Idempotent."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def read_manifest(self) -> Snapshot:
+        """The manifest pair, read under a shared lock so a concurrent writer cannot tear it."""
+        if not self.dir.is_dir():
+            return Snapshot(None, None, None)
+        with self._locked(exclusive=False):
+            return self._read_pair()
+
+    def write_manifest(self, data: bytes, signature: bytes, expected_token: str | None) -> None:
+        """Replace the manifest pair if the manifest still hashes to *expected_token* (None: absent).
+
+        Raises ManifestConflict otherwise. The signature is written first: a reader without the lock
+        sees either the old pair, or the new signature with the old manifest (which fails to verify and
+        is retried), never an unsigned new manifest.
+        """
+        with self._locked(exclusive=True):
+            current = self._read_pair()
+            if current.token != expected_token:
+                raise ManifestConflict(
+                    f"{self.dir / MANIFEST_NAME} changed since it was read "
+                    f"(expected {expected_token or 'none'}, found {current.token or 'none'})")
+            atomic_write_bytes(self.dir / SIGNATURE_NAME, signature, mode=0o644)
+            atomic_write_bytes(self.dir / MANIFEST_NAME, data, mode=0o644)
+        log.info("wrote %s (sha256 %s)", self.dir / MANIFEST_NAME, sha256_bytes(data))
+
+    def upload_asset(self, path: Path, name: str) -> None:
+        """Copy *path* to ``<tag>/<name>`` through a temporary file and ``os.replace``: until the copy
+        is complete and fsynced the old asset stays in place."""
+        target = self._path(name)
+        self.ensure_release()
+        with open(path, "rb") as src, atomic_writer(target, mode=0o644) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        log.info("stored %s (%d bytes)", target, target.stat().st_size)
+
+    def list_assets(self) -> dict[str, int]:
+        """Every visible file of the release (assets, manifest.json and its .sig) -> size."""
+        if not self.dir.is_dir():
+            return {}
+        out = {}
+        for entry in os.scandir(self.dir):
+            if entry.is_file(follow_symlinks=False) and not entry.name.startswith("."):
+                out[entry.name] = entry.stat(follow_symlinks=False).st_size
+        return dict(sorted(out.items()))
+
+    def asset_url(self, name: str) -> str:
+        """The asset's absolute path (agents read a local store directly)."""
+        return str(self._path(name).resolve())
