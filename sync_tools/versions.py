@@ -13,9 +13,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from packaging.version import InvalidVersion
-from packaging.version import Version as _PepVersion
-
 # prefix (anything up to the first digit that starts a dotted number), the dotted number, the rest
 _TAG_RE = re.compile(r"^(?P<prefix>[^\d]*?)(?P<release>\d+(?:[._]\d+)*)(?P<rest>.*)$")
 # semver pre-release identifiers, for suffixes PEP 440 cannot read
@@ -41,24 +38,25 @@ class Version:
         return (self.key, self.tag) < (other.key, other.tag)
 
 
-def _pad(release: tuple[int, ...]) -> tuple[int, ...]:
-    # 1.2 and 1.2.0 are the same version
-    r = list(release)
-    while len(r) > 1 and r[-1] == 0:
-        r.pop()
-    return tuple(r)
-
-
 def parse_version(tag: str) -> Version | None:
     """Parse a tag name into a :class:`Version`, or None when it cannot be ordered."""
     m = _TAG_RE.match(tag.strip())
     if not m:
         return None
     prefix, release_text, rest = m.group("prefix"), m.group("release"), m.group("rest")
-    parts = tuple(int(p) for p in re.split(r"[._]", release_text))
+    parts = tuple(int(p) for p in release_text.replace("_", ".").split("."))
     if len(parts) > _MAX_RELEASE_PARTS:
         return None
-    release = _pad(parts)
+    release = parts
+    while len(release) > 1 and release[-1] == 0:  # 1.2 and 1.2.0 are the same version
+        release = release[:-1]
+    if not rest:
+        # the common case (v1.2.3, release-1.10): a final release; no need for packaging's parser
+        return Version(tag=tag, prefix=prefix, release=release, prerelease=False, key=(release, 1, 0, (-1, "")))
+    # imported here: most tags never get this far, and check's start-up time counts
+    from packaging.version import InvalidVersion
+    from packaging.version import Version as _PepVersion
+
     numeric = ".".join(str(p) for p in parts)
     try:
         pep = _PepVersion(numeric + rest)
@@ -69,7 +67,8 @@ def parse_version(tag: str) -> Version | None:
             # among pre-releases of one release, packaging orders dev < a < b < rc
             key = (release, 0, 0, pep)
         else:
-            key = (release, 1, 0, pep)  # final, then post-releases; packaging orders those too
+            # a final release, then its post-releases; a local label (+build) only breaks ties
+            key = (release, 1, 0, (pep.post if pep.post is not None else -1, str(pep.local or "")))
         return Version(tag=tag, prefix=prefix, release=release, prerelease=pep.is_prerelease, key=key)
     sm = _SEMVER_PRE_RE.match(rest)
     if sm is None:
@@ -124,27 +123,33 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
     cannot be ordered are listed in ``skipped``. Never raises for odd tag names.
     """
     flagged = set(prerelease_tags)
-    candidates: list[Version] = []
+    cur = parse_version(current) if current and major == "manual" else None
+    cur_major = cur.major if cur is not None else None
+    newest: Version | None = None
+    newest_in_major: Version | None = None
     skipped: list[str] = []
-    for t in filter_tags(tags, include=include, exclude=exclude):
+    # one pass, keeping only the best so far: remotes carry thousands of tags
+    for t in tags:
+        if include is not None and not include.search(t):
+            continue
+        if exclude is not None and exclude.search(t):
+            continue
         v = parse_version(t)
         if v is None:
             skipped.append(t)
             continue
-        if (v.prerelease or t in flagged) and not prereleases:
+        if not prereleases and (v.prerelease or t in flagged):
             continue
-        candidates.append(v)
-    if not candidates:
-        return Selection(None, None, tuple(skipped))
-    candidates.sort(key=order_key)
-    newest = candidates[-1]
-    cur = parse_version(current) if current else None
-    if major != "manual" or cur is None:
+        k = (v.key, v.tag)
+        if newest is None or k > (newest.key, newest.tag):
+            newest = v
+        if cur_major is not None and v.release[0] <= cur_major and (
+                newest_in_major is None or k > (newest_in_major.key, newest_in_major.tag)):
+            newest_in_major = v
+    if newest is None or cur_major is None:
         return Selection(newest, None, tuple(skipped))
-    same = [v for v in candidates if v.major <= cur.major]
-    latest = same[-1] if same else None
-    major_available = newest if newest.major > cur.major else None
-    return Selection(latest, major_available, tuple(skipped))
+    major_available = newest if newest.major > cur_major else None
+    return Selection(newest_in_major, major_available, tuple(skipped))
 
 
 def update_available(current: str | None, latest: str | None) -> bool:
