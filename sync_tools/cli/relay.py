@@ -1,0 +1,74 @@
+"""``sync-tools relay``: run the webhook relay, or inspect and retry its outbox."""
+
+from __future__ import annotations
+
+import click
+
+from sync_tools.cli._common import config_option, echo_json, load
+from sync_tools.errors import ConfigError
+
+
+def _status(outbox) -> dict:  # type: ignore[no-untyped-def]
+    st = outbox.stats()
+    return {
+        "queue_depth": st.queue_depth,
+        "running": st.running,
+        "done": st.done,
+        "dead_letters": st.dead,
+        "oldest_pending_age": st.oldest_pending_age,
+        "last_event_id": st.last_event_id,
+        "dead": [{"id": j.id, "kind": j.kind, "delivery": j.delivery, "attempts": j.attempts,
+                  "subsystem": j.payload.get("subsystem") or j.payload.get("url") or j.payload.get("tag"),
+                  "error": j.last_error} for j in outbox.jobs("dead")],
+        "pending": [{"id": j.id, "kind": j.kind, "delivery": j.delivery, "attempts": j.attempts,
+                     "next_attempt": j.next_attempt, "error": j.last_error} for j in outbox.jobs("pending")],
+    }
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any).")
+@config_option
+@click.option("--status", "show_status", is_flag=True, help="Print the outbox status (JSON) and exit.")
+@click.option("--retry-dead", metavar="ID|all", help="Put a dead-lettered job (or all of them) back in the queue.")
+def relay(host: str, port: int, config_path: str | None, show_status: bool, retry_dead: str | None) -> None:
+    """Run the webhook relay: verify GitHub deliveries, queue them durably, dispatch, fan out.
+
+    Needs SYNC_TOOLS_WEBHOOK_SECRET (the secret set on the GitHub webhook); GITHUB_TOKEN for
+    dispatch: github; SYNC_TOOLS_AGENT_TOKENS (comma-separated) for agents on GET /events;
+    SYNC_TOOLS_DB to put the database elsewhere than .sync-tools/relay.db.
+
+    \b
+    Example:
+      SYNC_TOOLS_WEBHOOK_SECRET=... GITHUB_TOKEN=... sync-tools relay --port 8080
+      sync-tools relay --status            # queue depth, dead letters
+      sync-tools relay --retry-dead all    # after fixing the cause
+    """
+    from sync_tools.relay.outbox import Outbox
+    from sync_tools.relay.settings import load_settings
+
+    config = load(config_path)
+    if show_status or retry_dead:
+        settings = load_settings(config, require_secret=False)
+        outbox = Outbox(settings.db_path)
+        try:
+            if retry_dead:
+                if retry_dead == "all":
+                    n = outbox.retry_dead(None)
+                elif retry_dead.isdigit():
+                    n = outbox.retry_dead(int(retry_dead))
+                    if n == 0:
+                        raise ConfigError(f"no dead-lettered job with id {retry_dead}")
+                else:
+                    raise click.UsageError("--retry-dead takes a job id or 'all'")
+                click.echo(f"{n} job(s) put back in the queue", err=True)
+            if show_status:
+                echo_json(_status(outbox))
+        finally:
+            outbox.close()
+        return
+
+    from sync_tools.relay.app import create_app
+    from sync_tools.relay.server import serve
+
+    serve(create_app(config, load_settings(config)), host, port)

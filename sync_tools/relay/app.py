@@ -1,0 +1,410 @@
+"""The relay's Flask app factory: one blueprint per concern (hooks, events, health).
+
+``create_app(config)`` builds the app and its :class:`Relay` (outbox, worker threads, SSE broker,
+dispatcher, metrics), stored in ``app.extensions["sync_tools.relay"]``. Threads are started by
+:meth:`Relay.start` (``server.serve`` and ``relay/wsgi.py`` do it), never at import, so a test can
+drive the request logic alone.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sync_tools.config import Config
+from sync_tools.errors import ConfigError
+from sync_tools.relay import webhook as wh
+from sync_tools.relay.dispatch import GitHubDispatcher, LocalDispatcher
+from sync_tools.relay.fanout import AgentPusher, Broker, release_event, state_key
+from sync_tools.relay.metrics import Metrics
+from sync_tools.relay.outbox import Job, NewJob, Outbox, OutboxError
+from sync_tools.relay.settings import Settings, load_settings
+from sync_tools.relay.worker import Backoff, Worker
+from sync_tools.signing import load_public_key
+from sync_tools.stores.base import Store, open_store
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "sync_tools.relay"
+_DELIVERY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_CHUNK = 64 * 1024
+
+
+@dataclass
+class Relay:
+    """The running parts of one relay. Build with :func:`create_app`."""
+
+    config: Config
+    settings: Settings
+    outbox: Outbox
+    broker: Broker
+    pusher: AgentPusher
+    metrics: Metrics
+    dispatcher: Any
+    store_factory: Callable[[], Store]
+    worker: Worker = field(init=False)
+    _public_key: Any = None
+
+    def __post_init__(self) -> None:
+        self.worker = Worker(
+            self.outbox,
+            {"dispatch": self._dispatch_job, "fanout": self._fanout_job, "push": self._push_job},
+            max_attempts=self.settings.max_attempts,
+            backoff=Backoff(base=self.settings.backoff_base, cap=self.settings.backoff_cap),
+            threads=self.settings.workers,
+            observe=self._observe,
+        )
+
+    # -------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Resume interrupted jobs and start the worker and broker threads. Idempotent."""
+        missing = self.pusher.missing_secrets()
+        if missing:
+            log.warning("agent secrets not set: %s (pushes to those agents will be dead-lettered)",
+                        ", ".join(missing))
+        self.broker.start()
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.broker.stop()
+        self.outbox.close()
+
+    # --------------------------------------------------------------------------------- handlers
+
+    def _observe(self, job: Job, outcome: str, seconds: float) -> None:
+        self.metrics.jobs.labels(kind=job.kind, outcome=outcome).inc()
+        self.metrics.dispatch_seconds.labels(kind=job.kind).observe(seconds)
+
+    def _dispatch_job(self, job: Job) -> list[NewJob]:
+        self.dispatcher.dispatch(job.payload)
+        log.info("dispatched %s %s (delivery %s) via %s", job.payload.get("subsystem"),
+                 job.payload.get("version"), job.delivery, self.dispatcher.name)
+        if isinstance(self.dispatcher, LocalDispatcher):
+            # the local release finished: agents hear about it from the store, as with a GitHub release
+            return [self.fanout_job("local")]
+        return []
+
+    def fanout_job(self, source: str) -> NewJob:
+        return NewJob(kind="fanout", payload={"tag": self.config.release.tag, "source": source}, lane="fanout")
+
+    def public_key(self) -> Any:
+        if self._public_key is None:
+            value = self.config.release.public_key
+            if not value:
+                raise ConfigError("release.public_key is not set: the relay only announces manifests it "
+                                  "can verify", path=self.config.path)
+            self._public_key = load_public_key(str(self.config.resolve(value)))
+        return self._public_key
+
+    def _fanout_job(self, job: Job) -> list[NewJob]:
+        tag = str(job.payload.get("tag") or self.config.release.tag)
+        key = state_key(tag)
+        previous = self.outbox.get_state(key)
+        event, data = release_event(self.store_factory(), self.public_key(), tag,
+                                    previous.encode() if previous is not None else None)
+        if event is None:
+            if data is not None:
+                self.outbox.set_state(key, data.decode())
+            log.info("fan-out (%s): no changed subsystem in %s", job.payload.get("source"), tag)
+            return []
+        body = event.to_json()
+        event_id = self.outbox.append_event(event.type, body, jobs=lambda eid: self.pusher.jobs_for(eid, body),
+                                            state={key: (data or b"").decode()})
+        log.info("release event %d: serial %d, subsystems %s", event_id, event.serial, ",".join(event.subsystems))
+        self.broker.notify()
+        self.worker.wake()
+        return []
+
+    def _push_job(self, job: Job) -> list[NewJob]:
+        p = job.payload
+        self.pusher.push(str(p["url"]), int(p["event_id"]), p["event"])
+        return []
+
+    # ----------------------------------------------------------------------------------- ingest
+
+    def jobs_for(self, results: list[wh.Classification]) -> list[NewJob]:
+        jobs = []
+        for r in results:
+            if isinstance(r, wh.UpstreamChange):
+                lane = f"local:{r.subsystem}" if isinstance(self.dispatcher, LocalDispatcher) else None
+                jobs.append(NewJob(kind="dispatch", payload=r.client_payload(), lane=lane,
+                                   dedupe=f"dispatch:{r.subsystem}:{r.version}"))
+            elif isinstance(r, wh.OwnRelease):
+                jobs.append(self.fanout_job(f"release {r.action} {r.tag}"))
+        return jobs
+
+
+def get_relay(app: Flask | None = None) -> Relay:
+    return (app or current_app).extensions[EXTENSION]
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _error(status: int, message: str, **headers: str) -> Response:
+    resp = jsonify(status="error", error=message)
+    resp.status_code = status
+    for k, v in headers.items():
+        resp.headers[k.replace("_", "-")] = v
+    return resp
+
+
+def read_body(max_body: int) -> bytes:
+    """The raw request body, refusing (TooLarge) from Content-Length before reading and while
+    reading a chunked body, so an oversized body is never held in memory."""
+    length = request.content_length
+    if length is not None and length > max_body:
+        raise wh.TooLarge(f"body of {length} bytes is over the {max_body}-byte cap")
+    stream = request.stream
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        chunk = stream.read(_CHUNK)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > max_body:
+            raise wh.TooLarge(f"body is over the {max_body}-byte cap")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _safe_id(value: str | None) -> str:
+    """A header value fit for a log line (never a whole payload or a secret)."""
+    if value and _DELIVERY_RE.match(value):
+        return value
+    return "<invalid>" if value else "<none>"
+
+
+# ----------------------------------------------------------------------------------------- hooks
+
+hooks = Blueprint("hooks", __name__)
+
+
+@hooks.post("/webhook", defaults={"subsystem": None})
+@hooks.post("/webhook/<subsystem>")
+def webhook(subsystem: str | None) -> Response | tuple[Response, int]:
+    relay = get_relay()
+    delivery = request.headers.get("X-GitHub-Delivery")
+    event = request.headers.get("X-GitHub-Event")
+    try:
+        body = read_body(relay.settings.max_body)
+        wh.verify_signature(relay.settings.webhook_secret, body, request.headers.get("X-Hub-Signature-256"),
+                            request.headers.get("X-Hub-Signature"))
+        if not event or not re.match(r"^[a-z_]{1,64}$", event):
+            raise wh.BadRequest("missing or malformed X-GitHub-Event")
+        if not delivery or not _DELIVERY_RE.match(delivery):
+            raise wh.BadRequest("missing or malformed X-GitHub-Delivery")
+        payload = wh.decode_body(body, request.content_type)
+        results = wh.classify(relay.config, event, payload, delivery, subsystem)
+    except wh.WebhookError as e:
+        result = {401: "unauthorized", 413: "too_large"}.get(e.status, "bad_request")
+        relay.metrics.deliveries.labels(result=result).inc()
+        log.warning("refused delivery %s (%s): %s", _safe_id(delivery), result, e)
+        extra = {"Connection": "close"} if e.status == 413 else {}
+        return _error(e.status, str(e), **extra)
+
+    if any(isinstance(r, wh.Ping) for r in results):
+        relay.metrics.deliveries.labels(result="ping").inc()
+        return jsonify(status="pong", delivery=delivery)
+    jobs = relay.jobs_for(results)
+    if not jobs:
+        relay.metrics.deliveries.labels(result="ignored").inc()
+        reasons = [r.reason for r in results if isinstance(r, wh.Ignored)]
+        log.info("ignored delivery %s (%s): %s", delivery, event, "; ".join(reasons))
+        return jsonify(status="ignored", delivery=delivery, reasons=reasons)
+    summary = "; ".join(f"{j.kind} {j.payload.get('subsystem', '')} {j.payload.get('version', '')}".strip()
+                        for j in jobs)
+    try:
+        rec = relay.outbox.record(delivery, event, summary, jobs)
+    except OutboxError as e:
+        relay.metrics.deliveries.labels(result="error").inc()
+        log.error("cannot record delivery %s: %s", delivery, e)
+        # 503: GitHub shows the failure and a person can redeliver; nothing was accepted
+        return _error(503, "the relay cannot record deliveries right now")
+    if rec.duplicate:
+        relay.metrics.deliveries.labels(result="duplicate").inc()
+        log.info("delivery %s already recorded; not acting on it again", delivery)
+        return jsonify(status="duplicate", delivery=delivery)
+    relay.metrics.deliveries.labels(result="accepted").inc()
+    relay.worker.wake()
+    log.info("accepted delivery %s (%s): %s", delivery, event, summary)
+    resp = jsonify(status="accepted", delivery=delivery, jobs=list(rec.jobs), coalesced=rec.coalesced)
+    return resp, 202
+
+
+@hooks.post("/notify")
+def notify() -> Response | tuple[Response, int]:
+    """The release job's "I released": signed like a webhook with the notify secret. Only makes the
+    relay read (and verify) the store's manifest; the body cannot point anywhere else."""
+    relay = get_relay()
+    try:
+        body = read_body(64 * 1024)
+        wh.verify_signature(relay.settings.notify_secret, body, request.headers.get("X-Hub-Signature-256"),
+                            request.headers.get("X-Hub-Signature"))
+        if body.strip():
+            payload = wh.decode_body(body, request.content_type or "application/json")
+            tag = payload.get("release", relay.config.release.tag)
+            if tag != relay.config.release.tag:
+                raise wh.BadRequest(f"this relay announces release {relay.config.release.tag!r}, not {tag!r}")
+    except wh.WebhookError as e:
+        relay.metrics.deliveries.labels(result="unauthorized" if e.status == 401 else "bad_request").inc()
+        log.warning("refused notify: %s", e)
+        return _error(e.status, str(e))
+    delivery = request.headers.get("X-GitHub-Delivery") or request.headers.get("X-Sync-Tools-Delivery")
+    if delivery is not None and not _DELIVERY_RE.match(delivery):
+        return _error(400, "malformed delivery id")
+    delivery = delivery or f"notify-{uuid.uuid4()}"
+    try:
+        rec = relay.outbox.record(delivery, "notify", "fanout", [relay.fanout_job("notify")])
+    except OutboxError as e:
+        log.error("cannot record notify %s: %s", delivery, e)
+        return _error(503, "the relay cannot record deliveries right now")
+    relay.worker.wake()
+    if rec.duplicate:
+        return jsonify(status="duplicate", delivery=delivery)
+    return jsonify(status="accepted", delivery=delivery, jobs=list(rec.jobs)), 202
+
+
+# ---------------------------------------------------------------------------------------- events
+
+events = Blueprint("events", __name__)
+
+
+def _authorised(tokens: tuple[bytes, ...]) -> bool:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return False
+    given = value.strip().encode()
+    ok = False
+    for t in tokens:  # compare with every token, so timing does not tell which one nearly matched
+        ok |= hmac.compare_digest(given, t)
+    return ok
+
+
+@events.get("/events")
+def stream() -> Response:
+    relay = get_relay()
+    if not _authorised(relay.settings.agent_tokens):
+        relay.metrics.deliveries.labels(result="sse_unauthorized").inc()
+        return _error(401, "an agent token is required: Authorization: Bearer <token>",
+                      WWW_Authenticate='Bearer realm="sync-tools-relay"')
+    raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+    if raw is None or raw.strip() == "":
+        last = relay.outbox.last_event_id()
+    elif raw.strip().isdigit():
+        last = int(raw.strip())
+    else:
+        return _error(400, "Last-Event-ID must be an event id (a non-negative integer)")
+    sub = relay.broker.subscribe()
+    resp = Response(relay.broker.stream(sub, last, relay.settings.heartbeat), mimetype="text/event-stream",
+                    direct_passthrough=True)
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"  # proxies must not buffer the stream
+    return resp
+
+
+# ---------------------------------------------------------------------------------------- health
+
+health = Blueprint("health", __name__)
+
+
+@health.get("/health")
+def health_view() -> Response | tuple[Response, int]:
+    relay = get_relay()
+    try:
+        st = relay.outbox.stats()
+    except Exception as e:  # noqa: BLE001 - health must answer, and say what is wrong
+        log.error("health: cannot read the outbox: %s", e)
+        return jsonify(status="error", error="cannot read the relay database"), 503
+    return jsonify(
+        status="ok",
+        dispatch=relay.config.relay.dispatch,
+        queue_depth=st.queue_depth,
+        running=st.running,
+        oldest_pending_age=None if st.oldest_pending_age is None else round(st.oldest_pending_age, 3),
+        dead_letters=st.dead,
+        done=st.done,
+        connected_agents=relay.broker.connected,
+        last_event_id=st.last_event_id,
+    )
+
+
+@health.get("/metrics")
+def metrics_view() -> Response:
+    return Response(generate_latest(get_relay().metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+# --------------------------------------------------------------------------------------- factory
+
+
+def create_app(config: Config, settings: Settings | None = None, *, now: Callable[[], float] = time.time,
+               http: requests.Session | None = None, store_factory: Callable[[], Store] | None = None,
+               dispatcher: Any = None, environ: Mapping[str, str] | None = None) -> Flask:
+    """The relay app for *config*. Settings come from the environment unless given.
+
+    Raises ConfigError (no webhook secret, github dispatch without a token, no release.repo for
+    github dispatch) and OutboxError (the database cannot be opened).
+    """
+    settings = settings or load_settings(config, environ)
+    if not settings.webhook_secret:
+        raise ConfigError("the webhook secret is empty; the relay refuses to start without one")
+    session = http or requests.Session()
+    outbox = Outbox(settings.db_path, now=now)
+    if dispatcher is None:
+        if config.relay.dispatch == "github":
+            if not config.release.repo:
+                raise ConfigError("relay.dispatch is 'github' but release.repo is not set", path=config.path)
+            dispatcher = GitHubDispatcher(config.release.repo, settings.github_api_url, settings.github_token,
+                                          session=session, timeout=settings.http_timeout, now=now)
+        else:
+            dispatcher = LocalDispatcher(config.path, settings.logs_dir, timeout=settings.build_timeout,
+                                         env=environ)
+    broker = Broker(outbox, queue_size=settings.subscriber_queue)
+    relay = Relay(
+        config=config,
+        settings=settings,
+        outbox=outbox,
+        broker=broker,
+        pusher=AgentPusher(config.relay.agents, environ=environ, session=session, timeout=settings.http_timeout,
+                           now=now),
+        metrics=Metrics(outbox, lambda: broker.connected),
+        dispatcher=dispatcher,
+        store_factory=store_factory or (lambda: open_store(config)),
+    )
+    app = Flask("sync_tools.relay")
+    app.config["JSON_SORT_KEYS"] = True
+    app.extensions[EXTENSION] = relay
+    app.register_blueprint(hooks)
+    app.register_blueprint(events)
+    app.register_blueprint(health)
+
+    @app.errorhandler(404)
+    def _not_found(e: Exception) -> Response:
+        return _error(404, "not found")
+
+    @app.errorhandler(405)
+    def _bad_method(e: Exception) -> Response:
+        return _error(405, "method not allowed")
+
+    return app
+
+
+def health_json(app: Flask) -> dict[str, Any]:
+    """``/health`` as a dict, without HTTP (``sync-tools relay --status``)."""
+    with app.test_client() as c:
+        return json.loads(c.get("/health").data)

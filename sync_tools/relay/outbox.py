@@ -1,0 +1,452 @@
+"""The relay's durable outbox, event log and small state table, in one SQLite file (WAL).
+
+A delivery is committed (fsynced: ``synchronous=FULL``) before the relay answers 202, so an
+accepted delivery survives a SIGKILL or power cut. Concurrent webhook requests share commits: a
+single committer thread takes every delivery waiting at that moment and writes them in one
+transaction (group commit), so throughput is not bounded by one fsync per request.
+
+Tables:
+
+- ``deliveries``: one row per accepted ``X-GitHub-Delivery`` (primary key: a redelivery is found
+  and not acted on twice).
+- ``jobs``: the work: ``kind`` (dispatch | fanout | push), ``status`` (pending | running | done |
+  dead), ``attempts``, ``next_attempt``, ``last_error``. ``lane`` serialises jobs that must not run
+  side by side (a local build per subsystem). ``running`` rows left by a killed process are put
+  back to ``pending`` by :meth:`Outbox.resume` at start.
+- ``events``: the agent event log; the row id is the SSE ``id:``.
+- ``state``: key/value (the last fanned-out manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sync_tools.errors import SyncToolsError
+
+log = logging.getLogger(__name__)
+
+PENDING, RUNNING, DONE, DEAD = "pending", "running", "done", "dead"
+COALESCE_WINDOW = 3600.0  # a second delivery naming the same subsystem+version within this is not re-dispatched
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    delivery TEXT PRIMARY KEY,
+    event TEXT NOT NULL,
+    received REAL NOT NULL,
+    summary TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    delivery TEXT,
+    kind TEXT NOT NULL,
+    lane TEXT,
+    dedupe TEXT,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (status, next_attempt);
+CREATE INDEX IF NOT EXISTS jobs_dedupe ON jobs (dedupe);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class OutboxError(SyncToolsError):
+    """The outbox database cannot be opened or written."""
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job to create with a delivery (or on its own)."""
+
+    kind: str
+    payload: dict[str, Any]
+    lane: str | None = None
+    dedupe: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    payload: dict[str, Any]
+    delivery: str | None
+    lane: str | None
+    status: str
+    attempts: int
+    next_attempt: float
+    created: float
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What :meth:`Outbox.record` did: ``duplicate`` when the delivery id was already known (nothing
+    written); ``jobs`` the ids created; ``coalesced`` how many jobs an earlier one already covers."""
+
+    duplicate: bool
+    jobs: tuple[int, ...] = ()
+    coalesced: int = 0
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    type: str
+    data: dict[str, Any]
+    created: float
+
+
+@dataclass(frozen=True)
+class Stats:
+    queue_depth: int
+    running: int
+    dead: int
+    done: int
+    oldest_pending_age: float | None
+    last_event_id: int
+
+
+@dataclass
+class _Pending:
+    delivery: str
+    event: str
+    summary: str
+    jobs: list[NewJob]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Recorded | None = None
+    error: BaseException | None = None
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA synchronous = FULL")  # in WAL mode, FULL fsyncs the log at every commit
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+class Outbox:
+    """The SQLite outbox. Thread-safe; several processes may share the file (writes take
+    ``BEGIN IMMEDIATE``). Raises OutboxError when the database cannot be opened."""
+
+    def __init__(self, path: Path, *, now: Callable[[], float] = time.time, batch: int = 512):
+        self.path = Path(path)
+        self.now = now
+        self._batch = batch
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._w = _connect(self.path)
+            mode = self._w.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise OutboxError(f"{self.path}: SQLite would not switch to WAL (got {mode})")
+            self._w.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as e:
+            raise OutboxError(f"cannot open the relay database {self.path}: {e}") from e
+        self._wlock = threading.RLock()
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._all: list[sqlite3.Connection] = [self._w]
+        self._inbox: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._committer: threading.Thread | None = None
+        self._closed = False
+        self._start_lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------------- plumbing
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A pooled read connection (WAL readers never wait for the writer)."""
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = _connect(self.path)
+            with self._wlock:
+                self._all.append(conn)
+        try:
+            yield conn
+        finally:
+            self._readers.put(conn)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._wlock:
+            self._w.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._w
+            except BaseException:
+                self._w.execute("ROLLBACK")
+                raise
+            self._w.execute("COMMIT")
+
+    def close(self) -> None:
+        """Stop the committer and close every connection."""
+        with self._start_lock:
+            self._closed = True
+            if self._committer is not None:
+                self._inbox.put(None)
+                self._committer.join(timeout=10)
+                self._committer = None
+        with self._wlock:
+            for conn in self._all:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._all = []
+
+    # ------------------------------------------------------------------------------------ ingest
+
+    def record(self, delivery: str, event: str, summary: str, jobs: list[NewJob],
+               timeout: float = 8.0) -> Recorded:
+        """Durably record a delivery and its jobs; returns once the commit is on disk.
+
+        A known delivery id writes nothing and returns ``duplicate=True``. Raises OutboxError if
+        the write fails or does not finish within *timeout* seconds (GitHub waits 10 s).
+        """
+        self._ensure_committer()
+        item = _Pending(delivery, event, summary, jobs)
+        self._inbox.put(item)
+        if not item.done.wait(timeout):
+            raise OutboxError(f"the outbox did not commit delivery {delivery} within {timeout:.0f} s")
+        if item.error is not None:
+            raise OutboxError(f"cannot record delivery {delivery}: {item.error}") from item.error
+        assert item.result is not None
+        return item.result
+
+    def _ensure_committer(self) -> None:
+        if self._committer is not None:
+            return
+        with self._start_lock:
+            if self._closed:
+                raise OutboxError("the outbox is closed")
+            if self._committer is None:
+                t = threading.Thread(target=self._commit_loop, name="outbox-committer", daemon=True)
+                t.start()
+                self._committer = t
+
+    def _commit_loop(self) -> None:
+        while True:
+            first = self._inbox.get()
+            if first is None:
+                return
+            items = [first]
+            stop = False
+            while len(items) < self._batch:
+                try:
+                    nxt = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+            try:
+                with self._tx() as conn:
+                    for it in items:
+                        it.result = self._insert(conn, it)
+            except BaseException as e:  # noqa: BLE001 - handed to every waiting request
+                for it in items:
+                    it.result, it.error = None, e
+            for it in items:
+                it.done.set()
+            if stop:
+                return
+
+    def _insert(self, conn: sqlite3.Connection, it: _Pending) -> Recorded:
+        now = self.now()
+        cur = conn.execute("INSERT OR IGNORE INTO deliveries (delivery, event, received, summary) "
+                           "VALUES (?, ?, ?, ?)", (it.delivery, it.event, now, it.summary))
+        if cur.rowcount == 0:
+            return Recorded(duplicate=True)
+        ids, coalesced = self._add_jobs(conn, it.jobs, it.delivery, now)
+        return Recorded(duplicate=False, jobs=tuple(ids), coalesced=coalesced)
+
+    def _add_jobs(self, conn: sqlite3.Connection, jobs: list[NewJob], delivery: str | None,
+                  now: float) -> tuple[list[int], int]:
+        ids: list[int] = []
+        coalesced = 0
+        for job in jobs:
+            if job.dedupe is not None:
+                hit = conn.execute(
+                    "SELECT id FROM jobs WHERE dedupe = ? AND (status IN ('pending', 'running') "
+                    "OR (status = 'done' AND updated >= ?)) LIMIT 1",
+                    (job.dedupe, now - COALESCE_WINDOW)).fetchone()
+                if hit is not None:
+                    coalesced += 1
+                    continue
+            cur = conn.execute(
+                "INSERT INTO jobs (delivery, kind, lane, dedupe, payload, status, attempts, next_attempt, "
+                "created, updated) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
+                (delivery, job.kind, job.lane, job.dedupe, json.dumps(job.payload, sort_keys=True), now, now,
+                 now))
+            ids.append(int(cur.lastrowid or 0))
+        return ids, coalesced
+
+    def add_jobs(self, jobs: list[NewJob], delivery: str | None = None) -> list[int]:
+        """Create jobs outside a delivery (a fan-out after a local release). Raises OutboxError."""
+        try:
+            with self._tx() as conn:
+                return self._add_jobs(conn, jobs, delivery, self.now())[0]
+        except sqlite3.Error as e:
+            raise OutboxError(f"cannot add jobs: {e}") from e
+
+    def has_delivery(self, delivery: str) -> bool:
+        with self._read() as conn:
+            return conn.execute("SELECT 1 FROM deliveries WHERE delivery = ?", (delivery,)).fetchone() is not None
+
+    # -------------------------------------------------------------------------------------- jobs
+
+    @staticmethod
+    def _job(row: tuple[Any, ...]) -> Job:
+        return Job(id=row[0], kind=row[1], payload=json.loads(row[2]), delivery=row[3], lane=row[4],
+                   status=row[5], attempts=row[6], next_attempt=row[7], created=row[8], last_error=row[9])
+
+    _COLS = "id, kind, payload, delivery, lane, status, attempts, next_attempt, created, last_error"
+
+    def resume(self) -> int:
+        """Put ``running`` jobs (left by a process that died mid-job) back to ``pending``; returns
+        how many. Call once at start, before any worker runs."""
+        with self._tx() as conn:
+            cur = conn.execute("UPDATE jobs SET status = 'pending', updated = ? WHERE status = 'running'",
+                               (self.now(),))
+            n = cur.rowcount
+        if n:
+            log.warning("resumed %d job(s) interrupted by a previous stop", n)
+        return n
+
+    def claim(self) -> Job | None:
+        """Take the next due pending job (oldest first) whose lane is free, marking it running."""
+        now = self.now()
+        with self._tx() as conn:
+            row = conn.execute(
+                f"SELECT {self._COLS} FROM jobs WHERE status = 'pending' AND next_attempt <= ? "
+                "AND (lane IS NULL OR lane NOT IN "
+                "(SELECT lane FROM jobs WHERE status = 'running' AND lane IS NOT NULL)) "
+                "ORDER BY next_attempt, id LIMIT 1", (now,)).fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE jobs SET status = 'running', updated = ? WHERE id = ?", (now, row[0]))
+        return replace(self._job(row), status=RUNNING)
+
+    def next_due(self) -> float | None:
+        """When the earliest pending job becomes due (None when nothing is pending)."""
+        with self._read() as conn:
+            row = conn.execute("SELECT MIN(next_attempt) FROM jobs WHERE status = 'pending'").fetchone()
+        return row[0]
+
+    def complete(self, job_id: int, follow: list[NewJob] | None = None) -> None:
+        """Mark a job done and create its follow-up jobs, in one transaction."""
+        now = self.now()
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET status = 'done', updated = ?, last_error = NULL WHERE id = ?",
+                         (now, job_id))
+            if follow:
+                self._add_jobs(conn, follow, None, now)
+
+    def fail(self, job_id: int, error: str, retry_at: float | None) -> str:
+        """Record a failed attempt: back to pending at *retry_at*, or dead when it is None.
+        Returns the new status."""
+        status = DEAD if retry_at is None else PENDING
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET status = ?, attempts = attempts + 1, next_attempt = ?, updated = ?, "
+                         "last_error = ? WHERE id = ?",
+                         (status, retry_at if retry_at is not None else self.now(), self.now(), error[:2000],
+                          job_id))
+        return status
+
+    def retry_dead(self, job_id: int | None = None) -> int:
+        """Put dead jobs (one, or all when *job_id* is None) back in the queue with a fresh attempt
+        count; returns how many."""
+        now = self.now()
+        with self._tx() as conn:
+            if job_id is None:
+                cur = conn.execute("UPDATE jobs SET status = 'pending', attempts = 0, next_attempt = ?, "
+                                   "updated = ? WHERE status = 'dead'", (now, now))
+            else:
+                cur = conn.execute("UPDATE jobs SET status = 'pending', attempts = 0, next_attempt = ?, "
+                                   "updated = ? WHERE status = 'dead' AND id = ?", (now, now, job_id))
+            return cur.rowcount
+
+    def job(self, job_id: int) -> Job | None:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {self._COLS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def jobs(self, status: str | None = None, limit: int = 100) -> list[Job]:
+        with self._read() as conn:
+            if status is None:
+                rows = conn.execute(f"SELECT {self._COLS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+            else:
+                rows = conn.execute(f"SELECT {self._COLS} FROM jobs WHERE status = ? ORDER BY id LIMIT ?",
+                                    (status, limit))
+            return [self._job(r) for r in rows.fetchall()]
+
+    def stats(self) -> Stats:
+        now = self.now()
+        with self._read() as conn:
+            counts = dict(conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+            oldest = conn.execute("SELECT MIN(created) FROM jobs WHERE status IN ('pending', 'running')"
+                                  ).fetchone()[0]
+            last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+        return Stats(queue_depth=counts.get(PENDING, 0) + counts.get(RUNNING, 0), running=counts.get(RUNNING, 0),
+                     dead=counts.get(DEAD, 0), done=counts.get(DONE, 0),
+                     oldest_pending_age=None if oldest is None else max(0.0, now - oldest), last_event_id=last)
+
+    # ------------------------------------------------------------------------------ events, state
+
+    def append_event(self, type_: str, data: dict[str, Any], jobs: Callable[[int], list[NewJob]] | None = None,
+                     state: dict[str, str] | None = None) -> int:
+        """Append an agent event, and in the same transaction the jobs built from its id (the
+        pushes) and state updates; returns the event id."""
+        now = self.now()
+        with self._tx() as conn:
+            cur = conn.execute("INSERT INTO events (type, data, created) VALUES (?, ?, ?)",
+                               (type_, json.dumps(data, sort_keys=True), now))
+            event_id = int(cur.lastrowid or 0)
+            if jobs is not None:
+                self._add_jobs(conn, jobs(event_id), None, now)
+            for k, v in (state or {}).items():
+                conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (k, v))
+        return event_id
+
+    def events_since(self, after: int, limit: int = 1000) -> list[Event]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT id, type, data, created FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                                (after, limit)).fetchall()
+        return [Event(id=r[0], type=r[1], data=json.loads(r[2]), created=r[3]) for r in rows]
+
+    def last_event_id(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
+
+    def get_state(self, key: str) -> str | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_state(self, key: str, value: str) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))

@@ -1,0 +1,382 @@
+"""GitHub webhook deliveries: signature check, body decoding and classification. Pure, no I/O.
+
+The order matters and is the security boundary: the signature is checked over the exact raw bytes
+before anything parses them; only a verified body is decoded (JSON, or the ``payload=`` field of a
+form-encoded body) and classified into a typed, frozen result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from sync_tools.config import Config, Subsystem
+from sync_tools.errors import DataError
+
+_SIG_RE = re.compile(r"^sha256=([0-9a-fA-F]{64})$")
+_SHA40 = re.compile(r"^[0-9a-f]{40}$")
+_ZERO_SHA = "0" * 40
+
+
+class WebhookError(DataError):
+    """A delivery the relay refuses; ``status`` is the HTTP status to answer with."""
+
+    status = 400
+
+
+class Unauthorized(WebhookError):
+    status = 401
+
+
+class BadRequest(WebhookError):
+    status = 400
+
+
+class TooLarge(WebhookError):
+    status = 413
+
+
+# ----------------------------------------------------------------------------------------- signature
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The ``X-Hub-Signature-256`` value GitHub would send for *body*."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(secret: bytes, body: bytes, sig256: str | None, sig1: str | None = None) -> None:
+    """Check ``X-Hub-Signature-256`` over the raw *body* in constant time.
+
+    Raises Unauthorized when the header is missing (naming the SHA-1-only case), malformed or wrong.
+    """
+    if not sig256:
+        if sig1:
+            raise Unauthorized("only an X-Hub-Signature (SHA-1) header was sent; "
+                               "X-Hub-Signature-256 is required")
+        raise Unauthorized("missing X-Hub-Signature-256")
+    m = _SIG_RE.match(sig256.strip())
+    if not m:
+        raise Unauthorized("malformed X-Hub-Signature-256 (expected sha256=<64 hex digits>)")
+    expected = hmac.new(secret, body, hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, bytes.fromhex(m.group(1))):
+        raise Unauthorized("X-Hub-Signature-256 does not match the body")
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+
+def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:
+    """The payload object of a verified body: JSON, or form-encoded with a ``payload`` field.
+
+    Raises BadRequest for undecodable bytes, bad JSON, or anything but a JSON object.
+    """
+    mime = (content_type or "application/json").split(";", 1)[0].strip().lower()
+    if mime == "application/x-www-form-urlencoded":
+        try:
+            fields = urllib.parse.parse_qs(body.decode("utf-8"), strict_parsing=True, max_num_fields=64)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise BadRequest(f"form body cannot be decoded: {e}") from e
+        values = fields.get("payload")
+        if not values or len(values) != 1:
+            raise BadRequest("form body must carry exactly one payload= field")
+        text = values[0]
+    elif mime == "application/json" or mime.endswith("+json"):
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRequest("body is not UTF-8") from e
+    else:
+        raise BadRequest(f"unsupported content type {mime!r} (use application/json)")
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"body is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise BadRequest(f"payload must be a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+# ------------------------------------------------------------------------------- repository matching
+
+
+def repo_key(value: str) -> tuple[str | None, str] | None:
+    """(host, lower-case path) naming a repository, from a URL, an scp-like git address, an
+    ``owner/name`` slug or a local path; ``.git`` and trailing slashes dropped. None if unusable.
+
+    A slug has no host (it matches the same owner/name on any host); a local path gets host
+    ``file`` so that loopback upstreams (the demo's) can be matched too.
+    """
+    v = value.strip()
+    if not v:
+        return None
+    host: str | None
+    scp = re.match(r"^[\w.-]+@([\w.-]+):(?!//)(.+)$", v)
+    if scp:
+        host, path = scp.group(1), scp.group(2)
+    elif "://" in v:
+        u = urllib.parse.urlsplit(v)
+        if u.scheme == "file":
+            host, path = "file", u.path
+        else:
+            host, path = (u.hostname or ""), u.path
+    elif v.startswith(("/", "./", "../", "~")):
+        host, path = "file", v
+    elif re.match(r"^[\w.-]+/[\w.-]+$", v):
+        host, path = None, v
+    else:
+        return None
+    path = path.strip("/")
+    if path.endswith(".git"):
+        path = path[:-4]
+    path = path.rstrip("/")
+    if host == "file":
+        return "file", str(PurePosixPath("/" + path)).lower()
+    if not path:
+        return None
+    return (host.lower() if host else None), path.lower()
+
+
+def _keys_match(a: tuple[str | None, str], b: tuple[str | None, str]) -> bool:
+    if a[0] == "file" or b[0] == "file":
+        return a == b
+    if a[1] != b[1]:
+        return False
+    return a[0] is None or b[0] is None or a[0] == b[0]
+
+
+def payload_repo_keys(repo: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """Every way the payload's ``repository`` object names itself."""
+    keys = []
+    for field_name in ("html_url", "clone_url", "git_url", "ssh_url", "svn_url", "full_name"):
+        value = repo.get(field_name)
+        if isinstance(value, str):
+            k = repo_key(value)
+            if k is not None:
+                keys.append(k)
+    return keys
+
+
+def repo_matches(configured: str, repo: dict[str, Any]) -> bool:
+    """Whether the payload repository is the configured one (case-insensitive, ``.git`` or not,
+    any host when the config names only ``owner/name``; a named host must agree)."""
+    want = repo_key(configured)
+    if want is None:
+        return False
+    keys = payload_repo_keys(repo)
+    if want[0] is not None and any(k[0] is not None for k in keys):
+        # the payload says which host it is on: a configured host must be that one
+        keys = [k for k in keys if k[0] is not None]
+    return any(_keys_match(want, k) for k in keys)
+
+
+def match_subsystems(config: Config, repo: dict[str, Any]) -> list[Subsystem]:
+    """The subsystems whose ``upstream`` is this repository, in config order."""
+    return [s for s in config.subsystems.values() if repo_matches(s.upstream, repo)]
+
+
+# ---------------------------------------------------------------------------------- classification
+
+
+@dataclass(frozen=True)
+class Ping:
+    """GitHub's hook test; answered 200."""
+
+    delivery: str
+    zen: str | None
+    hook_id: int | None
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A verified delivery the relay does not act on; answered 200 ``ignored``."""
+
+    delivery: str
+    event: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class UpstreamChange:
+    """A new upstream version of a tracked subsystem: to be dispatched."""
+
+    delivery: str
+    event: str  # release | create | push
+    subsystem: str
+    version: str
+    commit: str | None
+    upstream: str
+
+    def client_payload(self) -> dict[str, Any]:
+        """The ``client_payload`` of the repository_dispatch (5 keys; GitHub allows 10)."""
+        return {"subsystem": self.subsystem, "version": self.version, "commit": self.commit,
+                "upstream": self.upstream, "delivery": self.delivery}
+
+
+@dataclass(frozen=True)
+class OwnRelease:
+    """A release event of ``release.repo`` itself: agents are told, from the verified manifest."""
+
+    delivery: str
+    action: str
+    tag: str
+
+
+Classification = Ping | Ignored | UpstreamChange | OwnRelease
+
+_RELEASE_ACTIONS = ("published", "released")
+_OWN_RELEASE_ACTIONS = ("published", "released", "edited")
+
+
+def _field(obj: Any, key: str, typ: type | tuple[type, ...], where: str, *, optional: bool = False) -> Any:
+    if not isinstance(obj, dict):
+        raise BadRequest(f"{where} must be an object")
+    if key not in obj or obj[key] is None:
+        if optional:
+            return None
+        raise BadRequest(f"{where}.{key} is missing")
+    value = obj[key]
+    if isinstance(value, bool) and typ is not bool or not isinstance(value, typ):
+        raise BadRequest(f"{where}.{key} must be {getattr(typ, '__name__', typ)}, not {type(value).__name__}")
+    return value
+
+
+def _tag_allowed(sub: Subsystem, tag: str) -> str | None:
+    """None if the tag passes the subsystem's include/exclude filters, else the reason it does not."""
+    if sub.include is not None and not sub.include.search(tag):
+        return f"tag {tag!r} does not match {sub.name}.include"
+    if sub.exclude is not None and sub.exclude.search(tag):
+        return f"tag {tag!r} matches {sub.name}.exclude"
+    return None
+
+
+def _classify_for(sub: Subsystem, event: str, payload: dict[str, Any], repo: dict[str, Any],
+                  delivery: str) -> UpstreamChange | Ignored:
+    def change(version: str, commit: str | None) -> UpstreamChange:
+        return UpstreamChange(delivery=delivery, event=event, subsystem=sub.name, version=version,
+                              commit=commit, upstream=sub.upstream)
+
+    def ignored(reason: str) -> Ignored:
+        return Ignored(delivery=delivery, event=event, reason=reason)
+
+    if event == "release":
+        action = _field(payload, "action", str, "payload")
+        release = _field(payload, "release", dict, "payload")
+        tag = _field(release, "tag_name", str, "release")
+        prerelease = _field(release, "prerelease", bool, "release", optional=True) or False
+        draft = _field(release, "draft", bool, "release", optional=True) or False
+        if draft:
+            return ignored("draft release")
+        if action == "prereleased" or (prerelease and action in _RELEASE_ACTIONS):
+            if not sub.prereleases:
+                return ignored(f"prerelease {tag} ({sub.name} does not take prereleases)")
+            if action not in ("prereleased", "published"):
+                return ignored(f"release action {action!r}")
+        elif action not in _RELEASE_ACTIONS:
+            return ignored(f"release action {action!r}")
+        reason = _tag_allowed(sub, tag)
+        if reason:
+            return ignored(reason)
+        target = _field(release, "target_commitish", str, "release", optional=True)
+        return change(tag, target if target and _SHA40.match(target) else None)
+
+    if event == "create":
+        ref_type = _field(payload, "ref_type", str, "payload")
+        ref = _field(payload, "ref", str, "payload")
+        if ref_type != "tag":
+            return ignored(f"create of a {ref_type}")
+        reason = _tag_allowed(sub, ref)
+        return ignored(reason) if reason else change(ref, None)
+
+    if event == "push":
+        ref = _field(payload, "ref", str, "payload")
+        after = _field(payload, "after", str, "payload")
+        deleted = _field(payload, "deleted", bool, "payload", optional=True) or False
+        if deleted or after == _ZERO_SHA:
+            return ignored(f"deletion of {ref}")
+        if ref.startswith("refs/tags/"):
+            tag = ref[len("refs/tags/"):]
+            if sub.strategy != "tags":
+                return ignored(f"tag push ({sub.name} follows {sub.strategy})")
+            reason = _tag_allowed(sub, tag)
+            return ignored(reason) if reason else change(tag, after if _SHA40.match(after) else None)
+        if ref.startswith("refs/heads/"):
+            branch = ref[len("refs/heads/"):]
+            default = repo.get("default_branch") if isinstance(repo.get("default_branch"), str) else None
+            tracked = sub.branch or (default if sub.strategy == "commits" else None)
+            if tracked is None:
+                return ignored(f"branch push ({sub.name} follows {sub.strategy}, no branch configured)")
+            if branch != tracked:
+                return ignored(f"push to {branch!r}, not the tracked branch {tracked!r}")
+            return change(after, after)
+        return ignored(f"push to {ref!r}")
+
+    return ignored(f"event {event!r} is not tracked")
+
+
+# The fields a tracked event must carry, checked whatever the repository (a malformed delivery is a
+# 400 even when it would have been ignored).
+_REQUIRED: dict[str, tuple[tuple[str | None, str, type], ...]] = {
+    "release": ((None, "action", str), (None, "release", dict), ("release", "tag_name", str)),
+    "create": ((None, "ref", str), (None, "ref_type", str)),
+    "push": ((None, "ref", str), (None, "after", str)),
+}
+
+
+def _validate(event: str, payload: dict[str, Any]) -> None:
+    for parent, key, typ in _REQUIRED.get(event, ()):
+        obj = payload if parent is None else payload[parent]
+        _field(obj, key, typ, parent or "payload")
+
+
+def classify(config: Config, event: str, payload: dict[str, Any], delivery: str,
+             path_subsystem: str | None = None) -> list[Classification]:
+    """What a verified delivery means: one result per matching subsystem (usually one).
+
+    ``path_subsystem`` is the ``<subsystem>`` of ``POST /webhook/<subsystem>``: it must be a
+    configured subsystem and the payload's repository must be its upstream.
+
+    Raises BadRequest for missing or mistyped fields, an unknown path subsystem, or a path that
+    disagrees with the payload.
+    """
+    if event == "ping":
+        hook_id = payload.get("hook_id")
+        zen = payload.get("zen")
+        return [Ping(delivery=delivery, zen=zen if isinstance(zen, str) else None,
+                     hook_id=hook_id if isinstance(hook_id, int) and not isinstance(hook_id, bool) else None)]
+    if path_subsystem is not None and path_subsystem not in config.subsystems:
+        raise BadRequest(f"unknown subsystem {path_subsystem!r} in the URL path")
+    _validate(event, payload)
+    repo = _field(payload, "repository", dict, "payload", optional=event not in _REQUIRED)
+    if repo is None:
+        if path_subsystem is not None:
+            raise BadRequest(f"payload names no repository, so it cannot be {path_subsystem!r}'s upstream")
+        return [Ignored(delivery=delivery, event=event, reason="no repository in the payload")]
+    full_name = _field(repo, "full_name", str, "repository", optional=True)
+    if full_name is None and not any(isinstance(repo.get(k), str) for k in ("html_url", "clone_url")):
+        raise BadRequest("repository has neither full_name nor html_url/clone_url")
+
+    matches = match_subsystems(config, repo)
+    if path_subsystem is not None:
+        if path_subsystem not in {s.name for s in matches}:
+            raise BadRequest(f"payload repository {full_name or repo.get('html_url')!r} is not "
+                             f"{path_subsystem!r}'s upstream ({config.subsystems[path_subsystem].upstream})")
+        matches = [config.subsystems[path_subsystem]]
+
+    if event == "release" and config.release.repo and repo_matches(config.release.repo, repo):
+        action = _field(payload, "action", str, "payload")
+        release = _field(payload, "release", dict, "payload")
+        tag = _field(release, "tag_name", str, "release")
+        if action in _OWN_RELEASE_ACTIONS:
+            return [OwnRelease(delivery=delivery, action=action, tag=tag)]
+        return [Ignored(delivery=delivery, event=event, reason=f"own release action {action!r}")]
+
+    if not matches:
+        return [Ignored(delivery=delivery, event=event,
+                        reason=f"repository {full_name or repo.get('html_url')!r} is not tracked")]
+    return [_classify_for(sub, event, payload, repo, delivery) for sub in matches]

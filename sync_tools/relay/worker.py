@@ -1,0 +1,147 @@
+"""Delivery threads: take due jobs from the outbox, run their handler, retry with backoff.
+
+A handler is a callable ``(Job) -> list[NewJob]`` (follow-up jobs, created in the same
+transaction that marks the job done). It signals "try again later" with
+:class:`~sync_tools.errors.RemoteError` (``retry_after`` honoured when the remote gave one) and
+"never with these bytes" with any other :class:`~sync_tools.errors.SyncToolsError`, which
+dead-letters the job at once. Unexpected exceptions are retried like remote errors, so a bug
+cannot silently drop a delivery; after ``max_attempts`` the job is dead-lettered either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sync_tools.errors import RemoteError, SyncToolsError
+from sync_tools.relay.outbox import DEAD, Job, NewJob, Outbox, OutboxError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Job], list[NewJob]]
+POLL = 1.0  # also pick up jobs another process (``relay --retry-dead``) put in the queue
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter: attempt n waits a random time in [d/2, d] with
+    d = base * 2**(n-1), capped; a server's Retry-After wins (plus up to 10 % jitter, so a crowd of
+    retries does not land at the same instant)."""
+
+    base: float = 2.0
+    cap: float = 600.0
+    retry_after_cap: float = 3600.0
+
+    def delay(self, attempt: int, retry_after: float | None, rand: Callable[[], float] = random.random) -> float:
+        if retry_after is not None:
+            wait = min(max(0.0, retry_after), self.retry_after_cap)
+            return wait + wait * 0.1 * rand()
+        d = min(self.cap, self.base * (2 ** max(0, attempt - 1)))
+        return d / 2 + d / 2 * rand()
+
+
+class Worker:
+    """``threads`` delivery threads over one outbox. ``start`` resumes interrupted jobs first."""
+
+    def __init__(self, outbox: Outbox, handlers: dict[str, Handler], *, max_attempts: int = 8,
+                 backoff: Backoff | None = None, threads: int = 2,
+                 observe: Callable[[Job, str, float], None] | None = None,
+                 rand: Callable[[], float] = random.random):
+        self.outbox = outbox
+        self.handlers = handlers
+        self.max_attempts = max_attempts
+        self.backoff = backoff or Backoff()
+        self.threads = threads
+        self._observe = observe
+        self._rand = rand
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        if self._threads:
+            return
+        self._stop.clear()
+        self.outbox.resume()
+        for i in range(self.threads):
+            t = threading.Thread(target=self._loop, name=f"relay-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the threads to stop after their current job and wait up to *timeout* seconds."""
+        self._stop.set()
+        self.wake()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
+
+    def wake(self) -> None:
+        """New work was queued: wake the idle threads now rather than at their next poll."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def _idle_wait(self) -> None:
+        try:
+            due = self.outbox.next_due()
+        except (OutboxError, Exception):  # noqa: BLE001 - keep polling through a database hiccup
+            log.exception("cannot read the outbox")
+            due = None
+        wait = POLL if due is None else min(POLL, max(0.0, due - self.outbox.now()))
+        with self._wake:
+            if not self._stop.is_set() and wait > 0:
+                self._wake.wait(wait)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.outbox.claim()
+            except Exception:  # noqa: BLE001 - a locked or failing DB must not kill the thread
+                log.exception("cannot claim a job")
+                job = None
+            if job is None:
+                self._idle_wait()
+                continue
+            self.run_one(job)
+
+    def run_one(self, job: Job) -> str:
+        """Run *job*'s handler and record the outcome; returns ``done``, ``retry`` or ``dead``."""
+        handler = self.handlers.get(job.kind)
+        started = time.monotonic()
+        outcome: str
+        try:
+            if handler is None:
+                raise SyncToolsError(f"no handler for job kind {job.kind!r}")
+            follow = handler(job)
+        except RemoteError as e:
+            outcome = self._failed(job, str(e), retry_after=e.retry_after, retry=True)
+        except SyncToolsError as e:
+            outcome = self._failed(job, str(e), retry_after=None, retry=False)
+        except Exception as e:  # noqa: BLE001 - an unexpected failure is retried, then dead-lettered
+            log.exception("job %d (%s) failed unexpectedly", job.id, job.kind)
+            outcome = self._failed(job, f"{type(e).__name__}: {e}", retry_after=None, retry=True)
+        else:
+            self.outbox.complete(job.id, follow)
+            outcome = "done"
+            if follow:
+                self.wake()
+        if self._observe is not None:
+            self._observe(job, outcome, time.monotonic() - started)
+        return outcome
+
+    def _failed(self, job: Job, error: str, *, retry_after: float | None, retry: bool) -> str:
+        attempt = job.attempts + 1
+        if retry and attempt < self.max_attempts:
+            delay = self.backoff.delay(attempt, retry_after, self._rand)
+            self.outbox.fail(job.id, error, self.outbox.now() + delay)
+            log.warning("job %d (%s) attempt %d failed, retrying in %.1f s: %s", job.id, job.kind, attempt,
+                        delay, error)
+            return "retry"
+        self.outbox.fail(job.id, error, None)
+        why = "after the retry limit" if retry else "(not retryable)"
+        log.error("job %d (%s) dead-lettered %s: %s", job.id, job.kind, why, error)
+        return DEAD
