@@ -98,19 +98,6 @@ class Selection:
     skipped: tuple[str, ...] = ()
 
 
-def filter_tags(tags: Iterable[str], *, include: re.Pattern[str] | None = None,
-                exclude: re.Pattern[str] | None = None) -> list[str]:
-    """The tags passing ``include`` (searched, must match) and ``exclude`` (must not match)."""
-    out = []
-    for t in tags:
-        if include is not None and not include.search(t):
-            continue
-        if exclude is not None and exclude.search(t):
-            continue
-        out.append(t)
-    return out
-
-
 def select(tags: Iterable[str], *, current: str | None = None, include: re.Pattern[str] | None = None,
            exclude: re.Pattern[str] | None = None, prereleases: bool = False,
            major: str = "manual", prerelease_tags: Iterable[str] = ()) -> Selection:

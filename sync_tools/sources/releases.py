@@ -50,7 +50,7 @@ def make_github(timeout: float) -> Any:
     token = os.environ.get("GITHUB_TOKEN") or None
     base_url = (os.environ.get("GITHUB_API_URL") or DEFAULT_API_URL).rstrip("/")
     return Github(auth=Auth.Token(token) if token else None, base_url=base_url, timeout=max(1, int(timeout)),
-                  retry=None, per_page=_PER_PAGE, seconds_between_requests=None)
+                  retry=None, per_page=_PER_PAGE, seconds_between_requests=None, lazy=True)
 
 
 def find_latest(sub: Subsystem, sources: Sources) -> Latest:
@@ -67,7 +67,7 @@ def find_latest(sub: Subsystem, sources: Sources) -> Latest:
     slug = repo_slug(sub.upstream)
     gh = sources.github() if sources.github else make_github(sources.timeout)
     try:
-        repo = gh.get_repo(slug, lazy=True)
+        repo = gh.get_repo(slug)  # lazy (see make_github): no GET /repos/{slug} round trip
         if sub.include is None and sub.exclude is None and not sub.prereleases:
             try:
                 rel = repo.get_latest_release()

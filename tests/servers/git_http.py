@@ -6,10 +6,12 @@
 - :class:`GitDaemon`: ``git daemon`` serving a directory over ``git://127.0.0.1:<port>/``. A real,
   fast C server: used where a pure-Python server would be the bottleneck (bench/check). Needs the
   ``git`` binary; sync-tools itself never runs git.
-- :func:`git_http_server`: a pytest fixture yielding a started :class:`GitHTTPServer` over
-  ``tmp_path / "upstreams"``.
+- fixture ``git_http_server`` (import :func:`git_http_server_fixture` into the test module): a started
+  :class:`GitHTTPServer` over ``tmp_path / "upstreams"``.
 
 Example::
+
+    from tests.servers.git_http import git_http_server_fixture  # noqa: F401 -- fixture `git_http_server`
 
     def test_x(git_http_server):
         repo = GitRepo.create(git_http_server.root / "nats.git")
@@ -165,8 +167,8 @@ class GitDaemon:
         self.stop()
 
 
-@pytest.fixture
-def git_http_server(tmp_path: Path) -> Iterator[GitHTTPServer]:
+@pytest.fixture(name="git_http_server")
+def git_http_server_fixture(tmp_path: Path) -> Iterator[GitHTTPServer]:
     """A started smart-HTTP git server over ``tmp_path / "upstreams"``; stopped after the test."""
     server = GitHTTPServer(tmp_path / "upstreams").start()
     try:

@@ -1,0 +1,141 @@
+"""Version tags ordered as versions: prefixes, pre-releases, odd tags, include/exclude, majors."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sync_tools.versions import order_key, parse_version, select, update_available
+
+
+def newest(tags, **kw):
+    sel = select(tags, **kw)
+    return sel.latest.tag if sel.latest else None
+
+
+def ordered(tags):
+    return [v.tag for v in sorted((parse_version(t) for t in tags), key=order_key)]
+
+
+def test_numbers_order_as_numbers_not_text():
+    assert newest(["release-1.2", "release-1.10", "release-1.9"]) == "release-1.10"
+    assert newest(["v0.9.0", "v0.10.0", "v0.1.0"]) == "v0.10.0"
+    assert newest(["2.9", "2.10.1", "2.10"]) == "2.10.1"
+
+
+def test_prefixes_are_tolerated_and_ignored_for_ordering():
+    assert parse_version("v2.10.24").release == (2, 10, 24)
+    assert parse_version("nats-server-v2.10.24").prefix == "nats-server-v"
+    assert parse_version("go1.21.5").release == (1, 21, 5)
+    assert newest(["v1.2.0", "1.3.0"]) == "1.3.0"
+
+
+def test_full_ordering_with_prereleases_and_post_releases():
+    tags = ["v2.11.0", "v2.11.0-RC.1", "v2.11.0-rc.2", "v2.11.0-beta.3", "v2.11.0-alpha", "v2.10.24",
+            "v2.11.0.post1", "v2.11.0.dev1", "v2.11.1"]
+    shuffled = tags[:]
+    random.Random(4).shuffle(shuffled)
+    assert ordered(shuffled) == ["v2.10.24", "v2.11.0.dev1", "v2.11.0-alpha", "v2.11.0-beta.3",
+                                 "v2.11.0-RC.1", "v2.11.0-rc.2", "v2.11.0", "v2.11.0.post1", "v2.11.1"]
+
+
+def test_non_pep440_rc_tag_is_a_prerelease():
+    v = parse_version("v2.11.0-RC.1")
+    assert v is not None and v.prerelease
+    assert not parse_version("v2.10.0").prerelease
+
+
+def test_semver_prerelease_identifiers_packaging_cannot_read():
+    # "alpha.beta" and "x.7.z.92" are semver pre-releases but not PEP 440: still ordered, below the release
+    assert ordered(["1.0.0", "1.0.0-x.7.z.92", "1.0.0-alpha.beta", "0.9.9"]) == [
+        "0.9.9", "1.0.0-alpha.beta", "1.0.0-x.7.z.92", "1.0.0"]
+    assert parse_version("1.0.0-x.7.z.92").prerelease
+
+
+def test_trailing_zeros_do_not_make_a_newer_version():
+    assert not update_available("v1.2", "v1.2.0")
+    assert not update_available("v1.2.0", "v1.2")
+
+
+@pytest.mark.parametrize("tag", ["latest", "nightly", "", "   ", "v", "vX.Y", "1.2.3 with spaces", "1.2.3-",
+                                 "1.2.3.4.5.6.7", "deadbeef-", "v1.2.3-\u00e9"])
+def test_tags_that_cannot_be_ordered_are_skipped_not_fatal(tag):
+    assert parse_version(tag) is None
+    sel = select([tag, "v1.0.0"])
+    assert sel.latest.tag == "v1.0.0"
+    assert tag in sel.skipped
+
+
+@given(st.text(max_size=40))
+def test_parse_never_raises(text):
+    v = parse_version(text)
+    if v is not None:
+        assert v.release and all(isinstance(p, int) for p in v.release)
+
+
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 300), st.integers(1, 300)), min_size=1, max_size=30,
+                unique=True))
+def test_newest_is_the_largest_number_triple(triples):
+    tags = [f"v{a}.{b}.{c}" for a, b, c in triples]
+    a, b, c = max(triples)
+    assert newest(tags, major="auto") == f"v{a}.{b}.{c}"
+
+
+def test_prereleases_left_out_unless_asked():
+    tags = ["v2.10.24", "v2.10.25", "v2.11.0-RC.1"]
+    assert newest(tags) == "v2.10.25"
+    assert newest(tags, prereleases=True) == "v2.11.0-RC.1"
+
+
+def test_prerelease_flag_from_elsewhere_counts():
+    # GitHub can flag a release as a pre-release whatever its tag says
+    assert newest(["v1.0.0", "v1.1.0"], prerelease_tags=["v1.1.0"]) == "v1.0.0"
+
+
+def test_include_and_exclude_regexes():
+    tags = ["v1.0.0", "v1.1.0", "helm-chart-9.0.0", "v1.2.0-fips"]
+    assert newest(tags, include=re.compile(r"^v\d+\.\d+\.\d+$")) == "v1.1.0"
+    assert newest(tags, exclude=re.compile(r"^helm-|fips")) == "v1.1.0"
+    assert newest(tags, include=re.compile(r"^nothing")) is None
+
+
+def test_major_manual_holds_back_a_new_major_and_reports_it():
+    tags = ["v2.10.24", "v2.10.25", "v3.0.0", "v3.1.0"]
+    sel = select(tags, current="v2.10.24", major="manual")
+    assert sel.latest.tag == "v2.10.25"
+    assert sel.major_available.tag == "v3.1.0"
+    sel = select(tags, current="v2.10.24", major="auto")
+    assert sel.latest.tag == "v3.1.0" and sel.major_available is None
+
+
+def test_major_manual_without_a_newer_major_reports_none():
+    sel = select(["v2.10.24", "v2.10.25"], current="v2.10.24")
+    assert sel.latest.tag == "v2.10.25" and sel.major_available is None
+
+
+def test_major_manual_with_only_newer_majors():
+    sel = select(["v3.0.0"], current="v2.10.24")
+    assert sel.latest is None and sel.major_available.tag == "v3.0.0"
+
+
+def test_major_manual_without_a_pin_takes_the_newest():
+    assert newest(["v2.0.0", "v3.0.0"], current=None) == "v3.0.0"
+
+
+def test_update_available():
+    assert update_available("v2.10.24", "v2.10.25")
+    assert not update_available("v2.10.25", "v2.10.25")
+    assert not update_available("v2.10.26", "v2.10.25")  # pinned ahead of upstream: nothing to do
+    assert update_available("2.10.24", "v2.10.25")
+    assert not update_available("v2.10.24", None)
+    assert update_available(None, "v1.0.0")  # nothing pinned: not known to be at the newest
+    assert update_available("weird-pin", "v1.0.0")
+    assert not update_available("weird-pin", "weird-pin")
+
+
+def test_equal_versions_with_different_text_pick_stably():
+    assert newest(["1.0.0", "v1.0.0"]) == newest(["v1.0.0", "1.0.0"])
