@@ -1049,7 +1049,7 @@ def github_api_fixture() -> Iterator[GitHubAPIServer]:
 
 
 # Both spellings register the fixture `github_api`. Import `github_api_fixture` to keep ruff's F811
-# quiet in modules whose tests take a `github_api` argument; `github_api` is kept for `# noqa: F401` use.
+# quiet in modules whose tests take a `github_api` argument; `github_api` is kept for plain imports (silence F401 and F811).
 github_api = github_api_fixture
 
 __all__ = ["github_api_fixture", "Fault", "GitHubAPIServer", "GitHubState", "OpenAPIChecker", "github_api", "openapi_checker"]
