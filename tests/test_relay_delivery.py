@@ -1,0 +1,227 @@
+"""Delivery end to end on loopback: a real relay server, the GitHub API test server, retries,
+Retry-After, dead letters, retry by hand, and durability across a SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from click.testing import CliRunner
+
+from sync_tools.cli import cli
+from sync_tools.relay.app import create_app, get_relay
+from sync_tools.relay.server import RelayServer
+from tests.relay_support import delivery, env, settings, tag_payload, write_config
+from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
+
+REPO = "acme/plat-telemetry"
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def relay_server(tmp_path: Path, github_api: GitHubAPIServer) -> Iterator[RelayServer]:  # noqa: F811
+    github_api.state.add_repo(REPO)
+    config = write_config(tmp_path, max_attempts=3)
+    app = create_app(config, settings(config, tmp_path, github_api_url=github_api.url))
+    server = RelayServer(app, "127.0.0.1", 0).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def send(server: RelayServer, d) -> requests.Response:  # type: ignore[no-untyped-def]
+    return requests.post(server.url + "/webhook", data=d.body, headers=d.headers, timeout=10)
+
+
+def test_accepted_delivery_is_dispatched(relay_server: RelayServer, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    d = delivery("create", tag_payload(tag="v2.10.25"))
+    r = send(relay_server, d)
+    assert r.status_code == 202
+    wait_for(lambda: github_api.state.dispatches, what="the dispatch")
+    (dispatch,) = github_api.state.dispatches
+    assert dispatch["repo"] == REPO and dispatch["event_type"] == "upstream-release"
+    assert dispatch["client_payload"] == {"subsystem": "nats", "version": "v2.10.25", "commit": None,
+                                          "upstream": "https://github.com/nats-io/nats-server",
+                                          "delivery": d.headers["X-GitHub-Delivery"]}
+    (req,) = github_api.requests_to("POST", "/dispatches$")
+    assert req["headers"]["Authorization"] == "Bearer <redacted>"
+    wait_for(lambda: get_relay(relay_server.app).outbox.stats().queue_depth == 0, what="an empty queue")
+
+
+def test_redelivery_is_not_dispatched_twice(relay_server: RelayServer, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    d = delivery("create", tag_payload(tag="v2.10.26"))
+    assert send(relay_server, d).status_code == 202
+    wait_for(lambda: github_api.state.dispatches, what="the dispatch")
+    again = send(relay_server, d)
+    assert again.status_code == 200 and again.json()["status"] == "duplicate"
+    time.sleep(0.3)
+    assert len(github_api.state.dispatches) == 1
+
+
+def test_retries_honour_retry_after(relay_server: RelayServer, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    github_api.inject("POST", "/dispatches$", status=503, times=1, headers={"Retry-After": "1"})
+    started = time.monotonic()
+    assert send(relay_server, delivery("create", tag_payload(tag="v2.10.27"))).status_code == 202
+    wait_for(lambda: github_api.state.dispatches, what="the retried dispatch")
+    elapsed = time.monotonic() - started
+    # backoff_base is 0.02 s in tests: only the server's Retry-After explains a wait of a second
+    assert elapsed >= 1.0, elapsed
+    calls = github_api.requests_to("POST", "/dispatches$")
+    assert [c["status"] for c in calls] == [503, 204]
+
+
+def test_rate_limit_reset_is_honoured(relay_server: RelayServer, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    reset = int(time.time()) + 2
+    github_api.inject("POST", "/dispatches$", status=403, times=1,
+                      headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(reset)},
+                      body={"message": "API rate limit exceeded", "documentation_url": "https://docs.github.com"})
+    assert send(relay_server, delivery("create", tag_payload(tag="v2.10.28"))).status_code == 202
+    wait_for(lambda: github_api.state.dispatches, timeout=15, what="the dispatch after the reset")
+    assert time.time() >= reset - 0.05
+
+
+def test_dead_letter_after_the_limit_then_retry_by_hand(relay_server: RelayServer, tmp_path: Path,
+                                                        github_api: GitHubAPIServer) -> None:  # noqa: F811
+    github_api.inject("POST", "/dispatches$", status=502, times=3)
+    assert send(relay_server, delivery("create", tag_payload(tag="v2.10.29"))).status_code == 202
+    health = lambda: requests.get(relay_server.url + "/health", timeout=5).json()  # noqa: E731
+    wait_for(lambda: health()["dead_letters"] == 1, what="a dead letter")
+    assert github_api.state.dispatches == []
+    assert len(github_api.requests_to("POST", "/dispatches$")) == 3
+
+    runner = CliRunner()
+    e = env(tmp_path)
+    status = runner.invoke(cli, ["relay", "--config", str(tmp_path / "sync-tools.yaml"), "--status"], env=e)
+    assert status.exit_code == 0, status.output
+    (dead,) = json.loads(status.output)["dead"]
+    assert dead["subsystem"] == "nats" and "502" in dead["error"] and dead["attempts"] == 3
+
+    bad = runner.invoke(cli, ["relay", "--config", str(tmp_path / "sync-tools.yaml"), "--retry-dead", "999"], env=e)
+    assert bad.exit_code == 1 and "999" in bad.output
+    ok = runner.invoke(cli, ["relay", "--config", str(tmp_path / "sync-tools.yaml"), "--retry-dead",
+                             str(dead["id"])], env=e)
+    assert ok.exit_code == 0, ok.output
+    # the running relay picks the job up from the shared database (its worker polls at least every second)
+    wait_for(lambda: github_api.state.dispatches, what="the hand-retried dispatch")
+    assert health()["dead_letters"] == 0
+
+
+def test_a_refusal_is_dead_lettered_at_once(relay_server: RelayServer, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    github_api.inject("POST", "/dispatches$", status=404, times=1,
+                      body={"message": "Not Found", "documentation_url": "https://docs.github.com"})
+    assert send(relay_server, delivery("create", tag_payload(tag="v2.10.30"))).status_code == 202
+    wait_for(lambda: get_relay(relay_server.app).outbox.stats().dead == 1, what="a dead letter")
+    assert len(github_api.requests_to("POST", "/dispatches$")) == 1
+    (job,) = get_relay(relay_server.app).outbox.jobs("dead")
+    assert "404" in (job.last_error or "")
+
+
+def test_health_answers_through_slow_clients_and_a_burst(relay_server: RelayServer) -> None:
+    import socket
+    import threading
+
+    slow = []
+    for _ in range(40):  # slowloris: headers promising a body that never comes
+        s = socket.create_connection(("127.0.0.1", relay_server.port), timeout=5)
+        s.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+        slow.append(s)
+    burst_done = []
+
+    def burst() -> None:
+        with requests.Session() as sess:
+            for i in range(100):
+                d = delivery("create", tag_payload(tag=f"v3.0.{i}"))
+                sess.post(relay_server.url + "/webhook", data=d.body, headers=d.headers, timeout=10)
+        burst_done.append(True)
+
+    threads = [threading.Thread(target=burst) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        worst = 0.0
+        for _ in range(20):
+            t0 = time.monotonic()
+            r = requests.get(relay_server.url + "/health", timeout=5)
+            worst = max(worst, time.monotonic() - t0)
+            assert r.status_code == 200
+            time.sleep(0.02)
+        assert worst < 1.0, worst
+    finally:
+        for t in threads:
+            t.join(60)
+        for s in slow:
+            s.close()
+    assert len(burst_done) == 3
+
+
+# ------------------------------------------------------------------------------------ durability
+
+
+def test_accepted_delivery_survives_sigkill(tmp_path: Path) -> None:
+    """Accepted, then the relay is SIGKILLed before it could dispatch; after a restart it dispatches."""
+    config = write_config(tmp_path)
+    with GitHubAPIServer() as api:
+        api.state.add_repo(REPO)
+        # the dispatch hangs, so the first relay is killed with the job taken but not done
+        api.inject("POST", "/dispatches$", status=None, delay=30, times=1)
+        e = {**os.environ, **env(tmp_path), "GITHUB_API_URL": api.url, "PYTHONUNBUFFERED": "1"}
+        port_file = tmp_path / "port"
+        script = (
+            "import sys; from pathlib import Path\n"
+            "from sync_tools.config import load_config\n"
+            "from sync_tools.relay.app import create_app\n"
+            "from sync_tools.relay.server import RelayServer\n"
+            "import threading\n"
+            f"config = load_config({str(tmp_path / 'sync-tools.yaml')!r})\n"
+            "server = RelayServer(create_app(config), '127.0.0.1', 0).start()\n"
+            f"Path({str(port_file)!r}).write_text(str(server.port))\n"
+            "threading.Event().wait()\n"
+        )
+
+        def start() -> tuple[subprocess.Popen, str]:
+            port_file.unlink(missing_ok=True)
+            proc = subprocess.Popen([sys.executable, "-c", script], env=e, cwd=tmp_path)
+            port = wait_for(lambda: port_file.exists() and port_file.read_text(), what="the relay port")
+            return proc, f"http://127.0.0.1:{port}"
+
+        proc, url = start()
+        try:
+            d = delivery("create", tag_payload(tag="v2.12.0"))
+            r = requests.post(url + "/webhook", data=d.body, headers=d.headers, timeout=10)
+            assert r.status_code == 202
+            wait_for(lambda: api.requests_to("POST", "/dispatches$"), what="the first (hanging) attempt")
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        assert api.state.dispatches == []
+        assert config.relay.dispatch == "github"
+
+        proc, url = start()
+        try:
+            wait_for(lambda: api.state.dispatches, timeout=15, what="the dispatch after restart")
+            (dispatch,) = api.state.dispatches
+            assert dispatch["client_payload"]["version"] == "v2.12.0"
+            assert dispatch["client_payload"]["delivery"] == d.headers["X-GitHub-Delivery"]
+            again = requests.post(url + "/webhook", data=d.body, headers=d.headers, timeout=10)
+            assert again.json()["status"] == "duplicate"
+        finally:
+            proc.terminate()
+            proc.wait(10)
