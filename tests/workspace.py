@@ -206,7 +206,8 @@ def make_workspace(
 ) -> Workspace:
     """Write a workspace under *root* (created if missing) and return it.
 
-    *subsystems* maps name -> settings: ``binary`` (default: the name), ``depends_on``, ``version``
+    *subsystems* maps name -> settings: ``binary`` (default: the name; ``nats-server`` for nats),
+    ``depends_on``, ``version``
     (its pin, default *version*) and any other ``sync-tools.yaml`` subsystem key as a YAML-ready value;
     a plain list of names takes the defaults. By default: ``nats`` (binary ``nats-server``) and ``arc``
     (depends on nats). *extra_config* is appended to sync-tools.yaml verbatim (e.g. an ``agent:``
@@ -230,7 +231,7 @@ def make_workspace(
     includes: list[str] = []
     for name, settings in subsystems.items():
         settings = dict(settings)
-        binary = str(settings.pop("binary", name))
+        binary = str(settings.pop("binary", DEFAULT_SUBSYSTEMS.get(name, {}).get("binary", name)))
         pin = str(settings.pop("version", version))
         binaries[name] = binary
         upstream = root / "upstreams" / name

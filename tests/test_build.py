@@ -1,0 +1,147 @@
+"""``build``: a subsystem's own commands via the real ``task``, GOOS/GOARCH, streamed output, .version,
+failures naming the command and exit code, depends_on order, and nothing of another subsystem touched."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sync_tools.build import build, build_order, host_platform, parse_platform
+from sync_tools.cli import cli
+from sync_tools.errors import BuildError, ConfigError
+from sync_tools.fsutil import sha256_file
+from sync_tools.versionfile import read_version
+from tests.workspace import make_workspace
+
+
+def _tree(path: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under *path*: bytes and mtime."""
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*")) if p.is_file() and ".git" not in p.parts}
+
+
+@pytest.fixture
+def ws(tmp_path):
+    return make_workspace(tmp_path / "ws", git=False)
+
+
+def test_build_runs_task_writes_version_and_touches_nothing_else(ws, capfd) -> None:
+    cfg = ws.config()
+    arc_before = _tree(ws.root / "arc")
+    [result] = build(cfg, ["nats"], platform="linux/arm64", env=ws.env())
+    binary = ws.binary_path("nats")
+    assert result.binary == binary
+    assert b"nats v1.0.0 linux/arm64" in binary.read_bytes()  # GOOS/GOARCH reached the build
+    assert binary.stat().st_mode & 0o777 == 0o755
+    info = read_version(binary.parent)
+    from dulwich.repo import Repo
+
+    with Repo(str(ws.upstreams["nats"])) as up:
+        tag_commit = up[up.refs[b"refs/tags/v1.0.0"]].object[1].decode()
+    assert info.commit == tag_commit
+    assert info.checksum == sha256_file(binary)
+    assert info.version == "v1.0.0"
+    assert _tree(ws.root / "arc") == arc_before
+    out = capfd.readouterr()
+    # The commands' output went straight to our stdout (streamed, not collected).
+    assert "bin:build .bin/nats-server for linux/arm64" in out.out
+
+
+def test_version_flag_builds_that_upstream_version_and_bumps_only_the_pin_line(ws) -> None:
+    new_commit = ws.release_upstream("nats", "v1.1.0")
+    config_before = ws.config_path.read_bytes()
+    [result] = build(ws.config(), ["nats"], platform="linux/amd64", version="v1.1.0", env=ws.env())
+    assert result.pin_updated
+    assert b"nats v1.1.0" in ws.binary_path("nats").read_bytes()
+    assert read_version(ws.binary_path("nats").parent).commit == new_commit
+    after = ws.config_path.read_bytes()
+    assert after == config_before.replace(b"    current: v1.0.0\n    binary: nats-server",
+                                          b"    current: v1.1.0\n    binary: nats-server")
+    assert ws.config().subsystems["arc"].current == "v1.0.0"
+
+
+def test_failing_command_stops_the_build_naming_command_and_exit_code(tmp_path) -> None:
+    ws = make_workspace(tmp_path / "ws", {"nats": {"build": '["echo one > first.txt", "exit 3", '
+                                                          '"echo never > never.txt"]'},
+                                          "arc": {"depends_on": ["nats"]}}, git=False)
+    with pytest.raises(BuildError) as e:
+        build(ws.config(), ["arc", "nats"], env=ws.env())
+    assert "'exit 3'" in str(e.value) and "exit code 3" in str(e.value)
+    assert (ws.root / "first.txt").exists()
+    assert not (ws.root / "never.txt").exists()
+    assert not (ws.root / "nats" / ".bin" / ".version").exists()
+    assert not (ws.root / "arc" / ".bin").exists()  # arc comes after nats and never ran
+
+
+def test_missing_binary_after_the_build_is_a_clear_error(tmp_path) -> None:
+    ws = make_workspace(tmp_path / "ws", {"nats": {"build": '["true"]'}}, git=False)
+    with pytest.raises(BuildError, match="left no binary at .*nats-server"):
+        build(ws.config(), ["nats"], env=ws.env())
+
+
+def test_depends_on_order(tmp_path) -> None:
+    def cmd(name: str) -> str:
+        return f'["mkdir -p {name}/.bin && echo {name} > {name}/.bin/{name} && echo {name} >> order.log"]'
+
+    subs = {"a": {"build": cmd("a"), "depends_on": ["c"]}, "b": {"build": cmd("b")},
+            "c": {"build": cmd("c"), "depends_on": ["b"]}}
+    ws = make_workspace(tmp_path / "ws", subs, git=False)
+    results = build(ws.config(), ["a", "c", "b"], env=ws.env())
+    assert [r.subsystem for r in results] == ["b", "c", "a"]
+    assert (ws.root / "order.log").read_text().split() == ["b", "c", "a"]
+    assert [s.name for s in build_order(ws.config(), ["a"])] == ["a"]  # deps are ordered, not added
+    for r in results:
+        assert read_version(r.binary.parent).commit == "unknown"  # no .src checkout
+
+
+def test_commit_from_env_when_there_is_no_source_checkout(tmp_path) -> None:
+    ws = make_workspace(tmp_path / "ws", {"x": {"build": '["mkdir -p x/.bin && echo hi > x/.bin/x"]'}}, git=False)
+    build(ws.config(), ["x"], env=ws.env(SYNC_TOOLS_COMMIT="abc123"))
+    assert read_version(ws.root / "x" / ".bin").commit == "abc123"
+
+
+def test_timeout_kills_the_command(tmp_path) -> None:
+    ws = make_workspace(tmp_path / "ws", {"x": {"build": '["sleep 30"]'}}, git=False)
+    started = time.monotonic()
+    with pytest.raises(BuildError, match="timed out"):
+        build(ws.config(), ["x"], env=ws.env(), timeout=0.5)
+    assert time.monotonic() - started < 10
+
+
+def test_platforms() -> None:
+    assert parse_platform("linux/arm64") == ("linux", "arm64")
+    assert parse_platform(None) == tuple(host_platform().split("/"))
+    for bad in ("linux", "Linux/amd64", "linux/amd64/v8", "../x"):
+        with pytest.raises(ConfigError):
+            parse_platform(bad)
+
+
+def test_bad_arguments(ws) -> None:
+    cfg = ws.config()
+    with pytest.raises(ConfigError, match="unknown subsystem 'nope'"):
+        build(cfg, ["nope"], env=ws.env())
+    with pytest.raises(ConfigError, match="exactly one"):
+        build(cfg, ["nats", "arc"], version="v2", env=ws.env())
+
+
+def test_cli_json_keeps_stdout_for_json(ws) -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["build", "--only", "nats", "--platform", "darwin/arm64", "--json",
+                                 "--config", str(ws.config_path)], env=ws.env())
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    assert row["subsystem"] == "nats" and row["platform"] == "darwin/arm64" and row["version"] == "v1.0.0"
+    assert row["checksum"] == sha256_file(ws.binary_path("nats"))
+
+
+def test_cli_failure_is_one_line_exit_1(tmp_path) -> None:
+    ws = make_workspace(tmp_path / "ws", {"nats": {"build": '["exit 7"]'}}, git=False)
+    result = CliRunner().invoke(cli, ["build", "--only", "nats", "--config", str(ws.config_path)], env=ws.env())
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == ["Error: build command 'exit 7' failed with exit code 7"]
