@@ -98,6 +98,7 @@ class _Section:
     def __init__(self, path: Path, data: Any, prefix: str, allowed: tuple[str, ...], line: int | None = None):
         self.path = path
         self.prefix = prefix
+        self.line = line  # where this section's key is written (its parent's line for it)
         if data is None:
             data = _LineDict()
             data.lines, data.start_line = {}, line or 1
@@ -306,7 +307,7 @@ _AGENT_KEYS = ("root", "source", "relay", "reload", "socket", "url", "command", 
 def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None) -> Subsystem:
     if not _NAME_RE.match(name):
         raise ConfigError("subsystem names are lower-case letters, digits, - and _", path=sec.path,
-                          key=sec.prefix, line=_line(sec.data, name))
+                          key=sec.prefix, line=sec.line or _line(sec.data, name))
     strategy = sec.choice("strategy", STRATEGIES, "tags")
     upstream = sec.str("upstream", required=True)
     assert upstream is not None
