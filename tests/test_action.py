@@ -87,6 +87,7 @@ class ActionRun:
 def run_action(with_: dict[str, str], *, workspace: Path, event: Path, env: dict[str, str] | None = None,
                tmp: Path) -> ActionRun:
     """Run action.yml's run: steps in order with the given `with:` inputs; stop at the first failure."""
+    tmp.mkdir(parents=True, exist_ok=True)
     inputs = {name: spec.get("default", "") for name, spec in ACTION["inputs"].items()}
     inputs.update(with_)
     inputs = {k: _evaluate(str(v), inputs, {}) for k, v in inputs.items()}
