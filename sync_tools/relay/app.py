@@ -9,7 +9,6 @@ drive the request logic alone.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import re
 import time
@@ -380,8 +379,8 @@ def create_app(config: Config, settings: Settings | None = None, *, now: Callabl
         settings=settings,
         outbox=outbox,
         broker=broker,
-        pusher=AgentPusher(config.relay.agents, environ=environ, session=session, timeout=settings.http_timeout,
-                           now=now),
+        pusher=AgentPusher(config.relay.agents, environ=settings.agent_secrets, session=session,
+                           timeout=settings.http_timeout, now=now),
         metrics=Metrics(outbox, lambda: broker.connected),
         dispatcher=dispatcher,
         store_factory=store_factory or (lambda: open_store(config)),
@@ -403,8 +402,3 @@ def create_app(config: Config, settings: Settings | None = None, *, now: Callabl
 
     return app
 
-
-def health_json(app: Flask) -> dict[str, Any]:
-    """``/health`` as a dict, without HTTP (``sync-tools relay --status``)."""
-    with app.test_client() as c:
-        return json.loads(c.get("/health").data)

@@ -32,6 +32,7 @@ class Settings:
     github_token: str | None = field(default=None, repr=False)
     github_api_url: str = DEFAULT_GITHUB_API
     agent_tokens: tuple[bytes, ...] = field(default=(), repr=False)
+    agent_secrets: Mapping[str, str] = field(default_factory=dict, repr=False)  # secret_env -> value
     max_body: int = 25 * 1024 * 1024
     max_attempts: int = 8
     heartbeat: float = 15.0  # seconds between SSE comment heartbeats (Cloudflare cuts idle at ~100 s)
@@ -72,6 +73,7 @@ def load_settings(config: Config, environ: Mapping[str, str] | None = None, *, r
         github_token=token,
         github_api_url=(env.get("GITHUB_API_URL") or DEFAULT_GITHUB_API).rstrip("/"),
         agent_tokens=tokens,
+        agent_secrets={a.secret_env: env[a.secret_env] for a in config.relay.agents if env.get(a.secret_env)},
         max_body=config.relay.max_body,
         max_attempts=max(1, config.relay.max_attempts),
     )
