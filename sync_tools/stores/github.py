@@ -55,6 +55,7 @@ import requests
 from github import Auth, Github, GithubException, GithubRetry
 from github.GitRelease import GitRelease
 from github.GitReleaseAsset import GitReleaseAsset
+from github.Repository import Repository
 from urllib3.util.retry import Retry
 
 from sync_tools.errors import DataError, RemoteError
@@ -166,6 +167,7 @@ class GitHubStore(Store):
                 seconds_between_writes=None,
             )
         self._gh = github
+        self._repo_obj: Repository | None = None
         self._release_obj: GitRelease | None = None
 
     def __repr__(self) -> str:
@@ -173,10 +175,15 @@ class GitHubStore(Store):
 
     # ---------------------------------------------------------------------------------- release
 
+    def _repo(self) -> Repository:
+        if self._repo_obj is None:
+            self._repo_obj = self._gh.get_repo(self.repo)
+        return self._repo_obj
+
     def _find_release(self) -> GitRelease | None:
         if self._release_obj is None:
             try:
-                self._release_obj = self._gh.get_repo(self.repo, lazy=True).get_release(self.tag)
+                self._release_obj = self._repo().get_release(self.tag)
             except GithubException as e:
                 if e.status == 404:
                     return None
@@ -189,7 +196,7 @@ class GitHubStore(Store):
         Idempotent; a parallel job creating it first (422) is fine. Raises RemoteError."""
         if self._find_release() is not None:
             return
-        repo = self._gh.get_repo(self.repo, lazy=True)
+        repo = self._repo()
         try:
             self._release_obj = repo.create_git_release(
                 self.tag,
@@ -258,16 +265,41 @@ class GitHubStore(Store):
         return asset.update_asset(name, label=label)
 
     def _clean_stale(self, assets: list[GitReleaseAsset], *, manifest_temps: bool) -> None:
-        """Delete temporary assets older than ``stale_after`` (left by crashed runs)."""
-        cutoff = _dt.datetime.now(_dt.UTC) - _dt.timedelta(seconds=self.stale_after)
-        for asset in assets:
+        """Tidy temporaries older than ``stale_after`` (left by crashed runs).
+
+        A stale asset temporary whose final name is missing is the only copy (the run died between
+        deleting the old asset and renaming the new one): it is renamed into place, not deleted.
+        Manifest temporaries are only touched when *manifest_temps* (the manifest has been read)."""
+        present = {a.name for a in assets}
+        for asset in sorted(assets, key=lambda a: (a.created_at, a.id), reverse=True):
             m = _TMP.match(asset.name)
-            if m is None or asset.created_at > cutoff:
+            if m is None or not self._stale(asset.created_at):
                 continue
-            if m.group("name") in (MANIFEST_NAME, SIGNATURE_NAME) and not manifest_temps:
+            final = m.group("name")
+            if final in (MANIFEST_NAME, SIGNATURE_NAME):
+                if not manifest_temps:
+                    continue
+            elif final not in present:
+                log.warning("%s@%s: finishing an interrupted upload of %s", self.repo, self.tag, final)
+                self._rename_retrying(asset, final)
+                present.add(final)
                 continue
             log.info("removing %s, left over by an interrupted run", asset.name)
             self._discard(asset)
+
+    def _rename_retrying(self, asset: GitReleaseAsset, name: str, label: str = "") -> GitReleaseAsset:
+        """Rename, retrying a 5xx or a cut connection twice: PyGithub does not replay PATCH, and a
+        rename to the same name is safe to repeat."""
+        for attempt in range(3):
+            try:
+                return self._rename(asset, name, label)
+            except (GithubException, requests.ConnectionError, requests.Timeout) as e:
+                status = _status(e)
+                if (status is not None and status < 500) or attempt == 2:
+                    raise
+                log.info("renaming %s to %s failed (%s); retrying", asset.name, name, status or e)
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     @_at_edge("upload asset")
     def upload_asset(self, path: Path, name: str) -> None:
@@ -291,7 +323,7 @@ class GitHubStore(Store):
                     if e.status != 404:  # already gone: someone replaced it too; ours goes in
                         raise
             try:
-                self._rename(new, name)
+                self._rename_retrying(new, name)
                 break
             except GithubException as e:
                 # Another job put the same name back between our delete and rename: go again.
@@ -350,7 +382,7 @@ class GitHubStore(Store):
             except GithubException as e:
                 if e.status != 404:
                     raise
-        self._rename(sig_tmp, SIGNATURE_NAME, f"{SIGNATURE_NAME} ({nonce})")
+        self._rename_retrying(sig_tmp, SIGNATURE_NAME, f"{SIGNATURE_NAME} ({nonce})")
 
     def _consistent_pair(self) -> tuple[list[GitReleaseAsset], GitReleaseAsset | None, GitReleaseAsset | None]:
         """The asset list with a manifest and signature that belong together (or no manifest).
@@ -445,7 +477,7 @@ class GitHubStore(Store):
                 self._discard(sig_tmp)
                 raise
         try:
-            man_tmp = self._rename(man_tmp, MANIFEST_NAME, f"{MANIFEST_NAME} ({nonce})")
+            man_tmp = self._rename_retrying(man_tmp, MANIFEST_NAME, f"{MANIFEST_NAME} ({nonce})")
         except GithubException as e:
             if e.status == 422:
                 raise lost("manifest.json appeared meanwhile") from e

@@ -636,6 +636,11 @@ class GitHubAPIServer:
             self._faults.append(fault)
         return fault
 
+    def clear_faults(self) -> None:
+        """Forget every injected fault not used up yet."""
+        with self._faults_lock:
+            self._faults.clear()
+
     def _take_fault(self, method: str, path: str) -> Fault | None:
         with self._faults_lock:
             for fault in self._faults:
