@@ -103,9 +103,8 @@ class GitHubDispatcher:
     def __repr__(self) -> str:
         return f"GitHubDispatcher({self.url!r})"
 
-    def dispatch(self, client_payload: dict[str, Any]) -> list[Any]:
-        """Send one repository_dispatch. Returns no follow-up jobs. Raises RemoteError or
-        DispatchRefused."""
+    def dispatch(self, client_payload: dict[str, Any]) -> None:
+        """Send one repository_dispatch. Raises RemoteError or DispatchRefused."""
         headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28",
                    "User-Agent": "sync-tools-relay"}
         if self._token:
@@ -116,7 +115,6 @@ class GitHubDispatcher:
         except requests.RequestException as e:
             raise RemoteError(f"repository_dispatch to {self.repo}: {type(e).__name__}") from e
         check_response(resp, f"repository_dispatch to {self.repo}", self._now())
-        return []
 
 
 class LocalDispatcher:
@@ -145,8 +143,8 @@ class LocalDispatcher:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", delivery)[:80]
         return self.logs_dir / subsystem / f"{stamp}-{safe}.log"
 
-    def dispatch(self, client_payload: dict[str, Any]) -> list[Any]:
-        """Run build, package and release for ``client_payload['subsystem']``, stopping at the first
+    def dispatch(self, client_payload: dict[str, Any]) -> None:
+        """Run build (at the announced version), package and release for ``client_payload['subsystem']``, stopping at the first
         failure. Raises BuildError naming the step, its exit code and the log file."""
         sub = str(client_payload["subsystem"])
         path = self.log_path(sub, str(client_payload.get("delivery") or "manual"))
@@ -155,6 +153,9 @@ class LocalDispatcher:
         with open(path, "ab") as logf:
             for step in self.STEPS:
                 argv = [*self.command, step, "--config", str(self.config_path), "--only", sub]
+                if step == "build" and client_payload.get("version"):
+                    # build the version that was announced, not the pin (build updates the pin)
+                    argv += ["--version", str(client_payload["version"])]
                 logf.write(f"$ {' '.join(argv)}\n".encode())
                 logf.flush()
                 started = time.monotonic()
@@ -171,4 +172,3 @@ class LocalDispatcher:
                 if proc.returncode != 0:
                     raise BuildError(f"sync-tools {step} --only {sub} exited {proc.returncode} (log: {path})")
         log.info("local build, package and release of %s done (log: %s)", sub, path)
-        return []

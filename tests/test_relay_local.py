@@ -1,0 +1,78 @@
+"""The ``local`` dispatcher on a real workspace: a signed tag webhook makes the relay run
+``sync-tools build/package/release --only nats`` (real task, real store), one run at a time per
+subsystem, and then announce the new manifest to agents itself."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import requests
+
+from sync_tools.manifest import MANIFEST_NAME, parse_manifest
+from sync_tools.relay.app import create_app, get_relay
+from sync_tools.relay.server import RelayServer
+from tests.relay_support import delivery, settings, tag_payload
+from tests.test_relay_fanout import SSE
+from tests.workspace import make_workspace
+
+
+def tag_event(upstream: Path, tag: str) -> dict:
+    p = tag_payload("local/" + upstream.name, tag=tag)
+    for k in ("html_url", "git_url", "ssh_url", "svn_url"):
+        p["repository"].pop(k)
+    p["repository"]["clone_url"] = f"file://{upstream}"
+    return p
+
+
+def test_local_dispatch_builds_releases_and_announces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = make_workspace(tmp_path / "ws", extra_config="relay:\n  dispatch: local\n")
+    for k, v in ws.env().items():  # task and sync-tools on PATH, the signing key: what a DEV shell has
+        monkeypatch.setenv(k, v)
+    config = ws.config()
+    s = settings(config, tmp_path, workers=2, heartbeat=5.0)
+    server = RelayServer(create_app(config, s), "127.0.0.1", 0).start()
+    sse = SSE(server.url)
+    try:
+        ws.release_upstream("nats", "v1.1.0")
+        ws.release_upstream("nats", "v1.2.0")
+        for tag in ("v1.1.0", "v1.2.0"):
+            d = delivery("create", tag_event(ws.upstreams["nats"], tag))
+            r = requests.post(server.url + "/webhook", data=d.body, headers=d.headers, timeout=5)
+            assert r.status_code == 202, r.text
+        seen: list[dict] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            _, event = sse.next_event(timeout=60)
+            seen.append(event)
+            if event["serial"] >= 2:
+                break
+        assert [e["subsystems"] for e in seen] == [["nats"]] * len(seen)
+        assert seen[-1]["manifest"] == str(ws.release_dir / MANIFEST_NAME)
+
+        manifest = parse_manifest((ws.release_dir / MANIFEST_NAME).read_bytes())
+        assert manifest.subsystems["nats"].version == "v1.2.0"
+        assert "arc" not in manifest.subsystems  # arc was neither built nor released
+        assert not ws.binary_path("arc").exists()
+
+        # one run at a time for nats: the second build started after the first had finished
+        logs = sorted((s.logs_dir / "nats").glob("*.log"))
+        assert len(logs) == 2
+        first_end = logs[0].stat().st_mtime
+        second_start = datetime.strptime(logs[1].name.split("-", 1)[0], "%Y%m%dT%H%M%S.%fZ").timestamp()
+        second_start += datetime.now().astimezone().utcoffset().total_seconds()  # names are UTC
+        assert second_start >= first_end - 0.01
+        text = logs[1].read_text()
+        for step in ("build", "package", "release"):
+            assert f" {step} --config " in text
+        assert "--version v1.2.0" in text and text.count("# exit 0") == 3
+        health = requests.get(server.url + "/health", timeout=5).json()
+        assert health["dead_letters"] == 0
+        assert json.loads(json.dumps(health))["dispatch"] == "local"
+        assert get_relay(server.app).outbox.stats().done >= 4  # 2 dispatches + their fan-outs
+    finally:
+        sse.close()
+        server.stop()
