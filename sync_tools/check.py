@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -100,7 +100,7 @@ def check(config: Config, names: Iterable[str] | None = None, *, sources: Source
 
     Raises ConfigError for an unknown name; upstream failures are reported per subsystem, not raised.
     """
-    subs = config.select(list(names) if names else None)
+    subs = [_resolve_upstream(config, s) for s in config.select(list(names) if names else None)]
     sources = sources or Sources()
     now = (clock or _utcnow)()
     if not subs:
@@ -116,6 +116,20 @@ def check(config: Config, names: Iterable[str] | None = None, *, sources: Source
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check") as pool:
             results = list(pool.map(lambda s: check_one(s, sources), subs))
     return CheckReport(tuple(results), now)
+
+
+def _resolve_upstream(config: Config, sub: Subsystem) -> Subsystem:
+    """A relative local upstream is relative to the workspace (the config's directory), not to
+    wherever the command happens to run."""
+    from sync_tools.sources.remote import is_local
+
+    up = sub.upstream.strip()
+    if sub.strategy == "releases" or not is_local(up) or up.startswith("file://"):
+        return sub
+    path = Path(up).expanduser()
+    if path.is_absolute():
+        return sub
+    return replace(sub, upstream=str(config.root / path))
 
 
 def _utcnow() -> datetime:

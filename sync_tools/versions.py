@@ -38,8 +38,28 @@ class Version:
         return (self.key, self.tag) < (other.key, other.tag)
 
 
-def parse_version(tag: str) -> Version | None:
-    """Parse a tag name into a :class:`Version`, or None when it cannot be ordered."""
+_FINAL_RE = re.compile(r"^([^\d]*)(\d+(?:\.\d+)*)$")  # the common case: v1.2.3, release-1.10
+_FINAL = (-1, "")  # the detail of a plain final release (no post-release, no local label)
+
+_Parsed = tuple  # (prefix, release, prerelease, key)
+
+
+def _trim(parts: tuple[int, ...]) -> tuple[int, ...]:
+    while len(parts) > 1 and parts[-1] == 0:  # 1.2 and 1.2.0 are the same version
+        parts = parts[:-1]
+    return parts
+
+
+def _parse(tag: str) -> _Parsed | None:
+    """(prefix, release, prerelease, key) of *tag*, or None. Cheap for plain numeric tags, which are most
+    of a remote's thousands."""
+    m = _FINAL_RE.match(tag)
+    if m is not None:
+        parts = tuple(map(int, m.group(2).split(".")))
+        if len(parts) > _MAX_RELEASE_PARTS:
+            return None
+        release = _trim(parts)
+        return (m.group(1), release, False, (release, 1, 0, _FINAL))
     m = _TAG_RE.match(tag.strip())
     if not m:
         return None
@@ -47,12 +67,9 @@ def parse_version(tag: str) -> Version | None:
     parts = tuple(int(p) for p in release_text.replace("_", ".").split("."))
     if len(parts) > _MAX_RELEASE_PARTS:
         return None
-    release = parts
-    while len(release) > 1 and release[-1] == 0:  # 1.2 and 1.2.0 are the same version
-        release = release[:-1]
+    release = _trim(parts)
     if not rest:
-        # the common case (v1.2.3, release-1.10): a final release; no need for packaging's parser
-        return Version(tag=tag, prefix=prefix, release=release, prerelease=False, key=(release, 1, 0, (-1, "")))
+        return (prefix, release, False, (release, 1, 0, _FINAL))
     # imported here: most tags never get this far, and check's start-up time counts
     from packaging.version import InvalidVersion
     from packaging.version import Version as _PepVersion
@@ -65,18 +82,25 @@ def parse_version(tag: str) -> Version | None:
     if pep is not None:
         if pep.is_prerelease:
             # among pre-releases of one release, packaging orders dev < a < b < rc
-            key = (release, 0, 0, pep)
-        else:
-            # a final release, then its post-releases; a local label (+build) only breaks ties
-            key = (release, 1, 0, (pep.post if pep.post is not None else -1, str(pep.local or "")))
-        return Version(tag=tag, prefix=prefix, release=release, prerelease=pep.is_prerelease, key=key)
+            return (prefix, release, True, (release, 0, 0, pep))
+        # a final release, then its post-releases; a local label (+build) only breaks ties
+        return (prefix, release, False, (release, 1, 0, (pep.post if pep.post is not None else -1,
+                                                          str(pep.local or ""))))
     sm = _SEMVER_PRE_RE.match(rest)
     if sm is None:
         return None
     # semver 11: numeric identifiers compare numerically and sort below alphanumeric ones
     ids = tuple((0, int(i), "") if i.isdigit() else (1, 0, i.lower()) for i in sm.group("pre").split("."))
     # below the release it precedes; after PEP 440 pre-releases of it (kind 1), an arbitrary but total order
-    return Version(tag=tag, prefix=prefix, release=release, prerelease=True, key=(release, 0, 1, ids))
+    return (prefix, release, True, (release, 0, 1, ids))
+
+
+def parse_version(tag: str) -> Version | None:
+    """Parse a tag name into a :class:`Version`, or None when it cannot be ordered. Never raises."""
+    p = _parse(tag)
+    if p is None:
+        return None
+    return Version(tag=tag, prefix=p[0], release=p[1], prerelease=p[2], key=p[3])
 
 
 def order_key(v: Version) -> tuple:
@@ -112,31 +136,31 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
     flagged = set(prerelease_tags)
     cur = parse_version(current) if current and major == "manual" else None
     cur_major = cur.major if cur is not None else None
-    newest: Version | None = None
-    newest_in_major: Version | None = None
+    # (key, tag) of the best so far; one pass, no objects per tag: remotes carry thousands of tags
+    newest: tuple | None = None
+    in_major: tuple | None = None
     skipped: list[str] = []
-    # one pass, keeping only the best so far: remotes carry thousands of tags
     for t in tags:
         if include is not None and not include.search(t):
             continue
         if exclude is not None and exclude.search(t):
             continue
-        v = parse_version(t)
-        if v is None:
+        p = _parse(t)
+        if p is None:
             skipped.append(t)
             continue
-        if not prereleases and (v.prerelease or t in flagged):
+        if not prereleases and (p[2] or t in flagged):
             continue
-        k = (v.key, v.tag)
-        if newest is None or k > (newest.key, newest.tag):
-            newest = v
-        if cur_major is not None and v.release[0] <= cur_major and (
-                newest_in_major is None or k > (newest_in_major.key, newest_in_major.tag)):
-            newest_in_major = v
-    if newest is None or cur_major is None:
-        return Selection(newest, None, tuple(skipped))
-    major_available = newest if newest.major > cur_major else None
-    return Selection(newest_in_major, major_available, tuple(skipped))
+        k = (p[3], t)
+        if newest is None or k > newest:
+            newest = k
+        if cur_major is not None and p[1][0] <= cur_major and (in_major is None or k > in_major):
+            in_major = k
+    latest = parse_version(newest[1]) if newest else None
+    if latest is None or cur_major is None:
+        return Selection(latest, None, tuple(skipped))
+    major_available = latest if latest.major > cur_major else None
+    return Selection(parse_version(in_major[1]) if in_major else None, major_available, tuple(skipped))
 
 
 def update_available(current: str | None, latest: str | None) -> bool:

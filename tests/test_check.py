@@ -294,7 +294,7 @@ def test_unreadable_old_manifest_is_replaced(tmp_path, git_http_server):
     assert json.loads(path.read_text()) == written and written["subsystems"]["n"]["latest_tag"] == "v1.0.0"
 
 
-def test_local_paths_and_file_urls(tmp_path):
+def test_local_paths_and_file_urls(tmp_path, monkeypatch):
     repo = GitRepo.create(tmp_path / "up" / "n.git")
     repo.commit("one")
     repo.tag("v1.0.0")
@@ -303,10 +303,16 @@ def test_local_paths_and_file_urls(tmp_path):
     config = write_config(tmp_path / "ws", {
         "path": {"upstream": str(repo.path), "current": "v1.0.0"},
         "url": {"upstream": f"file://{repo.path}", "current": "v1.0.0"},
+        "relative": {"upstream": "../up/n.git", "current": "v1.0.0"},  # to the workspace, not the cwd
         "head": {"upstream": str(repo.path), "strategy": "commits"},
     })
-    out = json.loads(run_check(config, "--json").stdout)
-    assert out["path"]["latest"] == out["url"]["latest"] == "v1.1.0"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = run_check(config, "--json")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["path"]["latest"] == out["url"]["latest"] == out["relative"]["latest"] == "v1.1.0"
     assert out["path"]["commit"] == commit
     assert out["head"]["latest"] == commit
 

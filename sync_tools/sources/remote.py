@@ -65,8 +65,15 @@ class RemoteRefs:
         return self.refs.get(f"refs/heads/{name}")
 
 
-def _is_remote_url(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
+_SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@github.com:owner/repo
+
+
+def is_local(url: str) -> bool:
+    """Whether *url* names a repository on this disk (a path or ``file://``) rather than a remote."""
+    url = url.strip()
+    if url.startswith("file://"):
+        return True
+    return "://" not in url and not _SCP_LIKE.match(url)
 
 
 def _local_refs(path: str) -> RemoteRefs:
@@ -115,7 +122,10 @@ def _tcp_client_class():
                 return super()._connect(cmd, path, protocol_version)
             if not isinstance(path, bytes):
                 path = path.encode("utf-8")
-            s = socket.create_connection((self._host, self._port), timeout=self.timeout)
+            host = self._host
+            if host.isascii():
+                host = host.encode()  # a str host costs an import of the idna codec (~5 ms at start-up)
+            s = socket.create_connection((host, self._port), timeout=self.timeout)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             rfile = io.BufferedReader(_QuickAckReader(s), buffer_size=1 << 16)
             wfile = s.makefile("wb", 0)
@@ -186,7 +196,12 @@ def _client_for(url: str, timeout: float):  # type: ignore[no-untyped-def]
         client = cls(parts.hostname or "localhost", port=parts.port)
         client.timeout = timeout
         return client, parts.path
-    return get_transport_and_path(url)
+    # ssh (ssh://host/x or user@host:x) runs the ssh program: bound its connect, and a stalled
+    # session (keep-alives unanswered for ~timeout), never prompt
+    alive = max(1, int(timeout // 3))
+    ssh = (f"ssh -o BatchMode=yes -o ConnectTimeout={max(1, int(timeout))} "
+           f"-o ServerAliveInterval={alive} -o ServerAliveCountMax=3")
+    return get_transport_and_path(url, ssh_command=ssh)
 
 
 def ls_remote(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> RemoteRefs:
@@ -196,7 +211,7 @@ def ls_remote(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> RemoteRefs:
     repository or answers garbage.
     """
     url = url.strip()
-    if not _is_remote_url(url):
+    if is_local(url):
         path = url[len("file://"):] if url.startswith("file://") else url
         return _local_refs(os.path.expanduser(path))
     from dulwich.errors import GitProtocolError, HangupException
