@@ -40,6 +40,7 @@ from tests.workspace import Workspace, make_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW = yaml.safe_load((ROOT / ".github/workflows/upstream.yml").read_text())
+CI = yaml.safe_load((ROOT / ".github/workflows/ci.yml").read_text())
 REPO = "octo-org/octo-repo"  # the repository of the vendored dispatch example: the release holder
 PLATFORMS = ("linux/amd64", "darwin/arm64")
 NOT_CHECKED_OUT = {".git", ".dist", ".bin", ".src", ".releases", "upstreams", "__pycache__"}
@@ -73,6 +74,8 @@ class Run:
 def _lookup(ref: str, ctx: dict[str, Any]) -> Any:
     value: Any = ctx
     for part in ref.split("."):
+        if value is None:  # a skipped step or job, a missing key: '' in GitHub's expressions
+            return None
         if not isinstance(value, dict):
             raise AssertionError(f"expression the local runner does not know: {ref}")
         value = value.get(part)
@@ -103,16 +106,18 @@ def _interpolate(text: str, ctx: dict[str, Any]) -> str:
     return _EXPR.sub(one, str(text))
 
 
-def _checkout(ws: Workspace, dest: Path) -> Path:
-    """What actions/checkout gives a job: the committed files, no build output, no private key."""
-    shutil.copytree(ws.root, dest, ignore=lambda d, names: [n for n in names
-                                                           if n in NOT_CHECKED_OUT or n.endswith(".key")])
+def _checkout(ws: Workspace, dest: Path, history: bool = False) -> Path:
+    """What actions/checkout gives a job: the committed files, no build output, no private key; the
+    git history too with `fetch-depth: 0`."""
+    skip = NOT_CHECKED_OUT - ({".git"} if history else set())
+    shutil.copytree(ws.root, dest, ignore=lambda d, names: [n for n in names if n in skip or n.endswith(".key")])
     return dest
 
 
-def run_job(run: Run, job_id: str, matrix: dict[str, str] | None = None) -> dict[str, str]:
+def run_job(run: Run, job_id: str, matrix: dict[str, str] | None = None, workflow: dict = WORKFLOW
+            ) -> dict[str, str]:
     """Run one job (one matrix leg); returns its outputs. Fails the test when a step fails."""
-    job = WORKFLOW["jobs"][job_id]
+    job = workflow["jobs"][job_id]
     leg = "-".join([job_id, *(matrix or {}).values()]).replace("/", "_")
     work = run.tmp / "jobs" / leg
     workspace: Path | None = None
@@ -122,7 +127,8 @@ def run_job(run: Run, job_id: str, matrix: dict[str, str] | None = None) -> dict
     for n, step in enumerate(job["steps"]):
         ctx = {"matrix": matrix or {}, "needs": run.needs, "secrets": run.secrets, "vars": run.vars,
                "steps": {k: {"outputs": v} for k, v in steps.items()},
-               "github": {"token": "ghs_test-token", "repository": REPO}}
+               "github": {"token": "ghs_test-token", "repository": REPO,
+                          "event": json.loads(run.event.read_text())}}
         if "if" in step and not _condition(step["if"], ctx):
             continue
         env = {k: _interpolate(v, ctx) for k, v in step.get("env", {}).items()}
@@ -132,7 +138,7 @@ def run_job(run: Run, job_id: str, matrix: dict[str, str] | None = None) -> dict
                     "GITHUB_RUN_ID": "4242", "GITHUB_RUN_ATTEMPT": "1"}
         if uses.startswith("actions/checkout@"):
             assert with_.get("persist-credentials") == "False"
-            workspace = _checkout(run.ws, work)
+            workspace = _checkout(run.ws, work, history=str(with_.get("fetch-depth")) == "0")
         elif uses.startswith(("actions/setup-go@", "arduino/setup-task@")):
             pass  # the test subsystems build with `task` (on PATH) and shell; no Go needed
         elif uses.startswith("actions/upload-artifact@"):
@@ -340,3 +346,52 @@ def test_dispatch_changes_only_the_dispatched_subsystem(tmp_path: Path, github_a
     assert relay_handler.received[0]["delivery"] == "run-4242-1"
     # The relay announces its configured tag; a notify naming another release would be refused.
     assert "release" not in relay_handler.received[0]["body"]
+
+
+# ------------------------------------------------------------------- ci.yml: plan from a push's range
+
+
+def _push_event(tmp: Path, before: str, default_branch: str = "master") -> Path:
+    payload = json.loads((ROOT / "tests/fixtures/webhooks/push.0.json").read_text())
+    payload["before"] = before
+    payload["repository"]["default_branch"] = default_branch
+    path = tmp / "push.json"
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def _ci_plan(ws: Workspace, tmp: Path, event: Path) -> dict[str, str]:
+    tmp.mkdir()
+    run = Run(ws, event, tmp, {"PATH": BIN + ":/usr/bin:/bin"}, {})
+    return run_job(run, "plan", workflow=CI)
+
+
+def test_ci_push_plans_only_changed_paths_and_falls_back_safely(tmp_path: Path):
+    ws = make_workspace(tmp_path / "repo", platforms=("linux/amd64",))
+    first = ws.git_commit("base")
+    (ws.root / "arc" / "notes.txt").write_text("arc changed\n")
+    ws.git_commit("change arc only")
+
+    # An ordinary push: only the subsystem whose paths changed.
+    out = _ci_plan(ws, tmp_path / "a", _push_event(tmp_path, first))
+    assert out["has_work"] == "true"
+    assert [e["subsystem"] for e in json.loads(out["matrix"])["include"]] == ["arc"]
+
+    # A new branch (before all zeros): diffed against its merge base with the default branch.
+    subprocess.run(["git", "update-ref", "refs/remotes/origin/master", first], cwd=ws.root, check=True,
+                   timeout=30)
+    out = _ci_plan(ws, tmp_path / "b", _push_event(tmp_path, "0" * 40))
+    assert [e["subsystem"] for e in json.loads(out["matrix"])["include"]] == ["arc"]
+
+    # A force push whose `before` this clone never saw: every subsystem.
+    out = _ci_plan(ws, tmp_path / "c", _push_event(tmp_path, "f" * 40))
+    assert sorted(e["subsystem"] for e in json.loads(out["matrix"])["include"]) == ["arc", "nats"]
+
+    # A new branch and no default branch to compare with: every subsystem.
+    out = _ci_plan(ws, tmp_path / "d", _push_event(tmp_path, "0" * 40, default_branch=""))
+    assert sorted(e["subsystem"] for e in json.loads(out["matrix"])["include"]) == ["arc", "nats"]
+
+    # A repository without sync-tools.yaml (sync-tools itself): nothing planned, no failure.
+    ws.config_path.unlink()
+    out = _ci_plan(ws, tmp_path / "e", _push_event(tmp_path, first))
+    assert out["has_work"] == "" and out["matrix"] == ""
