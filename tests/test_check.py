@@ -446,3 +446,20 @@ def test_console_script_end_to_end(tmp_path, git_http_server):
     assert p.returncode == 10, p.stderr
     assert json.loads(p.stdout)["n"]["latest"] == "v1.1.0"
     assert p.stderr == ""
+
+
+def test_releases_rate_limit_is_a_remote_error_with_retry_after(github_api, monkeypatch):
+    from sync_tools.config import Subsystem
+    from sync_tools.sources import find_latest
+
+    github_api.state.add_repo("o/r")
+    github_api.state.add_release("o/r", "v1.0.0")
+    github_api.inject("GET", r"/releases/latest$", status=403, headers={"Retry-After": "30"},
+                      body={"message": "API rate limit exceeded",
+                            "documentation_url": "https://docs.github.com/rest/rate-limit"})
+    monkeypatch.setenv("GITHUB_API_URL", github_api.url)
+    sub = Subsystem(name="r", upstream="o/r", strategy="releases")
+    with pytest.raises(RemoteError, match="403.*rate limit") as info:
+        find_latest(sub, Sources(timeout=5))
+    assert info.value.status_code == 403 and info.value.retry_after == 30
+    assert find_latest(sub, Sources(timeout=5)).latest == "v1.0.0"  # the fault was one answer

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from typing import TYPE_CHECKING, Any
 
 from sync_tools import versions
@@ -82,7 +83,10 @@ def find_latest(sub: Subsystem, sources: Sources) -> Latest:
                 return _result(sub, tag, rel.target_commitish, None)
         return _from_list(sub, slug, repo)
     except GithubException as e:
-        raise RemoteError(f"{slug}: GitHub API error {e.status}: {_message(e)}", status_code=e.status) from e
+        retry_after = _retry_after(getattr(e, "headers", None) or {})
+        hint = f" (rate limited; retry in {retry_after:.0f}s)" if retry_after is not None else ""
+        raise RemoteError(f"{slug}: GitHub API error {e.status}: {_message(e)}{hint}", status_code=e.status,
+                          retry_after=retry_after) from e
     except (OSError, ValueError) as e:
         # requests' ConnectionError/Timeout are OSErrors; JSON decode problems are ValueErrors
         raise RemoteError(f"{slug}: GitHub API unreachable: {e}") from e
@@ -122,3 +126,16 @@ def _message(e: Any) -> str:
     if isinstance(data, dict) and data.get("message"):
         return str(data["message"])
     return str(e)[:200]
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds to wait before asking again, from GitHub's Retry-After or an exhausted rate limit."""
+    h = {str(k).lower(): str(v) for k, v in dict(headers).items()}
+    try:
+        if "retry-after" in h:
+            return max(0.0, float(h["retry-after"]))
+        if h.get("x-ratelimit-remaining") == "0" and "x-ratelimit-reset" in h:
+            return max(0.0, float(h["x-ratelimit-reset"]) - time.time())
+    except ValueError:
+        return None
+    return None
