@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -350,3 +353,31 @@ def test_nullable_conversion() -> None:
     assert _openapi_to_jsonschema({"allOf": [{"$ref": "#/x"}], "nullable": True}) == {
         "anyOf": [{"allOf": [{"$ref": "#/x"}]}, {"type": "null"}]
     }
+
+
+def test_fixture_fails_the_test_at_teardown_on_a_schema_violation(tmp_path: Path) -> None:
+    """A test whose server answered outside GitHub's schemas fails, even though its own asserts pass."""
+    test_file = tmp_path / "test_bad_body.py"
+    test_file.write_text(
+        "import requests\n"
+        "from tests.servers.github_api import github_api_fixture  # noqa: F401\n"
+        "def test_corrupt(github_api):\n"
+        "    github_api.state.add_repo('o/r')\n"
+        "    rel = github_api.state.add_release('o/r', 'v1')\n"
+        "    with github_api.state.lock:\n"
+        "        github_api.state._releases[rel['id']]['draft'] = 'yes'\n"
+        "    url = f\"{github_api.url}/repos/o/r/releases/{rel['id']}\"\n"
+        "    assert requests.get(url, timeout=5).status_code == 200\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(root), str(test_file)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 passed, 1 error" in proc.stdout
+    assert "draft: 'yes' is not of type 'boolean'" in proc.stdout
