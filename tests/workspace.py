@@ -203,6 +203,7 @@ def make_workspace(
     program: Callable[[str, str], str] = default_program,
     git: bool = True,
     extra_config: str = "",
+    repo: str | None = None,
 ) -> Workspace:
     """Write a workspace under *root* (created if missing) and return it.
 
@@ -211,7 +212,8 @@ def make_workspace(
     (its pin, default *version*) and any other ``sync-tools.yaml`` subsystem key as a YAML-ready value;
     a plain list of names takes the defaults. By default: ``nats`` (binary ``nats-server``) and ``arc``
     (depends on nats). *extra_config* is appended to sync-tools.yaml verbatim (e.g. an ``agent:``
-    section).
+    section). *repo* ("owner/name") releases to that GitHub repository instead of the local store
+    (point ``GITHUB_API_URL`` at the GitHub API test server).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -271,7 +273,7 @@ def make_workspace(
     config_path = root / "sync-tools.yaml"
     config_path.write_text(
         "release:\n"
-        "  store: .releases\n"
+        + (f"  repo: {repo}\n" if repo else "  store: .releases\n") +
         "  tag: latest\n"
         "  public_key: keys/release.pub\n"
         f"platforms: [{', '.join(platforms)}]\n"
