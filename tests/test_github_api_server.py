@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,19 @@ def test_every_response_has_rate_limit_and_request_id_headers(github_api: GitHub
     assert int(second.headers["X-RateLimit-Remaining"]) == int(first.headers["X-RateLimit-Remaining"]) - 1
     rl = requests.get(f"{github_api.url}/rate_limit", timeout=T).json()
     assert rl["resources"]["core"]["used"] == 2 and rl["rate"]["limit"] == 5000
+
+
+def test_primary_rate_limit_exhaustion(github_api: GitHubAPIServer) -> None:
+    github_api.state.add_repo(REPO)
+    github_api.set_rate_limit(remaining=1, reset_in=60)
+    last = requests.get(f"{github_api.url}/repos/{REPO}", timeout=T)
+    assert last.status_code == 200 and last.headers["X-RateLimit-Remaining"] == "0"
+    limited = requests.get(f"{github_api.url}/repos/{REPO}", timeout=T)
+    assert limited.status_code == 403
+    assert limited.json()["message"].startswith("API rate limit exceeded")
+    assert limited.headers["X-RateLimit-Remaining"] == "0"
+    assert 0 < int(limited.headers["X-RateLimit-Reset"]) - time.time() <= 61
+    assert requests.get(f"{github_api.url}/rate_limit", timeout=T).json()["rate"]["remaining"] == 0
 
 
 def test_release_lifecycle_with_plain_requests(github_api: GitHubAPIServer) -> None:

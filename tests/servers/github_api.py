@@ -25,6 +25,7 @@ Faults: ``server.inject("POST", r"/assets$", status=500)`` answers the next matc
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -59,8 +60,6 @@ def _now() -> str:
 
 
 def _node_id(kind: str, ident: int) -> str:
-    import base64
-
     return base64.b64encode(f"0:{kind}{ident}".encode()).decode()
 
 
@@ -582,8 +581,10 @@ class GitHubAPIServer:
         self.hooks: list[Callable[[dict], None]] = []
         self._faults: list[Fault] = []
         self._faults_lock = threading.Lock()
+        self._rate_limit = RATE_LIMIT
         self._rate_used = 0
         self._rate_reset = int(time.time()) + 3600
+        self._rate_lock = threading.Lock()
         self._stopping = threading.Event()
         self._checker = openapi_checker() if check_schemas else None
         self._map = Map(
@@ -636,6 +637,15 @@ class GitHubAPIServer:
             self._faults.append(fault)
         return fault
 
+    def set_rate_limit(self, *, remaining: int, limit: int = RATE_LIMIT, reset_in: float = 3600) -> None:
+        """Put the core rate limit at *remaining* of *limit*, resetting in *reset_in* seconds. At zero,
+        API requests get GitHub's 403 "API rate limit exceeded" (secondary limits: inject a 403 or
+        429 with ``Retry-After``)."""
+        with self._rate_lock:
+            self._rate_limit = limit
+            self._rate_used = limit - remaining
+            self._rate_reset = int(time.time() + reset_in)
+
     def clear_faults(self) -> None:
         """Forget every injected fault not used up yet."""
         with self._faults_lock:
@@ -658,8 +668,8 @@ class GitHubAPIServer:
     def _rate_headers(self) -> dict[str, str]:
         used = self._rate_used
         return {
-            "X-RateLimit-Limit": str(RATE_LIMIT),
-            "X-RateLimit-Remaining": str(max(0, RATE_LIMIT - used)),
+            "X-RateLimit-Limit": str(self._rate_limit),
+            "X-RateLimit-Remaining": str(max(0, self._rate_limit - used)),
             "X-RateLimit-Reset": str(self._rate_reset),
             "X-RateLimit-Used": str(used),
             "X-RateLimit-Resource": "core",
@@ -751,7 +761,17 @@ class GitHubAPIServer:
         is_api = spec_path is not None or handler == "rate_limit"
         if is_api:
             if request.path != "/rate_limit":
-                self._rate_used += 1
+                with self._rate_lock:
+                    if self._rate_used >= self._rate_limit:
+                        # GitHub's primary rate limit answer (403; X-RateLimit-Remaining: 0).
+                        return _error(
+                            403,
+                            "API rate limit exceeded for 127.0.0.1. (But here's the good news: "
+                            "Authenticated requests get a higher rate limit. Check out the documentation "
+                            "for more details.)",
+                            docs="https://docs.github.com/rest/overview/resources-in-the-rest-api#rate-limiting",
+                        )
+                    self._rate_used += 1
             if self.token is not None and not entry["authenticated"]:
                 return _error(401, "Bad credentials")
         try:
@@ -825,7 +845,7 @@ class GitHubAPIServer:
 
     # -- handlers
     def _h_rate_limit(self, request: Request) -> Response:
-        core = {"limit": RATE_LIMIT, "remaining": max(0, RATE_LIMIT - self._rate_used), "reset": self._rate_reset, "used": self._rate_used, "resource": "core"}
+        core = {"limit": self._rate_limit, "remaining": max(0, self._rate_limit - self._rate_used), "reset": self._rate_reset, "used": self._rate_used, "resource": "core"}
 
         def other(name: str, limit: int) -> dict:
             return {"limit": limit, "remaining": limit, "reset": self._rate_reset, "used": 0, "resource": name}
