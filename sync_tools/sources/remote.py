@@ -296,8 +296,12 @@ class RefCache:
         return entry.value
 
 
-@dataclass
 class _Entry:
-    done: threading.Event = field(default_factory=threading.Event)
-    value: RemoteRefs | None = None
-    error: RemoteError | None = None
+    """One URL's listing in a RefCache: set once by its owner, waited on by the rest."""
+
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: RemoteRefs | None = None
+        self.error: RemoteError | None = None
