@@ -51,6 +51,7 @@ from sync_tools.manifest import (
     with_entry,
 )
 from sync_tools.signing import public_key_pem
+from sync_tools.versionfile import VersionInfo, write_version
 
 PLATFORM = "linux/amd64"
 SUPERVISORD = str(Path(sys.executable).parent / "supervisord")
@@ -301,11 +302,17 @@ class Supervisord:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:  # stopping the programs over RPC is quick; supervisord's own shutdown ticks slowly
-                self.rpc().supervisor.stopAllProcesses(True)
-            except Exception:  # noqa: BLE001 - it may be dead already; SIGKILL below cleans up
-                pass
+            # supervisord's own shutdown ticks slowly (about a second): kill its programs and it directly
+            try:
+                pids = [p["pid"] for p in self.rpc().supervisor.getAllProcessInfo() if p["pid"]]
+            except Exception:  # noqa: BLE001 - it may be dead already
+                pids = []
             self.proc.send_signal(signal.SIGKILL)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -398,9 +405,8 @@ class World:
 
 
 def make_world(base: Path, names: dict[str, str] | None = None, *, health_timeout: float = 5.0) -> World:
-    """Start supervisord (its programs FATAL: no binary yet), publish v1 of every subsystem, and let the
-    agent install and start them."""
-
+    """Publish v1 of every subsystem, install the same bytes by hand (as a previous agent run would have;
+    the agent's own first install is tested on its own), and start supervisord running them."""
     names = dict(names or DEFAULT_NAMES)
     key = Ed25519PrivateKey.generate()
     store = ReleaseStore(base / "store", key)
@@ -425,10 +431,15 @@ def make_world(base: Path, names: dict[str, str] | None = None, *, health_timeou
     world = World(base, store, server, supervisor, names, ports, service_py, cfg)
     try:
         for n in names:
-            world.publish(n, "v1")
+            data = world.publish(n, "v1")
+            path = world.bin_path(n)
+            path.parent.mkdir(parents=True)
+            path.write_bytes(data)
+            path.chmod(0o755)
+            entry = store.manifest().subsystems[n]
+            write_version(path.parent, VersionInfo(entry.commit, entry.built, hashlib.sha256(data).hexdigest(),
+                                                   entry.version))
         supervisor.start()
-        report = world.agent().reconcile()
-        assert report.ok, report
         for n in names:
             world.health(n)
         server.reset()

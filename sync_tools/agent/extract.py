@@ -54,22 +54,22 @@ def extract_binary(archive: Path, binary: str, dest: Path, *, max_bytes: int) ->
         try:
             member = tf.next()
             if member is None:
-                raise ArchiveError(f"{archive.name}: empty archive")
+                raise ArchiveError("empty archive")
             _check_member(member, binary, max_bytes)
             try:
                 tarfile.data_filter(member, str(dest.parent))
             except tarfile.FilterError as e:
-                raise ArchiveError(f"{archive.name}: refused by tarfile's data filter: {e}") from e
+                raise ArchiveError(f"refused by tarfile's data filter: {e}") from e
             digest = _write_member(tf, member, dest)
             # Anything after the first member is refused: the asset holds the binary and nothing else.
             if tf.next() is not None:
-                raise ArchiveError(f"{archive.name}: more than one member (expected only {binary!r})")
-        except ArchiveError:
+                raise ArchiveError(f"more than one member (expected only {binary!r})")
+        except ArchiveError as e:
             dest.unlink(missing_ok=True)
-            raise
+            raise ArchiveError(f"{archive.name}: {e}") from e
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             dest.unlink(missing_ok=True)
-            if isinstance(e, OSError) and not isinstance(e, EOFError) and e.errno is not None:
+            if isinstance(e, OSError) and e.errno is not None:
                 raise  # a local write failure (ENOSPC...) is not the archive's fault
             raise ArchiveError(f"{archive.name}: corrupt archive: {e}") from e
     return digest
@@ -83,19 +83,21 @@ def _write_member(tf: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> s
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
     try:
         written = 0
-        with os.fdopen(fd, "wb") as out:
-            while chunk := src.read(CHUNK):
-                written += len(chunk)
-                if written > member.size:
-                    raise ArchiveError(f"{member.name!r} holds more than its claimed {member.size} bytes")
-                out.write(chunk)
-                digest.update(chunk)
-            if written != member.size:
-                raise ArchiveError(f"{member.name!r} ended after {written} of {member.size} bytes")
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(dest, 0o755)
+        while chunk := src.read(CHUNK):
+            written += len(chunk)
+            if written > member.size:
+                raise ArchiveError(f"{member.name!r} holds more than its claimed {member.size} bytes")
+            view = memoryview(chunk)
+            while view:  # unbuffered: a full disk surfaces here, at the write that failed
+                view = view[os.write(fd, view):]
+            digest.update(chunk)
+        if written != member.size:
+            raise ArchiveError(f"{member.name!r} ended after {written} of {member.size} bytes")
+        os.fsync(fd)
+        os.fchmod(fd, 0o755)
     except BaseException:
+        os.close(fd)
         dest.unlink(missing_ok=True)
         raise
+    os.close(fd)
     return digest.hexdigest()

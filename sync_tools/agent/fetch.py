@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import http.client
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import requests
+import urllib3
 
 from sync_tools.errors import DataError, DownloadError
 
@@ -59,7 +61,8 @@ class Fetcher(abc.ABC):
                 yield chunk
         except (DownloadError, DataError):
             raise
-        except (requests.RequestException, OSError, ValueError) as e:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError,
+                ValueError) as e:
             raise DownloadError(f"{url_or_name}: {type(e).__name__}: {e}") from e
 
     def fetch_bytes(self, url_or_name: str, *, max_bytes: int) -> bytes:
@@ -94,7 +97,7 @@ class HTTPFetcher(Fetcher):
         return f"{self.base_url}/{url_or_name}"
 
     def _fetch(self, url_or_name: str, offset: int) -> Iterator[bytes]:
-        headers = dict(self.headers)
+        headers = {"Accept-Encoding": "identity", **self.headers}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         url = self.url(url_or_name)
@@ -104,7 +107,9 @@ class HTTPFetcher(Fetcher):
             if resp.status_code not in (200, 206):
                 raise DownloadError(f"{url}: HTTP {resp.status_code}", status_code=resp.status_code)
             skip = offset if (offset and resp.status_code == 200) else 0
-            for chunk in resp.iter_content(CHUNK):
+            # read1 hands over whatever arrived, so a cut loses no received byte: the resume starts
+            # exactly where the connection dropped
+            while chunk := resp.raw.read1(CHUNK):
                 if skip:
                     if len(chunk) <= skip:
                         skip -= len(chunk)

@@ -313,7 +313,7 @@ class Agent:
         """
         bin_dir = sub.bin_dir(self.root)
         staged = install.staged_path(bin_dir, sub.binary)
-        part = self.downloads / f"{asset.name}.part"
+        part = self.downloads / asset.name  # named as the asset so archive errors name it
         try:
             bin_dir.mkdir(parents=True, exist_ok=True)
             self.downloads.mkdir(parents=True, exist_ok=True)
