@@ -4,6 +4,7 @@ GitHub API test server for `releases`, the real CLI through CliRunner and the co
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -463,3 +464,16 @@ def test_releases_rate_limit_is_a_remote_error_with_retry_after(github_api, monk
         find_latest(sub, Sources(timeout=5))
     assert info.value.status_code == 403 and info.value.retry_after == 30
     assert find_latest(sub, Sources(timeout=5)).latest == "v1.0.0"  # the fault was one answer
+
+
+@pytest.mark.parametrize("url, words", [
+    ("ftp://127.0.0.1/x.git", "unsupported scheme 'ftp'"),
+    ("https://", "no host"),
+    ("http://[::1/x.git", "not a valid URL"),
+    ("http://127.0.0.1:99999/x.git", "not a valid URL"),
+])
+def test_urls_no_transport_can_use_are_refused_before_any_network(url, words):
+    from sync_tools.errors import DataError
+
+    with pytest.raises(DataError, match=re.escape(words)):
+        ls_remote(url, timeout=1)

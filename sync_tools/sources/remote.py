@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
-from sync_tools.errors import RemoteError
+from sync_tools.errors import DataError, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,11 @@ def _readable(s: socket.socket) -> bool:
 
 
 def _client_for(url: str, timeout: float):  # type: ignore[no-untyped-def]
-    from dulwich.client import Urllib3HttpGitClient, default_urllib3_manager, get_transport_and_path
+    from dulwich.client import (
+        default_urllib3_manager,
+        get_transport_and_path,
+        get_transport_and_path_from_url,
+    )
 
     parts = urlsplit(url)
     if parts.scheme in ("http", "https"):
@@ -190,7 +194,8 @@ def _client_for(url: str, timeout: float):  # type: ignore[no-untyped-def]
         # urllib3 retries refused connections three times by default, logging a warning each time;
         # the next check asks again anyway, so fail at once (redirects are still followed)
         pool.connection_pool_kw["retries"] = Retry(total=5, connect=0, read=0, status=0, redirect=5)
-        return Urllib3HttpGitClient(url, pool_manager=pool, timeout=timeout), ""
+        # dulwich's own URL handling: credentials in the URL, dumb-HTTP fallback
+        return get_transport_and_path_from_url(url, pool_manager=pool)
     if parts.scheme == "git":
         cls = _tcp_client_class()
         client = cls(parts.hostname or "localhost", port=parts.port)
@@ -204,16 +209,36 @@ def _client_for(url: str, timeout: float):  # type: ignore[no-untyped-def]
     return get_transport_and_path(url, ssh_command=ssh)
 
 
+_SCHEMES = ("http", "https", "git", "ssh", "git+ssh", "ssh+git")
+
+
+def _check_url(url: str) -> None:
+    """Refuse URLs no transport here can use, before anything touches the network."""
+    if _SCP_LIKE.match(url):
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as e:
+        raise DataError(f"{url}: not a valid URL ({e})") from e
+    if parts.scheme not in _SCHEMES:
+        raise DataError(f"{url}: unsupported scheme {parts.scheme!r} (use one of: {', '.join(_SCHEMES[:4])}, "
+                        "a local path or file://)")
+    if not parts.hostname:
+        raise DataError(f"{url}: no host in the URL")
+
+
 def ls_remote(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> RemoteRefs:
     """List *url*'s refs: smart HTTP(S), git://, ssh, ``file://`` or a local path.
 
     Raises RemoteError (naming the URL) when the remote cannot be reached, times out, is not a git
-    repository or answers garbage.
+    repository or answers garbage; DataError for a URL no transport can use (bad scheme, no host).
     """
     url = url.strip()
     if is_local(url):
         path = url[len("file://"):] if url.startswith("file://") else url
         return _local_refs(os.path.expanduser(path))
+    _check_url(url)
     from dulwich.errors import GitProtocolError, HangupException
 
     started = time.monotonic()
