@@ -8,6 +8,7 @@ message names the URL.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -107,6 +108,7 @@ def _local_refs(path: str) -> RemoteRefs:
     return RemoteRefs(path, MappingProxyType(refs), MappingProxyType(peeled), MappingProxyType(symrefs))
 
 
+@functools.cache
 def _tcp_client_class():
     """dulwich's git:// client, connecting with a timeout: dulwich's own connects and reads without one,
     and a stalled daemon would otherwise hang the check for ever. Only ``upload-pack`` (ls-remote and
