@@ -477,3 +477,21 @@ def test_urls_no_transport_can_use_are_refused_before_any_network(url, words):
 
     with pytest.raises(DataError, match=re.escape(words)):
         ls_remote(url, timeout=1)
+
+
+def test_check_of_git_upstreams_never_imports_pygithub_flask_or_cryptography(tmp_path):
+    repo = GitRepo.create(tmp_path / "up" / "n.git")
+    repo.commit("one")
+    repo.tag("v1.0.0")
+    config = write_config(tmp_path / "ws", {"n": {"upstream": str(repo.path)}})
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from sync_tools.cli import cli\n"
+        f"r = CliRunner().invoke(cli, ['check', '--json', '--config', {str(config)!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(sorted(m for m in ('github', 'flask', 'cryptography', 'requests') if m in sys.modules))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
