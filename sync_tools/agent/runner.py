@@ -233,6 +233,9 @@ class Agent:
             results.append(res)
         for sub in self.config.subsystems.values():
             install.clean_stale(sub.bin_dir(self.root), sub.binary, self.journal, sub.name)
+        if self.downloads.is_dir():  # downloads a crash left behind; none is running (we hold the lock)
+            for p in self.downloads.iterdir():
+                p.unlink(missing_ok=True)
         return results
 
     def reconcile(self, event: AgentEvent | None = None) -> UpdateReport:

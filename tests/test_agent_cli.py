@@ -1,0 +1,136 @@
+"""The agent's commands, and SIGKILL of a real agent process between every pair of install steps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sync_tools.agent.install import CRASH_ENV, STEPS
+from sync_tools.cli import cli
+from sync_tools.versionfile import read_version
+from tests.agent_support import World, close_world, make_world, snapshot
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = make_world(tmp_path, {"nats": "nats-server", "arc": "arc"})
+    try:
+        yield w
+    finally:
+        close_world(w)
+
+
+def _cli(world: World, *args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, [*args, "--config", str(world.config_path)], catch_exceptions=False)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def _agent_proc(world: World, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "sync_tools", "agent", "--once", "--json", "--source",
+                           world.server.url, "--config", str(world.config_path)],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_sigkill_between_every_install_step_leaves_a_verified_binary(world: World) -> None:
+    """For each step: the agent SIGKILLs itself right after it; the binary at the path is then exactly
+    the old or the new one (never partial), and a restarted agent ends with the new one healthy."""
+    others = snapshot([world.root / "arc"]), world.supervisor.pid("arc")
+    path = world.bin_path("nats")
+    for i, step in enumerate(STEPS):
+        old = path.read_bytes()
+        new = world.publish("nats", f"v{i + 2}")
+        crashed = _agent_proc(world, {CRASH_ENV: step})
+        assert crashed.returncode == -9, (step, crashed.stderr[-2000:])
+        assert path.read_bytes() in (old, new), step
+        assert os.access(path, os.X_OK)
+        restarted = _agent_proc(world)
+        assert restarted.returncode == 0, (step, restarted.stderr[-2000:])
+        assert path.read_bytes() == new, step
+        assert read_version(path.parent).checksum == hashlib.sha256(new).hexdigest(), step
+        assert world.health("nats").startswith(f"nats-v{i + 2}"), step
+        assert not list(path.parent.glob(".*.staged")), step
+        assert not list((world.root / ".sync-tools" / "journal").glob("*.json")), step
+        assert not list((world.root / ".sync-tools" / "downloads").iterdir()), step
+    assert (snapshot([world.root / "arc"]), world.supervisor.pid("arc")) == others
+
+
+def test_agent_once_installs_from_scratch_and_reports_json(world: World) -> None:
+    world.supervisor.rpc().supervisor.stopProcess("nats", True)
+    bin_dir = world.root / "nats" / ".bin"
+    for p in sorted(bin_dir.rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    code, out, err = _cli(world, "agent", "--once", "--json", "--source", world.server.url)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ok"] and report["subsystems"]["nats"]["action"] == "updated"
+    assert report["subsystems"]["arc"]["action"] == "unchanged"
+    assert world.health("nats").startswith("nats-v1")
+    assert not (bin_dir / ".previous").exists()
+
+
+def test_agent_once_reads_a_local_store_too(world: World) -> None:
+    world.publish("nats", "v2")
+    code, out, err = _cli(world, "agent", "--once", "--source", str(world.store.store))
+    assert code == 0, err
+    assert "nats" in out and "updated" in out
+    assert world.health("nats").startswith("nats-v2")
+
+
+def test_agent_once_exits_1_on_a_refused_release(world: World) -> None:
+    world.store.expire()
+    code, out, err = _cli(world, "agent", "--once", "--json", "--source", world.server.url)
+    assert code == 1
+    assert "expired" in json.loads(out)["error"]
+
+
+def test_status_reports_versions_running_state_and_drift(world: World) -> None:
+    code, out, err = _cli(world, "status", "--json")
+    assert code == 0, err
+    st = json.loads(out)
+    assert st["nats"]["version"] == "v1" and st["nats"]["running"]["status"] == "RUNNING"
+    assert st["nats"]["sha256"] == world.sha("nats") and st["nats"]["drift"] is False
+    world.bin_path("arc").write_bytes(b"hand-edited\n")
+    st = json.loads(_cli(world, "status", "--json")[1])
+    assert st["arc"]["drift"] is True
+    code, out, _ = _cli(world, "status")
+    assert code == 0 and "DRIFT" in out and "RUNNING" in out
+
+
+def test_rollback_command(world: World) -> None:
+    v1 = world.bin_path("nats").read_bytes()
+    world.publish("nats", "v2")
+    assert _cli(world, "agent", "--once", "--source", world.server.url)[0] == 0
+    code, out, err = _cli(world, "rollback", "nats")
+    assert code == 0, err
+    assert "healthy" in out
+    assert world.bin_path("nats").read_bytes() == v1
+    assert world.health("nats").startswith("nats-v1")
+    code, out, err = _cli(world, "rollback", "nope")
+    assert code == 1 and "unknown subsystem 'nope'" in err
+
+
+def test_errors_are_one_line(world: World, tmp_path: Path) -> None:
+    cfg = tmp_path / "bare.yaml"
+    cfg.write_text("subsystems:\n  a:\n    upstream: /dev/null\n")
+    r = CliRunner().invoke(cli, ["agent", "--once", "--config", str(cfg)])
+    assert r.exit_code == 1 and "no release source" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = CliRunner().invoke(cli, ["watch", "--config", str(cfg)], env={"SYNC_TOOLS_AGENT_SECRET": ""})
+    assert r.exit_code == 1 and "refusing to accept unverified webhooks" in r.stderr
+    r = CliRunner().invoke(cli, ["agent", "--config", str(world.config_path)])
+    assert r.exit_code == 1 and "nothing to wait for" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["agent", "status", "rollback", "watch"])
+def test_every_agent_command_has_help_with_an_example(command: str) -> None:
+    r = CliRunner().invoke(cli, [command, "--help"])
+    assert r.exit_code == 0 and "Example:" in r.stdout and "--config" in r.stdout
