@@ -336,7 +336,7 @@ def test_dispatch_changes_only_the_dispatched_subsystem(tmp_path: Path, github_a
         assert len(after_assets[asset["name"]]) == asset["size"]
 
     summaries = "\n".join(run.summaries)
-    assert "| nats | linux/amd64 |" in summaries and "nats-server-linux-amd64.tar.gz" in summaries
+    assert "| nats | linux/amd64 | v1.1.0 | ubuntu-latest |" in summaries and "nats-server-linux-amd64.tar.gz" in summaries
     assert "arc" not in summaries.split("### Released")[1].split("Subsystems:")[1].splitlines()[0]
 
     # The notify job ran (the variable is set) and the relay's verifier accepted its signature.
