@@ -229,6 +229,16 @@ def test_args_are_split_without_a_shell(workspace: Path, tmp_path: Path):
     assert run.returncode == 2
 
 
+def test_unbalanced_quotes_in_args_stop_before_the_command(workspace: Path, tmp_path: Path):
+    event = dispatch_payload(tmp_path, subsystem="nats")
+    run = run_action({"command": "plan", "args": '--event "$GITHUB_EVENT_PATH'}, workspace=workspace,
+                     event=event, tmp=tmp_path)
+    assert run.returncode == 1
+    assert "cannot split the args input: No closing quotation" in run.stderr
+    assert "plan (" not in run.stderr  # the CLI never ran (it logs its plan reason on stderr)
+    assert run.outputs["has_work"] == ""
+
+
 def test_a_bad_command_input_is_refused(workspace: Path, tmp_path: Path):
     marker = tmp_path / "pwned"
     event = dispatch_payload(tmp_path, subsystem="nats")
