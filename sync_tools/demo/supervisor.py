@@ -30,7 +30,7 @@ def write_conf(root: Path, programs: list[Program]) -> Path:
     lines = [
         "[unix_http_server]", f"file={sock}", "chmod=0700", "",
         "[supervisord]", f"logfile={root / 'logs' / 'supervisord.log'}", f"pidfile={root / 'supervisord.pid'}",
-        "nodaemon=true", "loglevel=warn", f"directory={root}", "",
+        "nodaemon=true", "loglevel=info", f"directory={root}", "",
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
         "[supervisorctl]", f"serverurl=unix://{sock}", "",

@@ -20,7 +20,9 @@ import json
 import os
 import signal
 import sys
+import time
 
+STARTED = time.time()
 NAME = {name!r}
 VERSION = {version!r}
 
@@ -28,7 +30,7 @@ VERSION = {version!r}
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         ok = self.path == "/health" and not os.environ.get("DEMO_UNHEALTHY")
-        body = json.dumps({{"service": NAME, "version": VERSION, "pid": os.getpid()}}).encode()
+        body = json.dumps({{"service": NAME, "version": VERSION, "pid": os.getpid(), "started": STARTED}}).encode()
         self.send_response(200 if ok else 503)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
