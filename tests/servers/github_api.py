@@ -758,32 +758,34 @@ class GitHubAPIServer:
             if e.code == 405:
                 return _error(404, "Not Found")
             return _error(e.code or 404, "Not Found")
-        is_api = spec_path is not None or handler == "rate_limit"
-        if is_api:
-            if request.path != "/rate_limit":
-                with self._rate_lock:
-                    if self._rate_used >= self._rate_limit:
-                        # GitHub's primary rate limit answer (403; X-RateLimit-Remaining: 0).
-                        return _error(
-                            403,
-                            "API rate limit exceeded for 127.0.0.1. (But here's the good news: "
-                            "Authenticated requests get a higher rate limit. Check out the documentation "
-                            "for more details.)",
-                            docs="https://docs.github.com/rest/overview/resources-in-the-rest-api#rate-limiting",
-                        )
-                    self._rate_used += 1
-            if self.token is not None and not entry["authenticated"]:
-                return _error(401, "Bad credentials")
-        try:
-            response = getattr(self, "_h_" + handler)(request, **args)
-        except _Answer as a:
-            response = a.response
-        except Exception as e:
-            self.internal_errors.append(f"{request.method} {request.path}: {e!r}")
-            response = _error(500, "Server Error")
+        response = self._answer(request, entry, handler, spec_path, args)
         if spec_path is not None and self._checker is not None and hasattr(response, "json_body"):
             self.schema_errors.extend(self._checker.check(request.method, spec_path, response.status_code, response.json_body))
         return response
+
+    def _answer(self, request: Request, entry: dict, handler: str, spec_path: str | None, args: dict) -> Response:
+        if spec_path is not None and request.path != "/rate_limit":
+            with self._rate_lock:
+                if self._rate_used >= self._rate_limit:
+                    # GitHub's primary rate limit answer (403; X-RateLimit-Remaining: 0).
+                    return _error(
+                        403,
+                        "API rate limit exceeded for 127.0.0.1. (But here's the good news: "
+                        "Authenticated requests get a higher rate limit. Check out the documentation "
+                        "for more details.)",
+                        docs="https://docs.github.com/rest/overview/resources-in-the-rest-api#rate-limiting",
+                    )
+                self._rate_used += 1
+        anonymous_ok = request.path == "/rate_limit" and "Authorization" not in request.headers
+        if spec_path is not None and self.token is not None and not entry["authenticated"] and not anonymous_ok:
+            return _error(401, "Bad credentials")
+        try:
+            return getattr(self, "_h_" + handler)(request, **args)
+        except _Answer as a:
+            return a.response
+        except Exception as e:
+            self.internal_errors.append(f"{request.method} {request.path}: {e!r}")
+            return _error(500, "Server Error")
 
     # -- helpers for handlers
     def _repo_or_404(self, owner: str, repo: str) -> dict:
