@@ -395,3 +395,48 @@ def test_fixture_fails_the_test_at_teardown_on_a_schema_violation(tmp_path: Path
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "1 passed, 1 error" in proc.stdout
     assert "draft: 'yes' is not of type 'boolean'" in proc.stdout
+
+
+def test_every_route_is_an_operation_of_the_subset() -> None:
+    from tests.servers.github_api import _ROUTES
+
+    doc = OpenAPIChecker().doc
+    implemented = {(m.lower(), spec) for _, methods, _, spec in _ROUTES if spec for m in methods}
+    in_subset = {(m, p) for p, item in doc["paths"].items() for m in item if m != "parameters"}
+    assert implemented == in_subset
+    assert doc["info"]["x-source"] == {"package": "@octokit/openapi", "version": "23.0.2", "file": "generated/api.github.com.json"}
+
+
+def test_extractor_follows_references_recursively() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    try:
+        import extract_openapi_subset as ex
+    finally:
+        sys.path.pop(0)
+    ref = {"$ref": "#/components/schemas/a"}
+    description = {
+        "openapi": "3.0.3",
+        "info": {"title": "t", "version": "1"},
+        "paths": {
+            "/x": {"get": {"responses": {"200": {"content": {"application/json": {"schema": ref, "examples": {"e": {}}}}}}}},
+            "/unused": {"get": {"responses": {"200": {"$ref": "#/components/responses/r"}}}},
+        },
+        "components": {
+            "schemas": {
+                "a": {"type": "object", "properties": {"b": {"$ref": "#/components/schemas/b"}}, "example": {}},
+                "b": {"type": "string"},
+                "unused": {"type": "string"},
+                "basic-error": {"type": "object"},
+                "validation-error": {"type": "object"},
+            },
+            "responses": {"r": {"description": "r"}},
+        },
+    }
+    subset = ex.extract(description, (("get", "/x"),))
+    assert list(subset["paths"]) == ["/x"]
+    assert set(subset["components"]["schemas"]) == {"a", "b", "basic-error", "validation-error"}
+    assert "example" not in subset["components"]["schemas"]["a"]
+    assert "examples" not in subset["paths"]["/x"]["get"]["responses"]["200"]["content"]["application/json"]
+    description["components"]["schemas"]["b"] = {"$ref": "#/components/schemas/missing"}
+    with pytest.raises(KeyError):
+        ex.extract(description, (("get", "/x"),))

@@ -158,6 +158,9 @@ def test_reserved_names_are_refused(repo: GitHubAPIServer, tmp_path: Path) -> No
     for name in ("manifest.json", "manifest.json.sig", "x.tar.gz.tmp-0123456789abcdef"):
         with pytest.raises(DataError):
             store.upload_asset(_file(tmp_path, b"x"), name)
+    with pytest.raises(DataError, match="no such file"):
+        store.upload_asset(tmp_path / "missing.tar.gz", ASSET)
+    assert repo.requests == []  # refused before any request
 
 
 # ------------------------------------------------------------------------------------- manifest
@@ -264,6 +267,22 @@ def test_reader_waits_for_a_pair_in_flight_then_rolls_a_crashed_one_forward(repo
     snap = _store(repo, stale_after=0).read_manifest()
     assert (snap.data, snap.signature) == (b"new", b"new-sig")
     assert sorted(state.assets(REPO, TAG)) == ["manifest.json", "manifest.json.sig"]
+
+
+def test_unpaired_manifests_are_returned_for_the_signature_check_to_judge(repo: GitHubAPIServer) -> None:
+    state = repo.state
+    state.add_release(REPO, TAG)
+    # Uploaded by hand or by another tool: no pair labels, no signature. Read as is (verification refuses it).
+    state.add_asset(REPO, TAG, "manifest.json", b"by hand")
+    assert _store(repo, settle=0.2).read_manifest().signature is None
+    # Torn long ago with nothing left to finish it: returned as is rather than waited on forever.
+    with state.lock:
+        next(a for a in state._assets.values() if a["name"] == "manifest.json")["label"] = "manifest.json (00000000000000d3)"
+    state.add_asset(REPO, TAG, "manifest.json.sig", b"other", label="manifest.json.sig (00000000000000e4)")
+    with pytest.raises(RemoteError):
+        _store(repo, settle=0.2).read_manifest()
+    snap = _store(repo, settle=0.2, stale_after=0).read_manifest()
+    assert (snap.data, snap.signature) == (b"by hand", b"other")
 
 
 def test_crash_between_delete_and_rename_is_rolled_forward(repo: GitHubAPIServer) -> None:

@@ -311,6 +311,8 @@ class GitHubStore(Store):
         if name in (MANIFEST_NAME, SIGNATURE_NAME) or _TMP.match(name):
             raise DataError(f"{name!r} is reserved; the manifest pair is written by write_manifest")
         path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: no such file to upload as {name}")
         self.ensure_release()
         assets = self._assets()
         self._clean_stale(assets, manifest_temps=False)
@@ -403,10 +405,15 @@ class GitHubStore(Store):
                 if not self._roll_forward(assets, None):
                     return assets, None, None
                 continue
-            if manifest is not None and sig is not None and _pair_nonce(manifest) == _pair_nonce(sig):
-                return assets, manifest, sig
-            if manifest is not None and self._roll_forward(assets, manifest):
-                continue
+            if manifest is not None:
+                nonce = _pair_nonce(manifest)
+                # Unlabelled (written by another tool) or matched: the signature check decides.
+                if nonce is None or (sig is not None and _pair_nonce(sig) == nonce):
+                    return assets, manifest, sig
+                if self._roll_forward(assets, manifest):
+                    continue
+                if self._stale(manifest.updated_at):
+                    return assets, manifest, sig  # torn for good and nothing to finish it with
             if time.monotonic() >= deadline:
                 raise RemoteError(
                     f"{self.repo}@{self.tag}: {MANIFEST_NAME} is being replaced by another writer "
