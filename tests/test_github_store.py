@@ -130,6 +130,16 @@ def test_failed_rename_is_retried(repo: GitHubAPIServer, tmp_path: Path) -> None
     assert [e["status"] for e in repo.requests_to("PATCH", r"/releases/assets/")][1:] == [503, 200]
 
 
+def test_refused_delete_keeps_the_old_asset_and_drops_the_new_one(repo: GitHubAPIServer, tmp_path: Path) -> None:
+    store = _store(repo)
+    store.upload_asset(_file(tmp_path, b"old"), ASSET)
+    repo.inject("DELETE", r"/releases/assets/\d+$", status=403, body={"message": "Resource not accessible by integration"})
+    with pytest.raises(RemoteError, match="Resource not accessible") as err:
+        store.upload_asset(_file(tmp_path, b"new"), ASSET)
+    assert err.value.status_code == 403
+    assert repo.state.assets(REPO, TAG) == {ASSET: b"old"}
+
+
 def test_leftovers_of_crashed_runs_are_cleaned(repo: GitHubAPIServer, tmp_path: Path) -> None:
     state = repo.state
     state.add_release(REPO, TAG)

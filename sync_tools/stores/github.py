@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import functools
+import http.client
 import io
 import logging
 import math
@@ -52,6 +53,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
+import urllib3
 from github import Auth, Github, GithubException, GithubRetry
 from github.GitRelease import GitRelease
 from github.GitReleaseAsset import GitReleaseAsset
@@ -97,7 +99,8 @@ def _at_edge(what: str) -> Callable[[_F], _F]:
                     status_code=e.status,
                     retry_after=retry_after,
                 ) from e
-            except requests.RequestException as e:
+            except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
+                    ConnectionError, TimeoutError) as e:
                 raise RemoteError(f"{self.repo}@{self.tag}: {what}: {e}", status_code=_status(e)) from e
 
         return wrapper  # type: ignore[return-value]
@@ -317,6 +320,19 @@ class GitHubStore(Store):
         assets = self._assets()
         self._clean_stale(assets, manifest_temps=False)
         new = self._upload(f"{name}.tmp-{secrets.token_hex(8)}", path=path)
+        try:
+            self._swap_in(new, name)
+        except BaseException:
+            # The old asset still in place: drop ours. Gone: ours is the only copy; a later run
+            # renames it into place once it is stale (_clean_stale).
+            with contextlib.suppress(GithubException, requests.RequestException):
+                if any(a.name == name for a in self._assets()):
+                    self._discard(new)
+            raise
+        log.info("uploaded %s (%d bytes) to %s@%s", name, new.size, self.repo, self.tag)
+
+    def _swap_in(self, new: GitReleaseAsset, name: str) -> None:
+        """Delete every asset called *name*, then rename *new* to it."""
         for attempt in range(3):
             for old in (a for a in self._assets() if a.name == name):
                 try:
@@ -326,12 +342,11 @@ class GitHubStore(Store):
                         raise
             try:
                 self._rename_retrying(new, name)
-                break
+                return
             except GithubException as e:
                 # Another job put the same name back between our delete and rename: go again.
                 if e.status != 422 or attempt == 2:
                     raise
-        log.info("uploaded %s (%d bytes) to %s@%s", name, new.size, self.repo, self.tag)
 
     # ------------------------------------------------------------------------------- manifest
 
