@@ -11,6 +11,7 @@ again and redoes the change, after a short random pause so racing jobs spread ou
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -125,40 +126,77 @@ def release(
     its sidecar, the store's manifest does not verify), RemoteError (store I/O) and ManifestConflict
     when *attempts* read-modify-write rounds all lost a race.
     """
+    [result] = release_many(config, [name], store=store, dist=dist, platforms=platforms,
+                            signing_key=signing_key, attempts=attempts, sleep=sleep, now=now)
+    return result
+
+
+def release_many(
+    config: Config,
+    names: Sequence[str],
+    *,
+    store: Store | None = None,
+    dist: Path | None = None,
+    platforms: Iterable[str] | None = None,
+    signing_key: str | bytes | None = None,
+    attempts: int = DEFAULT_ATTEMPTS,
+    sleep: Callable[[float], None] = time.sleep,
+    now: datetime | None = None,
+) -> list[ReleaseResult]:
+    """Release several subsystems with one manifest write: every asset is uploaded first, then all
+    their entries go into the manifest together (serial + 1 once, one signature), every other entry
+    left as it was. Nothing is uploaded unless every named subsystem has packaged assets.
+
+    Raises what :func:`release` raises.
+    """
     if attempts < 1:
         raise ConfigError(f"attempts must be at least 1, not {attempts}")
-    sub = config.subsystem(name)
+    if not names:
+        raise ConfigError("name the subsystems to release (--only NAME[,NAME])")
     dist = dist or config.root / DIST_DIR
-    items = read_packaged(dist, name, platforms)
-    if not items:
-        wanted = f" for {', '.join(platforms)}" if platforms else ""
-        raise DataError(f"{name}: nothing packaged in {dist}{wanted}; run: sync-tools package --only {name}")
-    entry = entry_for(items, sub.binary)
+    wanted = list(platforms) if platforms else None
+    packaged: dict[str, tuple[Packaged, ...]] = {}
+    entries: dict[str, Entry] = {}
+    for name in dict.fromkeys(names):
+        sub = config.subsystem(name)
+        items = read_packaged(dist, name, wanted)
+        if not items:
+            where = f" for {', '.join(wanted)}" if wanted else ""
+            raise DataError(f"{name}: nothing packaged in {dist}{where}; run: sync-tools package --only {name}")
+        packaged[name] = tuple(items)
+        entries[name] = entry_for(items, sub.binary)
+    label = ",".join(entries)
     private, public = release_keys(config, signing_key)
     store = store or open_store(config)
 
     store.ensure_release()
     # Verify before uploading: a tampered store is refused before anything in it changes.
     read_verified(store, public)
-    for item in items:
-        store.upload_asset(item.path, item.name)
-        log.info("uploaded %s", item.name)
+    for items in packaged.values():
+        for item in items:
+            store.upload_asset(item.path, item.name)
+            log.info("uploaded %s", item.name)
 
     for attempt in range(1, attempts + 1):
         base, snap = read_verified(store, public)
-        new = with_entry(base, name, entry, now=now, expires_days=config.release.expires_days)
+        new = base
+        for name, entry in entries.items():
+            new = with_entry(new, name, entry, now=now, expires_days=config.release.expires_days)
+        new = dataclasses.replace(new, serial=base.serial + 1)  # one write, one serial step
         data, sig = sign_manifest(new, private)
         try:
             store.write_manifest(data, sig, snap.token)
         except ManifestConflict as e:
             if attempt == attempts:
-                raise ManifestConflict(f"{name}: the manifest kept changing; gave up after {attempts} "
+                raise ManifestConflict(f"{label}: the manifest kept changing; gave up after {attempts} "
                                        f"attempts ({e})") from e
             delay = min(2.0, 0.05 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)  # noqa: S311 - jitter
-            log.info("manifest changed under %s's release (attempt %d); retrying in %.2fs", name, attempt, delay)
+            log.info("manifest changed under the release of %s (attempt %d); retrying in %.2fs",
+                     label, attempt, delay)
             sleep(delay)
             continue
-        log.info("released %s %s: manifest serial %d", name, entry.version, new.serial)
-        return ReleaseResult(subsystem=name, version=entry.version, commit=entry.commit, serial=new.serial,
-                             assets=tuple(items), attempts=attempt, store=repr(store))
+        log.info("released %s: manifest serial %d", label, new.serial)
+        return [ReleaseResult(subsystem=name, version=entry.version, commit=entry.commit, serial=new.serial,
+                              assets=packaged[name], attempts=attempt, store=repr(store))
+                for name, entry in entries.items()]
     raise AssertionError("unreachable: the loop returns or raises")

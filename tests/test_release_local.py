@@ -24,7 +24,7 @@ from sync_tools.errors import ConfigError, DataError, SignatureError
 from sync_tools.fsutil import sha256_bytes
 from sync_tools.manifest import parse_manifest, sign_manifest, verify_manifest, with_entry
 from sync_tools.package import package
-from sync_tools.release import read_verified, release
+from sync_tools.release import read_verified, release, release_many
 from sync_tools.stores.base import ManifestConflict, open_store
 from sync_tools.stores.local import LocalStore
 from tests.workspace import Workspace, make_workspace
@@ -306,3 +306,30 @@ def test_cli_release_text_and_errors(ws) -> None:
     missing = runner.invoke(cli, ["release", "--only", "arc", "--platform", "darwin/arm64",
                                   "--config", str(ws.config_path)], env=env)
     assert missing.exit_code == 1 and len(missing.output.strip().splitlines()) == 1
+
+
+def test_several_subsystems_are_one_manifest_write(ws, monkeypatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "4242")  # new asset bytes for both
+    cfg = ws.config()
+    fresh = {n: package(cfg, n, platform="linux/amd64") for n in ("nats", "arc")}
+    runner = CliRunner()
+    env = {"SYNC_TOOLS_SIGNING_KEY": str(ws.private_key)}
+    result = runner.invoke(cli, ["release", "--only", "nats,arc", "--json", "--config", str(ws.config_path)],
+                           env=env)
+    assert result.exit_code == 0, result.output
+    assert [r["serial"] for r in json.loads(result.output)] == [3, 3]
+    m = _manifest(ws)
+    assert m.serial == 3
+    for name, item in fresh.items():
+        assert m.subsystems[name].assets["linux/amd64"].sha256 == item.sha256
+        assert (ws.release_dir / item.name).read_bytes() == item.path.read_bytes()
+
+
+def test_one_subsystem_without_packages_stops_all_before_any_upload(ws, monkeypatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "4343")
+    package(ws.config(), "nats", platform="linux/amd64")
+    (ws.dist / "arc-linux-amd64.tar.gz.json").unlink()
+    before = _files(ws.release_dir)
+    with pytest.raises(DataError, match="arc: nothing packaged"):
+        release_many(ws.config(), ["nats", "arc"], signing_key=str(ws.private_key))
+    assert _files(ws.release_dir) == before

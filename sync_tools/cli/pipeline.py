@@ -189,7 +189,7 @@ def release(only: tuple[str, ...], platforms: tuple[str, ...], dist: str | None,
             config_path: str | None) -> None:
     """Upload only NAME's packaged assets to the release store, then put NAME's entry into manifest.json
     (every other entry untouched, serial + 1, expiry renewed) and re-sign it with the key in
-    $SYNC_TOOLS_SIGNING_KEY (a path or the PEM).
+    $SYNC_TOOLS_SIGNING_KEY (a path or the PEM). Several names: one manifest write for all of them.
 
     The current manifest must verify with release.public_key first. A release racing another (a
     parallel job) re-reads and redoes its change.
@@ -199,11 +199,11 @@ def release(only: tuple[str, ...], platforms: tuple[str, ...], dist: str | None,
       SYNC_TOOLS_SIGNING_KEY=keys/release.key sync-tools release --only nats
       sync-tools release --only nats --platform linux/amd64 --json
     """
-    from sync_tools.release import release as run_release
+    from sync_tools.release import release_many
 
     config = load(config_path)
-    results = [run_release(config, n, dist=Path(dist) if dist else None,
-                           platforms=split_names(platforms) or None) for n in split_names(only)]
+    results = release_many(config, split_names(only), dist=Path(dist) if dist else None,
+                           platforms=split_names(platforms) or None)
     if as_json:
         echo_json([r.to_json() for r in results])
         return
