@@ -501,3 +501,46 @@ def test_tar_helper_is_deterministic() -> None:
     assert a == tar_gz([file_member("x", b"1")])
     with tarfile.open(fileobj=io.BytesIO(a)) as tf:
         assert tf.getnames() == ["x"]
+
+
+def test_agent_updates_through_process_compose(tmp_path: Path) -> None:
+    """The whole update with the process-compose backend: only the changed process is restarted, over
+    the unix socket, and comes back on the new binary."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from sync_tools.agent.runner import Agent
+    from sync_tools.config import parse_config
+    from tests.agent_support import ReleaseStore
+
+    (tmp_path / "svc.py").write_text(SERVICE_PY)
+    store = ReleaseStore(tmp_path / "store", Ed25519PrivateKey.generate())
+    root = tmp_path / "root"
+    ports = {"nats": free_port(), "arc": free_port()}
+    for n in ports:
+        store.publish(n, n, service_binary(tmp_path / "svc.py", f"{n}-v1"), "v1")
+    subs = {n: {"upstream": "/dev/null", "binary": n, "health": f"http://127.0.0.1:{p}/health"}
+            for n, p in ports.items()}
+    config = parse_config(tmp_path / "sync-tools.yaml",
+                          {"subsystems": subs, "agent": {"root": str(root), "health_timeout": 5}})
+    # the first install, before anything runs: no health URL to ask yet
+    bare = parse_config(tmp_path / "sync-tools.yaml", {"subsystems": {n: {"upstream": "/dev/null", "binary": n}
+                                                                     for n in ports},
+                                                       "agent": {"root": str(root)}})
+    with StoreServer(store.dir) as srv:
+        first = Agent(bare, fetcher=HTTPFetcher(srv.url), public_key=store.key.public_key(),
+                      platform="linux/amd64", reloader=make_reloader("none", root=root)).reconcile()
+        assert first.ok, first
+        procs = {n: ([str(root / n / ".bin" / n)], {"PORT": str(p)}) for n, p in ports.items()}
+        with ProcessComposeServer(procs) as pc:
+            for p in ports.values():
+                wait_http(f"http://127.0.0.1:{p}/health")
+            reloader = ProcessComposeReloader(pc.socket_path, ready_timeout=5)
+            arc_pid = reloader.status("arc").pid
+            store.publish("nats", "nats", service_binary(tmp_path / "svc.py", "nats-v2"), "v2")
+            report = Agent(config, fetcher=HTTPFetcher(srv.url), public_key=store.key.public_key(),
+                           platform="linux/amd64", reloader=reloader).reconcile()
+            assert report.result("nats").action == "updated" and report.result("arc").action == "unchanged"
+            assert wait_http(f"http://127.0.0.1:{ports['nats']}/health").startswith("nats-v2")
+            assert reloader.status("arc").pid == arc_pid
+            assert [p for m, p, _ in pc.requests if m != "GET"] == ["/process/restart/nats"]
+            assert pc.schema_errors == []

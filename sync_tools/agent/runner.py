@@ -264,8 +264,11 @@ class Agent:
             manifest, mbytes = self.fetch_manifest(state)
         except SyncToolsError as e:
             return UpdateReport(None, error=str(e), seconds=time.monotonic() - started)
-        self.update_state(lambda st: st.with_serial(manifest.serial))
-        results = self._recover_locked()  # an intent a failed swap left behind
+        try:
+            self.update_state(lambda st: st.with_serial(manifest.serial))
+            results = self._recover_locked()  # an intent a failed swap left behind
+        except (SyncToolsError, OSError) as e:
+            return UpdateReport(manifest.serial, error=f"install root: {e}", seconds=time.monotonic() - started)
         for sub in _order(list(self.config.subsystems.values())):
             entry = manifest.subsystems.get(sub.name)
             if entry is None:
@@ -472,7 +475,11 @@ class Agent:
                     return
                 batch, self._pending = self._pending, []
             log.info("%d event(s) -> one reconcile", len(batch))
-            report = self.reconcile(batch[-1])
+            try:
+                report = self.reconcile(batch[-1])
+            except (SyncToolsError, OSError) as e:  # e.g. an unreadable state file: keep serving
+                log.error("reconcile failed: %s", e)
+                continue
             if on_report is not None:
                 on_report(report)
 
