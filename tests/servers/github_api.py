@@ -14,13 +14,30 @@ Use it as a fixture::
 
     def test_x(github_api):
         github_api.state.add_repo("o/r")
-        client = Github(base_url=github_api.url)
+        client = Github(base_url=github_api.url)   # or GITHUB_API_URL=github_api.url
 
-or as a context manager: ``with GitHubAPIServer(token="t") as server: ...``.
+or as a context manager: ``with GitHubAPIServer(token="t") as server: ...`` (with a token, API
+requests without ``Authorization: token t`` / ``Bearer t`` get 401 "Bad credentials").
+
+State (``server.state``, thread-safe): ``add_repo``, ``add_release``, ``add_asset``, ``add_tag``,
+``releases(repo)``, ``assets(repo, tag) -> {name: bytes}``, ``asset_records(repo, tag)``,
+``dispatches`` (``{"repo", "event_type", "client_payload", "body"}`` per accepted dispatch).
+
+Observation: ``server.requests`` (method, path, query, headers with the Authorization value redacted,
+authenticated, status), ``server.requests_to(method, path_regex)``, and ``server.hooks``: callables run
+with each log entry after the request is handled and before it is answered, so a test sees the state
+between any two requests of a client.
 
 Faults: ``server.inject("POST", r"/assets$", status=500)`` answers the next matching request with a
-500; ``reset=True`` cuts the connection without an answer (after reading half of any request body);
-``delay=`` sleeps first (with ``status=None`` the request is then answered normally).
+500 (``times``, ``headers``, ``body`` adjustable; a 403/429 with ``Retry-After`` is a secondary rate
+limit); ``reset=True`` cuts the connection without an answer (after reading half of any request
+body); ``delay=`` sleeps first (with ``status=None`` the request is then answered normally).
+``server.clear_faults()`` forgets unused ones; ``server.set_rate_limit(remaining=0)`` exhausts the
+primary rate limit (403 "API rate limit exceeded").
+
+Downloads: ``browser_download_url`` (``{url}/{owner}/{repo}/releases/download/{tag}/{name}``) and the
+asset API with ``Accept: application/octet-stream`` answer 302 to ``{url}/_storage/...``, which serves
+the bytes with Range support (206), as github.com redirects to its object storage.
 """
 
 from __future__ import annotations
