@@ -29,9 +29,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
+from sync_tools import pins
 from sync_tools.config import Config, Subsystem
 from sync_tools.errors import BuildError, ConfigError, DataError
-from sync_tools.fsutil import sha256_file
+from sync_tools.fsutil import atomic_write_bytes, sha256_file
 from sync_tools.manifest import format_time
 from sync_tools.versionfile import VersionInfo, read_version, write_version
 
@@ -241,18 +242,39 @@ def build(
         raise ConfigError("--version applies to exactly one subsystem (--only NAME)")
     results = []
     for sub in build_order(config, names):
-        result = build_subsystem(config, sub, platform=platform, version=version, timeout=timeout,
-                                 output=output, env=env)
-        if version is not None and update_pin and version != sub.current:
-            from sync_tools.pins import update_pin as _update_pin
-
-            if sub.pin is None:
-                raise ConfigError(f"{sub.name}: built {version}, but its pin has no known source to update")
-            _update_pin(sub.pin, version)
+        new_version = version is not None and version != sub.current
+        if new_version and update_pin and sub.pin is None:
+            raise ConfigError(f"{sub.name}: cannot build {version}: its pin has no known source to update")
+        # go-task lets a plain Taskfile var win over the environment, so <NAME>_VERSION=... would not
+        # reach the build: write the version into the Taskfile for the build, and put the old bytes
+        # back if the build fails (or when the pin is not to be kept).
+        original: bytes | None = None
+        if new_version and sub.pin is not None and sub.pin.kind == "taskfile" and not pins.is_template(sub.pin):
+            original = Path(sub.pin.path).read_bytes()
+            assert version is not None
+            pins.update_pin(sub.pin, version)
+        try:
+            result = build_subsystem(config, sub, platform=platform, version=version, timeout=timeout,
+                                     output=output, env=env)
+        except BaseException:
+            if original is not None:
+                _restore(Path(sub.pin.path), original)  # type: ignore[union-attr]
+            raise
+        if new_version and update_pin:
+            assert sub.pin is not None and version is not None
+            if original is None:
+                pins.update_pin(sub.pin, version)
             result = BuildResult(result.subsystem, result.platform, result.binary, result.info,
                                  result.seconds, pin_updated=True)
+        elif original is not None:
+            _restore(Path(sub.pin.path), original)  # type: ignore[union-attr]
         results.append(result)
     return results
+
+
+def _restore(path: Path, data: bytes) -> None:
+    mode = os.stat(path).st_mode & 0o7777
+    atomic_write_bytes(path, data, mode=mode)
 
 
 # ------------------------------------------------------------------------------------------ verify

@@ -10,6 +10,7 @@ is never re-dumped. The result is parsed again before it replaces the file.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -101,8 +102,6 @@ def _new_content(scalar: _Scalar, value: str, taskfile: bool, where: str) -> str
             raise ConfigError("the Taskfile var is a template without a 'default' to update", path=where)
         g = next(i for i in (2, 3, 4) if m.group(i) is not None)
         return scalar.content[:m.start(g)] + value + scalar.content[m.end(g):]
-    if scalar.quote == "" and not _plain_ok(value):
-        raise ConfigError(f"{value!r} would not read back as written unquoted", path=where)
     return value
 
 
@@ -140,6 +139,10 @@ def update_pin(pin: PinSource, value: str) -> bool:
         content = _new_content(scalar, value, taskfile, where)
         if content == scalar.content:
             return False
+        if scalar.quote == "" and not _plain_ok(content):
+            # e.g. an all-digit commit, which YAML would read as a number: quote it (the only
+            # characters that change besides the value itself).
+            scalar = dataclasses.replace(scalar, quote='"')
         lines[lineno - 1] = scalar.render(content)
     else:
         if taskfile or not parent:
@@ -165,6 +168,16 @@ def update_pin(pin: PinSource, value: str) -> bool:
     atomic_write_bytes(path, new_text.encode("utf-8"), mode=mode)
     log.info("pin %s in %s:%d is now %s", pin.key, path, lineno, value)
     return True
+
+
+def is_template(pin: PinSource) -> bool:
+    """Whether a Taskfile pin is the ``{{.X | default "v"}}`` form, which an environment variable of
+    the same name overrides when go-task runs (a plain var wins over the environment)."""
+    if pin.kind != "taskfile":
+        return False
+    data = load_yaml(Path(pin.path))
+    raw = data.get("vars", {}).get(pin.key) if isinstance(data, dict) and isinstance(data.get("vars"), dict) else None
+    return isinstance(raw, str) and "{{" in raw
 
 
 def _check_reads_back(text: str, parent_path: list[str], key: str, value: str, taskfile: bool,

@@ -4,6 +4,7 @@ failures naming the command and exit code, depends_on order, and nothing of anot
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -12,10 +13,11 @@ from click.testing import CliRunner
 
 from sync_tools.build import build, build_order, host_platform, parse_platform
 from sync_tools.cli import cli
+from sync_tools.config import load_config
 from sync_tools.errors import BuildError, ConfigError
 from sync_tools.fsutil import sha256_file
 from sync_tools.versionfile import read_version
-from tests.workspace import make_workspace
+from tests.workspace import BIN_DIR, make_workspace
 
 
 def _tree(path: Path) -> dict[str, tuple[bytes, int]]:
@@ -145,3 +147,47 @@ def test_cli_failure_is_one_line_exit_1(tmp_path) -> None:
     result = CliRunner().invoke(cli, ["build", "--only", "nats", "--config", str(ws.config_path)], env=ws.env())
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == ["Error: build command 'exit 7' failed with exit code 7"]
+
+
+def _plat_telemetry(root: Path, var: str) -> Path:
+    """A plat-telemetry style workspace: manifest.yaml without versions, the pin in x/Taskfile.yml."""
+    root.mkdir()
+    (root / "manifest.yaml").write_text("subsystems:\n  x:\n    upstream: https://example.invalid/x\n")
+    (root / "Taskfile.yml").write_text("version: '3'\nincludes:\n  x:\n    taskfile: ./x/Taskfile.yml\n    dir: ./x\n")
+    (root / "x").mkdir()
+    taskfile = root / "x" / "Taskfile.yml"
+    taskfile.write_text(
+        "version: '3'\n"
+        "vars:\n"
+        f"  X_VERSION: {var}  # the pin\n"
+        "tasks:\n"
+        "  src:update:\n"
+        "    cmds: ['true']\n"
+        "  bin:build:\n"
+        "    cmds:\n"
+        "      - 'test \"{{.X_VERSION}}\" != v9 || exit 9'\n"
+        "      - mkdir -p .bin && echo 'built {{.X_VERSION}}' > .bin/x\n")
+    return taskfile
+
+
+@pytest.mark.parametrize("var,pinned", [("v1.0.0", "v1.0.0"), ("'{{.X_VERSION | default \"v1.0.0\"}}'", "v1.0.0")])
+def test_taskfile_pins_plain_or_template_build_the_asked_version(tmp_path, var, pinned) -> None:
+    env = {**os.environ, "PATH": BIN_DIR + os.pathsep + os.environ["PATH"]}
+    taskfile = _plat_telemetry(tmp_path / "ws", var)
+    original = taskfile.read_bytes()
+    cfg = load_config(tmp_path / "ws" / "manifest.yaml")
+    assert cfg.subsystems["x"].current == pinned
+    binary = tmp_path / "ws" / "x" / ".bin" / "x"
+
+    build(cfg, ["x"], version="v2.0.0", update_pin=False, env=env)  # CI: build it, leave the pin
+    assert binary.read_text() == "built v2.0.0\n"
+    assert taskfile.read_bytes() == original
+
+    with pytest.raises(BuildError, match="task x:bin:build.* failed with exit code"):
+        build(cfg, ["x"], version="v9", env=env)
+    assert taskfile.read_bytes() == original  # a failed build keeps the old pin
+
+    [result] = build(cfg, ["x"], version="v2.0.0", env=env)
+    assert result.pin_updated and binary.read_text() == "built v2.0.0\n"
+    assert taskfile.read_bytes() == original.replace(b"v1.0.0", b"v2.0.0")
+    assert load_config(tmp_path / "ws" / "manifest.yaml").subsystems["x"].current == "v2.0.0"

@@ -167,13 +167,13 @@ def test_unsafe_values_are_refused_and_nothing_changes(tmp_path, value) -> None:
     assert path.read_bytes() == before
 
 
-def test_value_that_yaml_would_read_as_a_number_is_refused_unquoted(tmp_path) -> None:
+def test_value_that_yaml_would_read_as_a_number_gets_quoted(tmp_path) -> None:
     path = tmp_path / "sync-tools.yaml"
-    text = "subsystems:\n  x:\n    upstream: u\n    strategy: commits\n    current: abc123\n"
+    text = "subsystems:\n  x:\n    upstream: u\n    strategy: commits\n    current: abc123  # head\n"
     before = _write(path, text)
-    with pytest.raises(ConfigError, match="read back"):
-        update_pin(load_config(path).subsystems["x"].pin, "1234567")
-    assert path.read_bytes() == before
+    update_pin(load_config(path).subsystems["x"].pin, "1234567")
+    assert path.read_bytes() == before.replace(b"current: abc123", b'current: "1234567"')
+    assert load_config(path).subsystems["x"].current == "1234567"
 
 
 def test_flow_mapping_and_block_scalar_are_refused(tmp_path) -> None:
