@@ -134,3 +134,41 @@ def test_errors_are_one_line(world: World, tmp_path: Path) -> None:
 def test_every_agent_command_has_help_with_an_example(command: str) -> None:
     r = CliRunner().invoke(cli, [command, "--help"])
     assert r.exit_code == 0 and "Example:" in r.stdout and "--config" in r.stdout
+
+
+def test_watch_in_dev_mode_builds_packages_and_releases_only_the_named_subsystem(tmp_path: Path) -> None:
+    import time
+    from datetime import UTC, datetime
+
+    import requests
+    from standardwebhooks.webhooks import Webhook
+
+    from tests.agent_support import free_port, wait_http
+    from tests.workspace import make_workspace
+
+    ws = make_workspace(tmp_path / "ws", platforms=("linux/amd64",), git=False)
+    secret = "whsec_ZGV2LXdhdGNoLXNlY3JldC0wMTIz"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sync_tools", "watch", "--mode", "dev", "--port", str(port),
+                             "--config", str(ws.config_path)], cwd=ws.root,
+                            env=ws.env(SYNC_TOOLS_AGENT_SECRET=secret), stderr=subprocess.DEVNULL)
+    try:
+        assert json.loads(wait_http(f"http://127.0.0.1:{port}/health", timeout=20))["mode"] == "dev"
+        body = json.dumps({"type": "release.updated", "subsystems": ["nats"]})
+        ts = datetime.now(UTC)
+        headers = {"webhook-id": "dev-1", "webhook-timestamp": str(int(ts.timestamp())),
+                   "webhook-signature": Webhook(secret).sign("dev-1", ts, body),
+                   "content-type": "application/json"}
+        r = requests.post(f"http://127.0.0.1:{port}/webhook", data=body, headers=headers, timeout=5)
+        assert r.status_code == 202
+        manifest = ws.release_dir / "manifest.json"
+        deadline = time.monotonic() + 90
+        while not manifest.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert manifest.exists(), "no release after the event"
+        subs = json.loads(manifest.read_text())["subsystems"]
+        assert list(subs) == ["nats"] and "linux/amd64" in subs["nats"]["assets"]
+        assert not (ws.root / "arc" / ".bin").exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)
