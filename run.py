@@ -44,17 +44,18 @@ def main(argv: list[str]) -> int:
     job = argv[0] if argv else "help"
     rest = argv[1:]
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    # One extras set for demo and tests, so switching between them does not reinstall.
     if job == "demo":
-        ensure_venv("test")
+        ensure_venv("test,prod")
         cmd = [str(BIN / "sync-tools"), "demo", *rest]
     elif job == "test":
-        ensure_venv("test")
+        ensure_venv("test,prod")
         cmd = [str(BIN / "python"), "-m", "pytest", *rest]
     elif job == "bench":
-        ensure_venv("test,bench")
+        ensure_venv("test,prod,bench")
         cmd = [str(BIN / "python"), str(ROOT / "bench" / "run"), *rest]
     elif job == "sync-tools":
-        ensure_venv("test")
+        ensure_venv("test,prod")
         cmd = [str(BIN / "sync-tools"), *rest]
     else:
         print(__doc__.strip())
