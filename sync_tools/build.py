@@ -249,16 +249,17 @@ def build(
         # reach the build: write the version into the Taskfile for the build, and put the old bytes
         # back if the build fails (or when the pin is not to be kept).
         original: bytes | None = None
+        pin_path = Path(sub.pin.path) if sub.pin is not None else None
         if new_version and sub.pin is not None and sub.pin.kind == "taskfile" and not pins.is_template(sub.pin):
-            original = Path(sub.pin.path).read_bytes()
-            assert version is not None
+            assert pin_path is not None and version is not None
+            original = pin_path.read_bytes()
             pins.update_pin(sub.pin, version)
         try:
             result = build_subsystem(config, sub, platform=platform, version=version, timeout=timeout,
                                      output=output, env=env)
         except BaseException:
-            if original is not None:
-                _restore(Path(sub.pin.path), original)  # type: ignore[union-attr]
+            if original is not None and pin_path is not None:
+                _restore(pin_path, original)
             raise
         if new_version and update_pin:
             assert sub.pin is not None and version is not None
@@ -266,8 +267,8 @@ def build(
                 pins.update_pin(sub.pin, version)
             result = BuildResult(result.subsystem, result.platform, result.binary, result.info,
                                  result.seconds, pin_updated=True)
-        elif original is not None:
-            _restore(Path(sub.pin.path), original)  # type: ignore[union-attr]
+        elif original is not None and pin_path is not None:
+            _restore(pin_path, original)
         results.append(result)
     return results
 
