@@ -225,3 +225,24 @@ def test_accepted_delivery_survives_sigkill(tmp_path: Path) -> None:
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def test_resume_takes_back_only_jobs_of_dead_processes(tmp_path: Path) -> None:
+    from sync_tools.relay.outbox import NewJob, Outbox
+
+    first = Outbox(tmp_path / "r.db")
+    second = Outbox(tmp_path / "r.db")
+    try:
+        first.record("d1", "create", "dispatch", [NewJob("dispatch", {"subsystem": "nats"})])
+        job = first.claim()
+        assert job is not None
+        second.owner = "999999999:0"  # another process sharing the file, e.g. a new gunicorn worker
+        assert second.resume() == 0  # the first owner is alive: its running job is left alone
+        assert first.job(job.id).status == "running"  # type: ignore[union-attr]
+        with first._tx() as conn:  # the owner dies (a pid that does not exist)
+            conn.execute("UPDATE jobs SET owner = '999999998:0' WHERE id = ?", (job.id,))
+        assert second.resume() == 1
+        assert second.claim() is not None
+    finally:
+        first.close()
+        second.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -40,6 +41,29 @@ _DELIVERY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _CHUNK = 64 * 1024
 
 
+class _Throttled:
+    """Log refusals at WARNING at most once per *window* seconds, counting the rest: a flood of bad
+    requests must not become a flood of log lines (and disk writes)."""
+
+    def __init__(self, window: float = 10.0):
+        self.window = window
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._suppressed += 1
+                log.debug(msg, *args)
+                return
+            suppressed, self._suppressed, self._next = self._suppressed, 0, now + self.window
+        if suppressed:
+            msg += f" (and {suppressed} more refusals in the last {self.window:.0f} s)"
+        log.warning(msg, *args)
+
+
 @dataclass
 class Relay:
     """The running parts of one relay. Build with :func:`create_app`."""
@@ -53,6 +77,7 @@ class Relay:
     dispatcher: Any
     store_factory: Callable[[], Store]
     worker: Worker = field(init=False)
+    refusals: _Throttled = field(default_factory=_Throttled)
     _public_key: Any = None
 
     def __post_init__(self) -> None:
@@ -212,7 +237,7 @@ def webhook(subsystem: str | None) -> Response | tuple[Response, int]:
     except wh.WebhookError as e:
         result = {401: "unauthorized", 413: "too_large"}.get(e.status, "bad_request")
         relay.metrics.deliveries.labels(result=result).inc()
-        log.warning("refused delivery %s (%s): %s", _safe_id(delivery), result, e)
+        relay.refusals.warning("refused delivery %s (%s): %s", _safe_id(delivery), result, e)
         extra = {"Connection": "close"} if e.status == 413 else {}
         return _error(e.status, str(e), **extra)
 
@@ -261,7 +286,7 @@ def notify() -> Response | tuple[Response, int]:
                 raise wh.BadRequest(f"this relay announces release {relay.config.release.tag!r}, not {tag!r}")
     except wh.WebhookError as e:
         relay.metrics.deliveries.labels(result="unauthorized" if e.status == 401 else "bad_request").inc()
-        log.warning("refused notify: %s", e)
+        relay.refusals.warning("refused notify: %s", e)
         return _error(e.status, str(e))
     delivery = request.headers.get("X-GitHub-Delivery") or request.headers.get("X-Sync-Tools-Delivery")
     if delivery is not None and not _DELIVERY_RE.match(delivery):

@@ -11,8 +11,10 @@ Tables:
   and not acted on twice).
 - ``jobs``: the work: ``kind`` (dispatch | fanout | push), ``status`` (pending | running | done |
   dead), ``attempts``, ``next_attempt``, ``last_error``. ``lane`` serialises jobs that must not run
-  side by side (a local build per subsystem). ``running`` rows left by a killed process are put
-  back to ``pending`` by :meth:`Outbox.resume` at start.
+  side by side (a local build per subsystem). ``owner`` names the process running a job; at start,
+  :meth:`Outbox.resume` puts back to ``pending`` the ``running`` rows whose owner process is gone
+  (killed), and only those, so a second process sharing the file (a gunicorn worker starting while
+  the old one drains) never re-runs a job that is still in progress.
 - ``events``: the agent event log; the row id is the SSE ``id:``.
 - ``state``: key/value (the last fanned-out manifest).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -57,7 +60,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     next_attempt REAL NOT NULL,
     created REAL NOT NULL,
     updated REAL NOT NULL,
-    last_error TEXT
+    last_error TEXT,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (status, next_attempt);
 CREATE INDEX IF NOT EXISTS jobs_dedupe ON jobs (dedupe);
@@ -141,6 +145,40 @@ class _Pending:
     error: BaseException | None = None
 
 
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of *pid* (Linux /proc), telling a live process from a reused pid."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw.rsplit(")", 1)[1].split()[19]
+
+
+def process_id() -> str:
+    """This process as a job owner: ``<pid>:<start time>``."""
+    pid = os.getpid()
+    return f"{pid}:{_start_time(pid) or 0}"
+
+
+def owner_alive(owner: str | None) -> bool:
+    if not owner or ":" not in owner:
+        return False
+    pid_s, start = owner.split(":", 1)
+    try:
+        pid = int(pid_s)
+    except ValueError:
+        return False
+    if Path("/proc/self/stat").exists():
+        return _start_time(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 30000")
@@ -156,6 +194,7 @@ class Outbox:
     def __init__(self, path: Path, *, now: Callable[[], float] = time.time, batch: int = 512):
         self.path = Path(path)
         self.now = now
+        self.owner = process_id()
         self._batch = batch
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -327,12 +366,16 @@ class Outbox:
     _COLS = "id, kind, payload, delivery, lane, status, attempts, next_attempt, created, last_error"
 
     def resume(self) -> int:
-        """Put ``running`` jobs (left by a process that died mid-job) back to ``pending``; returns
-        how many. Call once at start, before any worker runs."""
+        """Put ``running`` jobs whose owner process has died back to ``pending``; returns how many.
+        Call at start, before this process's workers run."""
+        n = 0
         with self._tx() as conn:
-            cur = conn.execute("UPDATE jobs SET status = 'pending', updated = ? WHERE status = 'running'",
-                               (self.now(),))
-            n = cur.rowcount
+            owners = [r[0] for r in conn.execute("SELECT DISTINCT owner FROM jobs WHERE status = 'running'")]
+            for owner in owners:
+                if owner == self.owner or not owner_alive(owner):
+                    cur = conn.execute("UPDATE jobs SET status = 'pending', owner = NULL, updated = ? "
+                                       "WHERE status = 'running' AND owner IS ?", (self.now(), owner))
+                    n += cur.rowcount
         if n:
             log.warning("resumed %d job(s) interrupted by a previous stop", n)
         return n
@@ -348,7 +391,8 @@ class Outbox:
                 "ORDER BY next_attempt, id LIMIT 1", (now,)).fetchone()
             if row is None:
                 return None
-            conn.execute("UPDATE jobs SET status = 'running', updated = ? WHERE id = ?", (now, row[0]))
+            conn.execute("UPDATE jobs SET status = 'running', owner = ?, updated = ? WHERE id = ?",
+                         (self.owner, now, row[0]))
         return replace(self._job(row), status=RUNNING)
 
     def next_due(self) -> float | None:

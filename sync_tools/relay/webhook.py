@@ -7,6 +7,7 @@ form-encoded body) and classified into a typed, frozen result.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -105,6 +106,7 @@ def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- repository matching
 
 
+@functools.lru_cache(maxsize=4096)
 def repo_key(value: str) -> tuple[str | None, str] | None:
     """(host, lower-case path) naming a repository, from a URL, an scp-like git address, an
     ``owner/name`` slug or a local path; ``.git`` and trailing slashes dropped. None if unusable.

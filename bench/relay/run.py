@@ -1,0 +1,357 @@
+"""Relay benchmarks on loopback (bounded: fixed durations and counts, 127.0.0.1 only).
+
+1. ingest: verified deliveries/s and p50/p99 latency with the durable commit, next to Debian's
+   ``webhook`` 2.8.0 checking the same HMAC with a hooks.json that runs /bin/true; then the same at
+   about half the relay's peak rate.
+2. refusal: invalid-signature requests/s (relay and webhook).
+3. fan-out: N SSE subscribers; from a signed release webhook to every subscriber having the event
+   (p50/p99/max), and server memory per connected agent; per server model.
+
+Load: ``wrk`` (apt) with bench/relay/ingest.lua; every delivery carries its own X-GitHub-Delivery, so
+each one is a new durable commit, over 2,000 distinct real-shaped payloads (@octokit create example,
+~6 KB), so the outbox also holds 2,000 jobs which the worker dispatches to a loopback sink while the
+load runs.
+
+Usage: .venv/bin/python bench/relay/run.py [ingest] [fanout] [--n 1000,10000] [--seconds 10]
+Prints a JSON line per measurement and a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from sync_tools.relay.webhook import sign  # noqa: E402
+from tests.relay_support import publish, release_payload, write_config  # noqa: E402
+
+PY = sys.executable
+SECRET = "bench-secret-0123456789"
+TOKEN = "bench-agent-token"
+LUA = Path(__file__).with_name("ingest.lua")
+RESULTS: list[dict] = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def rss_kb(pid: int) -> int:
+    """RSS of a process and its children (gunicorn master + worker), in KiB."""
+    total = 0
+    pids = [pid]
+    try:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, timeout=5)
+        pids += [int(p) for p in out.stdout.split()]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for p in pids:
+        try:
+            text = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        m = re.search(r"VmRSS:\s+(\d+) kB", text)
+        if m:
+            total += int(m.group(1))
+    return total
+
+
+@contextmanager
+def process(argv: list[str], env: dict[str, str], cwd: Path, ready_url: str) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=open(cwd / "server.log", "ab"),
+                            start_new_session=True)
+    try:
+        wait_http(ready_url)
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+SINK = r"""
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(204); self.send_header("Content-Length", "0"); self.end_headers()
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def workspace(tmp: Path, sink_url: str) -> tuple[Path, dict[str, str]]:
+    config = write_config(tmp, dispatch="github", max_attempts=8)
+    env = {**os.environ, "SYNC_TOOLS_WEBHOOK_SECRET": SECRET, "GITHUB_TOKEN": "bench",
+           "GITHUB_API_URL": sink_url, "SYNC_TOOLS_AGENT_TOKENS": TOKEN,
+           "SYNC_TOOLS_DB": str(tmp / "relay.db"), "SYNC_TOOLS_CONFIG": str(config.path)}
+    return config.path, env
+
+
+def requests_file(tmp: Path, count: int = 2000) -> Path:
+    example = json.loads((ROOT / "tests/fixtures/webhooks/create.0.json").read_text())
+    repo = example["repository"]
+    for k, v in {"full_name": "nats-io/nats-server", "name": "nats-server",
+                 "html_url": "https://github.com/nats-io/nats-server",
+                 "clone_url": "https://github.com/nats-io/nats-server.git",
+                 "git_url": "git://github.com/nats-io/nats-server.git",
+                 "ssh_url": "git@github.com:nats-io/nats-server.git",
+                 "svn_url": "https://github.com/nats-io/nats-server"}.items():
+        repo[k] = v
+    path = tmp / "requests.txt"
+    with open(path, "w") as fh:
+        for i in range(count):
+            example["ref"] = f"v2.{i // 100}.{i % 100}"
+            body = json.dumps(example)
+            fh.write(f"{sign(SECRET.encode(), body.encode())}\t{body}\n")
+    return path
+
+
+def wrk(url: str, reqfile: Path, *, seconds: int, conns: int, delay_ms: float = 0, bad: bool = False,
+        path: str = "/webhook") -> dict:
+    env = {**os.environ, "BENCH_REQUESTS": str(reqfile), "BENCH_PATH": path, "BENCH_DELAY_MS": str(delay_ms),
+           "BENCH_BAD_SIG": "1" if bad else "0"}
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s", "-s", str(LUA), url],
+                         env=env, capture_output=True, text=True, timeout=seconds + 60)
+    m = re.search(r"BENCH_JSON (\{.*\})", out.stdout)
+    if not m:
+        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+    r = json.loads(m.group(1))
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    return r
+
+
+def record(name: str, **values: object) -> None:
+    row = {"bench": name, **values}
+    RESULTS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+# ------------------------------------------------------------------------------------------ ingest
+
+
+def bench_ingest(tmp: Path, seconds: int) -> None:
+    sink_port = free_port()
+    reqfile = requests_file(tmp)
+    with process([PY, "-c", SINK, str(sink_port)], dict(os.environ), tmp, f"http://127.0.0.1:{sink_port}/"):
+        # --- Debian webhook 2.8.0, same HMAC, /bin/true
+        hooks = tmp / "hooks.json"
+        hooks.write_text(json.dumps([{
+            "id": "relay", "execute-command": "/bin/true", "command-working-directory": str(tmp),
+            "trigger-rule-mismatch-http-response-code": 401,
+            "trigger-rule": {"match": {"type": "payload-hmac-sha256", "secret": SECRET,
+                                       "parameter": {"source": "header", "name": "X-Hub-Signature-256"}}},
+        }]))
+        wport = free_port()
+        wurl = f"http://127.0.0.1:{wport}"
+        with process(["webhook", "-hooks", str(hooks), "-ip", "127.0.0.1", "-port", str(wport)], dict(os.environ),
+                     tmp, wurl + "/"):
+            r = wrk(wurl, reqfile, seconds=2, conns=4, path="/hooks/relay")
+            assert r["non2xx"] == 0, f"webhook refused valid deliveries: {r}"
+            peak_w = wrk(wurl, reqfile, seconds=seconds, conns=32, path="/hooks/relay")
+            record("ingest.webhook-2.8.0.peak", **peak_w)
+            bad_w = wrk(wurl, reqfile, seconds=seconds, conns=32, path="/hooks/relay", bad=True)
+            record("refusal.webhook-2.8.0", **bad_w)
+
+        # --- the relay, under each server
+        for server in ("werkzeug", "gunicorn"):
+            db = tmp / f"relay-{server}.db"
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(db) + suffix).unlink(missing_ok=True)
+            cfg, env = workspace(tmp / f"ws-{server}", f"http://127.0.0.1:{sink_port}")
+            env["SYNC_TOOLS_DB"] = str(db)
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            if server == "werkzeug":
+                argv = [PY, "-m", "sync_tools", "relay", "--port", str(port), "--config", str(cfg)]
+            else:
+                env["RELAY_BIND"] = f"127.0.0.1:{port}"
+                argv = [str(Path(PY).with_name("gunicorn")), "-c", str(ROOT / "relay/gunicorn.conf.py"),
+                        "--chdir", str(ROOT), "relay.wsgi:app"]
+            with process(argv, env, tmp, url + "/health"):
+                r = wrk(url, reqfile, seconds=2, conns=4)
+                assert r["non2xx"] == 0, f"relay refused valid deliveries: {r}"
+                peak = wrk(url, reqfile, seconds=seconds, conns=32)
+                record(f"ingest.relay-{server}.peak", **peak)
+                # about half the peak rate: 8 connections, each pacing itself
+                target = peak["rps"] / 2
+                delay = max(0.0, 8 * 1000.0 / target - peak["p50_us"] / 1000.0)
+                half = wrk(url, reqfile, seconds=seconds, conns=8, delay_ms=round(delay, 2))
+                record(f"ingest.relay-{server}.half-load", target_rps=round(target), **half)
+                bad = wrk(url, reqfile, seconds=seconds, conns=32, bad=True)
+                record(f"refusal.relay-{server}", **bad)
+                h = requests.get(url + "/health", timeout=5).json()
+                record(f"ingest.relay-{server}.after", health=h)
+
+
+# ------------------------------------------------------------------------------------------ fanout
+
+CLIENT = r"""
+import asyncio, json, sys, time
+host, port, n, token, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+got = {}
+async def one(i, ready):
+    for attempt in range(20):
+        try:
+            r, w = await asyncio.open_connection(host, port)
+            break
+        except OSError:
+            await asyncio.sleep(0.2 * (attempt + 1))
+    else:
+        return
+    w.write(f"GET /events HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n".encode())
+    await w.drain()
+    buf = b""
+    connected = False
+    while True:
+        data = await r.read(65536)
+        if not data:
+            return
+        buf += data
+        if not connected and b": connected" in buf:
+            connected = True
+            ready.append(i)
+        if b"\ndata: " in buf or buf.startswith(b"data: "):
+            got[i] = time.time()
+            w.close()
+            return
+async def main():
+    ready = []
+    tasks = []
+    for i in range(n):
+        tasks.append(asyncio.create_task(one(i, ready)))
+        if i % 200 == 199:
+            await asyncio.sleep(0.05)
+    while len(ready) < n:
+        await asyncio.sleep(0.05)
+    print("READY", flush=True)
+    await asyncio.wait(tasks, timeout=120)
+    json.dump(got, open(out, "w"))
+asyncio.run(main())
+"""
+
+
+def bench_fanout(tmp: Path, sizes: list[int]) -> None:
+    sink_port = free_port()
+    with process([PY, "-c", SINK, str(sink_port)], dict(os.environ), tmp, f"http://127.0.0.1:{sink_port}/"):
+        for server in ("werkzeug", "gunicorn-gevent", "gunicorn-gthread"):
+            for n in sizes:
+                if server == "gunicorn-gthread" and n > 2000:
+                    continue  # a thread per subscriber: measured at 1,000 only (see RESULTS.md)
+                ws = tmp / f"fan-{server}-{n}"
+                cfg, env = workspace(ws, f"http://127.0.0.1:{sink_port}")
+                config = write_config(ws, dispatch="github")
+                publish(config, "nats", "v2.10.25")
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                if server == "werkzeug":
+                    argv = [PY, "-m", "sync_tools", "relay", "--port", str(port), "--config", str(cfg)]
+                else:
+                    env["RELAY_BIND"] = f"127.0.0.1:{port}"
+                    if server == "gunicorn-gthread":
+                        env["RELAY_THREADS"] = str(n + 100)
+                        env["RELAY_WORKER"] = "gthread"
+                    argv = [str(Path(PY).with_name("gunicorn")), "-c", str(ROOT / "relay/gunicorn.conf.py"),
+                            "--chdir", str(ROOT), "relay.wsgi:app"]
+                with process(argv, env, ws, url + "/health") as proc:
+                    time.sleep(0.5)
+                    base = rss_kb(proc.pid)
+                    out = ws / "got.json"
+                    client = subprocess.Popen([PY, "-c", CLIENT, "127.0.0.1", str(port), str(n), TOKEN, str(out)],
+                                              stdout=subprocess.PIPE, text=True)
+                    try:
+                        assert client.stdout is not None
+                        line = client.stdout.readline()
+                        if "READY" not in line:
+                            raise RuntimeError("subscribers did not all connect")
+                        deadline = time.monotonic() + 60
+                        while requests.get(url + "/health", timeout=10).json()["connected_agents"] < n:
+                            if time.monotonic() > deadline:
+                                raise RuntimeError("the relay does not see every subscriber")
+                            time.sleep(0.1)
+                        time.sleep(0.5)
+                        loaded = rss_kb(proc.pid)
+                        body = json.dumps(release_payload("acme/plat-telemetry")).encode()
+                        headers = {"X-GitHub-Event": "release", "X-GitHub-Delivery": f"fan-{server}-{n}",
+                                   "Content-Type": "application/json",
+                                   "X-Hub-Signature-256": sign(SECRET.encode(), body)}
+                        t0 = time.time()
+                        r = requests.post(url + "/webhook", data=body, headers=headers, timeout=10)
+                        assert r.status_code == 202, r.text
+                        client.wait(150)
+                    finally:
+                        if client.poll() is None:
+                            client.kill()
+                    got = json.loads(out.read_text())
+                    lat = sorted(t - t0 for t in got.values())
+                    if not lat:
+                        record(f"fanout.{server}", n=n, received=0)
+                        continue
+
+                    def pct(p: float, lat: list[float] = lat) -> float:
+                        return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))], 4)
+
+                    record(f"fanout.{server}", n=n, received=len(lat), p50_s=pct(50), p99_s=pct(99),
+                           max_s=round(lat[-1], 4), rss_idle_kib=base, rss_connected_kib=loaded,
+                           kib_per_agent=round((loaded - base) / n, 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", nargs="*", default=["ingest", "fanout"])
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--n", default="1000,10000")
+    args = ap.parse_args()
+    if not shutil.which("wrk") or not shutil.which("webhook"):
+        sys.exit("needs wrk and webhook: apt-get install wrk webhook")
+    tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    try:
+        if "ingest" in args.what:
+            bench_ingest(tmp, args.seconds)
+        if "fanout" in args.what:
+            bench_fanout(tmp, [int(x) for x in args.n.split(",")])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\nsummary:")
+    for row in RESULTS:
+        print(" ", json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
