@@ -108,6 +108,15 @@ def file_member(name: str, data: bytes, mode: int = 0o755) -> tuple[tarfile.TarI
     return info, data
 
 
+def special_member(name: str, kind: bytes, **attrs: object) -> tuple[tarfile.TarInfo, None]:
+    """A data-less tar member (symlink, device, fifo, directory) with *attrs* set on its TarInfo."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for k, v in attrs.items():
+        setattr(info, k, v)
+    return info, None
+
+
 @dataclass
 class ReleaseStore:
     """``<store>/<tag>/`` written by hand, signed with *key*."""

@@ -27,7 +27,7 @@ from sync_tools.agent.state import load_state
 from sync_tools.manifest import asset_name
 from sync_tools.signing import sign
 from sync_tools.versionfile import read_version
-from tests.agent_support import World, close_world, file_member, free_port, make_world, tar_gz
+from tests.agent_support import World, close_world, file_member, free_port, make_world, special_member, tar_gz
 
 
 @pytest.fixture
@@ -149,13 +149,6 @@ def test_a_bad_manifest_changes_nothing(world: World, fault: str) -> None:
 
 
 def _bad_archive(kind: str, good: bytes) -> bytes:
-    def special(name: str, typ: bytes, **kw: object) -> tuple[tarfile.TarInfo, None]:
-        info = tarfile.TarInfo(name)
-        info.type = typ
-        for k, v in kw.items():
-            setattr(info, k, v)
-        return info, None
-
     if kind == "claimed_10gb":
         import gzip
 
@@ -165,8 +158,8 @@ def _bad_archive(kind: str, good: bytes) -> bytes:
     members = {
         "dotdot": [file_member("../x", good)],
         "absolute": [file_member("/tmp/nats-server", good)],
-        "symlink": [special("nats-server", tarfile.SYMTYPE, linkname="/bin/sh")],
-        "device": [special("nats-server", tarfile.CHRTYPE, devmajor=1, devminor=5)],
+        "symlink": [special_member("nats-server", tarfile.SYMTYPE, linkname="/bin/sh")],
+        "device": [special_member("nats-server", tarfile.CHRTYPE, devmajor=1, devminor=5)],
         "two_files": [file_member("nats-server", good), file_member("nats-server.sh", good)],
     }[kind]
     return tar_gz(members)

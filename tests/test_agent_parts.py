@@ -37,6 +37,7 @@ from tests.agent_support import (
     file_member,
     free_port,
     service_binary,
+    special_member,
     tar_gz,
     wait_http,
 )
@@ -122,14 +123,6 @@ def _archive(tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]
     return p
 
 
-def _special(name: str, kind: bytes, **kw: object) -> tuple[tarfile.TarInfo, None]:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    for k, v in kw.items():
-        setattr(info, k, v)
-    return info, None
-
-
 def test_extract_writes_the_one_binary(tmp_path: Path) -> None:
     arch = _archive(tmp_path, [file_member("./app", b"#!/bin/sh\necho hi\n", mode=0o644)])
     dest = tmp_path / ".app.staged"
@@ -168,12 +161,12 @@ def test_extract_refuses_unsafe_archives(tmp_path: Path, case: str, match: str) 
     members = {
         "dotdot": [file_member("../app", body)],
         "absolute": [file_member("/app", body)],
-        "symlink": [_special("app", tarfile.SYMTYPE, linkname="/etc/passwd")],
-        "hardlink": [_special("app", tarfile.LNKTYPE, linkname="/etc/passwd")],
-        "device": [_special("app", tarfile.CHRTYPE, devmajor=1, devminor=3)],
-        "fifo": [_special("app", tarfile.FIFOTYPE)],
+        "symlink": [special_member("app", tarfile.SYMTYPE, linkname="/etc/passwd")],
+        "hardlink": [special_member("app", tarfile.LNKTYPE, linkname="/etc/passwd")],
+        "device": [special_member("app", tarfile.CHRTYPE, devmajor=1, devminor=3)],
+        "fifo": [special_member("app", tarfile.FIFOTYPE)],
         "two": [file_member("app", body), file_member("extra", body)],
-        "dir": [_special("app", tarfile.DIRTYPE)],
+        "dir": [special_member("app", tarfile.DIRTYPE)],
         "other_name": [file_member("evil", body)],
         "empty": [],
     }

@@ -385,16 +385,29 @@ class Agent:
         return SubsystemResult(sub.name, "rolled_back", intent.old_sha, intent.new_sha, error=error,
                                bytes=moved, seconds=time.monotonic() - started)
 
-    def _restore_previous(self, sub: Subsystem) -> None:
-        """Swap ``.previous`` back in (keeping it there), restart, and check health. Raises on failure."""
+    def _swap_previous_in(self, sub: Subsystem, kind: str) -> tuple[install.Intent, VersionInfo, HealthResult]:
+        """Put the verified ``.previous`` binary in place, restart, check health, end the intent.
+
+        ``kind="rollback"`` swaps (the current binary becomes ``.previous``); ``kind="restore"`` (after a
+        failed update) leaves ``.previous`` as it is, so the good binary is never replaced by the bad one.
+        Raises InstallError/DataError when there is no verified previous binary.
+        """
         bin_dir = sub.bin_dir(self.root)
         sha, info = install.stage_previous(bin_dir, sub.binary)
         intent = install.begin(self.journal, subsystem=sub.name, bin_dir=bin_dir, binary=sub.binary,
-                               new_sha=sha, new_version=info, kind="restore")
-        install.swap(intent, keep_previous=False)
-        self.reloader.restart(sub.process)
-        health = self._health(sub)
+                               new_sha=sha, new_version=info, kind=kind)
+        install.swap(intent, keep_previous=kind == "rollback")
+        try:
+            self.reloader.restart(sub.process)
+            health = self._health(sub)
+        except ReloadError as e:
+            health = HealthResult(False, f"reload failed: {e}")
         self.journal.remove(sub.name)
+        return intent, info, health
+
+    def _restore_previous(self, sub: Subsystem) -> None:
+        """After a failed update: the previous binary back in, healthy. Raises SyncToolsError otherwise."""
+        _, _, health = self._swap_previous_in(sub, "restore")
         if not health.ok:
             raise RemoteError(f"the previous binary is unhealthy too: {health.detail}")
 
@@ -404,19 +417,9 @@ class Agent:
         sub = self.config.subsystem(name)
         started = time.monotonic()
         with self._lock:
-            bin_dir = sub.bin_dir(self.root)
-            target = bin_dir / sub.binary
-            old_sha = sha256_file(target) if target.is_file() else None
-            sha, info = install.stage_previous(bin_dir, sub.binary)
-            intent = install.begin(self.journal, subsystem=sub.name, bin_dir=bin_dir, binary=sub.binary,
-                                   new_sha=sha, new_version=info, kind="rollback")
-            install.swap(intent, keep_previous=True)
-            self.reloader.restart(sub.process)
-            health = self._health(sub)
-            self.journal.remove(sub.name)
-        action = "updated" if health.ok else "failed"
-        return SubsystemResult(sub.name, action, old_sha, sha, info.version,
-                               None if health.ok else f"unhealthy after rollback: {health.detail}",
+            intent, info, health = self._swap_previous_in(sub, "rollback")
+        return SubsystemResult(sub.name, "updated" if health.ok else "failed", intent.old_sha, intent.new_sha,
+                               info.version, None if health.ok else f"unhealthy after rollback: {health.detail}",
                                seconds=time.monotonic() - started)
 
     # ------------------------------------------------------------------------------------- status

@@ -28,11 +28,8 @@ def _progress() -> Any:
     def show(name: str, done: int, total: int | None) -> None:
         if total:
             pct = done * 100 // total
-            bar = "#" * (pct // 4)
-            end = "\n" if done >= total else ""
-            click.echo(f"\r{name} [{bar:<25}] {pct:3d}% {done / 1e6:.1f}/{total / 1e6:.1f} MB", err=True, nl=False)
-            if end:
-                click.echo("", err=True)
+            click.echo(f"\r{name} [{'#' * (pct // 4):<25}] {pct:3d}% {done / 1e6:.1f}/{total / 1e6:.1f} MB",
+                       err=True, nl=done >= total)
 
     return show
 
