@@ -93,6 +93,18 @@ def test_agent_once_exits_1_on_a_refused_release(world: World) -> None:
     assert "expired" in json.loads(out)["error"]
 
 
+def test_agent_once_exits_1_with_one_line_when_an_update_rolls_back(world: World) -> None:
+    world.publish("nats", "v2", mode="crash")
+    cfg = world.config_path.read_text().replace("health_timeout: 5.0", "health_timeout: 1")
+    world.config_path.write_text(cfg)
+    code, out, err = _cli(world, "agent", "--once", "--source", world.server.url)
+    assert code == 1
+    assert "rolled_back" in out
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and "nats rolled_back: new binary unhealthy" in line[0]
+    assert world.health("nats").startswith("nats-v1")
+
+
 def test_status_reports_versions_running_state_and_drift(world: World) -> None:
     code, out, err = _cli(world, "status", "--json")
     assert code == 0, err

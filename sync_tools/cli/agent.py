@@ -114,6 +114,9 @@ def agent(config_path: str | None, root: str | None, source: str | None, once: b
         report = ag.reconcile()
         _print_report(report, as_json)
         if not report.ok:
+            failed = [f"{r.name} {r.action}: {r.error}" for r in report.results if not r.ok]
+            if failed:
+                click.echo("error: " + "; ".join(failed), err=True)
             sys.exit(1)
         return
     _serve(config, ag, config.agent.listen, as_json)
