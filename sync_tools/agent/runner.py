@@ -305,7 +305,7 @@ class Agent:
                 install.staged_path(bin_dir, sub.binary).unlink(missing_ok=True)
                 self.journal.remove(sub.name)
             # else the new verified binary is in place but .version is not: the intent stays, and the
-            # next start's recovery rewrites .version and reloads
+            # next reconcile's (or start's) recovery rewrites .version, reloads and health-checks
             return SubsystemResult(sub.name, "failed", old_sha, asset.binary_sha256, entry.version,
                                    error=str(e), bytes=moved, seconds=time.monotonic() - started)
         res = self._reload_and_check(sub, intent, started=started, moved=moved)
