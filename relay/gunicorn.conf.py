@@ -45,14 +45,6 @@ loglevel = os.environ.get("RELAY_LOG_LEVEL", "info")
 limit_request_field_size = 16384
 
 
-def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    """Start the outbox worker and SSE broker in the worker process (after gevent has patched
-    threading, so they cooperate with the greenlets)."""
-    from sync_tools.relay.app import get_relay
-
-    get_relay(worker.wsgi).start()
-
-
 def worker_exit(server, worker):  # type: ignore[no-untyped-def]
     from sync_tools.relay.app import get_relay
 

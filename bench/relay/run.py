@@ -165,6 +165,25 @@ def record(name: str, **values: object) -> None:
 
 # ------------------------------------------------------------------------------------------ ingest
 
+SERVERS = ("werkzeug", "gunicorn-gevent", "granian")
+
+
+def server_argv(server: str, port: int, cfg: Path, env: dict[str, str]) -> list[str]:
+    """How each server model runs the relay (env is updated in place)."""
+    if server == "werkzeug":  # `sync-tools relay`: werkzeug's threaded server, a thread per connection
+        return [PY, "-m", "sync_tools", "relay", "--port", str(port), "--config", str(cfg)]
+    if server.startswith("gunicorn"):
+        env["RELAY_BIND"] = f"127.0.0.1:{port}"
+        env["RELAY_WORKER"] = server.split("-", 1)[1]
+        return [str(Path(PY).with_name("gunicorn")), "-c", str(ROOT / "relay/gunicorn.conf.py"),
+                "--chdir", str(ROOT), "relay.wsgi:app"]
+    if server == "granian":  # Rust HTTP, Python app in a pool of blocking threads
+        return [str(Path(PY).with_name("granian")), "--interface", "wsgi", "--host", "127.0.0.1", "--port",
+                str(port), "--workers", "1", "--blocking-threads", "64", "--working-dir", str(ROOT),
+                "relay.wsgi:app"]
+    raise ValueError(server)
+
+
 
 def bench_ingest(tmp: Path, seconds: int) -> None:
     sink_port = free_port()
@@ -190,7 +209,9 @@ def bench_ingest(tmp: Path, seconds: int) -> None:
             record("refusal.webhook-2.8.0", **bad_w)
 
         # --- the relay, under each server
-        for server in ("werkzeug", "gunicorn"):
+        for server in SERVERS:
+            if server == "granian" and not Path(PY).with_name("granian").exists():
+                continue
             db = tmp / f"relay-{server}.db"
             for suffix in ("", "-wal", "-shm"):
                 Path(str(db) + suffix).unlink(missing_ok=True)
@@ -198,12 +219,7 @@ def bench_ingest(tmp: Path, seconds: int) -> None:
             env["SYNC_TOOLS_DB"] = str(db)
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            if server == "werkzeug":
-                argv = [PY, "-m", "sync_tools", "relay", "--port", str(port), "--config", str(cfg)]
-            else:
-                env["RELAY_BIND"] = f"127.0.0.1:{port}"
-                argv = [str(Path(PY).with_name("gunicorn")), "-c", str(ROOT / "relay/gunicorn.conf.py"),
-                        "--chdir", str(ROOT), "relay.wsgi:app"]
+            argv = server_argv(server, port, cfg, env)
             with process(argv, env, tmp, url + "/health"):
                 r = wrk(url, reqfile, seconds=2, conns=4)
                 assert r["non2xx"] == 0, f"relay refused valid deliveries: {r}"
@@ -270,25 +286,20 @@ asyncio.run(main())
 def bench_fanout(tmp: Path, sizes: list[int]) -> None:
     sink_port = free_port()
     with process([PY, "-c", SINK, str(sink_port)], dict(os.environ), tmp, f"http://127.0.0.1:{sink_port}/"):
-        for server in ("werkzeug", "gunicorn-gevent", "gunicorn-gthread"):
+        for server in ("werkzeug", "gunicorn-gevent", "gunicorn-gthread", "granian"):
+            if server == "granian" and not Path(PY).with_name("granian").exists():
+                continue
             for n in sizes:
-                if server == "gunicorn-gthread" and n > 2000:
-                    continue  # a thread per subscriber: measured at 1,000 only (see RESULTS.md)
                 ws = tmp / f"fan-{server}-{n}"
                 cfg, env = workspace(ws, f"http://127.0.0.1:{sink_port}")
                 config = write_config(ws, dispatch="github")
                 publish(config, "nats", "v2.10.25")
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
-                if server == "werkzeug":
-                    argv = [PY, "-m", "sync_tools", "relay", "--port", str(port), "--config", str(cfg)]
-                else:
-                    env["RELAY_BIND"] = f"127.0.0.1:{port}"
-                    if server == "gunicorn-gthread":
-                        env["RELAY_THREADS"] = str(n + 100)
-                        env["RELAY_WORKER"] = "gthread"
-                    argv = [str(Path(PY).with_name("gunicorn")), "-c", str(ROOT / "relay/gunicorn.conf.py"),
-                            "--chdir", str(ROOT), "relay.wsgi:app"]
+                env["RELAY_THREADS"] = str(n + 100)
+                argv = server_argv(server, port, cfg, env)
+                if server == "granian":
+                    argv[argv.index("--blocking-threads") + 1] = str(n + 64)
                 with process(argv, env, ws, url + "/health") as proc:
                     time.sleep(0.5)
                     base = rss_kb(proc.pid)
