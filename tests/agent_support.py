@@ -407,6 +407,18 @@ class World:
     def health(self, name: str, timeout: float = 5.0) -> str:
         return wait_http(f"http://127.0.0.1:{self.ports[name]}/health", timeout)
 
+    def wait_version(self, name: str, version: str, timeout: float = 15.0) -> str:
+        """Poll the health URL until the service answers as *version* (a swap is visible on disk before
+        the restart, so the old process may answer first). Raises AssertionError on timeout."""
+        deadline = time.monotonic() + timeout
+        body = ""
+        while time.monotonic() < deadline:
+            body = wait_http(f"http://127.0.0.1:{self.ports[name]}/health", max(0.1, deadline - time.monotonic()))
+            if body.startswith(f"{name}-{version} "):
+                return body
+            time.sleep(0.02)
+        raise AssertionError(f"{name} still answers {body!r}, not {version}")
+
     def untouched_state(self, changed: str) -> tuple[dict, dict[str, int]]:
         """Files (bytes + mtimes) and supervisor pids of every subsystem except *changed*."""
         others = [n for n in self.binaries if n != changed]

@@ -455,7 +455,9 @@ def test_sse_client_reconnects_with_last_event_id() -> None:
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     got: list[AgentEvent] = []
     ids: list[str] = []
+    connects: list[tuple[int, str | None]] = []
     client = SSEClient(f"http://127.0.0.1:{httpd.server_address[1]}", "tok", got.append, on_event_id=ids.append,
+                       on_connect=lambda n, last: connects.append((n, last)),
                        backoff_base=0.01, backoff_max=0.05, rng=random.Random(1))
     t = threading.Thread(target=client.run, daemon=True)
     t.start()
@@ -471,6 +473,7 @@ def test_sse_client_reconnects_with_last_event_id() -> None:
     assert [e.serial for e in got[:6]] == [1, 2, 3, 4, 5, 6]
     assert ids[:6] == ["1", "2", "3", "4", "5", "6"]
     assert httpd.seen[:3] == [("Bearer tok", None), ("Bearer tok", "2"), ("Bearer tok", "4")]  # type: ignore[attr-defined]
+    assert connects[:3] == [(1, None), (2, "2"), (3, "4")]
     assert not t.is_alive()
 
 

@@ -76,13 +76,15 @@ class SSEClient:
 
     def __init__(self, relay_url: str, token: str | None, on_event: Callable[[AgentEvent], None], *,
                  last_event_id: str | None = None, session: requests.Session | None = None,
-                 on_event_id: Callable[[str], None] | None = None, backoff_base: float = 0.5,
+                 on_event_id: Callable[[str], None] | None = None,
+                 on_connect: Callable[[int, str | None], None] | None = None, backoff_base: float = 0.5,
                  backoff_max: float = 60.0, read_timeout: float = HEARTBEAT_READ_TIMEOUT,
                  rng: random.Random | None = None):
         self.url = relay_url.rstrip("/") + "/events"
         self.token = token
         self.on_event = on_event
         self.on_event_id = on_event_id
+        self.on_connect = on_connect  # (connects so far, the Last-Event-ID sent) after each connect
         self.last_event_id = last_event_id
         self.session = session or requests.Session()
         self.backoff_base = backoff_base
@@ -108,18 +110,19 @@ class SSEClient:
         return self.rng.uniform(0, min(self.backoff_max, self.backoff_base * (2 ** failures)))
 
     def run(self) -> None:
+        """Subscribe until :meth:`stop`. Never raises: every failure is logged and retried."""
         failures = 0
         while not self._stop.is_set():
             try:
                 self._stream()
                 failures = 0  # a clean end of stream: reconnect promptly
                 delay = self.backoff(0)
-            except (requests.RequestException, OSError, DataError) as e:
+            except Exception as e:  # noqa: BLE001 - a closed or broken stream fails in many ways
                 if self._stop.is_set():
-                    break
+                    break  # stop() closed the response under a blocked read
                 delay = self.backoff(failures)
                 failures += 1
-                log.warning("SSE %s: %s; reconnecting in %.1fs", self.url, e, delay)
+                log.warning("SSE %s: %s: %s; reconnecting in %.1fs", self.url, type(e).__name__, e, delay)
             self.connected.clear()
             self._stop.wait(delay)
 
@@ -137,6 +140,8 @@ class SSEClient:
                         else requests.HTTPError(f"HTTP {resp.status_code}")
                 self.connects += 1
                 self.connected.set()
+                if self.on_connect is not None:
+                    self.on_connect(self.connects, self.last_event_id)
                 self._read(resp)
             finally:
                 self._resp = None

@@ -522,10 +522,27 @@ def serve(agent: Agent, *, relay: str | None = None, token: str | None = None, l
     try:
         for res in agent.recover():
             log.warning("recovered %s: %s", res.name, res.action)
+        info: dict[str, Any] = {}
+        if relay:
+            def connected(count: int, resumed_from: str | None) -> None:
+                # A reconnect without a resume point may have missed events: look once more.
+                if count > 1 and resumed_from is None:
+                    agent.submit(AgentEvent(type="reconnected", source="sse"))
+
+            state = load_state(agent.root)
+            sse = SSEClient(relay, token, agent.submit, last_event_id=state.last_event_id, on_connect=connected,
+                            on_event_id=lambda eid: agent.update_state(lambda st: st.with_event_id(eid)))
+            info["relay"] = sse.url
+            info["sse_connected"] = sse.connected  # a threading.Event, set while the stream is open
+            sse_thread = threading.Thread(target=sse.run, name="agent-sse", daemon=True)
+            sse_thread.start()
+            threads.append(sse_thread)
+            # Subscribe before the start-up reconcile, so a release between the two is not missed.
+            if not sse.connected.wait(5.0):
+                log.warning("SSE %s not connected yet; reconciling anyway, it keeps retrying", sse.url)
         report = agent.reconcile()
         if on_report is not None:
             on_report(report)
-        info: dict[str, Any] = {}
         if listen:
             from werkzeug.serving import make_server
 
@@ -534,14 +551,9 @@ def serve(agent: Agent, *, relay: str | None = None, token: str | None = None, l
             server = make_server(host, port, app, threaded=True)
             info["listen"] = f"http://{host}:{server.server_port}"
             threads.append(threading.Thread(target=server.serve_forever, name="agent-receiver", daemon=True))
-        if relay:
-            state = load_state(agent.root)
-            sse = SSEClient(relay, token, agent.submit, last_event_id=state.last_event_id,
-                            on_event_id=lambda eid: agent.update_state(lambda st: st.with_event_id(eid)))
-            info["relay"] = sse.url
-            threads.append(threading.Thread(target=sse.run, name="agent-sse", daemon=True))
         for t in threads:
-            t.start()
+            if not t.is_alive():
+                t.start()
         if on_ready is not None:
             on_ready(info)
         agent.run_forever(on_report=on_report)

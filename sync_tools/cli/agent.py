@@ -82,7 +82,8 @@ def _serve(config: Config, agent: Any, listen: str | None, as_json: bool) -> Non
 
     def ready(info: dict[str, Any]) -> None:
         for k, v in info.items():
-            click.echo(f"{k}: {v}", err=True)
+            if isinstance(v, str):
+                click.echo(f"{k}: {v}", err=True)
 
     serve(agent, relay=ac.relay, token=token, listen=listen, secret=secret,
           on_report=lambda r: _print_report(r, as_json), on_ready=ready)
