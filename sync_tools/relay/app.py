@@ -163,7 +163,9 @@ class Relay:
         jobs = []
         for r in results:
             if isinstance(r, wh.UpstreamChange):
-                lane = f"local:{r.subsystem}" if isinstance(self.dispatcher, LocalDispatcher) else None
+                # one dispatch in flight at a time: a SIGKILL between GitHub's 204 and the job's
+                # completion then repeats at most one dispatch (a workflow run), not one per thread
+                lane = f"local:{r.subsystem}" if isinstance(self.dispatcher, LocalDispatcher) else "dispatch"
                 jobs.append(NewJob(kind="dispatch", payload=r.client_payload(), lane=lane,
                                    dedupe=f"dispatch:{r.subsystem}:{r.version}"))
             elif isinstance(r, wh.OwnRelease):
@@ -411,7 +413,6 @@ def create_app(config: Config, settings: Settings | None = None, *, now: Callabl
         store_factory=store_factory or (lambda: open_store(config)),
     )
     app = Flask("sync_tools.relay")
-    app.config["JSON_SORT_KEYS"] = True
     app.extensions[EXTENSION] = relay
     app.register_blueprint(hooks)
     app.register_blueprint(events)
