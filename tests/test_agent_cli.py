@@ -95,7 +95,7 @@ def test_agent_once_exits_1_on_a_refused_release(world: World) -> None:
 
 def test_agent_once_exits_1_with_one_line_when_an_update_rolls_back(world: World) -> None:
     world.publish("nats", "v2", mode="crash")
-    cfg = world.config_path.read_text().replace("health_timeout: 5.0", "health_timeout: 1")
+    cfg = world.config_path.read_text().replace("health_timeout: 5.0", "health_timeout: 3")
     world.config_path.write_text(cfg)
     code, out, err = _cli(world, "agent", "--once", "--source", world.server.url)
     assert code == 1

@@ -222,7 +222,7 @@ def test_an_unhealthy_binary_is_rolled_back_and_not_retried(world: World) -> Non
     before = world.untouched_state("nats")
     old = world.bin_path("nats").read_bytes()
     bad = world.publish("nats", "v2", mode="unhealthy")
-    agent = world.agent(health_timeout=1.0)
+    agent = world.agent(health_timeout=3.0)
     report = agent.reconcile()
     res = report.result("nats")
     assert res.action == "rolled_back" and "unhealthy" in res.error and "HTTP 500" in res.error
@@ -249,7 +249,7 @@ def test_an_unhealthy_binary_is_rolled_back_and_not_retried(world: World) -> Non
 
 def test_a_binary_that_crashes_on_start_is_rolled_back(world: World) -> None:
     world.publish("nats", "v2", mode="crash")
-    report = world.agent(health_timeout=1.0).reconcile()
+    report = world.agent(health_timeout=3.0).reconcile()
     assert report.result("nats").action == "rolled_back"
     assert world.health("nats").startswith("nats-v1")
 

@@ -368,9 +368,14 @@ class Agent:
             self.update_state(lambda st: st.with_failed(sub.name, None))
             return SubsystemResult(sub.name, "updated", intent.old_sha, intent.new_sha,
                                    bytes=moved, seconds=time.monotonic() - started)
+        if intent.kind == "restore":  # a recovered restore: the previous binary itself is unhealthy
+            self.journal.remove(sub.name)
+            return SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha,
+                                   error=f"the previous binary is unhealthy too: {health.detail}",
+                                   seconds=time.monotonic() - started)
         log.error("%s: new binary %s unhealthy (%s); rolling back", sub.name, intent.new_sha[:12], health.detail)
         self.update_state(lambda st: st.with_failed(sub.name, intent.new_sha))
-        if intent.kind == "restore" or intent.old_sha is None:
+        if intent.old_sha is None:
             self.journal.remove(sub.name)
             return SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha,
                                    error=f"unhealthy and nothing to roll back to: {health.detail}",
