@@ -40,9 +40,6 @@ class SizeCapError(DownloadError):
 class Fetcher(abc.ABC):
     """Gets the bytes of a named file (``manifest.json``, an asset) from one release source."""
 
-    #: Bytes actually received over the wire (or read from disk) since construction; benchmarks read it.
-    bytes_received: int = 0
-
     def fetch(self, url_or_name: str, *, max_bytes: int, offset: int = 0) -> Iterator[bytes]:
         """Yield the bytes of *url_or_name* from *offset* on, never more than ``max_bytes - offset``.
 
@@ -55,7 +52,6 @@ class Fetcher(abc.ABC):
                 if not chunk:
                     continue
                 received += len(chunk)
-                self.bytes_received += len(chunk)
                 if received > max_bytes:
                     raise SizeCapError(f"{url_or_name}: larger than the {max_bytes}-byte cap")
                 yield chunk
@@ -72,9 +68,6 @@ class Fetcher(abc.ABC):
     @abc.abstractmethod
     def _fetch(self, url_or_name: str, offset: int) -> Iterator[bytes]:
         """Yield the file's bytes from *offset*; raise anything on failure (the base class wraps it)."""
-
-    def describe(self) -> str:
-        return type(self).__name__
 
 
 class HTTPFetcher(Fetcher):
@@ -117,9 +110,6 @@ class HTTPFetcher(Fetcher):
                     chunk, skip = chunk[skip:], 0
                 yield chunk
 
-    def describe(self) -> str:
-        return self.base_url
-
 
 class LocalFetcher(Fetcher):
     """Files in a local directory: a local release store's ``<store>/<tag>/``."""
@@ -135,9 +125,6 @@ class LocalFetcher(Fetcher):
             fh.seek(offset)
             while chunk := fh.read(CHUNK):
                 yield chunk
-
-    def describe(self) -> str:
-        return str(self.directory)
 
 
 def make_fetcher(source: str, *, tag: str = "latest", base: Path | None = None) -> Fetcher:
