@@ -275,3 +275,18 @@ def test_secrets_never_in_repr_or_logs(tmp_path: Path, caplog: pytest.LogCapture
     for secret in (SECRET, "ghs_test", "wrong-token", "PAYLOAD-MARKER", sign(SECRET.encode(), b"")[:20]):
         assert secret not in text
     assert json.dumps(p)[:40] not in text
+
+
+def test_cli_refuses_to_start_without_the_secret(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from sync_tools.cli import cli
+
+    write_config(tmp_path)
+    e = {k: v for k, v in env(tmp_path).items() if k != "SYNC_TOOLS_WEBHOOK_SECRET"}
+    e["SYNC_TOOLS_WEBHOOK_SECRET"] = ""
+    r = CliRunner().invoke(cli, ["relay", "--port", "0", "--config", str(tmp_path / "sync-tools.yaml")], env=e)
+    assert r.exit_code == 1
+    assert "SYNC_TOOLS_WEBHOOK_SECRET is not set" in r.output and len(r.output.strip().splitlines()) == 1
+    help_ = CliRunner().invoke(cli, ["relay", "--help"])
+    assert help_.exit_code == 0 and "Example:" in help_.output and "--retry-dead" in help_.output

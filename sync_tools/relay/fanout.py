@@ -103,12 +103,12 @@ class Subscriber:
     """One SSE connection's queue. ``None`` in the queue means: you were cut off, close."""
 
     def __init__(self, maxsize: int):
-        self.queue: queue.Queue[Event | None] = queue.Queue(maxsize=maxsize)
+        self.queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=maxsize)
         self.dropped = False
 
-    def offer(self, event: Event) -> bool:
+    def offer(self, item: tuple[int, bytes]) -> bool:
         try:
-            self.queue.put_nowait(event)
+            self.queue.put_nowait(item)
             return True
         except queue.Full:
             self.dropped = True
@@ -191,11 +191,13 @@ class Broker:
                 self.publish(ev)
 
     def publish(self, event: Event) -> None:
-        """Offer *event* to every subscriber (non-blocking); slow ones are cut off."""
+        """Offer *event* to every subscriber (non-blocking); slow ones are cut off. The SSE bytes are
+        made once, not once per subscriber."""
+        item = (event.id, format_sse(event))
         with self._lock:
             subs = list(self._subs)
         for s in subs:
-            if not s.offer(event):
+            if not s.offer(item):
                 log.warning("an SSE subscriber fell %d events behind; closing it (it resumes with "
                             "Last-Event-ID)", self.queue_size)
                 self._cut(s)
@@ -218,20 +220,21 @@ class Broker:
                     break
             while True:
                 try:
-                    ev = sub.queue.get(timeout=heartbeat)
+                    item = sub.queue.get(timeout=heartbeat)
                 except queue.Empty:
                     yield b": heartbeat\n\n"
                     continue
-                if ev is None:
+                if item is None:
                     return
-                if ev.id <= sent:
+                event_id, data = item
+                if event_id <= sent:
                     continue
-                if ev.id > sent + 1:
+                if event_id > sent + 1:
                     # events were appended faster than the live queue saw them: read the gap from the log
-                    for missed in self.outbox.events_since(sent, limit=ev.id - sent - 1):
+                    for missed in self.outbox.events_since(sent, limit=event_id - sent - 1):
                         yield format_sse(missed)
-                yield format_sse(ev)
-                sent = ev.id
+                yield data
+                sent = event_id
         finally:
             self.unsubscribe(sub)
             if on_close is not None:
