@@ -1,7 +1,7 @@
 """Agent benchmarks on loopback (127.0.0.1 only; one run each, bounded).
 
-1. bytes: 5 subsystems installed, 1 changes; bytes the agent downloads / bytes of all five assets
-   (target: about 1/5, plus the manifest and its signature).
+1. bytes: 5 subsystems installed, k of them change (k = 1..5); bytes the agent downloads / bytes of all
+   five assets (target for k = 1: about 1/5, plus the manifest and its signature).
 2. latency: from the release event (a signed Standard Webhooks POST to the agent's own receiver) to the
    new 20 MB binary answering its health URL, with a real agent process, a real supervisord and the
    release on a loopback HTTP server; no build (target <= 2 s).
@@ -64,7 +64,8 @@ def _proc_stat(pid: int) -> tuple[float, int, int]:
 # ------------------------------------------------------------------------------------------- bytes
 
 
-def bench_bytes(size: int = 2_000_000) -> None:
+def bench_bytes(size: int = 2_000_000, changed: int = 1) -> None:
+    """5 subsystems installed, *changed* of them released anew: what the agent downloads."""
     base = Path(tempfile.mkdtemp(prefix="bench-agent-bytes-"))
     world = make_world(base, FIVE)
     try:
@@ -73,17 +74,19 @@ def bench_bytes(size: int = 2_000_000) -> None:
         assert world.agent().reconcile().ok
         all_assets = sum((world.store.dir / a.name).stat().st_size
                          for e in world.store.manifest().subsystems.values() for a in e.assets.values())
-        world.publish("nats", "v2", size=size)
+        moved = list(FIVE)[:changed]
+        for n in moved:
+            world.publish(n, "v2", size=size)
         world.server.reset()
         agent = world.agent()
         report = agent.reconcile()
-        assert report.ok and report.result("nats").action == "updated", report
+        assert report.ok and all(report.result(n).action == "updated" for n in moved), report
         sent = dict(world.server.sent)
         total = sum(sent.values())
         manifest = sent.get("manifest.json", 0) + sent.get("manifest.json.sig", 0)
-        emit(bench="bytes", subsystems=5, changed=1, asset_bytes_each=size, all_five_assets=all_assets,
+        emit(bench="bytes", subsystems=5, changed=changed, asset_bytes_each=size, all_five_assets=all_assets,
              downloaded=total, manifest_and_sig=manifest, files=sorted(sent),
-             ratio=round(total / all_assets, 4), target_ratio=round(1 / 5 + manifest / all_assets, 4))
+             ratio=round(total / all_assets, 4), target_ratio=round(changed / 5 + manifest / all_assets, 4))
     finally:
         close_world(world)
 
@@ -240,13 +243,18 @@ def main() -> None:
     ap.add_argument("which", nargs="*", default=["bytes", "latency", "idle"])
     ap.add_argument("--seconds", type=float, default=60.0, help="idle window (the spec: 300)")
     ap.add_argument("--poll-seconds", type=float, default=300.0, help="the poller's interval")
+    ap.add_argument("--changed", default="1,2,3,4,5", help="bytes: how many of the five change, per run")
+    ap.add_argument("--json", type=Path, help="also write every measurement to this file (bench/run reads it)")
     args = ap.parse_args()
     if "bytes" in args.which:
-        bench_bytes()
+        for k in (int(x) for x in args.changed.split(",")):
+            bench_bytes(changed=k)
     if "latency" in args.which:
         bench_latency()
     if "idle" in args.which:
         bench_idle(args.seconds, args.poll_seconds)
+    if args.json:
+        args.json.write_text(json.dumps(RESULTS, indent=2))
     print("\nsummary:")
     for r in RESULTS:
         print("  " + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("files", "note")))
