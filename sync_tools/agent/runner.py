@@ -422,6 +422,9 @@ class Agent:
         sub = self.config.subsystem(name)
         started = time.monotonic()
         with self._lock:
+            # finish an install a crash interrupted first: otherwise the half-written state (a new
+            # binary under the old .version) would be saved as .previous, and refused next time
+            self._recover_locked()
             intent, info, health = self._swap_previous_in(sub, "rollback")
         return SubsystemResult(sub.name, "updated" if health.ok else "failed", intent.old_sha, intent.new_sha,
                                info.version, None if health.ok else f"unhealthy after rollback: {health.detail}",
