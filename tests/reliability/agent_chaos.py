@@ -166,20 +166,24 @@ class _Chaos:
         elif self.label_sha.get(label) not in self.verified:
             self.violations.append(f"{when}: the service runs {label!r}, in no verified manifest")
 
-    def check_rollback(self, when: str) -> None:
+    def check_rollback(self, when: str, also: str | None = None) -> None:
+        """``sync-tools rollback`` puts ``.previous`` back, healthy. Right after a kill, rollback first
+        finishes the interrupted install, so the build it goes back to may also be *also* (the one
+        installed when the cycle began)."""
         path = self.world.bin_path(NAME)
         prev = path.parent / PREVIOUS_DIR / BINARY
         if not prev.exists():
             self.counts["rollback_unavailable"] += 1
             return
-        expected = self.sha(prev)
+        allowed = {self.sha(prev), also} - {None}
         rc, err = self.rollback()
         if rc != 0:
             self.violations.append(f"rollback {when} failed (exit {rc}): {err}")
             return
         self.counts[f"rollback:{when}"] += 1
         label = self.running_label()
-        if self.sha(path) != expected or label is None or self.label_sha.get(label) != expected:
+        sha = self.sha(path)
+        if sha not in allowed or label is None or self.label_sha.get(label) != sha:
             self.violations.append(f"rollback {when}: path or service not on the previous build ({label})")
         self.check_verified(f"after rollback {when}")
 
@@ -227,6 +231,7 @@ def run_agent_chaos(workdir: Path, *, cycles: int = 100, seed: int = 0, hook_sha
         for i in range(cycles):
             version = f"v{i + 2}"
             data = chaos.publish(version)
+            installed = chaos.sha(world.bin_path(NAME))
             if rng.random() < hook_share:
                 step = STEPS[i % len(STEPS)] if every_step else rng.choice(STEPS)
                 rc = chaos.agent_once(crash_step=step)
@@ -245,7 +250,7 @@ def run_agent_chaos(workdir: Path, *, cycles: int = 100, seed: int = 0, hook_sha
             chaos.check_verified(f"{version} after the kill ({point})")
             after = rng.random()
             if after < rollback_after_kill:
-                chaos.check_rollback("after the kill")
+                chaos.check_rollback("after the kill", also=installed)
             chaos.check_recovered(version, data)
             if after >= rollback_after_kill and rng.random() < 0.5:
                 chaos.check_rollback("after recovery")
