@@ -46,7 +46,7 @@ NAME, BINARY = "nats", "nats-server"
 class AgentChaosReport:
     cycles: int
     kills: int  # agent processes that died by SIGKILL (timer or hook)
-    kill_points: dict[str, int]  # hook step, or "timer" kills
+    kill_points: dict[str, int]  # hook step, or "timer: <where the kill fell>"
     finished_before_kill: int  # timer drew a delay past the end of the run
     service_down_after_kill: int  # the kill fell between the supervisor's stop and start
     rollbacks_after_kill: int
@@ -137,6 +137,20 @@ class _Chaos:
             return wait_http(f"http://127.0.0.1:{self.world.ports[NAME]}/health", timeout).split()[0]
         except AssertionError:
             return None
+
+    def landed(self, new: bytes) -> str:
+        """Where a timer kill fell, judged from what it left in the install root."""
+        path = self.world.bin_path(NAME)
+        root = self.world.root / ".sync-tools"
+        if (root / "journal" / f"{NAME}.json").exists():
+            return "swap in progress" if path.read_bytes() != new else "after the swap, before health"
+        if path.read_bytes() == new:
+            return "after the install"
+        if list(path.parent.glob(".*.staged")):
+            return "staged"
+        if (root / "downloads").is_dir() and any((root / "downloads").iterdir()):
+            return "downloading"
+        return "before the download"
 
     def check_verified(self, when: str) -> None:
         path = self.world.bin_path(NAME)
@@ -242,7 +256,7 @@ def run_agent_chaos(workdir: Path, *, cycles: int = 100, seed: int = 0, hook_sha
                 point = "timer"
             if rc == -9:
                 kills += 1
-                points[point] += 1
+                points[point if point != "timer" else f"timer: {chaos.landed(data)}"] += 1
             elif rc == 0 and point == "timer":
                 finished += 1
             else:
