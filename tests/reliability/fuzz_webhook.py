@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 from sync_tools.config import Config
 from sync_tools.relay import webhook as wh
-from tests.reliability.fuzz_common import FuzzReport, json_values, run_property
 from tests.relay_support import SECRET, TOKEN, fixture, fixture_names, settings, write_config
+from tests.reliability.fuzz_common import FuzzReport, json_values, run_property
 
 FIXTURES = {name: fixture(name) for name in fixture_names()}
 EVENTS = ("push", "create", "release", "ping", "delete", "issues", "workflow_run", "")
