@@ -259,13 +259,16 @@ class WebhookVerifier:
         expected = "sha256=" + hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, h["x-hub-signature-256"].strip()):
             raise DataError("X-Hub-Signature-256 does not match")
-        delivery = h.get("x-github-delivery", "")
+        delivery = h.get("x-github-delivery", "").strip()
+        if not delivery:
+            # GitHub's signature has no timestamp: the delivery id is the only way to see a replay
+            raise DataError("GitHub delivery without X-GitHub-Delivery (a replay could not be told apart)")
         kind = h.get("x-github-event", "")
         try:
             obj = json.loads(body)
         except ValueError as e:
             raise DataError("GitHub delivery is not JSON") from e
-        duplicate = bool(delivery) and not self._seen.first_time("gh:" + delivery)
+        duplicate = not self._seen.first_time("gh:" + delivery)
         if kind == "ping":
             return Delivery(None, duplicate, "ping")
         if kind != "release" or not isinstance(obj, dict):
