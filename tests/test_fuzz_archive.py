@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.reliability.fuzz_archive import fuzz_extract
+from tests.reliability.fuzz_atheris import run_atheris
 
 
 def test_extractor_raises_only_archive_errors_and_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -13,3 +16,9 @@ def test_extractor_raises_only_archive_errors_and_leaves_nothing_behind(tmp_path
     assert r.outcomes.get("extracted", 0) > 0  # valid archives still extract
     refusals = {k for k in r.outcomes if k.startswith("refused")}
     assert len(refusals) >= 5, r.outcomes  # many different hostile shapes were reached
+
+
+def test_atheris_coverage_guided_extractor() -> None:
+    pytest.importorskip("atheris", reason="atheris has wheels for Linux x86_64 only")
+    r = run_atheris("archive", 2000)
+    assert r.violations == () and r.inputs == 2000 and r.outcomes["coverage edges"] > 10

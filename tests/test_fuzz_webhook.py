@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from tests.reliability.fuzz_atheris import run_atheris
 from tests.reliability.fuzz_webhook import fuzz_relay_app, fuzz_webhook_parser
 
 
@@ -22,3 +25,30 @@ def test_relay_never_answers_5xx_to_a_fuzzed_request(tmp_path: Path) -> None:
     statuses = set(r.outcomes)
     assert {"401", "400"} <= statuses, r.outcomes
     assert statuses & {"200", "202"}, r.outcomes  # some validly signed fuzz got through to a decision
+
+
+def test_atheris_coverage_guided_webhook_parser() -> None:
+    """libFuzzer-guided mutation of validly signed bodies through decode_body and classify."""
+    pytest.importorskip("atheris", reason="atheris has wheels for Linux x86_64 only")
+    r = run_atheris("webhook", 2000)
+    assert r.violations == () and r.inputs == 2000 and r.outcomes["coverage edges"] > 50
+
+
+@pytest.mark.parametrize("event,field,value", [
+    ("create", "ref", ""), ("create", "ref", "   "), ("create", "ref", "v1.0\n"), ("release", "tag_name", ""),
+    ("push", "ref", "refs/tags/"), ("push", "ref", "refs/tags/v1 2"),
+])
+def test_a_blank_or_malformed_tag_is_refused_not_dispatched(tmp_path: Path, event: str, field: str,
+                                                             value: str) -> None:
+    """Found by the fuzzer: a create with ``ref: ""`` became a dispatch of version ``""``."""
+    from sync_tools.relay import webhook as wh
+    from tests.relay_support import fixture, write_config
+
+    config = write_config(tmp_path)
+    payload = fixture({"create": "create.0.json", "release": "release.published.0.json",
+                       "push": "push.0.json"}[event])
+    (payload["release"] if event == "release" else payload)[field] = value
+    if event == "push":
+        payload["after"] = "a" * 40
+    with pytest.raises(wh.BadRequest):
+        wh.classify(config, event, payload, "d-1")
