@@ -248,6 +248,17 @@ def _field(obj: Any, key: str, typ: type | tuple[type, ...], where: str, *, opti
     return value
 
 
+_NOT_IN_TAGS = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def _tag_name(value: str, where: str) -> str:
+    """*value* if git could name a tag so (non-empty, no whitespace or control characters, at most 255
+    characters): it becomes the version a build is asked for. Raises BadRequest otherwise."""
+    if not value or len(value) > 255 or _NOT_IN_TAGS.search(value):
+        raise BadRequest(f"{where} is not a tag name: {value[:80]!r}")
+    return value
+
+
 def _tag_allowed(sub: Subsystem, tag: str) -> str | None:
     """None if the tag passes the subsystem's include/exclude filters, else the reason it does not."""
     if sub.include is not None and not sub.include.search(tag):
@@ -269,7 +280,7 @@ def _classify_for(sub: Subsystem, event: str, payload: dict[str, Any], repo: dic
     if event == "release":
         action = _field(payload, "action", str, "payload")
         release = _field(payload, "release", dict, "payload")
-        tag = _field(release, "tag_name", str, "release")
+        tag = _tag_name(_field(release, "tag_name", str, "release"), "release.tag_name")
         prerelease = _field(release, "prerelease", bool, "release", optional=True) or False
         draft = _field(release, "draft", bool, "release", optional=True) or False
         if draft:
@@ -292,6 +303,7 @@ def _classify_for(sub: Subsystem, event: str, payload: dict[str, Any], repo: dic
         ref = _field(payload, "ref", str, "payload")
         if ref_type != "tag":
             return ignored(f"create of a {ref_type}")
+        ref = _tag_name(ref, "payload.ref")
         reason = _tag_allowed(sub, ref)
         return ignored(reason) if reason else change(ref, None)
 
@@ -302,7 +314,7 @@ def _classify_for(sub: Subsystem, event: str, payload: dict[str, Any], repo: dic
         if deleted or after == _ZERO_SHA:
             return ignored(f"deletion of {ref}")
         if ref.startswith("refs/tags/"):
-            tag = ref[len("refs/tags/"):]
+            tag = _tag_name(ref[len("refs/tags/"):], "payload.ref")
             if sub.strategy != "tags":
                 return ignored(f"tag push ({sub.name} follows {sub.strategy})")
             reason = _tag_allowed(sub, tag)
