@@ -32,7 +32,7 @@ else:
     worker_connections = threads + 100
 
 bind = os.environ.get("RELAY_BIND", "127.0.0.1:8080")  # cloudflared connects here; never expose directly
-workers = 1
+workers = int(os.environ.get("RELAY_WORKERS", "1"))
 preload_app = False  # the app (and its SQLite connections) is built in the worker, after the fork
 timeout = 60  # a silent worker is restarted; SSE streams write a heartbeat every 15 s
 graceful_timeout = 5  # SSE streams never finish on their own; agents reconnect with Last-Event-ID, and jobs

@@ -405,9 +405,12 @@ class Outbox:
         return replace(self._job(row), status=RUNNING)
 
     def next_due(self) -> float | None:
-        """When the earliest pending job becomes due (None when nothing is pending)."""
+        """When the earliest pending job that could be claimed becomes due: jobs waiting for a busy
+        lane are left out (the lane's job wakes the workers when it finishes). None: nothing."""
         with self._read() as conn:
-            row = conn.execute("SELECT MIN(next_attempt) FROM jobs WHERE status = 'pending'").fetchone()
+            row = conn.execute(
+                "SELECT MIN(next_attempt) FROM jobs WHERE status = 'pending' AND (lane IS NULL OR lane NOT IN "
+                "(SELECT lane FROM jobs WHERE status = 'running' AND lane IS NOT NULL))").fetchone()
         return row[0]
 
     def complete(self, job_id: int, follow: list[NewJob] | None = None) -> None:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Job], list[NewJob]]
 POLL = 1.0  # also pick up jobs another process (``relay --retry-dead``) put in the queue
+MIN_WAIT = 0.05
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,12 @@ class Worker:
         except (OutboxError, Exception):  # noqa: BLE001 - keep polling through a database hiccup
             log.exception("cannot read the outbox")
             due = None
-        wait = POLL if due is None else min(POLL, max(0.0, due - self.outbox.now()))
+        # Never less than MIN_WAIT: a due job that could not be claimed (its lane is busy, or another
+        # process took it) must not turn this loop into a spin, which under gevent would starve
+        # every request of the process.
+        wait = POLL if due is None else min(POLL, max(MIN_WAIT, due - self.outbox.now()))
         with self._wake:
-            if not self._stop.is_set() and wait > 0:
+            if not self._stop.is_set():
                 self._wake.wait(wait)
 
     def _loop(self) -> None:
@@ -113,6 +117,7 @@ class Worker:
         handler = self.handlers.get(job.kind)
         started = time.monotonic()
         outcome: str
+        follow: list[NewJob] = []
         try:
             if handler is None:
                 raise SyncToolsError(f"no handler for job kind {job.kind!r}")
@@ -127,8 +132,8 @@ class Worker:
         else:
             self.outbox.complete(job.id, follow)
             outcome = "done"
-            if follow:
-                self.wake()
+        if follow or job.lane is not None:
+            self.wake()  # new jobs, or the lane this job held is free for the next one
         if self._observe is not None:
             self._observe(job, outcome, time.monotonic() - started)
         return outcome
