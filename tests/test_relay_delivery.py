@@ -246,3 +246,40 @@ def test_resume_takes_back_only_jobs_of_dead_processes(tmp_path: Path) -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_workers_wait_quietly_while_a_lane_is_busy(tmp_path: Path) -> None:
+    """Two jobs in one lane: while the first runs, the idle workers must sleep, not spin on claim
+    (under gevent a spin starves every request of the process)."""
+    import threading
+
+    from sync_tools.relay.outbox import NewJob, Outbox
+    from sync_tools.relay.worker import Worker
+
+    outbox = Outbox(tmp_path / "r.db")
+    release = threading.Event()
+    ran: list[int] = []
+
+    def handler(job):  # type: ignore[no-untyped-def]
+        ran.append(job.id)
+        if len(ran) == 1:
+            release.wait(5)
+        return []
+
+    worker = Worker(outbox, {"dispatch": handler}, threads=4)
+    try:
+        outbox.record("d1", "create", "a", [NewJob("dispatch", {"n": 1}, lane="dispatch")])
+        outbox.record("d2", "create", "b", [NewJob("dispatch", {"n": 2}, lane="dispatch")])
+        worker.start()
+        wait_for(lambda: ran, what="the first job")
+        cpu = time.process_time()
+        time.sleep(0.6)
+        spent = time.process_time() - cpu
+        assert ran == [ran[0]]  # the second waits for the lane
+        assert spent < 0.3, f"idle workers burned {spent:.2f} s of CPU in 0.6 s"
+        release.set()
+        wait_for(lambda: len(ran) == 2, timeout=3, what="the second job once the lane is free")
+    finally:
+        release.set()
+        worker.stop()
+        outbox.close()
