@@ -11,8 +11,12 @@ threading, never in a master process.
 
 from __future__ import annotations
 
+import sys
+
 from sync_tools.config import load_config
 from sync_tools.relay.app import create_app, get_relay
+from sync_tools.relay.server import SWITCH_INTERVAL
 
+sys.setswitchinterval(SWITCH_INTERVAL)  # see sync_tools.relay.server.serve
 app = create_app(load_config())
 get_relay(app).start()

@@ -228,7 +228,11 @@ def bench_ingest(tmp: Path, seconds: int) -> None:
                 record(f"ingest.relay-{server}.peak", **peak)
                 # about half the peak rate: 8 connections, each pacing itself
                 target = peak["rps"] / 2
-                delay = 8 * 1000.0 / target  # the achieved rate is a little lower: each request's own time adds
+                # 8 connections pacing themselves; one short calibration run corrects the delay for the
+                # time each request itself takes
+                delay = 8 * 1000.0 / target
+                probe = wrk(url, reqfile, seconds=3, conns=8, delay_ms=round(delay, 2))
+                delay = max(0.1, delay - (8 * 1000.0 / probe["rps"] - delay))
                 half = wrk(url, reqfile, seconds=seconds, conns=8, delay_ms=round(delay, 2))
                 record(f"ingest.relay-{server}.half-load", target_rps=round(target), **half)
                 bad = wrk(url, reqfile, seconds=seconds, conns=32, bad=True)
