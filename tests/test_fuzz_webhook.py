@@ -52,3 +52,22 @@ def test_a_blank_or_malformed_tag_is_refused_not_dispatched(tmp_path: Path, even
         payload["after"] = "a" * 40
     with pytest.raises(wh.BadRequest):
         wh.classify(config, event, payload, "d-1")
+
+
+@pytest.mark.parametrize("url", ["https://[github.com/nats-io/nats-server", "https://[::1/x", "http://]/a"])
+def test_a_repository_url_urllib_cannot_split_is_not_a_500(tmp_path: Path, url: str) -> None:
+    """Found by atheris: ``urlsplit`` raises ValueError ("Invalid IPv6 URL") on a '[' host, which
+    escaped classify and became a 500."""
+    from sync_tools.relay.app import create_app, get_relay
+    from tests.relay_support import delivery, settings, tag_payload, write_config
+
+    config = write_config(tmp_path)
+    app = create_app(config, settings(config, tmp_path))
+    try:
+        payload = tag_payload()
+        payload["repository"]["html_url"] = url
+        d = delivery("create", payload)
+        r = app.test_client().post("/webhook", data=d.body, headers=d.headers)
+        assert r.status_code < 500, r.get_data()
+    finally:
+        get_relay(app).stop()

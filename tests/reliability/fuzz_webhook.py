@@ -38,7 +38,8 @@ interesting = st.sampled_from([
     "", "v1.2.3", "v2.10.25", "refs/tags/v1.0.0", "refs/heads/master", "refs/heads/main", "0" * 40, "a" * 40,
     "https://github.com/nats-io/nats-server", "git@github.com:octocoders/hello-world.git", "/", "..", "../..",
     "file:///etc/passwd", "https://ghe.example.com/basekick/arc.git", "acme/plat-telemetry", "\x00", "é" * 10,
-    "published", "released", "prereleased", "tag", "branch", "x" * 5000,
+    "published", "released", "prereleased", "tag", "branch", "x" * 5000, "https://[github.com/a/b",
+    "http://[::1]:99999/x", "git@[::1]:a/b.git",
 ])
 content_types = st.sampled_from([
     None, "application/json", "application/json; charset=utf-8", "application/x-www-form-urlencoded",
