@@ -122,7 +122,10 @@ def repo_key(value: str) -> tuple[str | None, str] | None:
     if scp:
         host, path = scp.group(1), scp.group(2)
     elif "://" in v:
-        u = urllib.parse.urlsplit(v)
+        try:
+            u = urllib.parse.urlsplit(v)
+        except ValueError:  # e.g. an unbalanced '[' ("Invalid IPv6 URL"): names no repository
+            return None
         if u.scheme == "file":
             host, path = "file", u.path
         else:
