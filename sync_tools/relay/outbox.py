@@ -39,7 +39,6 @@ from sync_tools.errors import SyncToolsError
 log = logging.getLogger(__name__)
 
 PENDING, RUNNING, DONE, DEAD = "pending", "running", "done", "dead"
-MAX_READERS = 16
 COALESCE_WINDOW = 3600.0  # a second delivery naming the same subsystem+version within this is not re-dispatched
 
 _SCHEMA = """
@@ -208,7 +207,6 @@ class Outbox:
             raise OutboxError(f"cannot open the relay database {self.path}: {e}") from e
         self._wlock = threading.RLock()
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
-        self._reader_slots = threading.BoundedSemaphore(MAX_READERS)
         self._all: list[sqlite3.Connection] = [self._w]
         self._inbox: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._committer: threading.Thread | None = None
@@ -219,20 +217,17 @@ class Outbox:
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        """A pooled read connection (WAL readers never wait for the writer). At most MAX_READERS
-        exist: ten thousand SSE agents reconnecting at once queue for one instead of each opening
-        its own."""
-        with self._reader_slots:
-            try:
-                conn = self._readers.get_nowait()
-            except queue.Empty:
-                conn = _connect(self.path)
-                with self._wlock:
-                    self._all.append(conn)
-            try:
-                yield conn
-            finally:
-                self._readers.put(conn)
+        """A pooled read connection (WAL readers never wait for the writer)."""
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = _connect(self.path)
+            with self._wlock:
+                self._all.append(conn)
+        try:
+            yield conn
+        finally:
+            self._readers.put(conn)
 
     @contextmanager
     def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
