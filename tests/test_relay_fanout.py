@@ -170,6 +170,13 @@ def test_release_event_from_the_verified_manifest_streamed_and_pushed(relay: Rel
     pushed = [wh.verify(body, headers) for headers, body in agent.received]
     assert pushed == [event, event2]
     assert [h["Webhook-Id"] for h, _ in agent.received] == [f"evt_{eid}", f"evt_{eid2}"]
+    # and the agent's own verifier (sync_tools.agent) reads them as the events they are
+    from sync_tools.agent.events import WebhookVerifier
+
+    verifier = WebhookVerifier(AGENT_SECRET)
+    delivered = [verifier.verify(body, headers) for headers, body in agent.received]
+    assert [(d.event.subsystems, d.event.serial, d.duplicate) for d in delivered] == [
+        (("nats",), 1, False), (("arc",), 2, False)]
     tampered_headers, tampered_body = agent.received[0]
     with pytest.raises(Exception, match="signature"):
         wh.verify(tampered_body.replace(b"nats", b"arc!"), tampered_headers)
@@ -241,3 +248,35 @@ def test_pushes_are_retried(relay: RelayServer, agent: AgentReceiver) -> None:
     ids = {h["Webhook-Id"] for h, _ in agent.received}
     assert len(ids) == 1  # a retry carries the same webhook-id, so an agent can drop duplicates
     assert Webhook(AGENT_SECRET).verify(agent.received[-1][1], agent.received[-1][0])["subsystems"] == ["nats"]
+
+
+def test_the_agents_sse_client_resumes_from_the_relay(relay: RelayServer) -> None:
+    """Interop with sync_tools.agent: its SSE client gets every event once, across a relay-side cut."""
+    from sync_tools.agent.events import SSEClient
+
+    app_relay = get_relay(relay.app)
+    got: list[tuple[str | None, tuple[str, ...]]] = []
+    client = SSEClient(relay.url, TOKEN, lambda e: got.append((e.id, e.subsystems)), backoff_base=0.05,
+                       backoff_max=0.2, read_timeout=5)
+    t = threading.Thread(target=client.run, daemon=True)
+    t.start()
+    try:
+        assert client.connected.wait(5)
+        app_relay.outbox.append_event("release.updated", {"type": "release.updated", "subsystems": ["nats"],
+                                                          "release": "latest", "serial": 1, "manifest": "m"})
+        app_relay.broker.notify()
+        deadline = time.monotonic() + 5
+        while len(got) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        app_relay.broker.stop()  # every stream is cut; the event after it must still arrive, once
+        app_relay.outbox.append_event("release.updated", {"type": "release.updated", "subsystems": ["arc"],
+                                                          "release": "latest", "serial": 2, "manifest": "m"})
+        app_relay.broker.start()
+        app_relay.broker.notify()
+        while len(got) < 2 and time.monotonic() < deadline + 5:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert got == [("1", ("nats",)), ("2", ("arc",))]
+    finally:
+        client.stop()
+        t.join(5)
