@@ -52,18 +52,22 @@ def _seed(target: str, corpus: Path) -> None:
         (corpus / "dotdot").write_bytes(tar_gz([file_member("../nats-server", b"x")]))
 
 
-def run_atheris(target: str, runs: int, *, seed: int = 1, timeout: float = 900.0) -> FuzzReport:
-    """Fuzz *target* ("webhook" or "archive") for *runs* inputs in a subprocess. Raises RuntimeError
-    when atheris is not installed."""
+def run_atheris(target: str, runs: int, *, seed: int = 1, timeout: float = 900.0,
+                artifacts: Path | None = None) -> FuzzReport:
+    """Fuzz *target* ("webhook" or "archive") for *runs* inputs in a subprocess; a crashing input is
+    saved under *artifacts* (default: a kept temporary directory) and named in the violation. Raises
+    RuntimeError when atheris is not installed."""
     if not available():
         raise RuntimeError("atheris is not installed (pip install atheris; Linux x86_64 wheels)")
     started = time.monotonic()
+    keep = artifacts or Path(tempfile.mkdtemp(prefix="atheris-artifacts-"))
+    keep.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="atheris-") as tmp:
         corpus = Path(tmp) / "corpus"
         _seed(target, corpus)
         proc = subprocess.run(
             [sys.executable, "-m", "tests.reliability.fuzz_atheris", target, str(corpus), f"-runs={runs}",
-             f"-seed={seed}", "-max_len=65536", "-rss_limit_mb=2048", f"-artifact_prefix={tmp}/"],
+             f"-seed={seed}", "-max_len=65536", "-rss_limit_mb=2048", f"-artifact_prefix={keep}/"],
             capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[2])
         corpus_size = len(list(corpus.iterdir()))
     out = proc.stderr
@@ -71,8 +75,12 @@ def run_atheris(target: str, runs: int, *, seed: int = 1, timeout: float = 900.0
     cov = re.findall(r"cov: (\d+)", out)
     violations: tuple[str, ...] = ()
     if proc.returncode != 0 or not done:
-        tail = out[out.find("=== Uncaught"):][:1500] if "=== Uncaught" in out else out[-1500:]
-        violations = (f"exit {proc.returncode}: {tail}",)
+        crashes = sorted(str(p) for p in keep.glob("crash-*"))
+        tb = out.rfind("Traceback (most recent call last)")
+        tail = out[tb:][:1500] if tb >= 0 else out[-1500:]
+        violations = (f"exit {proc.returncode}, input saved as {crashes or 'nothing'}: {tail}",)
+    elif artifacts is None:
+        keep.rmdir()
     outcomes = {"runs": int(done[-1]) if done else 0, "coverage edges": int(cov[-1]) if cov else 0,
                 "corpus entries": corpus_size}
     return FuzzReport(f"atheris: {target}", outcomes["runs"], outcomes, round(time.monotonic() - started, 1),
