@@ -46,8 +46,8 @@ from tests.servers.github_api import Fault, GitHubAPIServer
 RELEASE_REPO = "acme/plat-telemetry"
 SECRET = "rel-crash-webhook-secret-5b1f0c"
 TOKEN = "ghs_relcrash_token_9d3e7a"
-RELAY_WORKERS = 4  # Settings.workers: dispatch threads that may each be mid-request at a SIGKILL
-READ_TIMEOUT = 30.0  # Settings.http_timeout's read part: a "timeout" fault holds past it
+# Settings.http_timeout's read part: a "timeout" fault holds the connection past it
+READ_TIMEOUT = 30.0
 _LISTEN_RE = re.compile(r"relay listening on (http://\S+)")
 
 
