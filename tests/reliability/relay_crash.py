@@ -14,8 +14,8 @@ With ``fault_rate`` > 0 the test server fails that share of dispatch calls, pick
 403 primary rate limit (``X-RateLimit-Remaining: 0``, reset 1-3 s ahead), a timeout (the connection is
 held past the relay's 30 s read timeout, then cut, without recording the dispatch) and a connection
 reset. A timeout holds the relay's single dispatch lane for 30 s, so their number is capped by
-``timeout_budget``; past
-the budget a drawn timeout becomes a reset (both are "no answer" faults; the report counts each kind).
+``timeout_budget``; past the budget a drawn timeout becomes a reset (both are "no answer" faults;
+the report counts each kind).
 
 Loopback only; every loop is bounded by a deadline.
 """
