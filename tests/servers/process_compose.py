@@ -1,7 +1,7 @@
 """A stand-in for process-compose's REST API, on loopback TCP and a unix socket at once.
 
 process-compose cannot be installed here, so this server follows its published OpenAPI description
-(``/work/shared/process-compose-openapi.json``, process-compose v1.122.0): ``GET /live``,
+(``tests/fixtures/process-compose/openapi.json``, process-compose v1.122.0): ``GET /live``,
 ``GET /processes``, ``GET /process/{name}``, ``POST /process/restart/{name}``,
 ``POST /process/start/{name}``, ``PATCH /process/stop/{name}``. It runs real child processes, so a
 restart really runs the binary now on disk. Like process-compose, a restart answers at once and the
@@ -31,9 +31,9 @@ from typing import Any
 
 import jsonschema
 
-# ../shared/process-compose-openapi.json next to the repository (PC_OPENAPI overrides)
+# the published description, vendored with its source named (PC_OPENAPI overrides)
 SPEC_PATH = Path(os.environ.get("PC_OPENAPI") or
-                 Path(__file__).resolve().parents[2].parent / "shared" / "process-compose-openapi.json")
+                 Path(__file__).resolve().parents[1] / "fixtures" / "process-compose" / "openapi.json")
 _SPEC: dict[str, Any] | None = None
 
 
