@@ -147,9 +147,9 @@ def _the_binary(gz: bytes) -> bytes:
     only the readable prefix: like the extractor, it never needs what follows the end-of-archive block."""
     d = zlib.decompressobj(31)
     raw = b""
-    for i in range(0, len(gz), 64):
+    for i in range(len(gz)):  # byte by byte, so nothing before a corrupt byte is dropped
         try:
-            raw += d.decompress(gz[i:i + 64])
+            raw += d.decompress(gz[i:i + 1])
         except zlib.error:
             break
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
