@@ -320,9 +320,12 @@ def run_demo(*, keep: bool = False, workdir: Path | None = None,
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         with _workdir(keep, workdir) as tmp:
-            return _run(tmp, procs, say)
+            try:
+                return _run(tmp, procs, say)
+            finally:
+                # before the workdir goes: supervisord is shut down through its socket in there
+                procs.stop_all()
     finally:
-        procs.stop_all()
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import signal
 import subprocess
@@ -84,12 +86,24 @@ class Supervisor:
         return int(self.info(name)["pid"])
 
     def stop(self) -> None:
+        """Stop supervisord and, through it, every program it runs. The shutdown call's answer can be
+        lost as supervisord closes its socket, so the call's errors are not taken as failure: it gets
+        SIGTERM too (its own graceful shutdown) and only a supervisord still alive after that is
+        killed, since a killed supervisord would orphan its programs."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        try:
+        with contextlib.suppress(OSError, xmlrpc.client.Fault, http.client.HTTPException):
             self.rpc().supervisor.shutdown()
-            self.proc.wait(timeout=10)
-        except (OSError, xmlrpc.client.Fault, subprocess.TimeoutExpired):
+        try:
+            self.proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=5)
 
