@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from sync_tools.errors import DataError
+
 _CHUNK = 1 << 20
 
 
@@ -67,6 +69,25 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int | None 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write JSON with sorted keys and a trailing newline, atomically, so diffs read well."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_capped(path: str | os.PathLike[str], cap: int, *, missing_ok: bool = False) -> bytes | None:
+    """The bytes of *path*, never reading more than *cap* + 1 of them: a file over the cap is refused,
+    not read whole (config, manifests and event files are hostile until verified).
+
+    Returns None for a missing file when *missing_ok*. Raises DataError over the cap, and OSError as
+    ``open`` does.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(cap + 1)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise
+    if len(data) > cap:
+        raise DataError(f"{path}: larger than {cap} bytes")
+    return data
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 from sync_tools.build import parse_platform, source_commit
 from sync_tools.config import Config
 from sync_tools.errors import BuildError, ConfigError, DataError
-from sync_tools.fsutil import atomic_write_bytes, atomic_writer, sha256_file
+from sync_tools.fsutil import atomic_write_bytes, atomic_writer, read_capped, sha256_file
 from sync_tools.manifest import Asset, asset_name
 from sync_tools.versionfile import read_version
 
@@ -137,11 +137,7 @@ def package(config: Config, name: str, *, platform: str | None = None, dist: Pat
 
 def _read_sidecar(path: Path) -> Packaged:
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(_MAX_SIDECAR + 1)
-        if len(raw) > _MAX_SIDECAR:
-            raise DataError(f"{path}: larger than {_MAX_SIDECAR} bytes")
-        obj = json.loads(raw)
+        obj = json.loads(read_capped(path, _MAX_SIDECAR) or b"")
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable package sidecar: {e}") from e
     if not isinstance(obj, dict) or any(k not in obj for k in _SIDECAR_KEYS):

@@ -24,6 +24,7 @@ from typing import Any
 
 from sync_tools.config import Config
 from sync_tools.errors import ConfigError, DataError
+from sync_tools.fsutil import read_capped
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +161,9 @@ def versions_from_event(event: Mapping[str, Any]) -> dict[str, str]:
 def load_event(path: Path) -> dict[str, Any]:
     """Read an Actions event file (``$GITHUB_EVENT_PATH``). Raises DataError."""
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(_MAX_EVENT + 1)
+        raw = read_capped(path, _MAX_EVENT) or b""
     except OSError as e:
         raise DataError(f"{path}: cannot read the event file: {e.strerror or e}") from e
-    if len(raw) > _MAX_EVENT:
-        raise DataError(f"{path}: event file over {_MAX_EVENT} bytes")
     try:
         obj = json.loads(raw)
     except ValueError as e:

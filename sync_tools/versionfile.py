@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sync_tools.errors import DataError
-from sync_tools.fsutil import atomic_write_text
+from sync_tools.fsutil import atomic_write_text, read_capped
 
 VERSION_FILE = ".version"
 PREVIOUS_DIR = ".previous"
@@ -57,13 +57,9 @@ def parse_version_text(text: str, where: str = ".version") -> VersionInfo:
 def read_version(bin_dir: Path) -> VersionInfo | None:
     """The .version in *bin_dir*, or None when there is none. Raises DataError when it is malformed."""
     path = bin_dir / VERSION_FILE
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_VERSION_FILE + 1)
-    except FileNotFoundError:
+    data = read_capped(path, MAX_VERSION_FILE, missing_ok=True)
+    if data is None:
         return None
-    if len(data) > MAX_VERSION_FILE:
-        raise DataError(f"{path}: larger than {MAX_VERSION_FILE} bytes")
     try:
         return parse_version_text(data.decode("utf-8"), str(path))
     except UnicodeDecodeError as e:

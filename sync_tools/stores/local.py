@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sync_tools.errors import ConfigError, DataError
-from sync_tools.fsutil import atomic_write_bytes, atomic_writer, sha256_bytes
+from sync_tools.fsutil import atomic_write_bytes, atomic_writer, read_capped, sha256_bytes
 from sync_tools.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATURE_NAME
 from sync_tools.stores.base import ManifestConflict, Snapshot, Store
 
@@ -28,17 +28,6 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".manifest.lock"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _MAX_SIG_BYTES = 4096
-
-
-def _read_capped(path: Path, cap: int) -> bytes | None:
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(cap + 1)
-    except FileNotFoundError:
-        return None
-    if len(data) > cap:
-        raise DataError(f"{path}: larger than {cap} bytes")
-    return data
 
 
 class LocalStore(Store):
@@ -72,8 +61,8 @@ class LocalStore(Store):
             os.close(fd)  # closing releases the lock
 
     def _read_pair(self) -> Snapshot:
-        data = _read_capped(self.dir / MANIFEST_NAME, MAX_MANIFEST_BYTES)
-        sig = _read_capped(self.dir / SIGNATURE_NAME, _MAX_SIG_BYTES)
+        data = read_capped(self.dir / MANIFEST_NAME, MAX_MANIFEST_BYTES, missing_ok=True)
+        sig = read_capped(self.dir / SIGNATURE_NAME, _MAX_SIG_BYTES, missing_ok=True)
         return Snapshot(data=data, signature=sig, token=sha256_bytes(data) if data is not None else None)
 
     # ------------------------------------------------------------------------------- the interface
