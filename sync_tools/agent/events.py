@@ -14,6 +14,7 @@ Events carry no trust: an event only makes the agent fetch and verify the signed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -26,8 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import requests
-
+from sync_tools.agent.httpclient import Client, HTTPError, Response
 from sync_tools.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class SSEClient:
     """Subscribes to ``<relay>/events`` until :meth:`stop`; reconnects forever with backoff + jitter."""
 
     def __init__(self, relay_url: str, token: str | None, on_event: Callable[[AgentEvent], None], *,
-                 last_event_id: str | None = None, session: requests.Session | None = None,
+                 last_event_id: str | None = None, client: Client | None = None,
                  on_event_id: Callable[[str], None] | None = None,
                  on_connect: Callable[[int, str | None], None] | None = None, backoff_base: float = 0.5,
                  backoff_max: float = 60.0, read_timeout: float = HEARTBEAT_READ_TIMEOUT,
@@ -86,13 +86,13 @@ class SSEClient:
         self.on_event_id = on_event_id
         self.on_connect = on_connect  # (connects so far, the Last-Event-ID sent) after each connect
         self.last_event_id = last_event_id
-        self.session = session or requests.Session()
+        self.client = client or Client()
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.read_timeout = read_timeout
         self.rng = rng or random.Random()
         self._stop = threading.Event()
-        self._resp: requests.Response | None = None
+        self._resp: Response | None = None
         self.connects = 0
         self.connected = threading.Event()
 
@@ -101,7 +101,7 @@ class SSEClient:
         resp = self._resp
         if resp is not None:
             try:
-                resp.close()  # unblocks a read waiting for the next heartbeat
+                resp.shutdown()  # unblocks a read waiting for the next heartbeat
             except Exception:  # noqa: BLE001 - closing a dead connection may fail in any way
                 pass
 
@@ -132,12 +132,13 @@ class SSEClient:
             headers["Authorization"] = f"Bearer {self.token}"
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
-        with self.session.get(self.url, headers=headers, stream=True, timeout=(10.0, self.read_timeout)) as resp:
+        resp = self.client.get(self.url, headers=headers, stream=True, timeout=(10.0, self.read_timeout))
+        with contextlib.closing(resp):
             self._resp = resp
             try:
-                if resp.status_code != 200:
-                    raise DataError(f"HTTP {resp.status_code}") if resp.status_code in (401, 403) \
-                        else requests.HTTPError(f"HTTP {resp.status_code}")
+                if resp.status != 200:
+                    raise DataError(f"HTTP {resp.status}") if resp.status in (401, 403) \
+                        else HTTPError(f"HTTP {resp.status}")
                 self.connects += 1
                 self.connected.set()
                 if self.on_connect is not None:
@@ -146,12 +147,12 @@ class SSEClient:
             finally:
                 self._resp = None
 
-    def _read(self, resp: requests.Response) -> None:
+    def _read(self, resp: Response) -> None:
         buf = b""
         fields: dict[str, list[str]] = {}
         event_id: str | None = None
         while not self._stop.is_set():
-            chunk = resp.raw.read1(65536)
+            chunk = resp.read1(65536)
             if not chunk:
                 return
             buf += chunk

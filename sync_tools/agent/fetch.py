@@ -21,9 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-import requests
-import urllib3
-
+from sync_tools.agent.httpclient import Client, HTTPError
 from sync_tools.errors import DataError, DownloadError
 
 log = logging.getLogger(__name__)
@@ -57,8 +55,7 @@ class Fetcher(abc.ABC):
                 yield chunk
         except (DownloadError, DataError):
             raise
-        except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError,
-                ValueError) as e:
+        except (HTTPError, http.client.HTTPException, OSError, ValueError) as e:
             raise DownloadError(f"{url_or_name}: {type(e).__name__}: {e}") from e
 
     def fetch_bytes(self, url_or_name: str, *, max_bytes: int) -> bytes:
@@ -77,10 +74,10 @@ class HTTPFetcher(Fetcher):
     is read from the start with the first *offset* bytes skipped, so a resume is always correct.
     """
 
-    def __init__(self, base_url: str, *, session: requests.Session | None = None,
+    def __init__(self, base_url: str, *, client: Client | None = None,
                  timeout: tuple[float, float] = (5.0, 30.0), headers: dict[str, str] | None = None):
         self.base_url = base_url.rstrip("/")
-        self.session = session or requests.Session()
+        self.client = client or Client()
         self.timeout = timeout
         self.headers = dict(headers or {})
 
@@ -94,21 +91,24 @@ class HTTPFetcher(Fetcher):
         if offset:
             headers["Range"] = f"bytes={offset}-"
         url = self.url(url_or_name)
-        with self.session.get(url, headers=headers, stream=True, timeout=self.timeout) as resp:
-            if resp.status_code == 416 and offset:
+        resp = self.client.get(url, headers=headers, stream=True, timeout=self.timeout)
+        try:
+            if resp.status == 416 and offset:
                 return  # nothing left past offset: the caller's size check decides
-            if resp.status_code not in (200, 206):
-                raise DownloadError(f"{url}: HTTP {resp.status_code}", status_code=resp.status_code)
-            skip = offset if (offset and resp.status_code == 200) else 0
+            if resp.status not in (200, 206):
+                raise DownloadError(f"{url}: HTTP {resp.status}", status_code=resp.status)
+            skip = offset if (offset and resp.status == 200) else 0
             # read1 hands over whatever arrived, so a cut loses no received byte: the resume starts
             # exactly where the connection dropped
-            while chunk := resp.raw.read1(CHUNK):
+            while chunk := resp.read1(CHUNK):
                 if skip:
                     if len(chunk) <= skip:
                         skip -= len(chunk)
                         continue
                     chunk, skip = chunk[skip:], 0
                 yield chunk
+        finally:
+            resp.close()
 
 
 class LocalFetcher(Fetcher):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
+from sync_tools.agent.httpclient import Client, HTTPError
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +27,15 @@ class HealthResult:
 
 
 def check_once(spec: str, *, timeout: float = 5.0, cwd: Path | None = None,
-               session: requests.Session | None = None) -> HealthResult:
+               client: Client | None = None) -> HealthResult:
     """One attempt of *spec* (a URL or a shell command). Never raises: failures are a result."""
     if spec.startswith(("http://", "https://")):
         try:
-            resp = (session or requests).get(spec, timeout=(min(timeout, 2.0), timeout))
-        except requests.RequestException as e:
+            resp = (client or Client()).get(spec, timeout=(min(timeout, 2.0), timeout))
+        except HTTPError as e:
             return HealthResult(False, f"{spec}: {type(e).__name__}")
-        ok = 200 <= resp.status_code < 300
-        return HealthResult(ok, f"{spec}: HTTP {resp.status_code}")
+        ok = 200 <= resp.status < 300
+        return HealthResult(ok, f"{spec}: HTTP {resp.status}")
     try:
         proc = subprocess.run(spec, shell=True, cwd=cwd, timeout=timeout, capture_output=True, text=True)
     except subprocess.TimeoutExpired:
@@ -59,7 +59,7 @@ def wait_healthy(spec: str | None, *, deadline_s: float = 30.0, interval: float 
     neither the result is healthy by definition. Never raises.
     """
     start = clock()
-    session = requests.Session() if spec and spec.startswith("http") else None
+    client = Client() if spec and spec.startswith("http") else None
     attempts = 0
     delay = interval
     try:
@@ -67,7 +67,7 @@ def wait_healthy(spec: str | None, *, deadline_s: float = 30.0, interval: float 
             attempts += 1
             if spec:
                 left = max(0.1, deadline_s - (clock() - start))
-                res = check_once(spec, timeout=min(attempt_timeout, left), cwd=cwd, session=session)
+                res = check_once(spec, timeout=min(attempt_timeout, left), cwd=cwd, client=client)
             elif fallback is not None:
                 res = fallback()
             else:
@@ -81,5 +81,5 @@ def wait_healthy(spec: str | None, *, deadline_s: float = 30.0, interval: float 
             sleep(min(delay, max(0.0, deadline_s - elapsed)))
             delay = min(delay * 1.5, 1.0)
     finally:
-        if session is not None:
-            session.close()
+        if client is not None:
+            client.close()
