@@ -52,6 +52,7 @@ from sync_tools.manifest import (
 )
 from sync_tools.signing import public_key_pem
 from sync_tools.versionfile import VersionInfo, write_version
+from tests.support import free_port
 
 PLATFORM = "linux/amd64"
 SUPERVISORD = str(Path(sys.executable).parent / "supervisord")
@@ -73,12 +74,6 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def service_binary(service_py: Path, version: str, *, mode: str = "ok", size: int = 0) -> bytes:

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,18 +21,12 @@ from sync_tools.relay.app import create_app, get_relay
 from sync_tools.relay.server import RelayServer
 from tests.relay_support import delivery, env, settings, tag_payload, write_config
 from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
+from tests.support import wait_for
 
 REPO = "acme/plat-telemetry"
 
 
-def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ from tests.agent_support import close_world, free_port, make_world, wait_http
 from tests.relay_support import release_payload, tag_payload
 from tests.reliability.relay_crash import RelayProcess, relay_env
 from tests.servers.github_api import GitHubAPIServer
+from tests.support import wait_for
 
 # Distinctive values: any of them in a log line is a leak.
 WEBHOOK_SECRET = "whk-S3CRET-4f9a1c7e2b"
@@ -56,14 +57,7 @@ SECRETS = (WEBHOOK_SECRET, NOTIFY_SECRET, GITHUB_TOKEN, AGENT_TOKEN, OTHER_AGENT
 RELEASE_REPO = "acme/plat-telemetry"
 
 
-def wait_for(check: Any, timeout: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+
 
 
 def assert_no_secret(texts: dict[str, str]) -> None:

@@ -38,6 +38,8 @@ from dulwich.repo import Repo
 from dulwich.server import Backend
 from dulwich.web import WSGIRequestHandlerLogger, WSGIServerLogger, make_wsgi_chain
 
+from tests.support import free_port
+
 log = logging.getLogger(__name__)
 
 
@@ -100,13 +102,6 @@ class GitHTTPServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def free_port() -> int:
-    """A loopback TCP port free right now (for servers that cannot bind port 0 and report it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class GitDaemon:
