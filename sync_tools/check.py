@@ -105,10 +105,13 @@ def check(config: Config, names: Iterable[str] | None = None, *, sources: Source
     now = (clock or _utcnow)()
     if not subs:
         return CheckReport((), now)
-    if any(s.strategy in ("tags", "commits") for s in subs):
-        # import the git transport once, here, rather than in every worker at once (each would wait
-        # on the import lock, and the GIL, for the same module)
-        import dulwich.client  # noqa: F401
+    git_urls = [s.upstream for s in subs if s.strategy in ("tags", "commits")]
+    if git_urls:
+        # import the git transports once, here, rather than in every worker at once (each would wait
+        # on the import lock, and the GIL, for the same modules)
+        from sync_tools.sources.remote import preload
+
+        preload(git_urls)
     workers = max(1, min(max_workers, len(subs)))
     if workers == 1:
         results = [check_one(s, sources) for s in subs]

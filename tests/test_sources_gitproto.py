@@ -1,0 +1,179 @@
+"""The git:// ls-refs client (sync_tools.sources.gitproto) against real servers on loopback: `git daemon`
+(protocol v2), a real `git upload-pack` speaking v0, and servers that answer garbage or hang up; its
+answers are compared with `git ls-remote`'s."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sync_tools.errors import RemoteError
+from sync_tools.sources.gitproto import PktReader, ls_refs, pkt_line
+from sync_tools.sources.remote import ls_remote
+from tests.gitrepos import GitRepo
+from tests.servers.git_http import GitDaemon
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git binary (the servers)")
+
+PREFIXES = ("HEAD", "refs/heads/", "refs/tags/")
+
+
+def make_repo(path: Path) -> tuple[GitRepo, str]:
+    repo = GitRepo.create(path)
+    repo.commit("one")
+    repo.tag("v1.0.0")
+    repo.many_tags([f"v0.{i}.0" for i in range(200)])
+    second = repo.commit("two")
+    repo.tag("v1.1.0", annotated=True)
+    repo.tag("v1.2.0-rc.1", annotated=True)
+    repo.branch("release")
+    return repo, second
+
+
+def git_ls_remote(url: str) -> dict[str, str]:
+    """`git ls-remote URL` as {ref: sha}, peeled lines included (``refs/tags/x^{}``)."""
+    out = subprocess.run(["git", "ls-remote", url], capture_output=True, text=True, timeout=30, check=True,
+                         env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}).stdout
+    return {ref: sha for sha, ref in (line.split("\t") for line in out.splitlines())}
+
+
+def as_ls_remote(refs: dict[str, str], peeled: dict[str, str]) -> dict[str, str]:
+    return {**refs, **{f"{ref}^{{}}": sha for ref, sha in peeled.items()}}
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[GitDaemon]:
+    (tmp_path / "up").mkdir()
+    with GitDaemon(tmp_path / "up") as d:
+        yield d
+
+
+def serve_once(handler: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A loopback server running *handler* on each connection, in a thread; yields its port."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.1)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                handler(conn)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
+
+
+@pytest.fixture
+def v0_server(tmp_path: Path) -> Iterator[tuple[int, str]]:
+    """A git:// server whose upload-pack speaks protocol v0 (what servers older than git 2.18 do): the
+    request line is read and a real `git upload-pack` answers, without the client's v2 request."""
+    repo, second = make_repo(tmp_path / "v0" / "r.git")
+
+    def handle(conn: socket.socket) -> None:
+        conn.settimeout(5)
+        head = conn.recv(4)
+        conn.recv(int(head, 16) - 4)
+        env = {k: v for k, v in os.environ.items() if k != "GIT_PROTOCOL"}
+        subprocess.run(["git", "upload-pack", "--strict", str(repo.path)], stdin=conn.fileno(),
+                       stdout=conn.fileno(), stderr=subprocess.DEVNULL, env=env, timeout=10)
+
+    yield from ((port, second) for port in serve_once(handle))
+
+
+def test_v2_answer_is_what_git_ls_remote_says(tmp_path, daemon):
+    repo, second = make_repo(tmp_path / "up" / "r.git")
+    url = daemon.url_for(repo.path)
+    refs, peeled, symrefs = ls_refs("127.0.0.1", daemon.port, "/r.git", PREFIXES, timeout=10, where=url)
+    assert as_ls_remote(refs, peeled) == git_ls_remote(url)
+    assert peeled["refs/tags/v1.1.0"] == second and symrefs == {"HEAD": "refs/heads/main"}
+    assert len([r for r in refs if r.startswith("refs/tags/")]) == 203
+
+
+def test_only_the_asked_prefixes_are_listed(tmp_path, daemon):
+    repo, _ = make_repo(tmp_path / "up" / "r.git")
+    refs, peeled, _ = ls_refs("127.0.0.1", daemon.port, "/r.git", ("refs/heads/",), timeout=10, where="x")
+    assert sorted(refs) == ["refs/heads/main", "refs/heads/release"] and peeled == {}
+
+
+def test_v0_server_gives_the_same_answer(tmp_path, v0_server, daemon):
+    port, second = v0_server
+    refs, peeled, symrefs = ls_refs("127.0.0.1", port, "/r.git", PREFIXES, timeout=10, where="v0")
+    # the same repository's refs as git itself lists them, over v2 from git daemon
+    shutil.copytree(tmp_path / "v0" / "r.git", tmp_path / "up" / "r.git")
+    expected = git_ls_remote(daemon.url_for(tmp_path / "up" / "r.git"))
+    assert as_ls_remote(refs, peeled) == expected
+    assert peeled["refs/tags/v1.1.0"] == second and symrefs == {"HEAD": "refs/heads/main"}
+
+
+def test_a_missing_repository_is_named_by_the_daemon(daemon):
+    with pytest.raises(RemoteError, match=r"^git://x/nope.git: no such repository: /nope.git$"):
+        ls_refs("127.0.0.1", daemon.port, "/nope.git", PREFIXES, timeout=10, where="git://x/nope.git")
+
+
+@pytest.mark.parametrize("answer, words", [
+    (b"HTTP/1.0 400 Bad Request\r\n\r\n", "not a git server"),
+    (b"", "the server closed the connection"),
+    (pkt_line(b"version 2\n") + pkt_line(b"agent=x\n"), "the server closed the connection"),
+    (pkt_line(b"version 2\n") + pkt_line(b"fetch\n") + b"0000", "does not offer ls-refs"),
+    (pkt_line(b"0123 refs/heads/main\n") + b"0000", "unexpected ref advertisement line"),
+])
+def test_answers_that_are_not_git_are_one_clear_error(answer, words):
+    def handle(conn: socket.socket) -> None:
+        conn.settimeout(5)
+        conn.recv(4096)
+        conn.sendall(answer)
+        conn.shutdown(socket.SHUT_WR)  # all this server will ever say
+        try:
+            conn.recv(4096)  # until the client hangs up
+        except OSError:
+            pass
+
+    for port in serve_once(handle):
+        with pytest.raises(RemoteError, match=words):
+            ls_refs("127.0.0.1", port, "/x.git", PREFIXES, timeout=5, where="git://here/x.git")
+
+
+def test_ls_remote_uses_it_for_git_urls_and_wraps_socket_errors(tmp_path, daemon):
+    repo, second = make_repo(tmp_path / "up" / "r.git")
+    refs = ls_remote(daemon.url_for(repo.path), timeout=10)
+    assert refs.tags()["v1.1.0"] == second and refs.head_branch() == "main"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        with pytest.raises(RemoteError, match=rf"^git://127.0.0.1:{port}/x.git: cannot reach: Connection refused"):
+            ls_remote(f"git://127.0.0.1:{port}/x.git", timeout=5)
+
+
+def test_pkt_reader_cuts_packets_across_reads():
+    a, b = socket.socketpair()
+    with a, b:
+        data = pkt_line(b"one\n") + pkt_line(b"two" * 20000) + b"0000" + pkt_line(b"three\n") + b"0001"
+
+        def send() -> None:
+            for i in range(0, len(data), 7000):  # many partial writes, one packet split across several
+                a.sendall(data[i:i + 7000])
+
+        t = threading.Thread(target=send)
+        t.start()
+        b.settimeout(5)
+        reader = PktReader(b, "pair")
+        assert reader.section() == [b"one\n", b"two" * 20000]
+        assert reader.section() == [b"three\n"]
+        t.join(5)
