@@ -21,6 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("SYNC_TOOLS_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+# A plain path entry in a .pth file, not setuptools' default import-hook finder: the finder's module
+# (pathlib, importlib.util, ...) ran at every interpreter start, ~25 ms of each sync-tools command.
+# "strict" would also be a plain path, but to a link tree that misses modules added later. (setuptools
+# calls compat transitional and warns; the finder stays its default for a flat layout.)
+EDITABLE_MODE = "compat"
 
 
 def ensure_venv(extras: str) -> None:
@@ -30,13 +35,14 @@ def ensure_venv(extras: str) -> None:
         print(f"creating {VENV} ...", file=sys.stderr)
         venv.EnvBuilder(with_pip=True).create(VENV)
     stamp = VENV / ".sync-tools-install"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()
+                          + EDITABLE_MODE.encode()).hexdigest()
     if stamp.exists() and stamp.read_text() == want:
         return
     spec = f"{ROOT}[{extras}]" if extras else str(ROOT)
     print(f"installing sync-tools{f'[{extras}]' if extras else ''} into {VENV} ...", file=sys.stderr)
     subprocess.run([str(BIN / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                    "-e", spec], check=True)
+                    "--config-settings", f"editable_mode={EDITABLE_MODE}", "-e", spec], check=True)
     stamp.write_text(want)
 
 
