@@ -12,7 +12,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 
 from sync_tools.config import Config, Subsystem
 from sync_tools.errors import SyncToolsError
-from sync_tools.fsutil import atomic_write_json
 from sync_tools.sources import Latest, Sources, find_latest
 
 log = logging.getLogger(__name__)
@@ -105,13 +103,11 @@ def check(config: Config, names: Iterable[str] | None = None, *, sources: Source
     now = (clock or _utcnow)()
     if not subs:
         return CheckReport((), now)
-    git_urls = [s.upstream for s in subs if s.strategy in ("tags", "commits")]
-    if git_urls:
-        # import the git transports once, here, rather than in every worker at once (each would wait
-        # on the import lock, and the GIL, for the same modules)
-        from sync_tools.sources.remote import preload
+    # every remote is asked now, before anything else: its server's answer then overlaps the rest
+    # (including these imports, kept out of the module's import for that reason)
+    sources.refs.prefetch(s.upstream for s in subs if s.strategy in ("tags", "commits"))
+    from concurrent.futures import ThreadPoolExecutor
 
-        preload(git_urls)
     workers = max(1, min(max_workers, len(subs)))
     if workers == 1:
         results = [check_one(s, sources) for s in subs]
@@ -188,6 +184,8 @@ def write_version_manifest(path: Path, report: CheckReport) -> dict[str, Any]:
             kept["error"] = r.error
             subsystems[r.name] = kept
     data = {"last_check": _iso(report.checked_at), "subsystems": subsystems}
+    from sync_tools.fsutil import atomic_write_json
+
     atomic_write_json(path, data)
     return data
 

@@ -177,3 +177,44 @@ def test_pkt_reader_cuts_packets_across_reads():
         assert reader.section() == [b"one\n", b"two" * 20000]
         assert reader.section() == [b"three\n"]
         t.join(5)
+
+
+def test_prefetch_lists_each_url_once_in_the_background_and_get_waits_for_it(tmp_path, daemon):
+    from sync_tools.sources.remote import RefCache
+
+    repo, second = make_repo(tmp_path / "up" / "r.git")
+    url = daemon.url_for(repo.path)
+    calls = []
+    started = threading.Event()
+    release = threading.Event()
+
+    def lister(u, timeout):
+        calls.append((u, threading.current_thread().name))
+        started.set()
+        assert release.wait(10)
+        return ls_remote(u, timeout=timeout)
+
+    cache = RefCache(timeout=10, lister=lister)
+    cache.prefetch([url, url + "/"])  # the same remote twice: one listing
+    assert started.wait(10)  # running before anyone asked, and prefetch did not wait for it
+    release.set()
+    assert cache.get(url).tags()["v1.1.0"] == second
+    cache.prefetch([url])  # asked already: nothing new
+    assert cache.get(url + "/").head_branch() == "main"
+    assert cache.requests == 1 and calls == [(url, "ls-remote")]
+
+
+def test_prefetch_errors_are_raised_by_get_in_the_askers_thread(daemon):
+    from sync_tools.errors import DataError
+    from sync_tools.sources.remote import RefCache
+
+    cache = RefCache(timeout=5)
+    missing, bad = f"{daemon.url}/nope.git", "ftp://127.0.0.1/x.git"
+    cache.prefetch([missing, bad])
+    with pytest.raises(RemoteError, match="no such repository"):
+        cache.get(missing)
+    with pytest.raises(DataError, match="unsupported scheme"):
+        cache.get(bad)
+    with pytest.raises(DataError, match="unsupported scheme"):  # the same error again, not a new listing
+        cache.get(bad)
+    assert cache.requests == 2

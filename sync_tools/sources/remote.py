@@ -135,20 +135,6 @@ def _client_for(url: str, timeout: float):  # type: ignore[no-untyped-def]
 _SCHEMES = ("http", "https", "git", "ssh", "git+ssh", "ssh+git")
 
 
-def preload(urls: Iterable[str]) -> None:
-    """Import the transports *urls* will need (dulwich's client, unless every one is ``git://``), so
-    that concurrent listings do not all wait on the import lock for the same modules. Never raises
-    for a bad URL (:func:`ls_remote` reports it)."""
-    for url in urls:
-        url = url.strip()
-        if is_local(url):
-            import dulwich.repo  # noqa: F401
-        elif not url.startswith("git://"):
-            import dulwich.client  # noqa: F401
-
-            return
-
-
 def _check_url(url: str) -> None:
     """Refuse URLs no transport here can use, before anything touches the network."""
     if _SCP_LIKE.match(url):
@@ -252,28 +238,47 @@ class RefCache:
         self.requests = 0  # how many remote listings were actually made (tests read it)
 
     def get(self, url: str) -> RemoteRefs:
-        """The refs of *url*, listed at most once per cache. Raises RemoteError."""
-        key = url.strip().rstrip("/")
-        with self._lock:
-            entry = self._entries.get(key)
-            owner = entry is None
-            if owner:
-                entry = self._entries[key] = _Entry()
-                self.requests += 1
-        assert entry is not None
+        """The refs of *url*, listed at most once per cache (a listing already started by
+        :meth:`prefetch` or another thread is waited for). Raises RemoteError, or DataError for a URL
+        no transport can use."""
+        entry, owner = self._claim(url)
         if owner:
-            try:
-                entry.value = self._lister(url, timeout=self.timeout)
-            except RemoteError as e:
-                entry.error = e
-            finally:
-                entry.done.set()
+            self._fill(entry, url)
         else:
             entry.done.wait()
         if entry.error is not None:
             raise entry.error
         assert entry.value is not None
         return entry.value
+
+    def prefetch(self, urls: Iterable[str]) -> None:
+        """Start listing each of *urls* not asked yet, each in a background thread, and return at
+        once: the servers' answers then overlap whatever the caller does next (a check's remaining
+        imports), and :meth:`get` waits for the listing in flight. Never raises; a listing's error is
+        raised by :meth:`get`. Every listing is bounded by the cache's timeout."""
+        for url in urls:
+            entry, owner = self._claim(url)
+            if owner:
+                threading.Thread(target=self._fill, args=(entry, url), name="ls-remote", daemon=True).start()
+
+    def _claim(self, url: str) -> tuple[_Entry, bool]:
+        """*url*'s entry, and whether the caller is the one to fill it."""
+        key = url.strip().rstrip("/")
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                return entry, False
+            entry = self._entries[key] = _Entry()
+            self.requests += 1
+            return entry, True
+
+    def _fill(self, entry: _Entry, url: str) -> None:
+        try:
+            entry.value = self._lister(url, timeout=self.timeout)
+        except Exception as e:  # kept for every asker, raised in its own thread by get()
+            entry.error = e
+        finally:
+            entry.done.set()
 
 
 class _Entry:
@@ -284,4 +289,4 @@ class _Entry:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.value: RemoteRefs | None = None
-        self.error: RemoteError | None = None
+        self.error: Exception | None = None
