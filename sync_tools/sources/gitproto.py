@@ -118,11 +118,12 @@ def ls_refs(host: str, port: int | None, path: str, prefixes: tuple[str, ...], *
     *where*) for a refusal (``ERR``), a hang-up or an answer that is not git's; OSError for socket
     failures, TimeoutError when the server stalls.
     """
-    with socket.create_connection((host, port or 9418), timeout=timeout) as s:
+    # an ASCII host is passed as bytes: given a str, socket encodes it with the idna codec, whose
+    # import alone costs ~5 ms of start-up
+    host_bytes = host.encode("ascii") if host.isascii() else host.encode("idna")
+    with socket.create_connection((host_bytes, port or 9418), timeout=timeout) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # the version request hides behind two NULs, as git itself sends it; v0 servers ignore it
-        # (an ASCII host is sent as is: the idna codec's import alone costs ~5 ms of start-up)
-        host_bytes = host.encode("ascii") if host.isascii() else host.encode("idna")
         s.sendall(pkt_line(b"git-upload-pack %s\0host=%s\0\0version=2\0" % (path.encode("utf-8"), host_bytes)))
         reader = PktReader(s, where)
         first = reader.section()
