@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -92,6 +91,8 @@ def read_capped(path: str | os.PathLike[str], cap: int, *, missing_ok: bool = Fa
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file, read in chunks."""
+    import hashlib  # here, not at the top: OpenSSL's loading is ~4 ms of every start-up that writes a file
+
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
@@ -100,4 +101,6 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def sha256_bytes(data: bytes) -> str:
+    import hashlib  # see sha256_file
+
     return hashlib.sha256(data).hexdigest()

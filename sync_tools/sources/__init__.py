@@ -8,11 +8,11 @@ binary); ``releases`` asks the GitHub API (PyGithub, imported only when that str
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sync_tools.sources.remote import DEFAULT_TIMEOUT, RefCache
+from sync_tools.sources.remote import DEFAULT_TIMEOUT, RefCache, is_local
 
 if TYPE_CHECKING:
     from sync_tools.config import Subsystem
@@ -50,7 +50,17 @@ class Sources:
         if self.refs is None:
             self.refs = RefCache(timeout=self.timeout)
 
+    def prefetch(self, subs: Iterable[Subsystem]) -> None:
+        """Start listing the remotes that *subs*' ``tags`` and ``commits`` strategies will read, in the
+        background (:meth:`RefCache.prefetch`): their servers answer while the caller goes on. Local
+        repositories are left to the strategies (no server to wait for, and a relative path is only
+        resolved against the workspace later). Never raises; a listing's error is raised when a
+        strategy asks for those refs."""
+        self.refs.prefetch(s.upstream for s in subs
+                           if s.strategy in _REF_STRATEGIES and not is_local(s.upstream))
 
+
+_REF_STRATEGIES = ("tags", "commits")  # the strategies that read a remote's refs
 _STRATEGY_MODULES = {"tags": "sync_tools.sources.tags", "commits": "sync_tools.sources.commits",
                      "releases": "sync_tools.sources.releases"}
 
