@@ -218,3 +218,35 @@ def test_prefetch_errors_are_raised_by_get_in_the_askers_thread(daemon):
     with pytest.raises(DataError, match="unsupported scheme"):  # the same error again, not a new listing
         cache.get(bad)
     assert cache.requests == 2
+
+
+def test_v2_lines_without_lf_unborn_head_and_err():
+    a, b, c = "a" * 40, "b" * 40, "c" * 40
+
+    def server(answer: bytes):
+        def handle(conn: socket.socket) -> None:
+            conn.settimeout(5)
+            conn.recv(4096)
+            conn.sendall(pkt_line(b"version 2\n") + pkt_line(b"ls-refs=unborn\n") + b"0000")
+            request = b""
+            while not request.endswith(b"0000"):
+                request += conn.recv(4096)
+            assert b"command=ls-refs\n" in request and b"ref-prefix refs/tags/\n" in request
+            conn.sendall(answer)
+            conn.shutdown(socket.SHUT_WR)
+            try:
+                conn.recv(4096)
+            except OSError:
+                pass
+        return handle
+
+    answer = (pkt_line(b"unborn HEAD symref-target:refs/heads/main")  # no trailing LF: optional in pkt-lines
+              + pkt_line(f"{a} refs/tags/v1.0.0\n".encode())
+              + pkt_line(f"{b} refs/tags/v1.1.0 peeled:{c}".encode()) + b"0000")
+    for port in serve_once(server(answer)):
+        refs, peeled, symrefs = ls_refs("127.0.0.1", port, "/x.git", PREFIXES, timeout=5, where="w")
+    assert refs == {"refs/tags/v1.0.0": a, "refs/tags/v1.1.0": b}
+    assert peeled == {"refs/tags/v1.1.0": c} and symrefs == {"HEAD": "refs/heads/main"}
+    for port in serve_once(server(pkt_line(b"ERR upload-pack: not our ref\n") + b"0000")):
+        with pytest.raises(RemoteError, match=r"^w: upload-pack: not our ref$"):
+            ls_refs("127.0.0.1", port, "/x.git", PREFIXES, timeout=5, where="w")

@@ -158,18 +158,23 @@ def _parse_v2(pkts: list[bytes], where: str) -> tuple[dict[str, str], dict[str, 
     refs: dict[str, str] = {}
     peeled: dict[str, str] = {}
     symrefs: dict[str, str] = {}
-    for pkt in pkts:
-        parts = pkt.decode("utf-8", "replace").rstrip("\n").split(" ")
-        if len(parts) < 2:
-            raise RemoteError(f"{where}: unexpected ls-refs line {pkt[:80]!r}")
-        sha, ref = parts[0], parts[1]
+    # one decode and one split for the whole answer rather than per packet (half the cost for 1,000
+    # tags); joined by newlines, so a packet without its optional trailing LF is still its own line
+    for line in b"\n".join(pkts).decode("utf-8", "replace").split("\n"):
+        if not line:
+            continue
+        sha, _, ref = line.partition(" ")
+        if not ref:
+            raise RemoteError(f"{where}: unexpected ls-refs line {line[:80]!r}")
         if sha == "ERR":
-            raise RemoteError(f"{where}: {' '.join(parts[1:]).strip()}")
-        for extra in parts[2:]:
-            if extra.startswith("peeled:"):
-                peeled[ref] = extra[7:]
-            elif extra.startswith("symref-target:"):
-                symrefs[ref] = extra[14:]
+            raise RemoteError(f"{where}: {ref.strip()}")
+        if " " in ref:  # attributes follow: an annotated tag's peeled commit, HEAD's branch
+            ref, *extras = ref.split(" ")
+            for extra in extras:
+                if extra.startswith("peeled:"):
+                    peeled[ref] = extra[7:]
+                elif extra.startswith("symref-target:"):
+                    symrefs[ref] = extra[14:]
         if sha != "unborn":
             refs[ref] = sha
     return refs, peeled, symrefs
