@@ -6,6 +6,7 @@ Commands live in one module per area and are imported only when invoked (``LazyG
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import sys
@@ -75,4 +76,11 @@ def cli(verbose: int) -> None:
 
 
 def main() -> None:
-    cli(prog_name="sync-tools")
+    """The console script: run the command, then end the process."""
+    try:
+        cli(prog_name="sync-tools")
+    finally:
+        # The process ends here. The interpreter's last garbage collection would walk every object the
+        # imports made (~15 ms of each command) only to free memory the OS takes back anyway; frozen
+        # objects are skipped. Output is flushed, atexit handlers and logging.shutdown still run.
+        gc.freeze()
