@@ -1,0 +1,67 @@
+"""fsutil's atomic writes on a real disk: the temporary file beside the target is private and never
+an existing file, a failed write leaves the old content and no temporary file, concurrent writers
+each land whole."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+import pytest
+
+from sync_tools.fsutil import atomic_write_bytes, atomic_writer
+
+
+def leftovers(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_write_replaces_whole_with_a_private_file_and_leaves_nothing(tmp_path):
+    target = tmp_path / "sub" / "state.json"
+    atomic_write_bytes(target, b"one")
+    assert target.read_bytes() == b"one"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600  # as tempfile.mkstemp made it
+    with atomic_writer(target) as fh:
+        seen = [p for p in target.parent.iterdir() if p.name.startswith(".state.json.") and p.name.endswith(".tmp")]
+        assert len(seen) == 1 and stat.S_IMODE(seen[0].stat().st_mode) == 0o600
+        fh.write(b"two")
+        assert target.read_bytes() == b"one"  # not visible before the block ends
+    assert target.read_bytes() == b"two" and leftovers(target.parent) == []
+    atomic_write_bytes(target, b"three", mode=0o644)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+def test_a_failed_write_keeps_the_old_content_and_no_temporary_file(tmp_path):
+    target = tmp_path / "state.json"
+    atomic_write_bytes(target, b"old")
+    with pytest.raises(RuntimeError), atomic_writer(target) as fh:
+        fh.write(b"half")
+        raise RuntimeError("disk went away")
+    assert target.read_bytes() == b"old" and leftovers(tmp_path) == []
+
+
+def test_concurrent_writers_each_land_whole(tmp_path):
+    target = tmp_path / "state.json"
+    payloads = [bytes([65 + i]) * 50_000 for i in range(8)]
+
+    def write(data: bytes) -> None:
+        for _ in range(10):
+            atomic_write_bytes(target, data)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert target.read_bytes() in payloads and leftovers(tmp_path) == []
+
+
+def test_a_file_in_the_way_is_never_opened(tmp_path, monkeypatch):
+    target = tmp_path / "state.json"
+    draws = iter([b"\x00" * 6, b"\x00" * 6, b"\x01" * 6])
+    monkeypatch.setattr(os, "urandom", lambda n: next(draws))
+    taken = tmp_path / f".state.json.{'00' * 6}.tmp"
+    taken.write_bytes(b"someone else's")
+    atomic_write_bytes(target, b"mine")  # the first name is taken: a second draw is used
+    assert target.read_bytes() == b"mine" and taken.read_bytes() == b"someone else's"
