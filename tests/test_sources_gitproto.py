@@ -250,3 +250,10 @@ def test_v2_lines_without_lf_unborn_head_and_err():
     for port in serve_once(server(pkt_line(b"ERR upload-pack: not our ref\n") + b"0000")):
         with pytest.raises(RemoteError, match=r"^w: upload-pack: not our ref$"):
             ls_refs("127.0.0.1", port, "/x.git", PREFIXES, timeout=5, where="w")
+
+
+def test_an_empty_repository_still_names_heads_branch(tmp_path, daemon):
+    GitRepo.create(tmp_path / "up" / "empty.git", branch="trunk").close()
+    url = daemon.url_for(tmp_path / "up" / "empty.git")
+    refs = ls_remote(url, timeout=10)
+    assert dict(refs.refs) == {} and refs.head_branch() == "trunk" and refs.tags() == {}

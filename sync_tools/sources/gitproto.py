@@ -145,6 +145,8 @@ def ls_refs(host: str, port: int | None, path: str, prefixes: tuple[str, ...], *
             request.append(pkt_line(fmt.encode() + b"\n"))
         request.append(_DELIM)
         request += [pkt_line(b"peel\n"), pkt_line(b"symrefs\n")]
+        if "unborn" in caps["ls-refs"].partition("=")[2].split(" "):
+            request.append(pkt_line(b"unborn\n"))  # an empty repository still names HEAD's branch
         request += [pkt_line(b"ref-prefix %s\n" % p.encode("utf-8")) for p in prefixes]
         request.append(_FLUSH)
         s.sendall(b"".join(request))
