@@ -290,3 +290,36 @@ def test_cli_refuses_to_start_without_the_secret(tmp_path: Path) -> None:
     assert "SYNC_TOOLS_WEBHOOK_SECRET is not set" in r.output and len(r.output.strip().splitlines()) == 1
     help_ = CliRunner().invoke(cli, ["relay", "--help"])
     assert help_.exit_code == 0 and "Example:" in help_.output and "--retry-dead" in help_.output
+
+
+# ------------------------------------------------------------------------------ the webhook front
+
+
+def test_webhook_path_answers_only_post(client) -> None:  # type: ignore[no-untyped-def]
+    """/webhook is served ahead of Flask's routing: other methods get 405 with Allow, and paths that
+    only look like it fall through to Flask's 404."""
+    r = client.get("/webhook")
+    assert r.status_code == 405 and r.headers["Allow"] == "POST" and r.json["status"] == "error"
+    assert client.put("/webhook/nats").status_code == 405
+    d = delivery("create", tag_payload())
+    for path in ("/webhook/", "/webhook/nats/extra", "/webhooks", "/webhook.json"):
+        assert client.post(path, data=d.body, headers=d.headers).status_code == 404, path
+
+
+def test_strict_json_nan_and_deep_nesting_are_400(client) -> None:  # type: ignore[no-untyped-def]
+    """orjson is stricter than the stdlib: NaN and Infinity are not JSON, and nesting deeper than
+    1,024 levels is refused rather than recursed into."""
+    for body in (b'{"ref": NaN}', b'{"ref": Infinity}', b'{"a": ' * 2000 + b"1" + b"}" * 2000):
+        d = delivery("create", {}, body=body)
+        r = post(client, d)
+        assert r.status_code == 400, body[:20]
+        assert "not valid JSON" in r.json["error"]
+
+
+def test_answers_are_json_with_a_length(client) -> None:  # type: ignore[no-untyped-def]
+    d = delivery("create", tag_payload())
+    r = post(client, d)
+    assert r.status_code == 202
+    assert r.headers["Content-Type"] == "application/json"
+    assert int(r.headers["Content-Length"]) == len(r.data)
+    assert r.json == {"status": "accepted", "delivery": d.headers["X-GitHub-Delivery"], "jobs": [1], "coalesced": 0}

@@ -14,13 +14,15 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
+import orjson
 import requests
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.wsgi import get_content_length, get_input_stream
 
 from sync_tools.config import Config
 from sync_tools.errors import ConfigError
@@ -34,10 +36,14 @@ from sync_tools.relay.worker import Backoff, Worker
 from sync_tools.signing import load_public_key
 from sync_tools.stores.base import Store, open_store
 
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
 log = logging.getLogger(__name__)
 
 EXTENSION = "sync_tools.relay"
 _DELIVERY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_EVENT_RE = re.compile(r"^[a-z_]{1,64}$")
 _CHUNK = 64 * 1024
 
 
@@ -159,6 +165,58 @@ class Relay:
 
     # ----------------------------------------------------------------------------------- ingest
 
+    def accept(self, *, event: str | None, delivery: str | None, signature: str | None,
+               signature_sha1: str | None, content_type: str | None, body: Callable[[], bytes],
+               subsystem: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """One ``POST /webhook[/<subsystem>]``: verify, classify, record durably. Returns the HTTP
+        status, the JSON answer and extra headers. *body* reads the raw body (and may raise
+        TooLarge); nothing is parsed before the signature over those bytes is checked, and 202
+        comes only after the delivery's commit is on disk."""
+        deliveries = self.metrics.delivery
+        try:
+            raw = body()
+            wh.verify_signature(self.settings.webhook_secret, raw, signature, signature_sha1)
+            if not event or not _EVENT_RE.match(event):
+                raise wh.BadRequest("missing or malformed X-GitHub-Event")
+            if not delivery or not _DELIVERY_RE.match(delivery):
+                raise wh.BadRequest("missing or malformed X-GitHub-Delivery")
+            payload = wh.decode_body(raw, content_type)
+            results = wh.classify(self.config, event, payload, delivery, subsystem)
+        except wh.WebhookError as e:
+            result = {401: "unauthorized", 413: "too_large"}.get(e.status, "bad_request")
+            deliveries(result).inc()
+            self.refusals.warning("refused delivery %s (%s): %s", _safe_id(delivery), result, e)
+            # a 413 leaves the unread rest of the body on the connection: close it
+            return e.status, _error_body(str(e)), {"Connection": "close"} if e.status == 413 else {}
+
+        if any(isinstance(r, wh.Ping) for r in results):
+            deliveries("ping").inc()
+            return 200, {"status": "pong", "delivery": delivery}, {}
+        jobs = self.jobs_for(results)
+        if not jobs:
+            deliveries("ignored").inc()
+            reasons = [r.reason for r in results if isinstance(r, wh.Ignored)]
+            log.info("ignored delivery %s (%s): %s", delivery, event, "; ".join(reasons))
+            return 200, {"status": "ignored", "delivery": delivery, "reasons": reasons}, {}
+        summary = "; ".join(f"{j.kind} {j.payload.get('subsystem', '')} {j.payload.get('version', '')}".strip()
+                            for j in jobs)
+        try:
+            rec = self.outbox.record(delivery, event, summary, jobs)
+        except OutboxError as e:
+            deliveries("error").inc()
+            log.error("cannot record delivery %s: %s", delivery, e)
+            # 503: GitHub shows the failure and a person can redeliver; nothing was accepted
+            return 503, _error_body("the relay cannot record deliveries right now"), {}
+        if rec.duplicate:
+            deliveries("duplicate").inc()
+            log.info("delivery %s already recorded; not acting on it again", delivery)
+            return 200, {"status": "duplicate", "delivery": delivery}, {}
+        deliveries("accepted").inc()
+        self.worker.wake(lanes=[j.lane for j in jobs])
+        log.info("accepted delivery %s (%s): %s", delivery, event, summary)
+        return 202, {"status": "accepted", "delivery": delivery, "jobs": list(rec.jobs),
+                     "coalesced": rec.coalesced}, {}
+
     def jobs_for(self, results: list[wh.Classification]) -> list[NewJob]:
         jobs = []
         for r in results:
@@ -188,13 +246,11 @@ def _error(status: int, message: str, **headers: str) -> Response:
     return resp
 
 
-def read_body(max_body: int) -> bytes:
-    """The raw request body, refusing (TooLarge) from Content-Length before reading and while
-    reading a chunked body, so an oversized body is never held in memory."""
-    length = request.content_length
+def read_capped(stream: IO[bytes], length: int | None, max_body: int) -> bytes:
+    """The raw request body from *stream*, refusing (TooLarge) from Content-Length before reading and
+    while reading a chunked body, so an oversized body is never held in memory."""
     if length is not None and length > max_body:
         raise wh.TooLarge(f"body of {length} bytes is over the {max_body}-byte cap")
-    stream = request.stream
     parts: list[bytes] = []
     total = 0
     while True:
@@ -220,65 +276,13 @@ def _safe_id(value: str | None) -> str:
 hooks = Blueprint("hooks", __name__)
 
 
-@hooks.post("/webhook", defaults={"subsystem": None})
-@hooks.post("/webhook/<subsystem>")
-def webhook(subsystem: str | None) -> Response | tuple[Response, int]:
-    relay = get_relay()
-    delivery = request.headers.get("X-GitHub-Delivery")
-    event = request.headers.get("X-GitHub-Event")
-    try:
-        body = read_body(relay.settings.max_body)
-        wh.verify_signature(relay.settings.webhook_secret, body, request.headers.get("X-Hub-Signature-256"),
-                            request.headers.get("X-Hub-Signature"))
-        if not event or not re.match(r"^[a-z_]{1,64}$", event):
-            raise wh.BadRequest("missing or malformed X-GitHub-Event")
-        if not delivery or not _DELIVERY_RE.match(delivery):
-            raise wh.BadRequest("missing or malformed X-GitHub-Delivery")
-        payload = wh.decode_body(body, request.content_type)
-        results = wh.classify(relay.config, event, payload, delivery, subsystem)
-    except wh.WebhookError as e:
-        result = {401: "unauthorized", 413: "too_large"}.get(e.status, "bad_request")
-        relay.metrics.deliveries.labels(result=result).inc()
-        relay.refusals.warning("refused delivery %s (%s): %s", _safe_id(delivery), result, e)
-        extra = {"Connection": "close"} if e.status == 413 else {}
-        return _error(e.status, str(e), **extra)
-
-    if any(isinstance(r, wh.Ping) for r in results):
-        relay.metrics.deliveries.labels(result="ping").inc()
-        return jsonify(status="pong", delivery=delivery)
-    jobs = relay.jobs_for(results)
-    if not jobs:
-        relay.metrics.deliveries.labels(result="ignored").inc()
-        reasons = [r.reason for r in results if isinstance(r, wh.Ignored)]
-        log.info("ignored delivery %s (%s): %s", delivery, event, "; ".join(reasons))
-        return jsonify(status="ignored", delivery=delivery, reasons=reasons)
-    summary = "; ".join(f"{j.kind} {j.payload.get('subsystem', '')} {j.payload.get('version', '')}".strip()
-                        for j in jobs)
-    try:
-        rec = relay.outbox.record(delivery, event, summary, jobs)
-    except OutboxError as e:
-        relay.metrics.deliveries.labels(result="error").inc()
-        log.error("cannot record delivery %s: %s", delivery, e)
-        # 503: GitHub shows the failure and a person can redeliver; nothing was accepted
-        return _error(503, "the relay cannot record deliveries right now")
-    if rec.duplicate:
-        relay.metrics.deliveries.labels(result="duplicate").inc()
-        log.info("delivery %s already recorded; not acting on it again", delivery)
-        return jsonify(status="duplicate", delivery=delivery)
-    relay.metrics.deliveries.labels(result="accepted").inc()
-    relay.worker.wake()
-    log.info("accepted delivery %s (%s): %s", delivery, event, summary)
-    resp = jsonify(status="accepted", delivery=delivery, jobs=list(rec.jobs), coalesced=rec.coalesced)
-    return resp, 202
-
-
 @hooks.post("/notify")
 def notify() -> Response | tuple[Response, int]:
     """The release job's "I released": signed like a webhook with the notify secret. Only makes the
     relay read (and verify) the store's manifest; the body cannot point anywhere else."""
     relay = get_relay()
     try:
-        body = read_body(64 * 1024)
+        body = read_capped(request.stream, request.content_length, 64 * 1024)
         wh.verify_signature(relay.settings.notify_secret, body, request.headers.get("X-Hub-Signature-256"),
                             request.headers.get("X-Hub-Signature"))
         if body.strip():
@@ -287,7 +291,7 @@ def notify() -> Response | tuple[Response, int]:
             if tag != relay.config.release.tag:
                 raise wh.BadRequest(f"this relay announces release {relay.config.release.tag!r}, not {tag!r}")
     except wh.WebhookError as e:
-        relay.metrics.deliveries.labels(result="unauthorized" if e.status == 401 else "bad_request").inc()
+        relay.metrics.delivery("unauthorized" if e.status == 401 else "bad_request").inc()
         relay.refusals.warning("refused notify: %s", e)
         return _error(e.status, str(e))
     delivery = request.headers.get("X-GitHub-Delivery") or request.headers.get("X-Sync-Tools-Delivery")
@@ -303,6 +307,62 @@ def notify() -> Response | tuple[Response, int]:
     if rec.duplicate:
         return jsonify(status="duplicate", delivery=delivery)
     return jsonify(status="accepted", delivery=delivery, jobs=list(rec.jobs)), 202
+
+
+# ---------------------------------------------------------------------------------- webhook front
+
+_STATUS = {200: "200 OK", 202: "202 Accepted", 400: "400 Bad Request", 401: "401 Unauthorized",
+           405: "405 Method Not Allowed", 413: "413 Content Too Large", 503: "503 Service Unavailable"}
+_JSON_OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
+
+
+def _error_body(message: str) -> dict[str, Any]:
+    return {"status": "error", "error": message}
+
+
+class WebhookFront:
+    """``POST /webhook`` and ``POST /webhook/<subsystem>`` as a plain WSGI handler in front of the
+    Flask app; every other request goes on to Flask.
+
+    The webhook is the relay's one hot endpoint, and Flask's request and response objects, context
+    locals and routing cost more CPU than verifying, classifying and recording a delivery
+    (bench/relay). The logic is :meth:`Relay.accept`; this class only moves bytes and headers.
+    """
+
+    def __init__(self, relay: Relay, app: WSGIApplication):
+        self.relay = relay
+        self.app = app
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or ""
+        if path == "/webhook":
+            subsystem = None
+        elif path.startswith("/webhook/") and len(path) > 9 and "/" not in path[9:]:
+            # PATH_INFO carries the URL's bytes as latin-1 (PEP 3333); names are UTF-8
+            subsystem = path[9:].encode("latin-1").decode("utf-8", "replace")
+        else:
+            return self.app(environ, start_response)
+        if environ.get("REQUEST_METHOD") != "POST":
+            return _respond(start_response, 405, _error_body("method not allowed"), {"Allow": "POST"})
+        max_body = self.relay.settings.max_body
+        status, body, headers = self.relay.accept(
+            event=environ.get("HTTP_X_GITHUB_EVENT"),
+            delivery=environ.get("HTTP_X_GITHUB_DELIVERY"),
+            signature=environ.get("HTTP_X_HUB_SIGNATURE_256"),
+            signature_sha1=environ.get("HTTP_X_HUB_SIGNATURE"),
+            content_type=environ.get("CONTENT_TYPE"),
+            body=lambda: read_capped(get_input_stream(environ), get_content_length(environ), max_body),
+            subsystem=subsystem,
+        )
+        return _respond(start_response, status, body, headers)
+
+
+def _respond(start_response: StartResponse, status: int, body: dict[str, Any],
+             headers: dict[str, str]) -> list[bytes]:
+    data = orjson.dumps(body, option=_JSON_OPTS)
+    start_response(_STATUS.get(status, f"{status} Error"),
+                   [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *headers.items()])
+    return [data]
 
 
 # ---------------------------------------------------------------------------------------- events
@@ -326,7 +386,7 @@ def _authorised(tokens: tuple[bytes, ...]) -> bool:
 def stream() -> Response:
     relay = get_relay()
     if not _authorised(relay.settings.agent_tokens):
-        relay.metrics.deliveries.labels(result="sse_unauthorized").inc()
+        relay.metrics.delivery("sse_unauthorized").inc()
         return _error(401, "an agent token is required: Authorization: Bearer <token>",
                       WWW_Authenticate='Bearer realm="sync-tools-relay"')
     raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
@@ -414,6 +474,7 @@ def create_app(config: Config, settings: Settings | None = None, *, now: Callabl
     )
     app = Flask("sync_tools.relay")
     app.extensions[EXTENSION] = relay
+    app.wsgi_app = WebhookFront(relay, app.wsgi_app)  # type: ignore[method-assign]
     app.register_blueprint(hooks)
     app.register_blueprint(events)
     app.register_blueprint(health)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -53,3 +54,11 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
             registry=self.registry)
         self.registry.register(_Live(outbox, connected))
+        self._results: dict[str, Any] = {}
+
+    def delivery(self, result: str) -> Any:
+        """The deliveries counter for *result* (the labelled child, looked up once per result)."""
+        child = self._results.get(result)
+        if child is None:
+            child = self._results[result] = self.deliveries.labels(result=result)
+        return child
