@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sync_tools.errors import RemoteError, SyncToolsError
@@ -60,6 +60,7 @@ class Worker:
         self._observe = observe
         self._rand = rand
         self._wake = threading.Condition()
+        self._busy: set[str] = set()  # lanes a job of this process is running in
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -76,15 +77,24 @@ class Worker:
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the threads to stop after their current job and wait up to *timeout* seconds."""
         self._stop.set()
-        self.wake()
+        with self._wake:
+            self._wake.notify_all()
         for t in self._threads:
             t.join(timeout)
         self._threads = []
 
-    def wake(self) -> None:
-        """New work was queued: wake the idle threads now rather than at their next poll."""
+    def wake(self, lanes: Iterable[str | None] | None = None) -> None:
+        """New work was queued: wake one idle thread now rather than at its next poll (a thread that
+        takes a job wakes the next, so a burst spreads over the threads).
+
+        *lanes* are the new jobs' lanes: when each is a lane a job of this process is running in,
+        nobody is woken, as nobody could take them; that job's end wakes a thread. (A burst of
+        deliveries for one busy lane would otherwise have a thread scan the queue for each.)
+        """
+        if lanes is not None and all(lane is not None and lane in self._busy for lane in lanes):
+            return
         with self._wake:
-            self._wake.notify_all()
+            self._wake.notify()
 
     def _idle_wait(self) -> None:
         try:
@@ -110,6 +120,7 @@ class Worker:
             if job is None:
                 self._idle_wait()
                 continue
+            self.wake()  # there may be more: let another idle thread look
             self.run_one(job)
 
     def run_one(self, job: Job) -> str:
@@ -118,6 +129,8 @@ class Worker:
         started = time.monotonic()
         outcome: str
         follow: list[NewJob] = []
+        if job.lane is not None:
+            self._busy.add(job.lane)
         try:
             if handler is None:
                 raise SyncToolsError(f"no handler for job kind {job.kind!r}")
@@ -132,6 +145,10 @@ class Worker:
         else:
             self.outbox.complete(job.id, follow)
             outcome = "done"
+        finally:
+            # after the outbox frees the lane, before the wake below (see wake)
+            if job.lane is not None:
+                self._busy.discard(job.lane)
         if follow or job.lane is not None:
             self.wake()  # new jobs, or the lane this job held is free for the next one
         if self._observe is not None:
