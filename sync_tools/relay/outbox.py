@@ -142,13 +142,21 @@ class Stats:
     last_event_id: int
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass
 class _Pending:
     delivery: str
     event: str
     summary: str
     jobs: list[NewJob]
-    done: threading.Event = field(default_factory=threading.Event)
+    # held until the committer has filled in result/error: a bare lock is the cheapest one-shot
+    # signal between two threads (threading.Event builds a Condition, and a waiter lock per wait)
+    done: threading.Lock = field(default_factory=_held_lock)
     result: Recorded | None = None
     error: BaseException | None = None
 
@@ -309,7 +317,7 @@ class Outbox:
         self._ensure_committer()
         item = _Pending(delivery, event, summary, jobs)
         self._inbox.put(item)
-        if not item.done.wait(timeout):
+        if not item.done.acquire(timeout=timeout):
             raise OutboxError(f"the outbox did not commit delivery {delivery} within {timeout:.0f} s")
         if item.error is not None:
             raise OutboxError(f"cannot record delivery {delivery}: {item.error}") from item.error
@@ -351,7 +359,7 @@ class Outbox:
                 for it in items:
                     it.result, it.error = None, e
             for it in items:
-                it.done.set()
+                it.done.release()
             if stop:
                 return
 
