@@ -1,5 +1,5 @@
-"""Listing a remote's refs (``git ls-remote`` without git), with timeouts and a cache: ``git://`` through
-:mod:`sync_tools.sources.gitproto`, smart HTTP(S) and ssh through dulwich's client, local paths read directly.
+"""Listing a remote's refs with dulwich (``git ls-remote`` without git), with timeouts and a cache:
+git://, smart HTTP(S) and ssh through dulwich's client, local paths read with dulwich's Repo.
 
 One :class:`RefCache` lives for one ``check`` run: the same remote is asked once however many
 subsystems track it, and concurrent askers of one URL wait for the single request in flight.
@@ -9,9 +9,12 @@ message names the URL.
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,12 +23,12 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from sync_tools.errors import DataError, RemoteError
-from sync_tools.sources.gitproto import ls_refs
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 _PEELED = "^{}"
+_OBJECT_ID = re.compile(rb"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # SHA-1 or SHA-256 object names
 # Only what the strategies read; with protocol v2 the server filters, so a GitHub remote's thousands
 # of refs/pull/* never cross the wire.
 _REF_PREFIX = ("HEAD", "refs/heads/", "refs/tags/")
@@ -107,6 +110,79 @@ def _local_refs(path: str) -> RemoteRefs:
     return RemoteRefs(path, MappingProxyType(refs), MappingProxyType(peeled), MappingProxyType(symrefs))
 
 
+@functools.cache
+def _tcp_client_class():
+    """dulwich's git:// client, connecting with a timeout: dulwich's own connects and reads without one,
+    and a stalled daemon would otherwise hang the check for ever. Only ``upload-pack`` (ls-remote and
+    fetch) is needed here."""
+    from dulwich.client import TCPGitClient
+    from dulwich.protocol import DEFAULT_GIT_PROTOCOL_VERSION_FETCH, Protocol
+
+    class TimeoutTCPGitClient(TCPGitClient):
+        timeout: float = DEFAULT_TIMEOUT
+
+        def _connect(self, cmd, path, protocol_version=None):  # type: ignore[no-untyped-def]
+            if cmd != b"upload-pack":
+                return super()._connect(cmd, path, protocol_version)
+            if not isinstance(path, bytes):
+                path = path.encode("utf-8")
+            host = self._host
+            if host.isascii():
+                host = host.encode()  # a str host costs an import of the idna codec (~5 ms at start-up)
+            s = socket.create_connection((host, self._port), timeout=self.timeout)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            rfile = io.BufferedReader(_QuickAckReader(s), buffer_size=1 << 16)
+            wfile = s.makefile("wb", 0)
+
+            def close() -> None:
+                rfile.close()
+                wfile.close()
+                s.close()
+
+            proto = Protocol(rfile.read, wfile.write, close, report_activity=self._report_activity)
+            if path.startswith(b"/~"):
+                path = path[1:]
+            self.protocol_version = protocol_version or DEFAULT_GIT_PROTOCOL_VERSION_FETCH
+            # the version advertisement hides behind two NULs, as git itself sends it
+            extra = b"\0\0version=%d\0" % self.protocol_version if self.protocol_version == 2 else b""
+            proto.send_cmd(b"git-upload-pack", path, b"host=" + self._host.encode("ascii") + extra)
+            return proto, lambda: _readable(s), None
+
+    return TimeoutTCPGitClient
+
+
+class _QuickAckReader(io.RawIOBase):
+    """Reads a socket, acknowledging every segment at once (Linux TCP_QUICKACK, re-armed per read).
+
+    git's upload-pack writes its ls-refs answer in pieces; with Nagle on its side and delayed ACKs on
+    ours, each piece after the first waits ~40 ms for our ACK. Measured on loopback with 1,000 tags:
+    44 ms without, 2 ms with. Elsewhere (no TCP_QUICKACK) this is a plain socket reader.
+    """
+
+    _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+    def __init__(self, sock: socket.socket):
+        super().__init__()
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+        if self._QUICKACK is not None:
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, self._QUICKACK, 1)
+            except OSError:
+                pass
+        return self._sock.recv_into(buffer)
+
+
+def _readable(s: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([s], [], [], 0)[0])
+
+
 def _client_for(url: str, timeout: float):  # type: ignore[no-untyped-def]
     from dulwich.client import (
         default_urllib3_manager,
@@ -124,6 +200,11 @@ def _client_for(url: str, timeout: float):  # type: ignore[no-untyped-def]
         pool.connection_pool_kw["retries"] = Retry(total=5, connect=0, read=0, status=0, redirect=5)
         # dulwich's own URL handling: credentials in the URL, dumb-HTTP fallback
         return get_transport_and_path_from_url(url, pool_manager=pool)
+    if parts.scheme == "git":
+        cls = _tcp_client_class()
+        client = cls(parts.hostname or "localhost", port=parts.port)
+        client.timeout = timeout
+        return client, parts.path
     # ssh (ssh://host/x or user@host:x) runs the ssh program: bound its connect, and a stalled
     # session (keep-alives unanswered for ~timeout), never prompt
     alive = max(1, int(timeout // 3))
@@ -164,13 +245,7 @@ def ls_remote(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> RemoteRefs:
     _check_url(url)
     started = time.monotonic()
     try:
-        parts = urlsplit(url)
-        if parts.scheme == "git":
-            path = parts.path[1:] if parts.path.startswith("/~") else parts.path
-            refs, peeled, symrefs = ls_refs(parts.hostname or "localhost", parts.port, path, _REF_PREFIX,
-                                            timeout=timeout, where=url)
-        else:
-            refs, peeled, symrefs = _dulwich_refs(url, timeout)
+        refs, peeled, symrefs = _dulwich_refs(url, timeout)
     except OSError as e:
         raise RemoteError(f"{url}: {_describe(e)}") from e
     finally:
@@ -179,7 +254,7 @@ def ls_remote(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> RemoteRefs:
 
 
 def _dulwich_refs(url: str, timeout: float) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-    """``(refs, peeled, symrefs)`` through dulwich's client (smart HTTP(S), ssh). Raises RemoteError;
+    """``(refs, peeled, symrefs)`` through dulwich's client (git://, smart HTTP(S), ssh). Raises RemoteError;
     OSError passes through."""
     from dulwich.errors import GitProtocolError, HangupException
 
@@ -200,6 +275,8 @@ def _dulwich_refs(url: str, timeout: float) -> tuple[dict[str, str], dict[str, s
     for name, sha in result.refs.items():
         if sha is None:  # an unborn HEAD
             continue
+        if not _OBJECT_ID.match(sha):  # the server is hostile until its answer parses
+            raise RemoteError(f"{url}: the server answered a malformed ref line for {name[:200]!r}")
         ref = name.decode("utf-8", "replace")
         if ref.endswith(_PEELED):
             peeled[ref[: -len(_PEELED)]] = sha.decode()
