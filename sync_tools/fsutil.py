@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -28,24 +29,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# what tempfile.mkstemp opens with; the tempfile module itself is not imported here: its imports
-# (shutil, random, bz2, lzma) cost ~6 ms of every command that writes a file
-_CREATE_FLAGS = (os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-                 | getattr(os, "O_BINARY", 0))
-
-
-def _create_beside(target: Path) -> tuple[int, str]:
-    """A new, empty, private (0600) file in *target*'s directory, named after it, never an existing
-    one (O_EXCL, as mkstemp). Returns (fd, path). Raises OSError as os.open does."""
-    for _ in range(100):
-        tmp = os.path.join(target.parent, f".{target.name}.{os.urandom(6).hex()}.tmp")
-        try:
-            return os.open(tmp, _CREATE_FLAGS, 0o600), tmp
-        except FileExistsError:  # 48 random bits: a leftover of the same name, so draw again
-            continue
-    raise FileExistsError(f"{target.parent}: no free temporary name after 100 tries")
-
-
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[IO[bytes]]:
     """Yield a binary file that replaces *path* only if the block finishes without error.
@@ -56,7 +39,7 @@ def atomic_writer(path: str | os.PathLike[str], mode: int | None = None) -> Iter
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_beside(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
