@@ -165,7 +165,7 @@ def record(name: str, **values: object) -> None:
 
 # ------------------------------------------------------------------------------------------ ingest
 
-SERVERS = ["werkzeug", "gunicorn-gevent", "granian"]
+SERVERS = ["werkzeug", "gunicorn-gevent", "granian", "granian-2w"]
 FANOUT_SERVERS = ["werkzeug", "gunicorn-gevent", "gunicorn-gthread", "granian"]
 
 
@@ -178,9 +178,11 @@ def server_argv(server: str, port: int, cfg: Path, env: dict[str, str]) -> list[
         env["RELAY_WORKER"] = server.split("-", 1)[1]
         return [str(Path(PY).with_name("gunicorn")), "-c", str(ROOT / "relay/gunicorn.conf.py"),
                 "--chdir", str(ROOT), "relay.wsgi:app"]
-    if server == "granian":  # Rust HTTP, Python app in a pool of blocking threads
+    if server.startswith("granian"):  # Rust HTTP, Python app in a pool of blocking threads
+        # granian-2w: two worker processes sharing the outbox (writers queue on its flock)
+        workers, threads = ("2", "32") if server == "granian-2w" else ("1", "64")
         return [str(Path(PY).with_name("granian")), "--interface", "wsgi", "--host", "127.0.0.1", "--port",
-                str(port), "--workers", "1", "--blocking-threads", "64", "--working-dir", str(ROOT),
+                str(port), "--workers", workers, "--blocking-threads", threads, "--working-dir", str(ROOT),
                 "relay.wsgi:app"]
     raise ValueError(server)
 
@@ -211,7 +213,7 @@ def bench_ingest(tmp: Path, seconds: int) -> None:
 
         # --- the relay, under each server
         for server in SERVERS:
-            if server == "granian" and not Path(PY).with_name("granian").exists():
+            if server.startswith("granian") and not Path(PY).with_name("granian").exists():
                 continue
             cfg, env = workspace(tmp / f"ws-{server}", f"http://127.0.0.1:{sink_port}")
 
