@@ -189,12 +189,6 @@ def repo_matches(configured: str, repo: dict[str, Any]) -> bool:
     return _Names(payload_repo_keys(repo)).match(configured)
 
 
-def match_subsystems(config: Config, repo: dict[str, Any]) -> list[Subsystem]:
-    """The subsystems whose ``upstream`` is this repository, in config order."""
-    names = _Names(payload_repo_keys(repo))  # once per payload, not once per subsystem
-    return [s for s in config.subsystems.values() if names.match(s.upstream)]
-
-
 # ---------------------------------------------------------------------------------- classification
 
 
@@ -388,14 +382,15 @@ def classify(config: Config, event: str, payload: dict[str, Any], delivery: str,
     if full_name is None and not any(isinstance(repo.get(k), str) for k in ("html_url", "clone_url")):
         raise BadRequest("repository has neither full_name nor html_url/clone_url")
 
-    matches = match_subsystems(config, repo)
+    names = _Names(payload_repo_keys(repo))  # once per payload, not once per subsystem
+    matches = [s for s in config.subsystems.values() if names.match(s.upstream)]  # in config order
     if path_subsystem is not None:
         if path_subsystem not in {s.name for s in matches}:
             raise BadRequest(f"payload repository {full_name or repo.get('html_url')!r} is not "
                              f"{path_subsystem!r}'s upstream ({config.subsystems[path_subsystem].upstream})")
         matches = [config.subsystems[path_subsystem]]
 
-    if event == "release" and config.release.repo and repo_matches(config.release.repo, repo):
+    if event == "release" and config.release.repo and names.match(config.release.repo):
         action = _field(payload, "action", str, "payload")
         release = _field(payload, "release", dict, "payload")
         tag = _field(release, "tag_name", str, "release")
