@@ -85,20 +85,24 @@ def load_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read: {e}", path=path) from e
     try:
-        return yaml.load(text, Loader=_FastLineLoader)  # noqa: S506 - CSafeLoader/SafeLoader subclass
-    except ConfigError as e:
-        raise ConfigError(str(e).split(": ", 1)[-1], path=path, line=e.line) from e
+        return _load(text, _FastLineLoader, path)
     except yaml.YAMLError:
-        pass  # read again below, for the pure-Python loader's own verdict and words
+        pass  # libyaml refused it: read again by the pure loader, whose verdict and words stand
     try:
-        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
-    except ConfigError as e:
-        raise ConfigError(str(e).split(": ", 1)[-1], path=path, line=e.line) from e
+        return _load(text, _LineLoader, path)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"invalid YAML: {problem}", path=path, line=line) from e
+
+
+def _load(text: str, loader: type, path: Path) -> Any:
+    """*text* through *loader*; a ConfigError from the line-tracking constructor gets *path*."""
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 - CSafeLoader/SafeLoader subclasses
+    except ConfigError as e:
+        raise ConfigError(str(e).split(": ", 1)[-1], path=path, line=e.line) from e
 
 
 def _line(obj: Any, key: str) -> int | None:
