@@ -21,4 +21,5 @@ def test_extractor_raises_only_archive_errors_and_leaves_nothing_behind(tmp_path
 def test_atheris_coverage_guided_extractor() -> None:
     pytest.importorskip("atheris", reason="atheris has wheels for Linux x86_64 only")
     r = run_atheris("archive", 2000)
-    assert r.violations == () and r.inputs == 2000 and r.outcomes["coverage edges"] > 10
+    # libFuzzer checks -runs between inputs and now and then runs one more (seen: "Done 2001 runs")
+    assert r.violations == () and r.inputs >= 2000 and r.outcomes["coverage edges"] > 10

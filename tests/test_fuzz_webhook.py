@@ -31,7 +31,8 @@ def test_atheris_coverage_guided_webhook_parser() -> None:
     """libFuzzer-guided mutation of validly signed bodies through decode_body and classify."""
     pytest.importorskip("atheris", reason="atheris has wheels for Linux x86_64 only")
     r = run_atheris("webhook", 2000)
-    assert r.violations == () and r.inputs == 2000 and r.outcomes["coverage edges"] > 50
+    # libFuzzer checks -runs between inputs and now and then runs one more (seen: "Done 2001 runs")
+    assert r.violations == () and r.inputs >= 2000 and r.outcomes["coverage edges"] > 50
 
 
 @pytest.mark.parametrize("event,field,value", [
