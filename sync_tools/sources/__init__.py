@@ -1,7 +1,7 @@
 """Where newest versions come from: one small module per strategy, each exposing ``find_latest``.
 
-``tags`` and ``commits`` read a remote's refs (:mod:`sync_tools.sources.remote`: git:// by its own
-pkt-line client, smart HTTP and ssh by dulwich; no git binary); ``releases`` asks the GitHub API
+``tags`` and ``commits`` read a remote's refs (:mod:`sync_tools.sources.remote`: git://, smart HTTP
+and ssh through dulwich's client; no git binary); ``releases`` asks the GitHub API
 (PyGithub, imported only when that strategy runs).
 :class:`Latest` is what every strategy returns; :class:`Sources` carries the injected clients.
 """
