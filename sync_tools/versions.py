@@ -163,6 +163,26 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
     return Selection(parse_version(in_major[1]) if in_major else None, major_available, tuple(skipped))
 
 
+def held_back(tag: str, current: str | None, *, major: str = "manual") -> str | None:
+    """Why an announced *tag* must not replace the pinned *current*, or None when it may.
+
+    It must be strictly newer than the pin (an upstream tagging a backport such as ``v2.9.1`` after
+    ``v2.10.0`` is no update), and under ``major="manual"`` within the pin's major: a new major is
+    reported by ``check`` and taken only on request (``build --allow-major``). Without a pin, or
+    when either side cannot be ordered, only the pin itself is refused.
+    """
+    if not current:
+        return None
+    c, v = parse_version(current), parse_version(tag)
+    if c is None or v is None:
+        return f"{tag} is the pinned version" if tag == current else None
+    if not is_newer(v, c):
+        return f"{tag} is not newer than the pinned {current}"
+    if major == "manual" and v.major > c.major:
+        return f"{tag} is a new major over the pinned {current} (major: manual)"
+    return None
+
+
 def update_available(current: str | None, latest: str | None) -> bool:
     """Whether *latest* is newer than the pinned *current*.
 

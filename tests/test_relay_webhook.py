@@ -33,12 +33,13 @@ EXPECTED_TAGS = {
     "release.edited.7.json": ("ignored", None),
     "release.prereleased.8.json": ("ignored", None), "release.prereleased.9.json": ("ignored", None),
 }
-EXPECTED_COMMITS = dict(EXPECTED_TAGS)
+EXPECTED_COMMITS = {  # a commits subsystem's version is its branch head: tags and releases do not move it
+    name: ("ignored", None) if name.startswith(("create.", "release.")) else want
+    for name, want in EXPECTED_TAGS.items()}
 EXPECTED_COMMITS.update({
     "push.0.json": ("ignored", None),  # a tag push does not move the followed branch
     "push.4.json": ("change", "6113728f27ae82c7b1a177c8d03f9e96e0adf246"),
     "push.5.json": ("change", "6113728f27ae82c7b1a177c8d03f9e96e0adf246"),
-    "release.prereleased.8.json": ("change", "0.0.1"), "release.prereleased.9.json": ("change", "0.0.1"),
 })
 
 
@@ -99,6 +100,36 @@ def test_push_to_a_tag_counts_only_for_strategy_tags_and_the_tag_filter(tmp_path
     p["ref"] = "refs/tags/v2.11.0"
     (r,) = wh.classify(config, "push", p, "d1")
     assert isinstance(r, wh.UpstreamChange) and r.version == "v2.11.0" and r.commit == p["after"]
+
+
+@pytest.mark.parametrize("event, tag, major, version", [
+    ("release", "v2.10.25", "manual", "v2.10.25"),
+    ("release", "v3.0.0", "manual", None),   # a new major: check reports it; building it needs --allow-major
+    ("release", "v3.0.0", "auto", "v3.0.0"),
+    ("release", "v2.9.9", "manual", None),   # a backport released after the pin: no update
+    ("release", "v2.10.24", "manual", None),  # the pin itself (a re-published release)
+    ("create", "v2.10.25", "manual", "v2.10.25"),
+    ("create", "v3.0.0", "manual", None),
+    ("create", "v2.10.3", "auto", None),
+    ("push", "v3.1.0", "manual", None),
+    ("push", "v2.11.0", "manual", "v2.11.0"),
+])
+def test_only_newer_versions_within_the_major_policy_are_built(tmp_path: Path, event, tag, major, version) -> None:
+    config = write_config(tmp_path, hello_extra=f"current: v2.10.24\n    major: {major}")
+    if event == "release":
+        p = fixture("release.published.0.json")
+        p["release"]["tag_name"] = tag
+    elif event == "create":
+        p = fixture("create.0.json")
+        p["ref"] = tag
+    else:
+        p = fixture("push.0.json")
+        p["ref"] = f"refs/tags/{tag}"
+    (r,) = wh.classify(config, event, p, "d1")
+    if version is None:
+        assert isinstance(r, wh.Ignored) and tag in r.reason and "hello" in r.reason, r
+    else:
+        assert isinstance(r, wh.UpstreamChange) and r.version == version, r
 
 
 @pytest.mark.parametrize("upstream, repo, match", [

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sync_tools.versions import order_key, parse_version, select, update_available
+from sync_tools.versions import held_back, order_key, parse_version, select, update_available
 
 
 def newest(tags, **kw):
@@ -124,6 +124,23 @@ def test_major_manual_with_only_newer_majors():
 
 def test_major_manual_without_a_pin_takes_the_newest():
     assert newest(["v2.0.0", "v3.0.0"], current=None) == "v3.0.0"
+
+
+@pytest.mark.parametrize("tag, current, major, refused", [
+    ("v2.10.25", "v2.10.24", "manual", None),
+    ("v2.10.24", "v2.10.24", "manual", "not newer"),
+    ("v2.9.1", "v2.10.0", "manual", "not newer"),          # a backport tagged after the pin
+    ("v2.10.24.0", "v2.10.24", "manual", "not newer"),     # the same version written longer
+    ("v3.0.0", "v2.10.24", "manual", "new major"),
+    ("v3.0.0", "v2.10.24", "auto", None),
+    ("v2.11.0-rc.1", "v2.10.24", "manual", None),          # newer; whether prereleases count is the caller's
+    ("v1.0.0", None, "manual", None),                      # no pin: anything goes
+    ("nightly", "nightly", "manual", "pinned version"),    # cannot be ordered: only the pin itself is refused
+    ("nightly", "v1.0.0", "manual", None),
+])
+def test_held_back(tag, current, major, refused):
+    reason = held_back(tag, current, major=major)
+    assert (reason is None) if refused is None else (refused in reason), reason
 
 
 def test_update_available():

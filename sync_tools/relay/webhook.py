@@ -20,6 +20,7 @@ import orjson
 
 from sync_tools.config import Config, Subsystem
 from sync_tools.errors import DataError
+from sync_tools.versions import held_back
 
 _SIG_RE = re.compile(r"^sha256=([0-9a-fA-F]{64})$")
 _SHA40 = re.compile(r"^[0-9a-f]{40}$")
@@ -267,12 +268,15 @@ def _tag_name(value: str, where: str) -> str:
 
 
 def _tag_allowed(sub: Subsystem, tag: str) -> str | None:
-    """None if the tag passes the subsystem's include/exclude filters, else the reason it does not."""
+    """None if *tag* may become *sub*'s version, else the reason it may not: the include/exclude
+    filters, then the pin (a tag no newer than ``current``, or a new major under ``major: manual``,
+    is not built; ``check`` reports the new major)."""
     if sub.include is not None and not sub.include.search(tag):
         return f"tag {tag!r} does not match {sub.name}.include"
     if sub.exclude is not None and sub.exclude.search(tag):
         return f"tag {tag!r} matches {sub.name}.exclude"
-    return None
+    reason = held_back(tag, sub.current, major=sub.major)
+    return f"{sub.name}: {reason}" if reason else None
 
 
 def _classify_for(sub: Subsystem, event: str, payload: dict[str, Any], repo: dict[str, Any],
@@ -285,6 +289,8 @@ def _classify_for(sub: Subsystem, event: str, payload: dict[str, Any], repo: dic
         return Ignored(delivery=delivery, event=event, reason=reason)
 
     if event == "release":
+        if sub.strategy == "commits":  # its version is a branch head: only a push to the branch moves it
+            return ignored(f"release ({sub.name} follows commits)")
         action = _field(payload, "action", str, "payload")
         release = _field(payload, "release", dict, "payload")
         tag = _tag_name(_field(release, "tag_name", str, "release"), "release.tag_name")
@@ -310,6 +316,8 @@ def _classify_for(sub: Subsystem, event: str, payload: dict[str, Any], repo: dic
         ref = _field(payload, "ref", str, "payload")
         if ref_type != "tag":
             return ignored(f"create of a {ref_type}")
+        if sub.strategy != "tags":  # as for a tag push: a bare tag is no release, nor a branch head
+            return ignored(f"tag created ({sub.name} follows {sub.strategy})")
         ref = _tag_name(ref, "payload.ref")
         reason = _tag_allowed(sub, ref)
         return ignored(reason) if reason else change(ref, None)
