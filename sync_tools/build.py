@@ -35,6 +35,7 @@ from sync_tools.errors import BuildError, ConfigError, DataError
 from sync_tools.fsutil import atomic_write_bytes, sha256_file
 from sync_tools.manifest import format_time
 from sync_tools.versionfile import VersionInfo, read_version, write_version
+from sync_tools.versions import parse_version
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,7 @@ def build(
     platform: str | None = None,
     version: str | None = None,
     update_pin: bool = True,
+    allow_major: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
     output: int | IO[bytes] | IO[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -233,7 +235,8 @@ def build(
     """Build the named subsystems in dependency order; the first failure stops the rest.
 
     *version* (one subsystem only) builds that upstream version instead of the pin, and on success,
-    when *update_pin*, rewrites the pin where it was read from (:mod:`sync_tools.pins`). Raises
+    when *update_pin*, rewrites the pin where it was read from (:mod:`sync_tools.pins`). A *version*
+    of a newer major than the pin of a ``major: manual`` subsystem needs *allow_major*. Raises
     BuildError, ConfigError.
     """
     if not names:
@@ -242,6 +245,11 @@ def build(
         raise ConfigError("--version applies to exactly one subsystem (--only NAME)")
     results = []
     for sub in build_order(config, names):
+        if version is not None and not allow_major and sub.major == "manual":
+            c, v = parse_version(sub.current or ""), parse_version(version)
+            if c is not None and v is not None and v.major > c.major:
+                raise ConfigError(f"{sub.name}: {version} is a new major over the pinned {sub.current} "
+                                  "(major: manual): pass --allow-major to build it")
         new_version = version is not None and version != sub.current
         if new_version and update_pin and sub.pin is None:
             raise ConfigError(f"{sub.name}: cannot build {version}: its pin has no known source to update")

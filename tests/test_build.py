@@ -68,6 +68,23 @@ def test_version_flag_builds_that_upstream_version_and_bumps_only_the_pin_line(w
     assert ws.config().subsystems["arc"].current == "v1.0.0"
 
 
+def test_a_new_major_under_major_manual_needs_allow_major(ws) -> None:
+    new_commit = ws.release_upstream("nats", "v2.0.0")
+    config_before = ws.config_path.read_bytes()
+    assert ws.config().subsystems["nats"].major == "manual"
+    result = CliRunner().invoke(cli, ["build", "--only", "nats", "--version", "v2.0.0",
+                                      "--config", str(ws.config_path)], env=ws.env())
+    assert result.exit_code == 1
+    assert "v2.0.0 is a new major over the pinned v1.0.0" in result.output and "--allow-major" in result.output
+    assert ws.config_path.read_bytes() == config_before and not ws.binary_path("nats").exists()
+
+    result = CliRunner().invoke(cli, ["build", "--only", "nats", "--version", "v2.0.0", "--allow-major",
+                                      "--config", str(ws.config_path)], env=ws.env())
+    assert result.exit_code == 0, result.output
+    assert read_version(ws.binary_path("nats").parent).commit == new_commit
+    assert ws.config().subsystems["nats"].current == "v2.0.0"
+
+
 def test_failing_command_stops_the_build_naming_command_and_exit_code(tmp_path) -> None:
     ws = make_workspace(tmp_path / "ws", {"nats": {"build": '["echo one > first.txt", "exit 3", '
                                                           '"echo never > never.txt"]'},
@@ -179,15 +196,16 @@ def test_taskfile_pins_plain_or_template_build_the_asked_version(tmp_path, var, 
     assert cfg.subsystems["x"].current == pinned
     binary = tmp_path / "ws" / "x" / ".bin" / "x"
 
-    build(cfg, ["x"], version="v2.0.0", update_pin=False, env=env)  # CI: build it, leave the pin
+    # (a new major: --allow-major, which this test is not about)
+    build(cfg, ["x"], version="v2.0.0", update_pin=False, allow_major=True, env=env)  # CI: build it, leave the pin
     assert binary.read_text() == "built v2.0.0\n"
     assert taskfile.read_bytes() == original
 
     with pytest.raises(BuildError, match="task x:bin:build.* failed with exit code"):
-        build(cfg, ["x"], version="v9", env=env)
+        build(cfg, ["x"], version="v9", allow_major=True, env=env)
     assert taskfile.read_bytes() == original  # a failed build keeps the old pin
 
-    [result] = build(cfg, ["x"], version="v2.0.0", env=env)
+    [result] = build(cfg, ["x"], version="v2.0.0", allow_major=True, env=env)
     assert result.pin_updated and binary.read_text() == "built v2.0.0\n"
     assert taskfile.read_bytes() == original.replace(b"v1.0.0", b"v2.0.0")
     assert load_config(tmp_path / "ws" / "manifest.yaml").subsystems["x"].current == "v2.0.0"

@@ -111,12 +111,14 @@ def plan(event_path: str | None, changed_path: str | None, base: str | None, hea
 @click.option("--version", "version", metavar="VERSION",
               help="Build this upstream version instead of the pin, then update the pin where it lives.")
 @click.option("--no-pin", "no_pin", is_flag=True, help="With --version: leave the pin unchanged.")
+@click.option("--allow-major", "allow_major", is_flag=True,
+              help="With --version: take a new major version of a `major: manual` subsystem.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=3600.0, show_default=True,
               help="Seconds each build command may take.")
 @json_option
 @config_option
-def build(only: tuple[str, ...], platform: str | None, version: str | None, no_pin: bool, timeout: float,
-          as_json: bool, config_path: str | None) -> None:
+def build(only: tuple[str, ...], platform: str | None, version: str | None, no_pin: bool, allow_major: bool,
+          timeout: float, as_json: bool, config_path: str | None) -> None:
     """Run the subsystems' build commands (default: task NAME:src:update, task NAME:bin:build) in the
     workspace, with GOOS/GOARCH for --platform, and write NAME/.bin/.version.
 
@@ -127,13 +129,14 @@ def build(only: tuple[str, ...], platform: str | None, version: str | None, no_p
     Example:
       sync-tools build --only nats
       sync-tools build --only nats --version v2.10.25 --platform linux/arm64
+      sync-tools build --only nats --version v3.0.0 --allow-major   # a new major, under major: manual
     """
     from sync_tools.build import build as run_build
 
     config = load(config_path)
     # With --json, stdout carries only the JSON: the commands' output goes to stderr.
     results = run_build(config, split_names(only), platform=platform, version=version, update_pin=not no_pin,
-                        timeout=timeout, output=2 if as_json else None)
+                        allow_major=allow_major, timeout=timeout, output=2 if as_json else None)
     if as_json:
         echo_json([r.to_json() for r in results])
         return
