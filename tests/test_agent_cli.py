@@ -148,7 +148,7 @@ def test_every_agent_command_has_help_with_an_example(command: str) -> None:
     assert r.exit_code == 0 and "Example:" in r.stdout and "--config" in r.stdout
 
 
-def test_watch_in_dev_mode_builds_packages_and_releases_only_the_named_subsystem(tmp_path: Path) -> None:
+def test_watch_in_dev_mode_builds_the_named_subsystem_and_an_upstream_release_newer_than_the_pin(tmp_path: Path) -> None:
     import time
     from datetime import UTC, datetime
 
@@ -181,6 +181,42 @@ def test_watch_in_dev_mode_builds_packages_and_releases_only_the_named_subsystem
         subs = json.loads(manifest.read_text())["subsystems"]
         assert list(subs) == ["nats"] and "linux/amd64" in subs["nats"]["assets"]
         assert not (ws.root / "arc" / ".bin").exists()
+
+        # An upstream's own GitHub webhook, classified as the relay does: the announced version is built
+        # (and the pin moves here); a new major under major: manual, or a malformed body, is not.
+        import hmac
+
+        from tests.relay_support import fixture
+
+        new_commit = ws.release_upstream("nats", "v1.1.0")
+        ws.release_upstream("nats", "v2.0.0")
+
+        def github(tag: str, delivery: str, body: bytes | None = None) -> requests.Response:
+            if body is None:
+                payload = fixture("release.published.0.json")
+                payload["release"]["tag_name"] = tag
+                payload["repository"]["clone_url"] = f"file://{ws.upstreams['nats']}.git"
+                body = json.dumps(payload).encode()
+            sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+            return requests.post(f"http://127.0.0.1:{port}/webhook", data=body, timeout=5, headers={
+                "X-Hub-Signature-256": sig, "X-GitHub-Event": "release", "X-GitHub-Delivery": delivery,
+                "content-type": "application/json"})
+
+        r = github("v2.0.0", "gh-1")
+        assert (r.status_code, r.json()["status"]) == (200, "ignored") and "new major" in r.json()["reason"]
+        r = github("", "gh-2", body=b'{"action": "published"}')
+        assert r.status_code == 400 and "release" in r.json()["error"]
+        r = github("v1.1.0", "gh-3")
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            nats = json.loads(manifest.read_text())["subsystems"]["nats"]
+            if nats.get("version") == "v1.1.0":
+                break
+            time.sleep(0.1)
+        assert nats["version"] == "v1.1.0" and nats["commit"] == new_commit, nats
+        assert "current: v1.1.0" in ws.config_path.read_text()  # built with --version: the pin moved
+        assert github("v1.1.0", "gh-3").json()["status"] == "duplicate"
     finally:
         proc.terminate()
         proc.wait(10)

@@ -25,10 +25,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sync_tools.agent.httpclient import Client, HTTPError, Response
 from sync_tools.errors import DataError
+
+if TYPE_CHECKING:
+    from sync_tools.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +227,7 @@ class Delivery:
 class WebhookVerifier:
     """Verifies pushed deliveries with the agent's secret; raises DataError for anything unverified."""
 
-    def __init__(self, secret: str, *, clock: Callable[[], float] = time.time):
+    def __init__(self, secret: str, *, clock: Callable[[], float] = time.time, upstream: Config | None = None):
         from standardwebhooks.webhooks import Webhook
 
         if not secret:
@@ -233,6 +236,9 @@ class WebhookVerifier:
         self._webhook = Webhook(secret)
         self._seen = _Seen()
         self.clock = clock
+        # DEV (watch): GitHub deliveries come from the upstream repos and are classified as the relay
+        # classifies them; otherwise they are the release repo's own release events (USER)
+        self.upstream = upstream
 
     def verify(self, body: bytes, headers: dict[str, str]) -> Delivery:
         """Check the signature and return the delivery. Raises DataError (unsigned, wrong signature,
@@ -265,6 +271,8 @@ class WebhookVerifier:
             # GitHub's signature has no timestamp: the delivery id is the only way to see a replay
             raise DataError("GitHub delivery without X-GitHub-Delivery (a replay could not be told apart)")
         kind = h.get("x-github-event", "")
+        if self.upstream is not None:
+            return self._upstream(kind, body, h, delivery)
         try:
             obj = json.loads(body)
         except ValueError as e:
@@ -283,12 +291,30 @@ class WebhookVerifier:
                         duplicate)
 
 
+    def _upstream(self, kind: str, body: bytes, h: dict[str, str], delivery: str) -> Delivery:
+        """An upstream repo's event on a DEV machine: the relay's rules (release, tag create, push to
+        the tracked branch; include/exclude; only versions that replace the pin). Raises BadRequest
+        (a DataError; 400) for a body or fields the relay would refuse."""
+        from sync_tools.relay import webhook as wh
+
+        assert self.upstream is not None
+        obj = wh.decode_body(body, h.get("content-type"))
+        results = wh.classify(self.upstream, kind, obj, delivery)
+        duplicate = not self._seen.first_time("gh:" + delivery)
+        changes = [r for r in results if isinstance(r, wh.UpstreamChange)]
+        if not changes:
+            reasons = [r.reason for r in results if isinstance(r, wh.Ignored)]
+            return Delivery(None, duplicate, "ping" if kind == "ping" else "; ".join(reasons) or f"ignored {kind!r}")
+        return Delivery(AgentEvent(release=changes[0].version, subsystems=tuple(c.subsystem for c in changes),
+                                   id=delivery, source="github", repo=changes[0].upstream), duplicate)
+
+
 def create_receiver(verifier: WebhookVerifier, on_event: Callable[[AgentEvent], None],
                     health: Callable[[], dict[str, Any]], *, max_body: int = 1 << 20) -> Any:
     """The agent's push receiver (Flask): ``POST /webhook`` and ``GET /health``.
 
-    Answers 401 for an unverified delivery, 413 over *max_body*, 200 for a duplicate or an ignored
-    event, 202 when the event was queued. The update itself runs after the reply.
+    Answers 401 for an unverified delivery, 400 for a signed one whose body or fields no event has,
+    413 over *max_body*, 200 for a duplicate or an ignored event, 202 when the event was queued. The update itself runs after the reply.
     """
     from flask import Flask, jsonify, request
 
@@ -302,7 +328,8 @@ def create_receiver(verifier: WebhookVerifier, on_event: Callable[[AgentEvent], 
             delivery = verifier.verify(body, dict(request.headers))
         except DataError as e:
             log.warning("refused a delivery: %s", e)
-            return jsonify(error="unverified delivery"), 401
+            status = getattr(e, "status", 401)  # 400: signed, but a body or fields no event has
+            return jsonify(error="unverified delivery" if status == 401 else str(e)), status
         if delivery.duplicate:
             return jsonify(status="duplicate"), 200
         if delivery.event is None:

@@ -175,11 +175,14 @@ def _is_dev(config: Config) -> bool:
 
 def _dev_builder(config: Config) -> Any:
     """DEV mode: each verified event builds, packages and releases the subsystems it names (or whose
-    upstream it came from) with ``sync-tools build/package/release --only X`` subprocesses, one at a time;
-    events for a subsystem already queued collapse."""
+    upstream it came from) with ``sync-tools build/package/release --only X`` subprocesses, one at a time.
+    An upstream's GitHub event builds the version it announced (``build --version``, which moves the
+    pin here, as the relay's local dispatcher does); other events build the pin. Events for a
+    subsystem already queued collapse onto it, keeping the newer version."""
     from sync_tools.agent.events import AgentEvent
+    from sync_tools.versions import parse_version
 
-    pending: list[str] = []
+    pending: dict[str, str | None] = {}  # name -> version to build (None: the pin), in arrival order
     cond = threading.Condition()
 
     def names_for(event: AgentEvent) -> list[str]:
@@ -191,11 +194,17 @@ def _dev_builder(config: Config) -> Any:
                     if s.upstream.rstrip("/").removesuffix(".git").lower().endswith(want)]
         return []
 
+    def newer(a: str | None, b: str | None) -> str | None:
+        va, vb = parse_version(a or ""), parse_version(b or "")
+        if va is None or vb is None:
+            return b or a
+        return b if vb.key > va.key else a
+
     def submit(event: AgentEvent) -> None:
+        version = event.release if event.source == "github" else None
         with cond:
             for n in names_for(event):
-                if n not in pending:
-                    pending.append(n)
+                pending[n] = newer(pending[n], version) if n in pending else version
             cond.notify()
 
     def work() -> None:
@@ -203,9 +212,12 @@ def _dev_builder(config: Config) -> Any:
             with cond:
                 while not pending:
                     cond.wait()
-                name = pending.pop(0)
+                name = next(iter(pending))
+                version = pending.pop(name)
             for step in ("build", "package", "release"):
                 cmd = [sys.executable, "-m", "sync_tools", step, "--only", name, "--config", str(config.path)]
+                if step == "build" and version:
+                    cmd += ["--version", version]
                 try:
                     proc = subprocess.run(cmd, cwd=config.root, timeout=3600, capture_output=True, text=True)
                 except subprocess.TimeoutExpired:
@@ -215,7 +227,7 @@ def _dev_builder(config: Config) -> Any:
                     log.error("%s: %s failed (exit %d): %s", name, step, proc.returncode,
                               proc.stderr.strip().splitlines()[-1:] or "")
                     break
-                log.info("%s: %s done", name, step)
+                log.info("%s: %s done%s", name, step, f" ({version})" if version and step == "build" else "")
 
     threading.Thread(target=work, name="dev-builder", daemon=True).start()
     return submit
@@ -253,7 +265,8 @@ def watch(config_path: str | None, port: int, host: str, mode: str, root: str | 
 
     from sync_tools.agent.events import WebhookVerifier, create_receiver
 
-    app = create_receiver(WebhookVerifier(secret), _dev_builder(config), lambda: {"ready": True, "mode": "dev"})
+    app = create_receiver(WebhookVerifier(secret, upstream=config), _dev_builder(config),
+                          lambda: {"ready": True, "mode": "dev"})
     server = make_server(host, port, app, threaded=True)
     _stop_on_signals(lambda: threading.Thread(target=server.shutdown, daemon=True).start())
     click.echo(f"watching (dev): http://{host}:{server.server_port}", err=True)
