@@ -312,10 +312,10 @@ def test_no_expression_inside_a_script():
 def test_composite_action_contract():
     action = _load(ACTION)
     assert set(action["inputs"]) == {"command", "args", "python-version", "working-directory",
-                                     "github-token", "signing-key"}
+                                     "token", "signing-key"}
     assert {"matrix", "has_work", "changed"} <= set(action["outputs"])
     # Builds run upstream code: no token unless a step hands one over (release does).
-    assert action["inputs"]["github-token"]["default"] == ""
+    assert action["inputs"]["token"]["default"] == ""
     for name in ("matrix", "has_work", "changed"):
         assert action["outputs"][name]["value"] == f"${{{{ steps.run.outputs.{name} }}}}"
     assert action["runs"]["using"] == "composite"
@@ -348,10 +348,10 @@ def test_upstream_workflow_shape():
     assert "concurrency" in release
     release_step = next(s for s in release["steps"] if s.get("with", {}).get("command") == "release")
     assert release_step["with"]["signing-key"] == "${{ secrets.SYNC_TOOLS_SIGNING_KEY }}"
-    assert release_step["with"]["github-token"] == "${{ github.token }}"
+    assert release_step["with"]["token"] == "${{ github.token }}"
     for job_id, job in jobs.items():  # the signing key and a token reach only the release step
         for step in job["steps"]:
             if step is not release_step:
-                assert "signing-key" not in step.get("with", {}) and "github-token" not in step.get("with", {})
+                assert "signing-key" not in step.get("with", {}) and "token" not in step.get("with", {})
                 assert "SYNC_TOOLS_SIGNING_KEY" not in yaml.safe_dump(step), f"{job_id}: {step.get('name')}"
     assert any("GITHUB_STEP_SUMMARY" in s.get("run", "") for s in release["steps"])
