@@ -35,7 +35,7 @@ from sync_tools.errors import BuildError, ConfigError, DataError
 from sync_tools.fsutil import atomic_write_bytes, sha256_file
 from sync_tools.manifest import format_time
 from sync_tools.versionfile import VersionInfo, read_version, write_version
-from sync_tools.versions import parse_version
+from sync_tools.versions import new_major
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +245,9 @@ def build(
         raise ConfigError("--version applies to exactly one subsystem (--only NAME)")
     results = []
     for sub in build_order(config, names):
-        if version is not None and not allow_major and sub.major == "manual":
-            c, v = parse_version(sub.current or ""), parse_version(version)
-            if c is not None and v is not None and v.major > c.major:
-                raise ConfigError(f"{sub.name}: {version} is a new major over the pinned {sub.current} "
-                                  "(major: manual): pass --allow-major to build it")
+        if version is not None and not allow_major and sub.major == "manual" and new_major(version, sub.current):
+            raise ConfigError(f"{sub.name}: {version} is a new major over the pinned {sub.current} "
+                              "(major: manual): pass --allow-major to build it")
         new_version = version is not None and version != sub.current
         if new_version and update_pin and sub.pin is None:
             raise ConfigError(f"{sub.name}: cannot build {version}: its pin has no known source to update")

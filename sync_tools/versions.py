@@ -178,9 +178,15 @@ def held_back(tag: str, current: str | None, *, major: str = "manual") -> str | 
         return f"{tag} is the pinned version" if tag == current else None
     if not is_newer(v, c):
         return f"{tag} is not newer than the pinned {current}"
-    if major == "manual" and v.major > c.major:
+    if major == "manual" and new_major(tag, current):
         return f"{tag} is a new major over the pinned {current} (major: manual)"
     return None
+
+
+def new_major(tag: str, current: str | None) -> bool:
+    """Whether *tag* is of a higher major version than *current* (False when either cannot be ordered)."""
+    c, v = parse_version(current or ""), parse_version(tag)
+    return c is not None and v is not None and v.major > c.major
 
 
 def update_available(current: str | None, latest: str | None) -> bool:

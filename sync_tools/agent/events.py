@@ -290,7 +290,6 @@ class WebhookVerifier:
                                    source="github", repo=repo.get("html_url") or repo.get("full_name")),
                         duplicate)
 
-
     def _upstream(self, kind: str, body: bytes, h: dict[str, str], delivery: str) -> Delivery:
         """An upstream repo's event on a DEV machine: the relay's rules (release, tag create, push to
         the tracked branch; include/exclude; only versions that replace the pin). Raises BadRequest
@@ -314,7 +313,8 @@ def create_receiver(verifier: WebhookVerifier, on_event: Callable[[AgentEvent], 
     """The agent's push receiver (Flask): ``POST /webhook`` and ``GET /health``.
 
     Answers 401 for an unverified delivery, 400 for a signed one whose body or fields no event has,
-    413 over *max_body*, 200 for a duplicate or an ignored event, 202 when the event was queued. The update itself runs after the reply.
+    413 over *max_body*, 200 for a duplicate or an ignored event, 202 when the event was queued. The
+    update itself runs after the reply.
     """
     from flask import Flask, jsonify, request
 
