@@ -22,6 +22,7 @@ import pytest
 import requests
 from standardwebhooks.webhooks import Webhook
 
+from sync_tools.agent import events as agent_events
 from sync_tools.agent import install
 from sync_tools.agent.events import AgentEvent, SSEClient, WebhookVerifier, create_receiver, parse_agent_event
 from sync_tools.agent.extract import extract_binary
@@ -387,6 +388,26 @@ def test_receiver_refuses_unverified(case: str) -> None:
         headers["webhook-signature"] = "nonsense"
     assert client.post("/webhook", data=body, headers=headers).status_code == 401
     assert got == []
+
+
+def test_receiver_server_drops_a_silent_connection(monkeypatch) -> None:
+    import socket
+
+    monkeypatch.setattr(agent_events, "RECEIVER_SOCKET_TIMEOUT", 0.5)
+    app = create_receiver(WebhookVerifier(SECRET), lambda e: None, lambda: {"ready": True})
+    server = agent_events.make_receiver_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as silent:
+            silent.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")  # then nothing
+            started = time.monotonic()
+            while silent.recv(4096):  # whatever it answers, the server closes the connection
+                pass
+            assert time.monotonic() - started < 8
+        # and it still serves everyone else
+        assert requests.get(f"http://127.0.0.1:{server.server_port}/health", timeout=5).status_code == 200
+    finally:
+        server.shutdown()
 
 
 def test_receiver_accepts_a_timestamp_within_five_minutes() -> None:

@@ -347,3 +347,19 @@ def create_receiver(verifier: WebhookVerifier, on_event: Callable[[AgentEvent], 
         return jsonify(error=f"body over {max_body} bytes"), 413
 
     return app
+
+
+RECEIVER_SOCKET_TIMEOUT = 60.0  # seconds a connection to a receiver may stay silent
+
+
+def make_receiver_server(app: Any, host: str, port: int) -> Any:
+    """*app* under werkzeug's threaded server (a thread per connection), whose sockets time out after
+    RECEIVER_SOCKET_TIMEOUT seconds of silence: a client that connects and sends nothing, or
+    trickles a body, costs a thread for a minute, not forever. ``server_port`` tells the port."""
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class Handler(WSGIRequestHandler):
+        timeout = RECEIVER_SOCKET_TIMEOUT
+
+    return make_server(host, port, app, threaded=True, request_handler=Handler)
+

@@ -519,7 +519,7 @@ def serve(agent: Agent, *, relay: str | None = None, token: str | None = None, l
 
     Raises ConfigError when *listen* is set without a *secret* (an unverified receiver is refused).
     """
-    from .events import SSEClient, WebhookVerifier, create_receiver
+    from .events import SSEClient, WebhookVerifier, create_receiver, make_receiver_server
 
     if listen and not secret:
         raise ConfigError(f"agent.listen is set but the secret (${agent.config.agent.secret_env}) is not: "
@@ -552,11 +552,9 @@ def serve(agent: Agent, *, relay: str | None = None, token: str | None = None, l
         if on_report is not None:
             on_report(report)
         if listen:
-            from werkzeug.serving import make_server
-
             host, port = parse_listen(listen)
             app = create_receiver(WebhookVerifier(secret or ""), agent.submit, agent.health_info)
-            server = make_server(host, port, app, threaded=True)
+            server = make_receiver_server(app, host, port)
             info["listen"] = f"http://{host}:{server.server_port}"
             threads.append(threading.Thread(target=server.serve_forever, name="agent-receiver", daemon=True))
         for t in threads:

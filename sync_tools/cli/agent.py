@@ -261,13 +261,11 @@ def watch(config_path: str | None, port: int, host: str, mode: str, root: str | 
         serve(ag, listen=listen, secret=secret, on_report=lambda r: _print_report(r, False),
               on_ready=lambda info: click.echo(f"watching (user): {info.get('listen')}", err=True))
         return
-    from werkzeug.serving import make_server
-
-    from sync_tools.agent.events import WebhookVerifier, create_receiver
+    from sync_tools.agent.events import WebhookVerifier, create_receiver, make_receiver_server
 
     app = create_receiver(WebhookVerifier(secret, upstream=config), _dev_builder(config),
                           lambda: {"ready": True, "mode": "dev"})
-    server = make_server(host, port, app, threaded=True)
+    server = make_receiver_server(app, host, port)
     _stop_on_signals(lambda: threading.Thread(target=server.shutdown, daemon=True).start())
     click.echo(f"watching (dev): http://{host}:{server.server_port}", err=True)
     server.serve_forever()
