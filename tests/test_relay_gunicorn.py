@@ -47,7 +47,7 @@ def test_gunicorn_serves_the_relay(tmp_path: Path) -> None:
     with GitHubAPIServer() as api:
         api.state.add_repo("acme/plat-telemetry")
         e = {**os.environ, **env(tmp_path), "GITHUB_API_URL": api.url, "SYNC_TOOLS_CONFIG": str(config.path),
-             "RELAY_BIND": f"127.0.0.1:{port}"}
+             "RELAY_BIND": f"127.0.0.1:{port}", "RELAY_SOCKET_TIMEOUT": "2"}
         proc = subprocess.Popen([str(GUNICORN), "-c", str(ROOT / "relay/gunicorn.conf.py"), "--chdir", str(ROOT),
                                  "relay.wsgi:app"], env=e, cwd=tmp_path, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, start_new_session=True)
@@ -81,6 +81,14 @@ def test_gunicorn_serves_the_relay(tmp_path: Path) -> None:
             while not api.state.dispatches and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert api.state.dispatches[0]["client_payload"]["version"] == "v2.10.26"
+
+            # a client that trickles a body and stalls is dropped (RELAY_SOCKET_TIMEOUT), not kept forever
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+                slow.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"X-GitHub-Event: ping\r\nContent-Length: 1000\r\n\r\n{")
+                while slow.recv(4096):  # whatever is answered, the connection ends
+                    pass
+            assert requests.get(url + "/health", timeout=5).status_code == 200
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             try:

@@ -248,13 +248,17 @@ def _error(status: int, message: str, **headers: str) -> Response:
 
 def read_capped(stream: IO[bytes], length: int | None, max_body: int) -> bytes:
     """The raw request body from *stream*, refusing (TooLarge) from Content-Length before reading and
-    while reading a chunked body, so an oversized body is never held in memory."""
+    while reading a chunked body, so an oversized body is never held in memory. A body that stops
+    arriving until the server's socket times out is a RequestTimeout (408)."""
     if length is not None and length > max_body:
         raise wh.TooLarge(f"body of {length} bytes is over the {max_body}-byte cap")
     parts: list[bytes] = []
     total = 0
     while True:
-        chunk = stream.read(_CHUNK)
+        try:
+            chunk = stream.read(_CHUNK)
+        except TimeoutError as e:  # the server's socket timeout: a client that stopped sending
+            raise wh.RequestTimeout("the request body stopped arriving") from e
         if not chunk:
             break
         total += len(chunk)

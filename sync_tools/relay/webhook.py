@@ -45,6 +45,10 @@ class TooLarge(WebhookError):
     status = 413
 
 
+class RequestTimeout(WebhookError):
+    status = 408
+
+
 # ----------------------------------------------------------------------------------------- signature
 
 
