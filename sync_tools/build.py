@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from sync_tools import pins
 from sync_tools.config import Config, Subsystem
@@ -161,15 +161,39 @@ def run_command(command: str, *, cwd: Path, env: Mapping[str, str], timeout: flo
         proc.wait()
         raise BuildError(f"build command {command!r} timed out after {timeout:g}s") from e
     except BaseException:
-        # Ctrl-C or the like: do not leave the command running on its own.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        # Ctrl-C, SIGTERM (see stop_on_sigterm) or the like: do not leave the command running on its
+        # own; one that ignores SIGTERM gets SIGKILL after a grace period
+        stop_group(proc, grace=TERM_GRACE)
         raise
     if code != 0:
         raise BuildError(f"build command {command!r} failed with exit code {code}")
+
+
+TERM_GRACE = 10.0  # seconds a process group has between SIGTERM and SIGKILL
+
+
+def stop_group(proc: subprocess.Popen[Any], *, grace: float) -> None:
+    """End *proc*'s process group (it was started with ``start_new_session``): SIGTERM, then SIGKILL
+    after *grace* seconds; returns once *proc* is reaped."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit(143), so a terminated ``build`` still runs its cleanup: the build
+    commands' process groups are stopped and a pin written for the build is put back."""
+    def handler(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def build_env(sub: Subsystem, platform: str, version: str | None,

@@ -76,3 +76,32 @@ def test_local_dispatch_builds_releases_and_announces(tmp_path: Path, monkeypatc
     finally:
         sse.close()
         server.stop()
+
+
+def test_a_local_build_that_outlives_the_timeout_is_stopped_with_its_commands(tmp_path: Path) -> None:
+    """The dispatcher's timeout stops the whole step: `sync-tools build` gets SIGTERM, stops the build
+    command it started (its own process group), and the job fails naming the timeout."""
+    import os
+    import signal
+
+    from sync_tools.errors import BuildError
+    from sync_tools.relay.dispatch import LocalDispatcher
+
+    pidfile = tmp_path / "build.pid"
+    ws = make_workspace(tmp_path / "ws", {"nats": {"build": f'["echo $$ > {pidfile}; exec sleep 120"]'}})
+    d = LocalDispatcher(ws.config_path, tmp_path / "logs", timeout=3, env=ws.env())
+    started = time.monotonic()
+    with pytest.raises(BuildError, match="timed out after 3 s"):
+        d.dispatch({"subsystem": "nats", "version": "v1.0.0", "delivery": "d-timeout"})
+    assert time.monotonic() - started < 60
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the build command outlived its build")

@@ -132,7 +132,9 @@ def build(only: tuple[str, ...], platform: str | None, version: str | None, no_p
       sync-tools build --only nats --version v3.0.0 --allow-major   # a new major, under major: manual
     """
     from sync_tools.build import build as run_build
+    from sync_tools.build import stop_on_sigterm
 
+    stop_on_sigterm()  # a relay or CI job that gives up on the build terminates it: clean up first
     config = load(config_path)
     # With --json, stdout carries only the JSON: the commands' output goes to stderr.
     results = run_build(config, split_names(only), platform=platform, version=version, update_pin=not no_pin,

@@ -146,6 +146,8 @@ class LocalDispatcher:
     def dispatch(self, client_payload: dict[str, Any]) -> None:
         """Run build (at the announced version), package and release for ``client_payload['subsystem']``, stopping at the first
         failure. Raises BuildError naming the step, its exit code and the log file."""
+        from sync_tools.build import TERM_GRACE, stop_group
+
         sub = str(client_payload["subsystem"])
         path = self.log_path(sub, str(client_payload.get("delivery") or "manual"))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,13 +162,21 @@ class LocalDispatcher:
                 logf.flush()
                 started = time.monotonic()
                 try:
-                    proc = subprocess.run(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          cwd=self.cwd, env=env, timeout=self.timeout, check=False)
-                except subprocess.TimeoutExpired as e:
-                    raise BuildError(f"sync-tools {step} --only {sub} timed out after {self.timeout:.0f} s "
-                                     f"(log: {path})") from e
+                    # its own process group: on a timeout the step and whatever it started are stopped
+                    proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            cwd=self.cwd, env=env, start_new_session=True)
                 except OSError as e:
                     raise BuildError(f"cannot run sync-tools {step}: {e} (log: {path})") from e
+                try:
+                    proc.wait(timeout=self.timeout)
+                except BaseException as e:
+                    # SIGTERM first: `sync-tools build` then stops its build commands' own process
+                    # groups and puts back a pin it wrote; SIGKILL after the grace period
+                    stop_group(proc, grace=TERM_GRACE)
+                    if isinstance(e, subprocess.TimeoutExpired):
+                        raise BuildError(f"sync-tools {step} --only {sub} timed out after {self.timeout:.0f} s "
+                                         f"(log: {path})") from e
+                    raise
                 logf.write(f"# exit {proc.returncode} after {time.monotonic() - started:.1f} s\n".encode())
                 logf.flush()
                 if proc.returncode != 0:
