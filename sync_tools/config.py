@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from sync_tools.errors import ConfigError
+from sync_tools.errors import ConfigError, DataError
 
 CONFIG_NAME = "sync-tools.yaml"
 CONFIG_ENV = "SYNC_TOOLS_CONFIG"
@@ -76,12 +76,19 @@ class _FastLineLoader(getattr(yaml, "CSafeLoader", _LineLoader)):  # type: ignor
 _FastLineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+MAX_CONFIG_BYTES = 4 << 20  # a config, manifest.yaml or Taskfile is a few KB; anything near this is not one
+
+
 def load_yaml(path: Path) -> Any:
     """Parse a YAML file with line tracking; errors become ConfigError naming file and line."""
+    from sync_tools.fsutil import read_capped
+
     try:
-        text = path.read_text(encoding="utf-8")
+        text = (read_capped(path, MAX_CONFIG_BYTES) or b"").decode("utf-8")
     except FileNotFoundError as e:
         raise ConfigError("file not found", path=path) from e
+    except DataError as e:
+        raise ConfigError(f"over {MAX_CONFIG_BYTES >> 20} MiB: not a config file", path=path) from e
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read: {e}", path=path) from e
     try:

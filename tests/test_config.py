@@ -143,6 +143,16 @@ def test_missing_config_file_is_one_line(tmp_path):
     assert "nope.yaml" in msg and "not found" in msg
 
 
+def test_an_oversized_config_is_refused_without_being_read_whole(tmp_path):
+    from sync_tools import config as config_module
+
+    path = tmp_path / "sync-tools.yaml"
+    with open(path, "wb") as fh:  # valid YAML all the way: a comment line, then padding
+        fh.write(b"subsystems: {}\n#" + b"x" * config_module.MAX_CONFIG_BYTES)
+    with pytest.raises(ConfigError, match="over 4 MiB: not a config file"):
+        load_config(path)
+
+
 def test_no_config_anywhere_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     msg = one_line_error(None)

@@ -102,6 +102,16 @@ def test_push_to_a_tag_counts_only_for_strategy_tags_and_the_tag_filter(tmp_path
     assert isinstance(r, wh.UpstreamChange) and r.version == "v2.11.0" and r.commit == p["after"]
 
 
+def test_a_branch_push_whose_after_is_no_commit_id_is_a_bad_request(tmp_path: Path) -> None:
+    config = write_config(tmp_path, hello_strategy="commits", hello_extra="branch: master")
+    p = fixture("push.4.json")
+    (r,) = wh.classify(config, "push", p, "d1")
+    assert isinstance(r, wh.UpstreamChange) and r.version == p["after"]
+    p["after"] = "6113728f27ae82c7b1a177c8d03f9e96e0adf246\ncommit: forged"  # would land in .version
+    with pytest.raises(wh.BadRequest, match="not a commit id"):
+        wh.classify(config, "push", p, "d1")
+
+
 @pytest.mark.parametrize("event, tag, major, version", [
     ("release", "v2.10.25", "manual", "v2.10.25"),
     ("release", "v3.0.0", "manual", None),   # a new major: check reports it; building it needs --allow-major

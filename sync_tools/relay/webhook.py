@@ -24,6 +24,7 @@ from sync_tools.versions import held_back
 
 _SIG_RE = re.compile(r"^sha256=([0-9a-fA-F]{64})$")
 _SHA40 = re.compile(r"^[0-9a-f]{40}$")
+_COMMIT_ID = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # SHA-1 or SHA-256 repositories
 _ZERO_SHA = "0" * 40
 
 
@@ -346,6 +347,8 @@ def _classify_for(sub: Subsystem, event: str, payload: dict[str, Any], repo: dic
                 return ignored(f"branch push ({sub.name} follows {sub.strategy}, no branch configured)")
             if branch != tracked:
                 return ignored(f"push to {branch!r}, not the tracked branch {tracked!r}")
+            if not _COMMIT_ID.match(after):  # it becomes the version: a build's .version, a dispatch
+                raise BadRequest(f"payload.after {after[:80]!r} is not a commit id")
             return change(after, after)
         return ignored(f"push to {ref!r}")
 
