@@ -185,6 +185,22 @@ def test_same_remote_is_asked_once_even_concurrently(tmp_path, git_http_server):
     assert sources.refs.requests == 1
 
 
+def test_ref_cache_does_not_hold_an_asker_on_a_stuck_listing():
+    release = threading.Event()
+
+    def stuck(url, timeout):  # an ssh session whose server stops answering: no timeout of its own fires
+        release.wait(30)
+        raise RemoteError(f"{url}: gave up")
+
+    cache = RefCache(timeout=0.2, lister=stuck)
+    cache.prefetch(["ssh://127.0.0.1/x.git"])
+    try:
+        with pytest.raises(RemoteError, match="timed out"):
+            cache.get("ssh://127.0.0.1/x.git")  # bounded by the cache's timeout, not the listing's
+    finally:
+        release.set()
+
+
 def test_ref_cache_shares_an_error_too():
     calls = []
 

@@ -321,8 +321,10 @@ class RefCache:
         entry, owner = self._claim(url)
         if owner:
             self._fill(entry, url)
-        else:
-            entry.done.wait()
+        elif not entry.done.wait(self.timeout * 2 + 5):
+            # the listing in flight is stuck past every timeout it has (ssh bounds only a dead
+            # peer, not a live one that stops answering): this asker is not held with it
+            raise RemoteError(f"{url.strip()}: timed out")
         if entry.error is not None:
             raise entry.error
         assert entry.value is not None
