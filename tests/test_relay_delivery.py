@@ -413,3 +413,61 @@ def test_a_delivery_for_a_busy_lane_wakes_nobody(tmp_path: Path) -> None:
         release.set()
         worker.stop()
         outbox.close()
+
+
+def test_an_answer_that_never_ends_holds_no_worker() -> None:
+    """POSTs (dispatches, pushes to agents) read a bounded part of the answer within the read timeout:
+    an endpoint that streams forever, or trickles, returns control; a refusal's message is still read."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sync_tools.errors import RemoteError
+    from sync_tools.relay.dispatch import MAX_ANSWER, DispatchRefused, check_response, post
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path == "/refuse":
+                body = b'{"message": "Not Found"}'
+                self.send_response(404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                while True:  # forever, fast (/flood) or a byte at a time (/trickle)
+                    data = b"x" * 4096 if self.path == "/flood" else b"x"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                    if self.path == "/trickle":
+                        time.sleep(0.05)
+            except OSError:
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    session = requests.Session()
+    try:
+        resp, body = post(session, url + "/flood", timeout=(5, 5), what="flood", data=b"{}")
+        assert resp.status_code == 200 and len(body) == MAX_ANSWER
+        started = time.monotonic()
+        resp, body = post(session, url + "/trickle", timeout=(5, 1), what="trickle", data=b"{}")
+        assert time.monotonic() - started < 4 and 0 < len(body) < MAX_ANSWER
+        resp, body = post(session, url + "/refuse", timeout=(5, 5), what="dispatch", data=b"{}")
+        with pytest.raises(DispatchRefused, match=r"HTTP 404 \(Not Found\)"):
+            check_response(resp, "dispatch", time.time(), body)
+        with pytest.raises(RemoteError, match="closed: ConnectionError"):
+            post(session, "http://127.0.0.1:9/", timeout=(2, 2), what="closed", data=b"{}")
+    finally:
+        server.shutdown()

@@ -13,6 +13,7 @@ when the other side said how long to wait) and :class:`DispatchRefused` or
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import os
 import re
@@ -67,16 +68,38 @@ def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
     return None
 
 
-def check_response(resp: requests.Response, what: str, now: float) -> None:
+MAX_ANSWER = 64 << 10  # bytes of an answer's body read: GitHub's errors and agents' replies are far smaller
+
+
+def post(session: requests.Session, url: str, *, timeout: tuple[float, float], what: str,
+         **kwargs: Any) -> tuple[requests.Response, bytes]:
+    """POST and read at most MAX_ANSWER bytes of the answer, within the read timeout overall: an
+    endpoint that streams or trickles its answer cannot hold a worker. Returns the (closed)
+    response and the body read. Raises RemoteError naming *what*."""
+    deadline = time.monotonic() + timeout[1]
+    try:
+        resp = session.post(url, timeout=timeout, stream=True, **kwargs)
+        with resp:
+            body = bytearray()
+            for chunk in resp.iter_content(8192):
+                body += chunk
+                if len(body) >= MAX_ANSWER or time.monotonic() > deadline:
+                    break
+    except requests.RequestException as e:
+        raise RemoteError(f"{what}: {type(e).__name__}") from e
+    return resp, bytes(body[:MAX_ANSWER])
+
+
+def check_response(resp: requests.Response, what: str, now: float, body: bytes = b"") -> None:
     """Turn a non-2xx answer into RemoteError (retry: 5xx, 408, 429, a spent rate limit or any
-    answer with Retry-After) or DispatchRefused (other 4xx)."""
+    answer with Retry-After) or DispatchRefused (other 4xx). *body* is the answer read (see post)."""
     if 200 <= resp.status_code < 300:
         return
     wait = retry_after_seconds(resp.headers, now)
     message = f"{what}: HTTP {resp.status_code}"
     try:
-        detail = resp.json().get("message") if resp.headers.get("Content-Type", "").startswith(
-            "application/json") else None
+        parsed = json.loads(body) if resp.headers.get("Content-Type", "").startswith("application/json") else None
+        detail = parsed.get("message") if isinstance(parsed, dict) else None
     except ValueError:
         detail = None
     if isinstance(detail, str):
@@ -110,11 +133,9 @@ class GitHubDispatcher:
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         body = {"event_type": EVENT_TYPE, "client_payload": client_payload}
-        try:
-            resp = self._session.post(self.url, json=body, headers=headers, timeout=self._timeout)
-        except requests.RequestException as e:
-            raise RemoteError(f"repository_dispatch to {self.repo}: {type(e).__name__}") from e
-        check_response(resp, f"repository_dispatch to {self.repo}", self._now())
+        what = f"repository_dispatch to {self.repo}"
+        resp, answer = post(self._session, self.url, json=body, headers=headers, timeout=self._timeout, what=what)
+        check_response(resp, what, self._now(), answer)
 
 
 class LocalDispatcher:

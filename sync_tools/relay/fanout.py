@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from standardwebhooks import Webhook
 
 from sync_tools.config import AgentTarget
-from sync_tools.errors import ConfigError, RemoteError, SignatureError
+from sync_tools.errors import ConfigError, SignatureError
 from sync_tools.manifest import MANIFEST_NAME, Manifest, parse_manifest, verify_manifest
-from sync_tools.relay.dispatch import check_response
+from sync_tools.relay.dispatch import check_response, post
 from sync_tools.relay.outbox import Event, NewJob, Outbox
 from sync_tools.stores.base import Store
 
@@ -283,8 +283,8 @@ class AgentPusher:
         headers = {"Content-Type": "application/json", "User-Agent": "sync-tools-relay",
                    "webhook-id": msg_id, "webhook-timestamp": str(int(ts.timestamp())),
                    "webhook-signature": wh.sign(msg_id, ts, body)}
-        try:
-            resp = self._session.post(url, data=body.encode(), headers=headers, timeout=self._timeout)
-        except requests.RequestException as e:
-            raise RemoteError(f"push to agent {url}: {type(e).__name__}") from e
-        check_response(resp, f"push to agent {url}", self._now())
+        what = f"push to agent {url}"
+        # never redirected: the signed event goes to the URL the config names, nowhere else
+        resp, answer = post(self._session, url, data=body.encode(), headers=headers, timeout=self._timeout,
+                            what=what, allow_redirects=False)
+        check_response(resp, what, self._now(), answer)
