@@ -32,7 +32,7 @@ from typing import IO, Any
 from sync_tools import pins
 from sync_tools.config import Config, Subsystem
 from sync_tools.errors import BuildError, ConfigError, DataError
-from sync_tools.fsutil import atomic_write_bytes, sha256_file
+from sync_tools.fsutil import sha256_file
 from sync_tools.manifest import format_time
 from sync_tools.versionfile import VersionInfo, read_version, write_version
 from sync_tools.versions import new_major
@@ -276,36 +276,37 @@ def build(
         if new_version and update_pin and sub.pin is None:
             raise ConfigError(f"{sub.name}: cannot build {version}: its pin has no known source to update")
         # go-task lets a plain Taskfile var win over the environment, so <NAME>_VERSION=... would not
-        # reach the build: write the version into the Taskfile for the build, and put the old bytes
-        # back if the build fails (or when the pin is not to be kept).
-        original: bytes | None = None
-        pin_path = Path(sub.pin.path) if sub.pin is not None else None
-        if new_version and sub.pin is not None and sub.pin.kind == "taskfile" and not pins.is_template(sub.pin):
-            assert pin_path is not None and version is not None
-            original = pin_path.read_bytes()
+        # reach the build: write the version into the Taskfile for the build, and put the old value
+        # back if the build fails (or when the pin is not to be kept). Only this pin's value is put
+        # back, never the whole file: builds of other subsystems may have moved their pins meanwhile.
+        written = (new_version and sub.pin is not None and sub.pin.kind == "taskfile"
+                   and not pins.is_template(sub.pin))
+        if written:
+            assert sub.pin is not None and version is not None
             pins.update_pin(sub.pin, version)
         try:
             result = build_subsystem(config, sub, platform=platform, version=version, timeout=timeout,
                                      output=output, env=env)
         except BaseException:
-            if original is not None and pin_path is not None:
-                _restore(pin_path, original)
+            if written:
+                _put_back(sub)
             raise
         if new_version and update_pin:
             assert sub.pin is not None and version is not None
-            if original is None:
+            if not written:
                 pins.update_pin(sub.pin, version)
             result = BuildResult(result.subsystem, result.platform, result.binary, result.info,
                                  result.seconds, pin_updated=True)
-        elif original is not None and pin_path is not None:
-            _restore(pin_path, original)
+        elif written:
+            _put_back(sub)
         results.append(result)
     return results
 
 
-def _restore(path: Path, data: bytes) -> None:
-    mode = os.stat(path).st_mode & 0o7777
-    atomic_write_bytes(path, data, mode=mode)
+def _put_back(sub: Subsystem) -> None:
+    """Set *sub*'s Taskfile pin back to the value it had before the build wrote another one."""
+    assert sub.pin is not None and sub.current is not None
+    pins.update_pin(sub.pin, sub.current)
 
 
 # ------------------------------------------------------------------------------------------ verify

@@ -11,10 +11,13 @@ is never re-dumped. The result is parsed again before it replaces the file.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import os
 import re
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +118,31 @@ def update_pin(pin: PinSource, value: str) -> bool:
     """
     if not _SAFE_VALUE.match(value):
         raise ConfigError(f"refusing to write pin {value!r}: letters, digits and ._+/@- only", path=pin.path)
+    with _exclusive(Path(pin.path)):
+        return _update_pin(pin, value)
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file now at *path* while it is read, edited and replaced:
+    builds of two subsystems whose pins share a file (sync-tools.yaml, a root Taskfile) each
+    change their own line, and neither loses the other's. The replace makes a new file, so a waiter
+    that wakes up holding the old one tries again."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as e:
+            raise ConfigError("file not found", path=path) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                yield
+                return
+        finally:
+            os.close(fd)
+
+
+def _update_pin(pin: PinSource, value: str) -> bool:
     path = Path(pin.path)
     where = str(path)
     raw = path.read_bytes()

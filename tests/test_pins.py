@@ -66,6 +66,32 @@ def test_sync_tools_yaml_pin_changes_one_line(tmp_path, name, old_line, new_line
     assert others == {n: s.current for n, s in cfg.subsystems.items() if n != name}
 
 
+def test_concurrent_updates_of_pins_in_one_file_lose_nothing(tmp_path) -> None:
+    """Builds of different subsystems run at once (the relay has a lane per subsystem) and their pins
+    share one file: each read-edit-replace holds the file's lock, so no update undoes another."""
+    import threading
+
+    path = tmp_path / "sync-tools.yaml"
+    _write(path, SYNC_TOOLS_YAML)
+    pins = {n: s.pin for n, s in load_config(path).subsystems.items()}
+    errors: list[BaseException] = []
+
+    def bump(name: str) -> None:
+        try:
+            for i in range(12):
+                update_pin(pins[name], f"v3.{i}.0")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=bump, args=(n,)) for n in pins]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert {n: s.current for n, s in load_config(path).subsystems.items()} == {n: "v3.11.0" for n in pins}
+
+
 def test_same_value_leaves_the_file_untouched(tmp_path) -> None:
     path = tmp_path / "sync-tools.yaml"
     _write(path, SYNC_TOOLS_YAML)
