@@ -30,12 +30,14 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[IO[bytes]]:
+def atomic_writer(path: str | os.PathLike[str], mode: int | None = None, *,
+                  exclusive: bool = False) -> Iterator[IO[bytes]]:
     """Yield a binary file that replaces *path* only if the block finishes without error.
 
     The data goes to a temporary file in the same directory, is flushed and fsynced, then
     ``os.replace``-d over *path*; on any exception the temporary file is removed and *path* is
-    untouched.
+    untouched. With *exclusive*, an existing *path* is never replaced: the file is linked into place,
+    and FileExistsError is raised if something got there first.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +49,11 @@ def atomic_writer(path: str | os.PathLike[str], mode: int | None = None) -> Iter
             os.fsync(fh.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
-        os.replace(tmp, target)
+        if exclusive:
+            os.link(tmp, target)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -55,9 +61,10 @@ def atomic_writer(path: str | os.PathLike[str], mode: int | None = None) -> Iter
     fsync_dir(target.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
-    """Write *data* to *path* atomically (tmp, fsync, rename)."""
-    with atomic_writer(path, mode=mode) as fh:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None, *,
+                       exclusive: bool = False) -> None:
+    """Write *data* to *path* atomically (tmp, fsync, rename; see atomic_writer for *exclusive*)."""
+    with atomic_writer(path, mode=mode, exclusive=exclusive) as fh:
         fh.write(data)
 
 

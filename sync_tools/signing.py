@@ -47,8 +47,16 @@ def write_keypair(out_dir: Path, name: str = "release") -> tuple[Path, Path]:
         if p.exists():
             raise ConfigError("already exists; refusing to overwrite a key", path=p)
     pair = generate_keypair()
-    atomic_write_bytes(priv, pair.private_pem, mode=0o600)
-    atomic_write_bytes(pub, pair.public_pem, mode=0o644)
+    # exclusive: a key that appeared meanwhile (another run) is never replaced
+    try:
+        atomic_write_bytes(priv, pair.private_pem, mode=0o600, exclusive=True)
+    except FileExistsError as e:
+        raise ConfigError("already exists; refusing to overwrite a key", path=priv) from e
+    try:
+        atomic_write_bytes(pub, pair.public_pem, mode=0o644, exclusive=True)
+    except FileExistsError as e:
+        priv.unlink()  # ours, made just now: no half pair is left behind
+        raise ConfigError("already exists; refusing to overwrite a key", path=pub) from e
     return priv, pub
 
 

@@ -53,3 +53,29 @@ def test_concurrent_writers_each_land_whole(tmp_path):
     for t in threads:
         t.join(30)
     assert target.read_bytes() in payloads and leftovers(tmp_path) == []
+
+
+def test_an_exclusive_write_never_replaces_and_leaves_nothing(tmp_path):
+    target = tmp_path / "release.key"
+    atomic_write_bytes(target, b"first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        atomic_write_bytes(target, b"second", exclusive=True)
+    assert target.read_bytes() == b"first" and leftovers(tmp_path) == []
+
+    # of writers racing for one new file, exactly one lands
+    raced = tmp_path / "raced.key"
+    won: list[bytes] = []
+
+    def write(data: bytes) -> None:
+        try:
+            atomic_write_bytes(raced, data, exclusive=True)
+            won.append(data)
+        except FileExistsError:
+            pass
+
+    threads = [threading.Thread(target=write, args=(bytes([65 + i]) * 1000,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(won) == 1 and raced.read_bytes() == won[0] and leftovers(tmp_path) == []
