@@ -185,6 +185,10 @@ class _StoreHandler(http.server.BaseHTTPRequestHandler):
         start = 0
         rng = self.headers.get("Range")
         srv.requests.append((name, rng))
+        if srv.fail_next.get(name, 0) > 0:
+            srv.fail_next[name] -= 1
+            self.send_error(503)
+            return
         m = re.fullmatch(r"bytes=(\d+)-", rng or "")
         if m and srv.ranges:
             start = int(m.group(1))
@@ -217,11 +221,13 @@ class _StoreHandler(http.server.BaseHTTPRequestHandler):
 @dataclass
 class StoreServer:
     """Serves *root* on 127.0.0.1:0 with Range support; ``cut_once[name] = n`` cuts the next transfer
-    of *name* after n bytes; ``sent`` counts body bytes per file."""
+    of *name* after n bytes; ``fail_next[name] = n`` answers the next n requests for it with HTTP 503;
+    ``sent`` counts body bytes per file."""
 
     root: Path
     ranges: bool = True
     cut_once: dict[str, int] = field(default_factory=dict)
+    fail_next: dict[str, int] = field(default_factory=dict)
     sent: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
 

@@ -220,3 +220,10 @@ def test_watch_in_dev_mode_builds_the_named_subsystem_and_an_upstream_release_ne
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_rollback_help_says_the_build_rolled_away_from_is_held_back() -> None:
+    r = CliRunner().invoke(cli, ["rollback", "--help"])
+    assert r.exit_code == 0
+    text = " ".join(r.output.split())
+    assert "held back" in text and "until the release publishes a new build of NAME" in text

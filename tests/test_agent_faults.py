@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import http.server
 import json
 import os
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -348,3 +349,180 @@ def test_agent_needs_a_source_and_a_key(world: World, tmp_path: Path) -> None:
         Agent(cfg).fetcher  # noqa: B018
     with pytest.raises(ConfigError, match="no pinned public key"):
         Agent(cfg).public_key  # noqa: B018
+
+
+# ------------------------------------------------------------------ failed marks, rollback holds, retries
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL inside this process: nothing after the crash point runs."""
+
+
+def test_a_crash_during_the_automatic_restore_keeps_the_failed_mark(world: World,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from sync_tools.agent import install
+
+    old = world.bin_path("nats").read_bytes()
+    bad = world.publish("nats", "v2", mode="crash")
+    real = install.crash_point
+    swaps: list[str] = []
+
+    def crash_point(step: str) -> None:
+        if step == "swapped":
+            swaps.append(step)
+            if len(swaps) == 2:  # the second swap is the restore of v1 after v2 failed its health check
+                raise _Killed(step)
+        real(step)
+
+    monkeypatch.setattr(install, "crash_point", crash_point)
+    with pytest.raises(_Killed):
+        world.agent(health_timeout=3.0).reconcile()
+    monkeypatch.setattr(install, "crash_point", real)
+    assert [i.kind for i in install.Journal(world.root).pending()] == ["restore"]
+    assert load_state(world.root).failed["nats"] == hashlib.sha256(bad).hexdigest()
+    world.server.reset()
+    report = world.agent(health_timeout=3.0).reconcile()
+    # the restore is finished, and the build that failed is not downloaded and tried again
+    assert [r.action for r in report.results_for("nats")] == ["recovered", "skipped"]
+    assert "nats-server-linux-amd64.tar.gz" not in world.server.sent
+    assert world.bin_path("nats").read_bytes() == old
+    assert world.health("nats").startswith("nats-v1")
+    assert load_state(world.root).failed["nats"] == hashlib.sha256(bad).hexdigest()
+    # both outcomes are in the JSON report: the final one, and the recovery before it
+    nats = report.to_json()["subsystems"]["nats"]
+    assert nats["action"] == "skipped" and [e["action"] for e in nats["earlier"]] == ["recovered"]
+    assert_clean(world)
+
+
+def test_a_rollback_holds_back_the_build_it_left_until_the_release_changes(world: World) -> None:
+    v1 = world.bin_path("nats").read_bytes()
+    v2 = world.publish("nats", "v2")
+    agent = world.agent()
+    assert agent.reconcile().result("nats").action == "updated"
+    res = agent.rollback("nats")
+    assert res.error is None and world.bin_path("nats").read_bytes() == v1
+    assert load_state(world.root).failed["nats"] == hashlib.sha256(v2).hexdigest()
+    world.server.reset()
+    pid = world.supervisor.pid("nats")
+    again = world.agent().reconcile()  # the next event, whatever it was for
+    assert again.result("nats").action == "skipped" and again.ok
+    assert world.bin_path("nats").read_bytes() == v1 and world.supervisor.pid("nats") == pid
+    assert "nats-server-linux-amd64.tar.gz" not in world.server.sent
+    v3 = world.publish("nats", "v3")  # a new build of nats: installed, the hold ends
+    assert world.agent().reconcile().result("nats").action == "updated"
+    assert world.bin_path("nats").read_bytes() == v3
+    assert "nats" not in load_state(world.root).failed
+
+
+def _run_until(agent: Agent, event: AgentEvent, done: Callable[[list], bool],
+               on_report: Callable | None = None) -> list:
+    """Submit *event* and run the agent's event loop until *done(reports)* (or 15 s); return the reports."""
+    reports: list = []
+    cond = threading.Condition()
+
+    def got(r: object) -> None:
+        if on_report is not None:
+            on_report(r)
+        with cond:
+            reports.append(r)
+            cond.notify_all()
+
+    t = threading.Thread(target=agent.run_forever, kwargs={"on_report": got}, daemon=True)
+    t.start()
+    try:
+        agent.submit(event)
+        with cond:
+            cond.wait_for(lambda: done(reports), timeout=15)
+    finally:
+        agent.stop()
+        t.join(10)
+    return reports
+
+
+def _updated(reports: list) -> bool:
+    return any(r.result("nats") is not None and r.result("nats").action == "updated" for r in reports)
+
+
+def test_a_manifest_fetch_that_fails_while_handling_an_event_is_retried(world: World) -> None:
+    data = world.publish("nats", "v2")
+    agent = world.agent()
+    agent.retry_base = 0.01
+    world.server.fail_next["manifest.json"] = 2  # HTTP 503 twice
+    reports = _run_until(agent, AgentEvent(subsystems=("nats",), serial=world.store.manifest().serial), _updated)
+    assert [bool(r.error and "503" in r.error) for r in reports] == [True, True, False], reports
+    assert reports[-1].result("nats").action == "updated"
+    assert world.bin_path("nats").read_bytes() == data
+
+
+def test_a_manifest_older_than_the_event_is_looked_at_again(world: World) -> None:
+    agent = world.agent()
+    agent.retry_base = 0.01
+    published: list[bytes] = []
+
+    def publish_after_the_first(_report: object) -> None:
+        if not published:  # the event ran ahead of the store (a cache behind): the release lands later
+            published.append(world.publish("nats", "v2"))
+
+    ahead = AgentEvent(subsystems=("nats",), serial=world.store.manifest().serial + 1)
+    reports = _run_until(agent, ahead, _updated, publish_after_the_first)
+    assert reports[0].error is None and reports[0].result("nats").action == "unchanged"
+    assert reports[-1].result("nats").action == "updated"
+    assert world.bin_path("nats").read_bytes() == published[0]
+
+
+class _SSEAfterGate(http.server.BaseHTTPRequestHandler):
+    """An SSE endpoint that answers only once ``server.gate`` is set, then streams from its tail (no
+    replay: the client sent no Last-Event-ID) and stays open until ``server.done``."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.gate.wait(15)  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        self.wfile.write(b": connected\n\n")
+        self.wfile.flush()
+        self.server.done.wait(15)  # type: ignore[attr-defined]
+        self.close_connection = True
+
+
+def test_a_first_sse_connect_after_the_start_up_reconcile_began_looks_again(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No saved event id, the relay is slow to answer: a release published after the start-up
+    reconcile read the manifest, but before the stream opened, is still installed."""
+    from sync_tools.agent import runner
+    from sync_tools.manifest import SIGNATURE_NAME
+
+    monkeypatch.setattr(runner, "SSE_CONNECT_WAIT", 0.1)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SSEAfterGate)
+    httpd.daemon_threads = True
+    httpd.gate, httpd.done = threading.Event(), threading.Event()  # type: ignore[attr-defined]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    published: list[bytes] = []
+
+    class Fetcher(HTTPFetcher):
+        def fetch_bytes(self, name: str, *, max_bytes: int) -> bytes:
+            out = super().fetch_bytes(name, max_bytes=max_bytes)
+            if name == SIGNATURE_NAME and not published:  # the start-up reconcile has read the release
+                published.append(world.publish("nats", "v2"))
+                httpd.gate.set()  # type: ignore[attr-defined]
+            return out
+
+    agent = world.agent(fetcher=Fetcher(world.server.url))
+    t = threading.Thread(target=serve, kwargs=dict(agent=agent, relay=f"http://127.0.0.1:{httpd.server_address[1]}",
+                                                   token="tok"), daemon=True)
+    t.start()
+    try:
+        world.wait_version("nats", "v2")
+        assert world.bin_path("nats").read_bytes() == published[0]
+    finally:
+        agent.stop()
+        httpd.done.set()  # type: ignore[attr-defined]
+        t.join(10)
+        httpd.shutdown()
+        httpd.server_close()
+    assert not t.is_alive()

@@ -561,3 +561,76 @@ def test_agent_updates_through_process_compose(tmp_path: Path) -> None:
             assert reloader.status("arc").pid == arc_pid
             assert [p for m, p, _ in pc.requests if m != "GET"] == ["/process/restart/nats"]
             assert pc.schema_errors == []
+
+
+class _EndlessEventHandler(http.server.BaseHTTPRequestHandler):
+    """One SSE event whose data lines never end with a blank line: 12 lines of 100 KB, then close."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for _ in range(12):
+            self.wfile.write(b"data: " + b"x" * 100_000 + b"\n")
+            self.wfile.flush()
+        self.close_connection = True
+
+
+def test_sse_client_caps_the_data_of_one_event() -> None:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EndlessEventHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    got: list[AgentEvent] = []
+    client = SSEClient(f"http://127.0.0.1:{httpd.server_address[1]}", None, got.append)
+    try:
+        with pytest.raises(DataError, match="larger than 1 MiB"):
+            client._stream()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert got == []
+
+
+@pytest.mark.parametrize("body", [b"not json {", b"[1, 2]", b'{"subsystems": "nats"}'])
+def test_receiver_answers_400_for_a_signed_delivery_that_is_not_an_event(body: bytes) -> None:
+    client, got = _receiver()
+    r = client.post("/webhook", data=body, headers=_signed(body))
+    assert r.status_code == 400
+    assert r.json["error"].startswith("signed delivery is not")
+    assert got == []
+
+
+def test_receiver_answers_400_for_a_signed_github_delivery_that_is_not_json() -> None:
+    client, got = _receiver()
+    body = b"not json {"
+    sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    headers = {"X-Hub-Signature-256": sig, "X-GitHub-Event": "release", "X-GitHub-Delivery": "d-9"}
+    r = client.post("/webhook", data=body, headers=headers)
+    assert r.status_code == 400 and "not JSON" in r.json["error"]
+    assert got == []
+
+
+def test_stage_previous_fsyncs_its_copy_where_links_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir, _journal, old, _new = _setup_bin(tmp_path)
+    install.save_previous(bin_dir, "app")
+
+    def no_links(*_a: object, **_k: object) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(install.os, "link", no_links)
+    monkeypatch.setattr(install.os, "fsync", fsync)
+    sha, _info = install.stage_previous(bin_dir, "app")
+    staged = install.staged_path(bin_dir, "app")
+    assert sha == _sha(old) and staged.read_bytes() == old
+    assert os.stat(staged).st_ino in synced

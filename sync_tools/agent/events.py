@@ -153,6 +153,7 @@ class SSEClient:
     def _read(self, resp: Response) -> None:
         buf = b""
         fields: dict[str, list[str]] = {}
+        size = 0  # bytes of the fields collected for the event being read
         event_id: str | None = None
         while not self._stop.is_set():
             chunk = resp.read1(65536)
@@ -167,7 +168,7 @@ class SSEClient:
                 if not line:
                     if "data" in fields:
                         self._dispatch(fields, event_id)
-                    fields = {}
+                    fields, size = {}, 0
                     continue
                 if line.startswith(":"):
                     continue  # heartbeat comment
@@ -176,6 +177,9 @@ class SSEClient:
                 if name == "id":
                     event_id = value or None
                 else:
+                    size += len(raw)
+                    if size > MAX_EVENT_BYTES:
+                        raise DataError("SSE event larger than 1 MiB")
                     fields.setdefault(name, []).append(value)
 
     def _dispatch(self, fields: dict[str, list[str]], event_id: str | None) -> None:
@@ -253,13 +257,23 @@ class WebhookVerifier:
     def _standard(self, body: bytes, h: dict[str, str]) -> Delivery:
         from standardwebhooks.webhooks import WebhookVerificationError
 
+        from sync_tools.relay.webhook import BadRequest
+
         try:
-            obj = self._webhook.verify(body, h)
+            self._webhook.verify(body, h, json_parse=False)
         except WebhookVerificationError as e:
             raise DataError(f"webhook verification failed: {e}") from e
         except (ValueError, TypeError, UnicodeDecodeError) as e:  # malformed headers or body
             raise DataError(f"webhook verification failed: malformed delivery ({type(e).__name__})") from e
-        event = parse_agent_event(obj, event_id=h["webhook-id"], source="webhook")
+        # signed by the secret's holder: from here on a bad body is a 400, not an unverified delivery
+        try:
+            obj = json.loads(body)
+        except ValueError as e:
+            raise BadRequest(f"signed delivery is not JSON: {e}") from e
+        try:
+            event = parse_agent_event(obj, event_id=h["webhook-id"], source="webhook")
+        except DataError as e:
+            raise BadRequest(f"signed delivery is not an event: {e}") from e
         return Delivery(event, duplicate=not self._seen.first_time("sw:" + h["webhook-id"]))
 
     def _github(self, body: bytes, h: dict[str, str]) -> Delivery:
@@ -276,7 +290,9 @@ class WebhookVerifier:
         try:
             obj = json.loads(body)
         except ValueError as e:
-            raise DataError("GitHub delivery is not JSON") from e
+            from sync_tools.relay.webhook import BadRequest
+
+            raise BadRequest("signed GitHub delivery is not JSON") from e
         duplicate = not self._seen.first_time("gh:" + delivery)
         if kind == "ping":
             return Delivery(None, duplicate, "ping")

@@ -21,11 +21,15 @@ then reloads and health-checks as for a fresh install. A staged file with no int
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +48,77 @@ STEPS = ("downloaded", "staged", "journaled", "previous-saved", "swapped", "vers
 
 class InstallError(SyncToolsError):
     """A local failure while installing (disk full, permissions); the installed binary is unchanged."""
+
+
+class AgentBusy(InstallError):
+    """Another agent process held the install root's lock for longer than this one would wait."""
+
+
+LOCK_NAME = "agent.lock"
+
+
+class AgentLock:
+    """An exclusive ``fcntl.flock`` of ``<root>/.sync-tools/agent.lock``: one agent process at a time
+    installs, recovers, rolls back or rewrites the agent state in an install root.
+
+    Within one process the lock is shared: a thread that asks while another thread of this process holds
+    it goes on at once (the caller's own thread locks order them); :meth:`hold` nests. Other processes
+    (or another :class:`AgentLock` on the same root) wait, polling, at most *timeout* seconds, then get
+    :class:`AgentBusy`.
+    """
+
+    def __init__(self, root: Path, *, poll: float = 0.05):
+        self.path = Path(root) / STATE_DIR / LOCK_NAME
+        self.poll = poll
+        self._mutex = threading.Lock()
+        self._fd: int | None = None
+        self._depth = 0
+
+    def _try(self) -> bool:
+        with self._mutex:
+            if self._fd is not None:
+                self._depth += 1
+                return True
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd, self._depth = fd, 1
+            return True
+
+    def acquire(self, timeout: float) -> None:
+        """Take the lock, waiting at most *timeout* seconds. Raises AgentBusy, InstallError (cannot open)."""
+        deadline = time.monotonic() + timeout
+        try:
+            while not self._try():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AgentBusy(f"another agent process is installing in {self.path.parent.parent} "
+                                    f"(waited {timeout:g}s for {self.path}); try again when it is done")
+                time.sleep(min(self.poll, left))
+        except OSError as e:
+            raise InstallError(f"cannot lock {self.path}: {e}") from e
+
+    def release(self) -> None:
+        with self._mutex:
+            self._depth -= 1
+            if self._depth == 0 and self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)  # closing the only descriptor drops the flock
+
+    @contextlib.contextmanager
+    def hold(self, timeout: float) -> Iterator[None]:
+        self.acquire(timeout)
+        try:
+            yield
+        finally:
+            self.release()
 
 
 def crash_point(step: str) -> None:
@@ -177,6 +252,10 @@ def swap(intent: Intent, *, keep_previous: bool = True) -> None:
         if intent.staged.exists():
             os.replace(intent.staged, intent.target)
             fsync_dir(bin_dir)
+        elif _sha_or_none(intent.target) != intent.new_sha:
+            # never write the new .version over the old binary: the install did not happen
+            raise InstallError(f"{intent.subsystem}: the staged binary {intent.staged} is gone and "
+                               f"{intent.target} is not the new one; nothing was installed")
         crash_point("swapped")
         atomic_write_text(bin_dir / VERSION_FILE, intent.new_version)
         crash_point("version-written")
@@ -206,6 +285,8 @@ def stage_previous(bin_dir: Path, binary: str) -> tuple[str, VersionInfo]:
         os.link(src, staged)
     except OSError:
         shutil.copy2(src, staged)
+        with open(staged, "rb") as fh:
+            os.fsync(fh.fileno())
     return sha, info
 
 

@@ -49,6 +49,16 @@ log = logging.getLogger(__name__)
 MAX_SIG_BYTES = 4096
 DEFAULT_MAX_ASSET_BYTES = 1 << 30
 DEFAULT_MAX_BINARY_BYTES = 2 << 30
+#: Seconds a reconcile, recovery or rollback waits for another agent process to finish installing.
+LOCK_WAIT = 600.0
+#: Seconds the daemon waits for its SSE stream before the start-up reconcile.
+SSE_CONNECT_WAIT = 5.0
+#: A reconcile for an event whose manifest fetch failed for a transient reason (or found a manifest
+#: older than the event) is retried after RETRY_BASE, 2x, 4x ... seconds (at most RETRY_MAX), at most
+#: RETRY_ATTEMPTS times, until a newer event arrives or the agent stops.
+RETRY_BASE = 1.0
+RETRY_MAX = 60.0
+RETRY_ATTEMPTS = 6
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm"}
 
 
@@ -93,18 +103,33 @@ class UpdateReport:
     error: str | None = None
     manifest_bytes: int = 0
     seconds: float = 0.0
+    retry: bool = False  # the manifest fetch failed transiently, or was older than the event said
 
     @property
     def ok(self) -> bool:
         return self.error is None and all(r.ok for r in self.results)
 
     def result(self, name: str) -> SubsystemResult | None:
-        return next((r for r in self.results if r.name == name), None)
+        """The final outcome for *name* (a recovered install may be followed by a fresh apply)."""
+        return next((r for r in reversed(self.results) if r.name == name), None)
+
+    def results_for(self, name: str) -> list[SubsystemResult]:
+        """Every outcome for *name* in this reconcile, in order."""
+        return [r for r in self.results if r.name == name]
 
     def to_json(self) -> dict[str, Any]:
+        """``subsystems[name]`` is the final outcome; earlier ones of the same reconcile (a crashed install
+        recovered before the apply) are kept, in order, under its ``"earlier"`` list."""
+        subs: dict[str, dict[str, Any]] = {}
+        for r in self.results:
+            j = r.to_json()
+            prev = subs.get(r.name)
+            if prev is not None:
+                j["earlier"] = [*prev.pop("earlier", []), prev]
+            subs[r.name] = j
         return {"ok": self.ok, "serial": self.serial, "error": self.error,
                 "manifest_bytes": self.manifest_bytes, "seconds": round(self.seconds, 3),
-                "subsystems": {r.name: r.to_json() for r in self.results}}
+                "subsystems": subs}
 
 
 def _order(subs: list[Subsystem]) -> list[Subsystem]:
@@ -139,7 +164,8 @@ class Agent:
                  public_key: Ed25519PublicKey | None = None, platform: str | None = None,
                  progress: ProgressFn | None = None, now: Callable[[], datetime] | None = None,
                  max_asset_bytes: int = DEFAULT_MAX_ASSET_BYTES,
-                 max_binary_bytes: int = DEFAULT_MAX_BINARY_BYTES, health_timeout: float | None = None):
+                 max_binary_bytes: int = DEFAULT_MAX_BINARY_BYTES, health_timeout: float | None = None,
+                 lock_timeout: float = LOCK_WAIT):
         self.config = config
         ac = config.agent
         self.root = Path(root) if root is not None else (config.resolve(ac.root) or config.root)
@@ -159,6 +185,10 @@ class Agent:
         self.downloads = self.root / install.STATE_DIR / "downloads"
         self._lock = threading.Lock()  # one update at a time
         self._state_lock = threading.Lock()  # read-modify-write of agent-state.json
+        # ... and one agent process at a time in this install root (shared by this process's threads)
+        self.agent_lock = install.AgentLock(self.root)
+        self.lock_timeout = lock_timeout
+        self.retry_base, self.retry_max, self.retry_attempts = RETRY_BASE, RETRY_MAX, RETRY_ATTEMPTS
         self._cond = threading.Condition()
         self._pending: list[AgentEvent] = []
         self._stop = threading.Event()
@@ -195,8 +225,9 @@ class Agent:
         return self._public_key
 
     def update_state(self, change: Callable[[AgentState], AgentState]) -> AgentState:
-        """Apply *change* to the saved state and write it back (only if it changed)."""
-        with self._state_lock:
+        """Apply *change* to the saved state and write it back (only if it changed), under the install
+        root's agent lock. Raises AgentBusy when another agent process holds it too long."""
+        with self._state_lock, self.agent_lock.hold(self.lock_timeout):
             before = load_state(self.root)
             after = change(before)
             if after != before:
@@ -217,7 +248,7 @@ class Agent:
 
     def recover(self) -> list[SubsystemResult]:
         """Finish installs a crash interrupted (see :mod:`.install`), then reload and health-check them."""
-        with self._lock:
+        with self._lock, self.agent_lock.hold(self.lock_timeout):
             return self._recover_locked()
 
     def _recover_locked(self) -> list[SubsystemResult]:
@@ -246,7 +277,8 @@ class Agent:
         with self._lock:
             self.updating = True
             try:
-                report = self._reconcile(started)
+                with self.agent_lock.hold(self.lock_timeout):
+                    report = self._reconcile(started, event)
             finally:
                 self.updating = False
         self.last_report = report
@@ -258,12 +290,18 @@ class Agent:
                 f", error: {report.error}" if report.error else "")
         return report
 
-    def _reconcile(self, started: float) -> UpdateReport:
+    def _reconcile(self, started: float, event: AgentEvent | None = None) -> UpdateReport:
         try:
             state = load_state(self.root)
             manifest, mbytes = self.fetch_manifest(state)
+        except RemoteError as e:  # a network fault or an HTTP 5xx: the same fetch may work later
+            return UpdateReport(None, error=str(e), seconds=time.monotonic() - started, retry=event is not None)
         except SyncToolsError as e:
             return UpdateReport(None, error=str(e), seconds=time.monotonic() - started)
+        stale = event is not None and event.serial is not None and manifest.serial < event.serial
+        if stale:
+            log.warning("the event announced serial %s but the manifest fetched is serial %s (a cache "
+                        "behind?); applying it and looking again", event.serial, manifest.serial)
         try:
             self.update_state(lambda st: st.with_serial(manifest.serial))
             results = self._recover_locked()  # an intent a failed swap left behind
@@ -275,7 +313,7 @@ class Agent:
                 continue
             results.append(self._apply(sub, entry))
         return UpdateReport(manifest.serial, tuple(results), manifest_bytes=mbytes,
-                            seconds=time.monotonic() - started)
+                            seconds=time.monotonic() - started, retry=stale)
 
     def _apply(self, sub: Subsystem, entry: Entry) -> SubsystemResult:
         started = time.monotonic()
@@ -365,7 +403,11 @@ class Agent:
         if health.ok:
             install.crash_point("healthy")
             self.journal.remove(sub.name)
-            self.update_state(lambda st: st.with_failed(sub.name, None))
+            if intent.kind == "update":  # a new build proved healthy
+                self.update_state(lambda st: st.with_failed(sub.name, None))
+            elif intent.kind == "rollback":  # a recovered rollback: keep away from what it left
+                self._hold_back(sub, intent)
+            # a (recovered) restore keeps the mark: the build it replaced failed, until the release changes
             return SubsystemResult(sub.name, "updated", intent.old_sha, intent.new_sha,
                                    bytes=moved, seconds=time.monotonic() - started)
         if intent.kind == "restore":  # a recovered restore: the previous binary itself is unhealthy
@@ -416,16 +458,27 @@ class Agent:
         if not health.ok:
             raise RemoteError(f"the previous binary is unhealthy too: {health.detail}")
 
+    def _hold_back(self, sub: Subsystem, intent: install.Intent) -> None:
+        """After a rollback: mark the build rolled away from, so reconciles skip it until the release
+        publishes a different one (the same mark as a build that failed its health check)."""
+        if intent.old_sha is not None and intent.old_sha != intent.new_sha:
+            old = intent.old_sha
+            self.update_state(lambda st: st.with_failed(sub.name, old))
+
     def rollback(self, name: str) -> SubsystemResult:
         """``sync-tools rollback NAME``: swap ``.previous`` and the current binary, restart, check
-        health. Raises ConfigError (unknown name), InstallError/DataError (no verified previous)."""
+        health. When healthy, the build rolled away from is held back: reconciles skip it until the
+        release has a new build of NAME. Raises ConfigError (unknown name), InstallError/DataError (no
+        verified previous), AgentBusy (another agent process kept the install root's lock too long)."""
         sub = self.config.subsystem(name)
         started = time.monotonic()
-        with self._lock:
+        with self._lock, self.agent_lock.hold(self.lock_timeout):
             # finish an install a crash interrupted first: otherwise the half-written state (a new
             # binary under the old .version) would be saved as .previous, and refused next time
             self._recover_locked()
             intent, info, health = self._swap_previous_in(sub, "rollback")
+            if health.ok:
+                self._hold_back(sub, intent)
         return SubsystemResult(sub.name, "updated" if health.ok else "failed", intent.old_sha, intent.new_sha,
                                info.version, None if health.ok else f"unhealthy after rollback: {health.detail}",
                                seconds=time.monotonic() - started)
@@ -486,13 +539,31 @@ class Agent:
                     return
                 batch, self._pending = self._pending, []
             log.info("%d event(s) -> one reconcile", len(batch))
+            self._reconcile_with_retries(batch[-1], on_report)
+
+    def _reconcile_with_retries(self, event: AgentEvent,
+                                on_report: Callable[[UpdateReport], None] | None) -> None:
+        """One reconcile for *event*; when its manifest fetch failed transiently (or was older than the
+        event), again after exponential backoff, until it works, a newer event arrives, the agent
+        stops, or the attempts run out."""
+        attempt = 0
+        while True:
             try:
-                report = self.reconcile(batch[-1])
+                report = self.reconcile(event)
             except (SyncToolsError, OSError) as e:  # e.g. an unreadable state file: keep serving
                 log.error("reconcile failed: %s", e)
-                continue
+                return
             if on_report is not None:
                 on_report(report)
+            if not report.retry or attempt >= self.retry_attempts:
+                return
+            delay = min(self.retry_max, self.retry_base * 2 ** attempt)
+            attempt += 1
+            log.warning("retrying the reconcile in %gs (attempt %d of %d)", delay, attempt, self.retry_attempts)
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._pending) or self._stop.is_set(), timeout=delay)
+                if self._pending or self._stop.is_set():
+                    return  # a newer event gets its own reconcile
 
     def health_info(self) -> dict[str, Any]:
         """The agent's own readiness, for ``GET /health``."""
@@ -531,10 +602,12 @@ def serve(agent: Agent, *, relay: str | None = None, token: str | None = None, l
         for res in agent.recover():
             log.warning("recovered %s: %s", res.name, res.action)
         info: dict[str, Any] = {}
+        startup_began = threading.Event()
         if relay:
             def connected(count: int, resumed_from: str | None) -> None:
-                # A reconnect without a resume point may have missed events: look once more.
-                if count > 1 and resumed_from is None:
+                # A connect without a resume point streams from the relay's tail: events published since
+                # the start-up reconcile began (or since the last connect) were missed. Look once more.
+                if resumed_from is None and (count > 1 or startup_began.is_set()):
                     agent.submit(AgentEvent(type="reconnected", source="sse"))
 
             state = load_state(agent.root)
@@ -546,10 +619,16 @@ def serve(agent: Agent, *, relay: str | None = None, token: str | None = None, l
             sse_thread.start()
             threads.append(sse_thread)
             # Subscribe before the start-up reconcile, so a release between the two is not missed.
-            if not sse.connected.wait(5.0):
+            if not sse.connected.wait(SSE_CONNECT_WAIT):
                 log.warning("SSE %s not connected yet; reconciling anyway, it keeps retrying", sse.url)
-        report = agent.reconcile()
-        if on_report is not None:
+        startup_began.set()
+        try:
+            report: UpdateReport | None = agent.reconcile()
+        except install.AgentBusy as e:  # another agent process is installing: look again afterwards
+            log.error("start-up reconcile: %s", e)
+            agent.submit(AgentEvent(type="start", source="start"))
+            report = None
+        if on_report is not None and report is not None:
             on_report(report)
         if listen:
             host, port = parse_listen(listen)

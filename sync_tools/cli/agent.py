@@ -19,6 +19,9 @@ from sync_tools.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: Seconds ``agent --once`` and ``rollback`` wait for another agent process installing in the same root.
+ONE_SHOT_LOCK_WAIT = 30.0
+
 
 def _progress() -> Any:
     """A one-line progress bar on stderr, only when stderr is a terminal."""
@@ -34,11 +37,13 @@ def _progress() -> Any:
     return show
 
 
-def _agent(config: Config, root: str | None = None, source: str | None = None, progress: bool = False) -> Any:
-    from sync_tools.agent.runner import Agent
+def _agent(config: Config, root: str | None = None, source: str | None = None, progress: bool = False,
+           lock_timeout: float | None = None) -> Any:
+    from sync_tools.agent.runner import LOCK_WAIT, Agent
 
     return Agent(config, root=Path(root).resolve() if root else None, source=source,
-                 progress=_progress() if progress else None)
+                 progress=_progress() if progress else None,
+                 lock_timeout=LOCK_WAIT if lock_timeout is None else lock_timeout)
 
 
 def _print_report(report: Any, as_json: bool) -> None:
@@ -94,7 +99,8 @@ def _serve(config: Config, agent: Any, listen: str | None, as_json: bool) -> Non
 @click.option("--root", type=click.Path(file_okay=False), help="Install root holding <subsystem>/.bin/ "
               "(default: agent.root).")
 @click.option("--source", help="Release source: a base URL or a local store directory (default: agent.source).")
-@click.option("--once", is_flag=True, help="Reconcile once and exit (1 if anything failed).")
+@click.option("--once", is_flag=True, help="Reconcile once and exit (1 if anything failed, or if "
+              "another agent process kept installing for 30 s).")
 @json_option
 def agent(config_path: str | None, root: str | None, source: str | None, once: bool, as_json: bool) -> None:
     """The USER agent: verify the signed release, install only what changed, reload, roll back on failure.
@@ -108,7 +114,7 @@ def agent(config_path: str | None, root: str | None, source: str | None, once: b
       sync-tools agent --root /opt/plat
     """
     config = load(config_path)
-    ag = _agent(config, root, source, progress=not as_json)
+    ag = _agent(config, root, source, progress=not as_json, lock_timeout=ONE_SHOT_LOCK_WAIT if once else None)
     if once:
         for res in ag.recover():
             click.echo(f"recovered an interrupted install of {res.name}: {res.action}", err=True)
@@ -154,12 +160,16 @@ def status(config_path: str | None, root: str | None, as_json: bool) -> None:
 def rollback(config_path: str | None, name: str, root: str | None, as_json: bool) -> None:
     """Swap .bin/.previous back in (the current binary becomes .previous), reload, check health.
 
+    When healthy, the build rolled away from is held back: the agent skips it until the release
+    publishes a new build of NAME (a different binary_sha256), then installs that one. Waits up to
+    30 s for another agent process that is installing, then fails.
+
     \b
     Example:
       sync-tools rollback nats
     """
     config = load(config_path)
-    res = _agent(config, root).rollback(name)
+    res = _agent(config, root, lock_timeout=ONE_SHOT_LOCK_WAIT).rollback(name)
     if as_json:
         echo_json({name: res.to_json()})
     else:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sync_tools.agent.install import CRASH_ENV, STEPS
+from sync_tools.agent.state import load_state
 from sync_tools.errors import DataError
 from sync_tools.manifest import MANIFEST_NAME, SIGNATURE_NAME, verify_manifest
 from sync_tools.signing import load_public_key
@@ -211,9 +212,14 @@ class _Chaos:
         self.check_verified(f"after rollback {when}")
 
     def check_recovered(self, version: str, data: bytes) -> None:
+        path = self.world.bin_path(NAME)
+        if load_state(self.world.root).failed.get(NAME) == hashlib.sha256(data).hexdigest():
+            # a rollback straight after the kill finished the interrupted install and rolled away from
+            # it: that build is held back until the release changes, so the agent keeps the previous one
+            self.check_held_back(version, data)
+            return
         rc = self.agent_once()
         self.counts["recoveries"] += 1
-        path = self.world.bin_path(NAME)
         if rc != 0:
             self.violations.append(f"{version}: the restarted agent exited {rc} (see {self.log})")
             return
@@ -235,6 +241,18 @@ class _Chaos:
         if problems:
             self.violations.append(f"{version} after recovery: {'; '.join(problems)}")
         self.check_verified(f"{version} after recovery")
+
+
+    def check_held_back(self, version: str, data: bytes) -> None:
+        path = self.world.bin_path(NAME)
+        before = self.sha(path)
+        rc = self.agent_once()
+        self.counts["recoveries"] += 1
+        if rc != 0:
+            self.violations.append(f"{version}: the restarted agent exited {rc} (see {self.log})")
+        elif self.sha(path) != before or before == hashlib.sha256(data).hexdigest():
+            self.violations.append(f"{version}: a build held back by rollback was installed again")
+        self.check_verified(f"{version} after recovery (held back)")
 
 
 def run_agent_chaos(workdir: Path, *, cycles: int = 100, seed: int = 0, hook_share: float = 0.35,
