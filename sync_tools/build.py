@@ -34,6 +34,7 @@ from sync_tools.config import Config, Subsystem
 from sync_tools.errors import BuildError, ConfigError, DataError
 from sync_tools.fsutil import sha256_file
 from sync_tools.manifest import format_time
+from sync_tools.procs import TERM_GRACE, stop_group
 from sync_tools.versionfile import VersionInfo, read_version, write_version
 from sync_tools.versions import new_major
 
@@ -167,24 +168,6 @@ def run_command(command: str, *, cwd: Path, env: Mapping[str, str], timeout: flo
         raise
     if code != 0:
         raise BuildError(f"build command {command!r} failed with exit code {code}")
-
-
-TERM_GRACE = 10.0  # seconds a process group has between SIGTERM and SIGKILL
-
-
-def stop_group(proc: subprocess.Popen[Any], *, grace: float) -> None:
-    """End *proc*'s process group (it was started with ``start_new_session``): SIGTERM, then SIGKILL
-    after *grace* seconds; returns once *proc* is reaped."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def stop_on_sigterm() -> None:

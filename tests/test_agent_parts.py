@@ -282,6 +282,40 @@ def test_health_url_and_command(tmp_path: Path) -> None:
     assert not check_once(f"http://127.0.0.1:{free_port()}/health", timeout=0.5).ok
 
 
+def test_a_health_check_that_hangs_is_stopped_with_what_it_started() -> None:
+    """A timed-out command is stopped with its children (a background job keeping the output pipe
+    open used to hold the agent until it ended); a URL that streams its body is judged by its status."""
+    started = time.monotonic()
+    res = check_once("sleep 60 & sleep 60", timeout=0.5)
+    assert not res.ok and "timed out" in res.detail
+    assert time.monotonic() - started < 30  # not the 60 s of the background sleep
+
+    class Stream(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"1000\r\n" + b"x" * 4096 + b"\r\n")
+            except OSError:
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stream)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        res = check_once(f"http://127.0.0.1:{server.server_port}/events", timeout=2)
+        assert res.ok and "HTTP 200" in res.detail
+    finally:
+        server.shutdown()
+
+
 # ----------------------------------------------------------------------------------------- reload
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sync_tools.agent.httpclient import Client, HTTPError
+from sync_tools.procs import stop_group
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +32,28 @@ def check_once(spec: str, *, timeout: float = 5.0, cwd: Path | None = None,
     """One attempt of *spec* (a URL or a shell command). Never raises: failures are a result."""
     if spec.startswith(("http://", "https://")):
         try:
-            resp = (client or Client()).get(spec, timeout=(min(timeout, 2.0), timeout))
+            # only the status counts: the body is never read (a health URL that streams cannot hold us)
+            resp = (client or Client()).get(spec, timeout=(min(timeout, 2.0), timeout), stream=True)
         except HTTPError as e:
             return HealthResult(False, f"{spec}: {type(e).__name__}")
+        resp.close()
         ok = 200 <= resp.status < 300
         return HealthResult(ok, f"{spec}: HTTP {resp.status}")
     try:
-        proc = subprocess.run(spec, shell=True, cwd=cwd, timeout=timeout, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        return HealthResult(False, f"{spec}: timed out after {timeout}s")
+        # its own process group: on a timeout the command and what it started (a hung curl) are stopped
+        proc = subprocess.Popen(spec, shell=True, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
     except OSError as e:
         return HealthResult(False, f"{spec}: {e}")
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_group(proc, grace=1.0)
+        proc.communicate()
+        return HealthResult(False, f"{spec}: timed out after {timeout}s")
     if proc.returncode == 0:
         return HealthResult(True, f"{spec}: exit 0")
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+    tail = (stderr or stdout).strip().splitlines()[-1:] or [""]
     return HealthResult(False, f"{spec}: exit {proc.returncode} {tail[0]}".rstrip())
 
 

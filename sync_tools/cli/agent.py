@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds ``agent --once`` and ``rollback`` wait for another agent process installing in the same root.
 ONE_SHOT_LOCK_WAIT = 30.0
+#: Seconds each step (build, package, release) of a DEV machine's local build may take.
+DEV_STEP_TIMEOUT = 3600.0
 
 
 def _progress() -> Any:
@@ -190,6 +192,7 @@ def _dev_builder(config: Config) -> Any:
     pin here, as the relay's local dispatcher does); other events build the pin. Events for a
     subsystem already queued collapse onto it, keeping the newer version."""
     from sync_tools.agent.events import AgentEvent
+    from sync_tools.procs import TERM_GRACE, stop_group
     from sync_tools.versions import parse_version
 
     pending: dict[str, str | None] = {}  # name -> version to build (None: the pin), in arrival order
@@ -228,14 +231,20 @@ def _dev_builder(config: Config) -> Any:
                 cmd = [sys.executable, "-m", "sync_tools", step, "--only", name, "--config", str(config.path)]
                 if step == "build" and version:
                     cmd += ["--version", version]
+                # its own process group: on a timeout the step and what it started are stopped (build
+                # turns the SIGTERM into stopping its commands and putting its pin back)
+                proc = subprocess.Popen(cmd, cwd=config.root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, start_new_session=True)
                 try:
-                    proc = subprocess.run(cmd, cwd=config.root, timeout=3600, capture_output=True, text=True)
+                    _, stderr = proc.communicate(timeout=DEV_STEP_TIMEOUT)
                 except subprocess.TimeoutExpired:
-                    log.error("%s: %s timed out", name, step)
+                    stop_group(proc, grace=TERM_GRACE)
+                    proc.communicate()
+                    log.error("%s: %s timed out after %g s", name, step, DEV_STEP_TIMEOUT)
                     break
                 if proc.returncode != 0:
                     log.error("%s: %s failed (exit %d): %s", name, step, proc.returncode,
-                              proc.stderr.strip().splitlines()[-1:] or "")
+                              stderr.strip().splitlines()[-1:] or "")
                     break
                 log.info("%s: %s done%s", name, step, f" ({version})" if version and step == "build" else "")
 

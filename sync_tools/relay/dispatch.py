@@ -167,7 +167,7 @@ class LocalDispatcher:
     def dispatch(self, client_payload: dict[str, Any]) -> None:
         """Run build (at the announced version), package and release for ``client_payload['subsystem']``, stopping at the first
         failure. Raises BuildError naming the step, its exit code and the log file."""
-        from sync_tools.build import TERM_GRACE, stop_group
+        from sync_tools.procs import TERM_GRACE, stop_group
 
         sub = str(client_payload["subsystem"])
         path = self.log_path(sub, str(client_payload.get("delivery") or "manual"))
