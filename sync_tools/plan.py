@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 RUNNERS: Mapping[str, str] = {
     "linux/amd64": "ubuntu-latest",
     "linux/arm64": "ubuntu-24.04-arm",
-    "darwin/amd64": "macos-13",
+    "darwin/amd64": "macos-15-intel",  # the last Intel image (macos-13 was retired in Dec 2025)
     "darwin/arm64": "macos-latest",
     "windows/amd64": "windows-latest",
 }

@@ -20,7 +20,7 @@ from sync_tools.plan import (
 )
 from tests.workspace import make_workspace
 
-RUNNERS = {"linux/amd64": "ubuntu-latest", "linux/arm64": "ubuntu-24.04-arm", "darwin/amd64": "macos-13",
+RUNNERS = {"linux/amd64": "ubuntu-latest", "linux/arm64": "ubuntu-24.04-arm", "darwin/amd64": "macos-15-intel",
            "darwin/arm64": "macos-latest"}
 
 

@@ -295,6 +295,18 @@ def test_every_checkout_drops_its_credentials():
         assert step.get("with", {}).get("persist-credentials") is False, where
 
 
+def test_artifact_uploads_of_hidden_directories_include_them():
+    """upload-artifact skips hidden files and directories by default since v4.4: an upload of
+    `.dist/` without include-hidden-files finds nothing and fails every build leg."""
+    uploads = [(w, s) for w, s in [*_all_steps(), *_docs_steps()]
+               if s.get("uses", "").startswith("actions/upload-artifact@")]
+    assert uploads
+    for where, step in uploads:
+        paths = str(step.get("with", {}).get("path", ""))
+        if any(part.startswith(".") for line in paths.splitlines() for part in line.strip().split("/") if part):
+            assert step["with"].get("include-hidden-files") is True, where
+
+
 # ---------------------------------------------------------------------------------- script injection
 
 # Expressions whose values the workflow author controls and that cannot carry shell syntax.
