@@ -92,6 +92,10 @@ def make_plan(config: Config, names: Iterable[str], platforms: Sequence[str] | N
     wanted = set(names)
     for n in wanted:
         config.subsystem(n)
+    for n, v in (versions or {}).items():
+        # a version reaches --version and the build's shell commands (a tag may hold `$(...)`)
+        if not _SAFE_VERSION.match(v):
+            raise DataError(f"{n}: version {v!r} has characters a version never has")
     plats = list(platforms) if platforms else list(config.platforms)
     for p in plats:
         if not re.match(r"^[a-z0-9]+/[a-z0-9]+$", p):
@@ -149,12 +153,13 @@ def versions_from_event(event: Mapping[str, Any]) -> dict[str, str]:
     payload = event.get("client_payload") if isinstance(event, Mapping) else None
     if not isinstance(payload, Mapping):
         return {}
-    sub, version = payload.get("subsystem"), payload.get("version")
-    if isinstance(sub, str) and "," not in sub and isinstance(version, str) and version.strip():
+    names = _names(payload.get("subsystem"), "client_payload.subsystem")
+    version = payload.get("version")
+    if len(names) == 1 and isinstance(version, str) and version.strip():
         # The version reaches shell commands in the workflow: only plain version/commit characters.
         if not _SAFE_VERSION.match(version.strip()):
             raise DataError(f"client_payload.version {version!r} has characters a version never has")
-        return {sub.strip(): version.strip()}
+        return {names[0]: version.strip()}
     return {}
 
 
@@ -335,5 +340,14 @@ def names_from_check(config: Config, sources: Any = None) -> tuple[list[str], di
     report = check.check(config, sources=sources)
     for failed in report.errors:
         log.warning("check %s failed, not planned: %s", failed.name, failed.error)
-    versions = {r.name: r.latest for r in report.updates if r.latest}
-    return [r.name for r in report.updates], versions
+    names: list[str] = []
+    versions: dict[str, str] = {}
+    for r in report.updates:
+        if r.latest and not _SAFE_VERSION.match(r.latest):
+            # an upstream tag may hold `$(...)`, and the version reaches the build's shell commands
+            log.warning("check %s: newest tag %r has characters a version never has; not planned", r.name, r.latest)
+            continue
+        names.append(r.name)
+        if r.latest:
+            versions[r.name] = r.latest
+    return names, versions

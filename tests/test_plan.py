@@ -98,6 +98,19 @@ def test_a_version_that_could_inject_shell_is_refused(ws, tmp_path) -> None:
     assert _plan(ws, "--event", str(tmp_path / "e.json")).exit_code == 1
 
 
+@pytest.mark.parametrize("subsystem, expected", [
+    ("nats", {"nats": "v1.2.0"}), (["nats"], {"nats": "v1.2.0"}), (" nats ", {"nats": "v1.2.0"}),
+    ("nats arc", {}), (["nats", "arc"], {}),  # a version belongs to one subsystem only
+])
+def test_the_dispatched_version_is_kept_for_one_subsystem_however_it_is_named(subsystem, expected) -> None:
+    assert versions_from_event({"client_payload": {"subsystem": subsystem, "version": "v1.2.0"}}) == expected
+
+
+def test_every_planned_version_is_checked_for_shell_characters(ws) -> None:
+    with pytest.raises(DataError, match="characters"):
+        make_plan(ws.config(), ["nats"], ["linux/amd64"], versions={"nats": "x$(id)1.2.3"})
+
+
 def test_event_file_that_is_not_json(ws, tmp_path) -> None:
     (tmp_path / "e.json").write_text("{nope")
     result = _plan(ws, "--event", str(tmp_path / "e.json"))
@@ -163,6 +176,10 @@ def test_from_check_plans_subsystems_with_upstream_updates(tmp_path) -> None:
     matrix = _matrix(_plan(ws, "--from-check", "--platform", "darwin/arm64"))
     assert matrix == {"include": [{"subsystem": "arc", "platform": "darwin/arm64", "os": "darwin", "arch": "arm64",
                                    "runner": "macos-latest", "version": "v1.0.1"}]}
+    # a newest tag that reads as a version but carries shell syntax is not planned (the rest still is)
+    ws.release_upstream("nats", "x$(id)9.9.9")
+    matrix = _matrix(_plan(ws, "--from-check", "--platform", "darwin/arm64"))
+    assert [i["subsystem"] for i in matrix["include"]] == ["arc"]
 
 
 def test_sources_are_exclusive(ws) -> None:
