@@ -76,6 +76,7 @@ class _FastLineLoader(getattr(yaml, "CSafeLoader", _LineLoader)):  # type: ignor
 _FastLineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+_BINARY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 MAX_CONFIG_BYTES = 4 << 20  # a config, manifest.yaml or Taskfile is a few KB; anything near this is not one
 
 
@@ -340,8 +341,9 @@ def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None) -> Subsyst
     if not upstream.strip():
         raise sec.error("upstream", "must not be empty")
     binary = sec.str("binary", name) or name
-    if "/" in binary or binary in (".", ".."):
-        raise sec.error("binary", "must be a file name, not a path")
+    if not _BINARY_NAME.match(binary):
+        # it names the release assets (<binary>-<os>-<arch>.tar.gz), which agents and stores check
+        raise sec.error("binary", "must be a file name of letters, digits and ._+- that starts with a letter or digit")
     build = sec.str_list("build", (f"task {name}:src:update", f"task {name}:bin:build"))
     return Subsystem(
         name=name,

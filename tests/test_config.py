@@ -116,6 +116,18 @@ BAD_CASES = {
             upstream: https://example.org/nats.git
             depends_on: [nosuch]
         """, "subsystems.nats.depends_on", None, "unknown subsystem 'nosuch'"),
+    "binary that cannot name a release asset": ("""
+        subsystems:
+          nats:
+            upstream: https://example.org/nats.git
+            binary: _nats
+        """, "subsystems.nats.binary", 4, "letters, digits and ._+-"),
+    "binary that is a path": ("""
+        subsystems:
+          nats:
+            upstream: https://example.org/nats.git
+            binary: bin/nats
+        """, "subsystems.nats.binary", 4, "letters, digits and ._+-"),
     "bad subsystem name": ("""
         subsystems:
           Bad Name:
