@@ -29,7 +29,7 @@ from sync_tools.config import Config
 from sync_tools.errors import ConfigError, DataError, SignatureError
 from sync_tools.manifest import Entry, Manifest, empty_manifest, parse_manifest, sign_manifest, with_entry
 from sync_tools.package import DIST_DIR, Packaged, read_packaged
-from sync_tools.stores.base import ManifestConflict, Snapshot, Store, open_store
+from sync_tools.stores.base import ManifestBusy, ManifestConflict, Snapshot, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -171,22 +171,33 @@ def release_many(
 
     store.ensure_release()
     # Verify before uploading: a tampered store is refused before anything in it changes.
-    read_verified(store, public)
+    first, _ = read_verified(store, public)
+    before = {name: first.subsystems.get(name) for name in entries}
     for items in packaged.values():
         for item in items:
             store.upload_asset(item.path, item.name)
             log.info("uploaded %s", item.name)
 
     for attempt in range(1, attempts + 1):
-        base, snap = read_verified(store, public)
-        new = base
-        for name, entry in entries.items():
-            new = with_entry(new, name, entry, now=now, expires_days=config.release.expires_days)
-        new = dataclasses.replace(new, serial=base.serial + 1)  # one write, one serial step
-        data, sig = sign_manifest(new, private)
         try:
+            base, snap = read_verified(store, public)
+            superseded = [n for n in entries if base.subsystems.get(n) != before[n]]
+            if superseded:
+                # Another release of the same subsystem wrote its entry after our first read: its
+                # assets and ours have the same names, so writing ours now could pair our entry with
+                # its files, or put back an older build. The store stays as that release left it.
+                raise DataError(f"{', '.join(superseded)}: another release wrote "
+                                f"{'this entry' if len(superseded) == 1 else 'these entries'} while this one "
+                                f"uploaded (manifest serial {base.serial}); not overwriting it: run the "
+                                "release again to publish this build")
+            new = base
+            for name, entry in entries.items():
+                new = with_entry(new, name, entry, now=now, expires_days=config.release.expires_days)
+            new = dataclasses.replace(new, serial=base.serial + 1)  # one write, one serial step
+            data, sig = sign_manifest(new, private)
+            parse_manifest(data)  # never sign what no agent, and no later release, could read back
             store.write_manifest(data, sig, snap.token)
-        except ManifestConflict as e:
+        except (ManifestConflict, ManifestBusy) as e:
             if attempt == attempts:
                 raise ManifestConflict(f"{label}: the manifest kept changing; gave up after {attempts} "
                                        f"attempts ({e})") from e

@@ -25,7 +25,7 @@ from sync_tools.fsutil import sha256_bytes
 from sync_tools.manifest import parse_manifest, sign_manifest, verify_manifest, with_entry
 from sync_tools.package import package
 from sync_tools.release import read_verified, release, release_many
-from sync_tools.stores.base import ManifestConflict, open_store
+from sync_tools.stores.base import ManifestBusy, ManifestConflict, open_store
 from sync_tools.stores.local import LocalStore
 from tests.workspace import Workspace, make_workspace
 
@@ -253,6 +253,51 @@ def test_gives_up_after_bounded_attempts_with_jittered_backoff(ws) -> None:
                 signing_key=str(ws.private_key), attempts=4, sleep=sleeps.append)
     assert len(sleeps) == 3 and all(0 < s <= 3.0 for s in sleeps)
     assert _manifest(ws).subsystems["nats"].version == "v1.0.0"  # what the rival left is intact and valid
+
+
+class _SupersededStore(LocalStore):
+    """While this release uploads, another release of the same subsystem lands its manifest entry."""
+
+    def __init__(self, path: Path, tag: str, key):
+        super().__init__(path, tag)
+        self.key = key
+
+    def upload_asset(self, path: Path, name: str) -> None:
+        super().upload_asset(path, name)
+        store = LocalStore(self.base, self.tag)
+        snap = store.read_manifest()
+        m = parse_manifest(snap.data)
+        rival = with_entry(m, "nats", dataclasses.replace(m.subsystems["nats"], version="v1.0.9"))
+        store.write_manifest(*sign_manifest(dataclasses.replace(rival, serial=m.serial + 1), self.key), snap.token)
+
+
+def test_a_release_superseded_while_it_uploads_does_not_overwrite_the_other(ws) -> None:
+    key = signing.load_private_key(str(ws.private_key))
+    with pytest.raises(DataError, match="nats: another release wrote this entry while this one uploaded"):
+        release(ws.config(), "nats", store=_SupersededStore(ws.store, ws.tag, key), signing_key=str(ws.private_key))
+    assert _manifest(ws).subsystems["nats"].version == "v1.0.9"  # the other release's entry stands
+
+
+class _BusyOnceStore(LocalStore):
+    """Another writer is midway through replacing the manifest the first time this release looks."""
+
+    def __init__(self, path: Path, tag: str):
+        super().__init__(path, tag)
+        self.reads = 0
+
+    def read_manifest(self):
+        self.reads += 1
+        if self.reads == 2:  # the first read is the check before upload
+            raise ManifestBusy("manifest.json is being replaced by another writer")
+        return super().read_manifest()
+
+
+def test_a_manifest_being_replaced_is_read_again(ws) -> None:
+    sleeps: list[float] = []
+    result = release(ws.config(), "nats", store=_BusyOnceStore(ws.store, ws.tag), signing_key=str(ws.private_key),
+                     sleep=sleeps.append)
+    assert result.attempts == 2 and len(sleeps) == 1
+    assert _manifest(ws).serial == result.serial
 
 
 def test_local_store_compare_and_swap(ws) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sync_tools.errors import SyncToolsError
+from sync_tools.errors import RemoteError, SyncToolsError
 
 if TYPE_CHECKING:
     from sync_tools.config import Config
@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 class ManifestConflict(SyncToolsError):
     """The manifest changed between read and write; read again and redo the change."""
+
+
+class ManifestBusy(RemoteError):
+    """Another writer is midway through replacing the manifest; read again a little later."""
 
 
 @dataclass(frozen=True)

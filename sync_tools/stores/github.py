@@ -62,7 +62,7 @@ from urllib3.util.retry import Retry
 
 from sync_tools.errors import DataError, RemoteError
 from sync_tools.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATURE_NAME
-from sync_tools.stores.base import ManifestConflict, Snapshot, Store
+from sync_tools.stores.base import ManifestBusy, ManifestConflict, Snapshot, Store
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ class GitHubStore(Store):
                 if self._stale(manifest.updated_at):
                     return assets, manifest, sig  # torn for good and nothing to finish it with
             if time.monotonic() >= deadline:
-                raise RemoteError(
+                raise ManifestBusy(
                     f"{self.repo}@{self.tag}: {MANIFEST_NAME} is being replaced by another writer "
                     f"(no matching pair within {self.settle:g}s); try again"
                 )
