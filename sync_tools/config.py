@@ -389,6 +389,13 @@ def _check_graph(path: Path, subs: dict[str, Subsystem], data: Any) -> None:
         visit(n, [])
 
 
+def _positive(sec: _Section, name: str, default: float) -> float:
+    value = sec.number(name, default)
+    if value <= 0:
+        raise sec.error(name, "must be more than 0 (an expired manifest is refused by every agent)")
+    return value
+
+
 def parse_config(path: Path, data: Any) -> Config:
     """Build a Config from parsed sync-tools.yaml data (as :func:`load_yaml` returns it)."""
     top = _Section(path, data, "", _TOP_KEYS)
@@ -398,7 +405,7 @@ def parse_config(path: Path, data: Any) -> Config:
         store=rel.str("store"),
         tag=rel.str("tag", "latest") or "latest",
         public_key=rel.str("public_key"),
-        expires_days=rel.number("expires_days", 30.0),
+        expires_days=_positive(rel, "expires_days", 30.0),
     )
     if release.repo and not re.match(r"^[\w.-]+/[\w.-]+$", release.repo):
         raise rel.error("repo", f"must be owner/name, not {release.repo!r}")

@@ -242,12 +242,14 @@ def with_entry(
         merged = {**previous.assets, **entry.assets}
         entry = replace(entry, assets=MappingProxyType(merged))
     subs[name] = entry
-    return Manifest(
-        serial=base.serial + 1,
-        created=format_time(now),
-        expires=format_time(now + timedelta(days=expires_days)),
-        subsystems=MappingProxyType(subs),
-    )
+    return renewed(replace(base, subsystems=MappingProxyType(subs)), now=now, expires_days=expires_days)
+
+
+def renewed(base: Manifest, *, now: datetime | None = None, expires_days: float = 30.0) -> Manifest:
+    """*base* with serial raised, and created and expiry renewed from *now*; entries unchanged."""
+    now = now or utcnow()
+    return replace(base, serial=base.serial + 1, created=format_time(now),
+                   expires=format_time(now + timedelta(days=expires_days)))
 
 
 def sign_manifest(m: Manifest, key: Ed25519PrivateKey) -> tuple[bytes, bytes]:

@@ -27,7 +27,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sync_tools import signing
 from sync_tools.config import Config
 from sync_tools.errors import ConfigError, DataError, SignatureError
-from sync_tools.manifest import Entry, Manifest, empty_manifest, parse_manifest, sign_manifest, with_entry
+from sync_tools.manifest import (
+    Entry,
+    Manifest,
+    empty_manifest,
+    parse_manifest,
+    renewed,
+    sign_manifest,
+    with_entry,
+)
 from sync_tools.package import DIST_DIR, Packaged, read_packaged
 from sync_tools.stores.base import ManifestBusy, ManifestConflict, Snapshot, Store, open_store
 
@@ -178,22 +186,69 @@ def release_many(
             store.upload_asset(item.path, item.name)
             log.info("uploaded %s", item.name)
 
+    def change(base: Manifest) -> Manifest:
+        superseded = [n for n in entries if base.subsystems.get(n) != before[n]]
+        if superseded:
+            # Another release of the same subsystem wrote its entry after our first read: its assets
+            # and ours have the same names, so writing ours now could pair our entry with its files,
+            # or put back an older build. The store stays as that release left it.
+            raise DataError(f"{', '.join(superseded)}: another release wrote "
+                            f"{'this entry' if len(superseded) == 1 else 'these entries'} while this one "
+                            f"uploaded (manifest serial {base.serial}); not overwriting it: run the "
+                            "release again to publish this build")
+        new = base
+        for name, entry in entries.items():
+            new = with_entry(new, name, entry, now=now, expires_days=config.release.expires_days)
+        return dataclasses.replace(new, serial=base.serial + 1)  # one write, one serial step
+
+    new, attempt = _write_manifest(store, public, private, change, label=label, attempts=attempts, sleep=sleep)
+    log.info("released %s: manifest serial %d", label, new.serial)
+    return [ReleaseResult(subsystem=name, version=entry.version, commit=entry.commit, serial=new.serial,
+                          assets=packaged[name], attempts=attempt, store=repr(store))
+            for name, entry in entries.items()]
+
+
+def refresh(
+    config: Config,
+    *,
+    store: Store | None = None,
+    signing_key: str | bytes | None = None,
+    attempts: int = DEFAULT_ATTEMPTS,
+    sleep: Callable[[float], None] = time.sleep,
+    now: datetime | None = None,
+) -> Manifest:
+    """Re-sign the current manifest with its expiry renewed and serial + 1, every entry and asset as
+    it was. Agents refuse an expired manifest (a freeze attack looks just like that), so a release
+    store whose upstreams are quiet for ``release.expires_days`` needs this on a schedule (the
+    workflow runs it weekly). Returns the manifest written.
+
+    Raises DataError when nothing was released yet, and what :func:`release` raises.
+    """
+    private, public = release_keys(config, signing_key)
+    store = store or open_store(config)
+
+    def change(base: Manifest) -> Manifest:
+        if base.serial == 0 and not base.subsystems:
+            raise DataError(f"{store!r}: nothing released yet, so nothing to refresh")
+        return renewed(base, now=now, expires_days=config.release.expires_days)
+
+    new, _ = _write_manifest(store, public, private, change, label="refresh", attempts=attempts, sleep=sleep)
+    log.info("refreshed the manifest: serial %d, expires %s", new.serial, new.expires)
+    return new
+
+
+def _write_manifest(store: Store, public: Ed25519PublicKey, private: Ed25519PrivateKey,
+                    change: Callable[[Manifest], Manifest], *, label: str, attempts: int,
+                    sleep: Callable[[float], None]) -> tuple[Manifest, int]:
+    """Read the verified manifest, apply *change*, sign and write it with compare-and-swap; read again
+    and redo the change when another writer got there first or is midway through its write. Returns
+    the manifest written and the attempt that wrote it; raises ManifestConflict after *attempts*."""
+    if attempts < 1:
+        raise ConfigError(f"attempts must be at least 1, not {attempts}")
     for attempt in range(1, attempts + 1):
         try:
             base, snap = read_verified(store, public)
-            superseded = [n for n in entries if base.subsystems.get(n) != before[n]]
-            if superseded:
-                # Another release of the same subsystem wrote its entry after our first read: its
-                # assets and ours have the same names, so writing ours now could pair our entry with
-                # its files, or put back an older build. The store stays as that release left it.
-                raise DataError(f"{', '.join(superseded)}: another release wrote "
-                                f"{'this entry' if len(superseded) == 1 else 'these entries'} while this one "
-                                f"uploaded (manifest serial {base.serial}); not overwriting it: run the "
-                                "release again to publish this build")
-            new = base
-            for name, entry in entries.items():
-                new = with_entry(new, name, entry, now=now, expires_days=config.release.expires_days)
-            new = dataclasses.replace(new, serial=base.serial + 1)  # one write, one serial step
+            new = change(base)
             data, sig = sign_manifest(new, private)
             parse_manifest(data)  # never sign what no agent, and no later release, could read back
             store.write_manifest(data, sig, snap.token)
@@ -202,12 +257,8 @@ def release_many(
                 raise ManifestConflict(f"{label}: the manifest kept changing; gave up after {attempts} "
                                        f"attempts ({e})") from e
             delay = min(2.0, 0.05 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)  # noqa: S311 - jitter
-            log.info("manifest changed under the release of %s (attempt %d); retrying in %.2fs",
-                     label, attempt, delay)
+            log.info("manifest changed under %s (attempt %d); retrying in %.2fs", label, attempt, delay)
             sleep(delay)
             continue
-        log.info("released %s: manifest serial %d", label, new.serial)
-        return [ReleaseResult(subsystem=name, version=entry.version, commit=entry.commit, serial=new.serial,
-                              assets=packaged[name], attempts=attempt, store=repr(store))
-                for name, entry in entries.items()]
+        return new, attempt
     raise AssertionError("unreachable: the loop returns or raises")

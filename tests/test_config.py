@@ -128,6 +128,13 @@ BAD_CASES = {
             upstream: https://example.org/nats.git
             binary: bin/nats
         """, "subsystems.nats.binary", 4, "letters, digits and ._+-"),
+    "a manifest that expires at once": ("""
+        release:
+          expires_days: 0
+        subsystems:
+          nats:
+            upstream: https://example.org/nats.git
+        """, "release.expires_days", None, "more than 0"),
     "bad subsystem name": ("""
         subsystems:
           Bad Name:

@@ -24,7 +24,7 @@ from sync_tools.errors import ConfigError, DataError, SignatureError
 from sync_tools.fsutil import sha256_bytes
 from sync_tools.manifest import parse_manifest, sign_manifest, verify_manifest, with_entry
 from sync_tools.package import package
-from sync_tools.release import read_verified, release, release_many
+from sync_tools.release import read_verified, refresh, release, release_many
 from sync_tools.stores.base import ManifestBusy, ManifestConflict, open_store
 from sync_tools.stores.local import LocalStore
 from tests.workspace import Workspace, make_workspace
@@ -298,6 +298,28 @@ def test_a_manifest_being_replaced_is_read_again(ws) -> None:
                      sleep=sleeps.append)
     assert result.attempts == 2 and len(sleeps) == 1
     assert _manifest(ws).serial == result.serial
+
+
+def test_refresh_renews_the_expiry_and_changes_nothing_else(ws) -> None:
+    before = _manifest(ws)
+    assets = _files(ws.release_dir, contains=".tar.gz")
+    later = datetime.now(UTC) + timedelta(days=29)
+    result = CliRunner().invoke(cli, ["release", "--refresh", "--json", "--config", str(ws.config_path)],
+                                env={"SYNC_TOOLS_SIGNING_KEY": str(ws.private_key)})
+    assert result.exit_code == 0, result.output
+    after = _manifest(ws)
+    assert json.loads(result.output) == {"serial": before.serial + 1, "expires": after.expires}
+    assert after.serial == before.serial + 1 and after.subsystems == before.subsystems
+    assert datetime.fromisoformat(after.expires.replace("Z", "+00:00")) > later
+    assert _files(ws.release_dir, contains=".tar.gz") == assets  # no asset touched
+    bad = CliRunner().invoke(cli, ["release", "--refresh", "--only", "nats", "--config", str(ws.config_path)])
+    assert bad.exit_code == 2 and "--refresh alone" in bad.output
+
+
+def test_refresh_of_an_empty_store_says_there_is_nothing(tmp_path) -> None:
+    ws = make_workspace(tmp_path / "ws", git=False)
+    with pytest.raises(DataError, match="nothing released yet"):
+        refresh(ws.config(), signing_key=str(ws.private_key))
 
 
 def test_local_store_compare_and_swap(ws) -> None:

@@ -265,10 +265,20 @@ def test_permissions_are_least_privilege():
             for scope, level in perms.items():
                 assert level in ("read", "write", "none"), f"{wf.name}:{job_id}: {scope}: {level}"
                 if level == "write":
-                    assert (wf.name, job_id, scope) == ("upstream.yml", "release", "contents"), \
-                        f"{wf.name}:{job_id}: {scope}: write outside the release job"
+                    assert (wf.name, job_id, scope) in {("upstream.yml", "release", "contents"),
+                                                        ("refresh.yml", "refresh", "contents")}, \
+                        f"{wf.name}:{job_id}: {scope}: write outside the jobs that write the release"
     release = _jobs(ROOT / ".github/workflows/upstream.yml")["release"]
     assert release["permissions"] == {"contents": "write"}
+
+
+def test_the_manifest_is_refreshed_on_a_schedule_well_inside_its_expiry():
+    doc = _load(ROOT / ".github/workflows/refresh.yml")
+    (cron,) = [c["cron"] for c in _on(doc)["schedule"]]
+    assert cron.split()[2:] == ["*", "*", "1"]  # weekly: far inside the default 30-day expiry
+    steps = doc["jobs"]["refresh"]["steps"]
+    run = [s for s in steps if s.get("uses") == "./"]
+    assert run and run[0]["with"]["command"] == "release" and run[0]["with"]["args"] == "--refresh"
 
 
 def test_third_party_actions_are_pinned_by_full_sha_with_a_version_comment():

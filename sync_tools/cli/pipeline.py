@@ -184,13 +184,17 @@ def package(only: tuple[str, ...], platform: str | None, dist: str | None, as_js
 
 
 @click.command("release")
-@_only_option
+@click.option("--only", "only", multiple=True, metavar="NAME[,NAME]",
+              help="The subsystem(s) to release (comma list or repeated).")
+@click.option("--refresh", is_flag=True,
+              help="Instead: re-sign the manifest as it is, expiry renewed and serial + 1 (run it on a "
+                   "schedule, so agents never see an expired manifest while upstreams are quiet).")
 @click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[,OS/ARCH]",
               help="Only these platforms' packaged assets (default: all packaged for NAME).")
 @click.option("--dist", "dist", type=click.Path(file_okay=False), help="Where the packaged assets are (.dist).")
 @json_option
 @config_option
-def release(only: tuple[str, ...], platforms: tuple[str, ...], dist: str | None, as_json: bool,
+def release(only: tuple[str, ...], refresh: bool, platforms: tuple[str, ...], dist: str | None, as_json: bool,
             config_path: str | None) -> None:
     """Upload only NAME's packaged assets to the release store, then put NAME's entry into manifest.json
     (every other entry untouched, serial + 1, expiry renewed) and re-sign it with the key in
@@ -203,11 +207,21 @@ def release(only: tuple[str, ...], platforms: tuple[str, ...], dist: str | None,
     Example:
       SYNC_TOOLS_SIGNING_KEY=keys/release.key sync-tools release --only nats
       sync-tools release --only nats --platform linux/amd64 --json
+      sync-tools release --refresh          # weekly: the manifest never expires under the agents
     """
-    from sync_tools.release import release_many
+    from sync_tools import release as releasing
 
+    if refresh == bool(only) or (refresh and (platforms or dist)):
+        raise click.UsageError("give --only NAME (with --platform/--dist if wanted), or --refresh alone")
     config = load(config_path)
-    results = release_many(config, split_names(only), dist=Path(dist) if dist else None,
+    if refresh:
+        m = releasing.refresh(config)
+        if as_json:
+            echo_json({"serial": m.serial, "expires": m.expires})
+        else:
+            click.echo(f"refreshed manifest.json: serial {m.serial}, expires {m.expires}")
+        return
+    results = releasing.release_many(config, split_names(only), dist=Path(dist) if dist else None,
                            platforms=split_names(platforms) or None)
     if as_json:
         echo_json([r.to_json() for r in results])
