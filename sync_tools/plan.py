@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from sync_tools.config import Config
 from sync_tools.errors import ConfigError, DataError
 from sync_tools.fsutil import read_capped
@@ -293,9 +295,18 @@ def changed_files(repo_path: Path, base: str, head: str = "HEAD") -> list[str] |
     clone): the caller then plans everything. Raises DataError when *repo_path* is not a repository
     or *head* cannot be resolved.
     """
+    diff = diff_from_base(repo_path, base, head)
+    return None if diff is None else diff[0]
+
+
+def diff_from_base(repo_path: Path, base: str, head: str = "HEAD",
+                   read: Iterable[str] = ()) -> tuple[list[str], dict[str, bytes | None]] | None:
+    """:func:`changed_files`, and the content at the merge base of each of *read* (paths relative to
+    *repo_path*) that changed: None where it did not exist there. None as changed_files gives it."""
     from dulwich.diff_tree import tree_changes
-    from dulwich.errors import NotGitRepository
+    from dulwich.errors import NotGitRepository, NotTreeError
     from dulwich.graph import find_merge_base
+    from dulwich.object_store import tree_lookup_path
     from dulwich.repo import Repo
 
     if not base or set(base) == {"0"}:
@@ -325,7 +336,61 @@ def changed_files(repo_path: Path, base: str, head: str = "HEAD") -> list[str] |
         prefix = Path(repo_path).resolve().relative_to(Path(repo.path).resolve()).as_posix()
         if prefix and prefix != ".":
             files = {f[len(prefix) + 1:] for f in files if f.startswith(prefix + "/")}
-        return sorted(files)
+        old: dict[str, bytes | None] = {}
+        for rel in set(read) & files:
+            full = f"{prefix}/{rel}" if prefix and prefix != "." else rel
+            try:
+                _, sha = tree_lookup_path(repo.object_store.__getitem__, old_tree, full.encode())
+                old[rel] = repo[sha].as_raw_string()
+            except (KeyError, NotTreeError):
+                old[rel] = None
+        return sorted(files), old
+
+
+def names_from_pins(config: Config, files: Iterable[str], old: Mapping[str, bytes | None]) -> list[str]:
+    """Subsystems whose pin changed: the file holding it is among *files* and the pin's value there
+    differs from what *old* (that file at the base, see :func:`diff_from_base`) held; with their
+    dependents. A push that only bumps ``current:`` builds that subsystem, and no other subsystem
+    whose pin shares the file. A base file that cannot be read counts as changed."""
+    changed = set(files)
+    hit = set()
+    for sub in config.subsystems.values():
+        rel = pin_file(config, sub)
+        if rel is None or rel not in changed:
+            continue
+        if _pin_at(sub, old.get(rel)) != sub.current:
+            hit.add(sub.name)
+    return with_dependents(config, hit) if hit else []
+
+
+def pin_file(config: Config, sub: Any) -> str | None:
+    """Where *sub*'s pin lives, relative to the workspace root (None outside it, or no pin)."""
+    if sub.pin is None:
+        return None
+    try:
+        return Path(sub.pin.path).resolve().relative_to(config.root.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def _pin_at(sub: Any, data: bytes | None) -> str | None:
+    """*sub*'s pin value in *data* (its pin file's bytes at the base), or None when it cannot be read."""
+    from sync_tools.config import _taskfile_value
+
+    if data is None:
+        return None
+    try:
+        doc = yaml.safe_load(data)
+    except yaml.YAMLError:
+        return None
+    if sub.pin.kind == "taskfile":
+        tvars = doc.get("vars") if isinstance(doc, dict) else None
+        return _taskfile_value(tvars.get(sub.pin.key)) if isinstance(tvars, dict) else None
+    for key in sub.pin.key.split("."):
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return None if doc is None or isinstance(doc, dict | list) else str(doc)
 
 
 # ------------------------------------------------------------------------------------------- check

@@ -156,6 +156,24 @@ def test_base_ref_uses_the_repository_history(ws) -> None:
         "subsystem"] == "solo"
 
 
+def test_a_push_that_bumps_a_pin_plans_that_subsystem_only(ws) -> None:
+    ws.git_commit("start")
+    text = ws.config_path.read_text()
+    ws.config_path.write_text(text + "# a comment changes no pin\n")
+    ws.git_commit("comment")
+    assert _matrix(_plan(ws, "--base", "HEAD~1")) == {"include": []}
+    from sync_tools.pins import update_pin
+
+    update_pin(ws.config().subsystems["solo"].pin, "v1.0.1")  # what `build --version` commits back
+    ws.git_commit("solo v1.0.1")
+    matrix = _matrix(_plan(ws, "--base", "HEAD~1", "--platform", "linux/amd64"))
+    assert [i["subsystem"] for i in matrix["include"]] == ["solo"]  # not the others pinned in that file
+    update_pin(ws.config().subsystems["nats"].pin, "v1.0.1")
+    ws.git_commit("nats v1.0.1")
+    matrix = _matrix(_plan(ws, "--base", "HEAD~1", "--platform", "linux/amd64"))
+    assert [i["subsystem"] for i in matrix["include"]] == ["nats", "arc", "web"]  # and its dependents
+
+
 @pytest.mark.parametrize("base", ["0" * 40, "1234567890abcdef1234567890abcdef12345678", "no-such-branch"])
 def test_zero_or_unknown_base_plans_everything(ws, base) -> None:
     assert changed_files(ws.root, base) is None
