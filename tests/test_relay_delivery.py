@@ -471,3 +471,69 @@ def test_an_answer_that_never_ends_holds_no_worker() -> None:
             post(session, "http://127.0.0.1:9/", timeout=(2, 2), what="closed", data=b"{}")
     finally:
         server.shutdown()
+
+
+def test_a_job_whose_outcome_cannot_be_recorded_goes_back_and_its_lane_moves_on(tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """The database refuses to record one outcome (locked past its busy timeout, disk full): the
+    worker thread survives, the job is queued again, and the lane behind it is not stranded."""
+    import sqlite3
+
+    from sync_tools.relay.outbox import NewJob, Outbox
+    from sync_tools.relay.worker import Worker
+
+    outbox = Outbox(tmp_path / "r.db")
+    ran: list[int] = []
+    real_complete = outbox.complete
+    broken = {"left": 1}
+
+    def complete(job_id, follow=None):  # type: ignore[no-untyped-def]
+        if broken["left"]:
+            broken["left"] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return real_complete(job_id, follow)
+
+    monkeypatch.setattr(outbox, "complete", complete)
+    worker = Worker(outbox, {"dispatch": lambda job: ran.append(job.id) or []}, threads=1)
+    try:
+        outbox.record("d1", "create", "a", [NewJob("dispatch", {"n": 1}, lane="dispatch")])
+        outbox.record("d2", "create", "b", [NewJob("dispatch", {"n": 2}, lane="dispatch")])
+        worker.start()
+        wait_for(lambda: outbox.stats().done == 2, timeout=10, what="both jobs done")
+        assert ran[0] == ran[1] and len(ran) == 3  # the first ran again (at least once), then the second
+        assert all(t.is_alive() for t in worker._threads)
+    finally:
+        worker.stop()
+        outbox.close()
+
+
+def test_workers_take_back_the_jobs_of_a_process_that_died_while_they_ran(tmp_path: Path, monkeypatch) -> None:
+    from sync_tools.relay import worker as worker_module
+    from sync_tools.relay.outbox import NewJob, Outbox
+    from sync_tools.relay.worker import Worker
+
+    monkeypatch.setattr(worker_module, "RESUME_EVERY", 0.2)
+    old, new = Outbox(tmp_path / "r.db"), Outbox(tmp_path / "r.db")
+    ran: list[int] = []
+    worker = Worker(new, {"dispatch": lambda job: ran.append(job.id) or []}, threads=1)
+    try:
+        old.record("d1", "create", "a", [NewJob("dispatch", {"n": 1}, lane="dispatch")])
+        worker.start()  # the new process starts first ...
+        job = old.claim()  # ... then the old one (still alive) claims a job, and is killed mid-job
+        assert job is not None and ran == []
+        with old._tx() as conn:
+            conn.execute("UPDATE jobs SET owner = '999999998:0' WHERE id = ?", (job.id,))
+        wait_for(lambda: ran == [job.id], timeout=10, what="the dead process's job run by the live one")
+    finally:
+        worker.stop()
+        old.close()
+        new.close()
+
+
+def test_a_retry_after_of_zero_still_backs_off() -> None:
+    from sync_tools.relay.worker import Backoff
+
+    b = Backoff(base=2.0)
+    assert b.delay(1, 0.0, rand=lambda: 0.0) == 1.0  # the backoff's floor, not an instant retry
+    assert b.delay(4, 0.0, rand=lambda: 0.0) == 8.0
+    assert b.delay(1, 30.0, rand=lambda: 0.0) == 30.0  # a longer Retry-After still wins

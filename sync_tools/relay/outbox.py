@@ -414,14 +414,16 @@ class Outbox:
 
     _COLS = "id, kind, payload, delivery, lane, status, attempts, next_attempt, created, last_error"
 
-    def resume(self) -> int:
+    def resume(self, *, own: bool = True) -> int:
         """Put ``running`` jobs whose owner process has died back to ``pending``; returns how many.
-        Call at start, before this process's workers run."""
+        Call at start, before this process's workers run (*own*: this process's leftovers too, from
+        an outbox opened before); workers also call it now and then with *own* False, for processes
+        that died while this one ran (a server's old worker killed after its graceful timeout)."""
         n = 0
         with self._tx() as conn:
             owners = [r[0] for r in conn.execute("SELECT DISTINCT owner FROM jobs WHERE status = 'running'")]
             for owner in owners:
-                if owner == self.owner or not owner_alive(owner):
+                if (own and owner == self.owner) or (owner != self.owner and not owner_alive(owner)):
                     cur = conn.execute("UPDATE jobs SET status = 'pending', owner = NULL, updated = ? "
                                        "WHERE status = 'running' AND owner IS ?", (self.now(), owner))
                     n += cur.rowcount
@@ -507,6 +509,14 @@ class Outbox:
                          (status, retry_at if retry_at is not None else self.now(), self.now(), error[:2000],
                           job_id))
         return status
+
+    def requeue(self, job_id: int, error: str) -> None:
+        """Put a running job of this process back in the queue as it was (still due, still first in
+        its lane), without counting an attempt: its outcome could not be recorded (the database
+        failed), so it runs again (at least once)."""
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET status = 'pending', owner = NULL, updated = ?, last_error = ? "
+                         "WHERE id = ? AND status = 'running'", (self.now(), error[:2000], job_id))
 
     def retry_dead(self, job_id: int | None = None) -> int:
         """Put dead jobs (one, or all when *job_id* is None) back in the queue with a fresh attempt

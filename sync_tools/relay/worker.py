@@ -25,23 +25,26 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Job], list[NewJob]]
 POLL = 1.0  # also pick up jobs another process (``relay --retry-dead``) put in the queue
 MIN_WAIT = 0.05
+RESUME_EVERY = 30.0  # seconds between looks for jobs left running by a process that died meanwhile
 
 
 @dataclass(frozen=True)
 class Backoff:
     """Exponential backoff with jitter: attempt n waits a random time in [d/2, d] with
-    d = base * 2**(n-1), capped; a server's Retry-After wins (plus up to 10 % jitter, so a crowd of
-    retries does not land at the same instant)."""
+    d = base * 2**(n-1), capped; a server's Retry-After wins when longer than d/2 (plus up to 10 %
+    jitter, so a crowd of retries does not land at the same instant)."""
 
     base: float = 2.0
     cap: float = 600.0
     retry_after_cap: float = 3600.0
 
     def delay(self, attempt: int, retry_after: float | None, rand: Callable[[], float] = random.random) -> float:
-        if retry_after is not None:
-            wait = min(max(0.0, retry_after), self.retry_after_cap)
-            return wait + wait * 0.1 * rand()
         d = min(self.cap, self.base * (2 ** max(0, attempt - 1)))
+        if retry_after is not None:
+            # never under the backoff's own floor: a Retry-After of 0, or a rate-limit reset already
+            # past by a skewed clock, must not turn the retries into a burst
+            wait = max(d / 2, min(max(0.0, retry_after), self.retry_after_cap))
+            return wait + wait * 0.1 * rand()
         return d / 2 + d / 2 * rand()
 
 
@@ -63,6 +66,7 @@ class Worker:
         self._busy: set[str] = set()  # lanes a job of this process is running in
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._resumed = time.monotonic()  # start() resumes; then every RESUME_EVERY seconds
 
     def start(self) -> None:
         if self._threads:
@@ -97,6 +101,13 @@ class Worker:
             self._wake.notify()
 
     def _idle_wait(self) -> None:
+        now = time.monotonic()
+        if now - self._resumed >= RESUME_EVERY:
+            self._resumed = now
+            try:
+                self.outbox.resume(own=False)
+            except Exception:  # noqa: BLE001 - keep polling through a database hiccup
+                log.exception("cannot take back the jobs of dead processes")
         try:
             due = self.outbox.next_due()
         except (OutboxError, Exception):  # noqa: BLE001 - keep polling through a database hiccup
@@ -121,7 +132,24 @@ class Worker:
                 self._idle_wait()
                 continue
             self.wake()  # there may be more: let another idle thread look
-            self.run_one(job)
+            try:
+                self.run_one(job)
+            except Exception as e:  # noqa: BLE001 - its outcome was not recorded: never strand the job
+                log.exception("job %d (%s): its outcome could not be recorded; back to the queue", job.id, job.kind)
+                self._take_back(job, f"outcome not recorded: {type(e).__name__}: {e}")
+
+    def _take_back(self, job: Job, error: str) -> None:
+        """Return *job* to the queue, trying until the database lets us (or the worker stops): left
+        ``running``, it would hold its lane until this process ended."""
+        while True:
+            try:
+                self.outbox.requeue(job.id, error)
+                self.wake()
+                return
+            except Exception:  # noqa: BLE001
+                log.exception("job %d: cannot put it back yet", job.id)
+            if self._stop.wait(1.0):
+                return
 
     def run_one(self, job: Job) -> str:
         """Run *job*'s handler and record the outcome; returns ``done``, ``retry`` or ``dead``."""
