@@ -237,6 +237,28 @@ def test_last_event_id_resumes_and_heartbeats_flow(relay: RelayServer) -> None:
         fresh.close()
 
 
+def test_an_event_id_from_another_database_replays_this_log_and_head_holds_no_subscriber(relay: RelayServer) -> None:
+    app_relay = get_relay(relay.app)
+    for i in range(2):
+        app_relay.outbox.append_event("release.updated", {"type": "release.updated", "n": i})
+    app_relay.broker.notify()
+    # the agent saved id 100 from a relay database since recreated: it gets this log from its start
+    s = SSE(relay.url, last_event_id="100")
+    try:
+        assert [s.next_event()[0], s.next_event()[0]] == [1, 2]
+    finally:
+        s.close()
+    for bad in ("\u00b2", "1" * 40):  # a superscript digit passes str.isdigit; a 40-digit id overflows SQLite
+        r = requests.get(relay.url + "/events", timeout=5, headers={
+            "Authorization": f"Bearer {TOKEN}", "Last-Event-ID": bad})  # sent as latin-1, as HTTP does
+        assert r.status_code == 400, bad
+    before = len(app_relay.broker._subs)
+    for _ in range(3):
+        r = requests.head(relay.url + "/events", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+        assert r.status_code == 200
+    assert len(app_relay.broker._subs) == before
+
+
 def test_pushes_are_retried(relay: RelayServer, agent: AgentReceiver) -> None:
     agent.answers = [500, 429]
     publish(get_relay(relay.app).config, "nats", "v2.10.25")

@@ -374,6 +374,9 @@ def _respond(start_response: StartResponse, status: int, body: dict[str, Any],
 events = Blueprint("events", __name__)
 
 
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
+
+
 def _authorised(tokens: tuple[bytes, ...]) -> bool:
     auth = request.headers.get("Authorization", "")
     scheme, _, value = auth.partition(" ")
@@ -394,14 +397,19 @@ def stream() -> Response:
         return _error(401, "an agent token is required: Authorization: Bearer <token>",
                       WWW_Authenticate='Bearer realm="sync-tools-relay"')
     raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+    tail = relay.outbox.last_event_id()
     if raw is None or raw.strip() == "":
-        last = relay.outbox.last_event_id()
-    elif raw.strip().isdigit():
+        last = tail
+    elif _EVENT_ID.fullmatch(raw.strip()):
+        # an id past the log's end was given by another database (recreated, or moved): this log is
+        # new to the agent, so all of it is sent rather than nothing until its ids catch up
         last = int(raw.strip())
+        last = 0 if last > tail else last
     else:
         return _error(400, "Last-Event-ID must be an event id (a non-negative integer)")
-    sub = relay.broker.subscribe()
-    resp = Response(relay.broker.stream(sub, last, relay.settings.heartbeat), mimetype="text/event-stream",
+    # the subscription is made by the stream when it starts (before it reads the log): a response that
+    # is never iterated (HEAD) leaves no subscriber behind
+    resp = Response(relay.broker.stream(None, last, relay.settings.heartbeat), mimetype="text/event-stream",
                     direct_passthrough=True)
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"  # proxies must not buffer the stream

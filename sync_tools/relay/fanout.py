@@ -203,12 +203,16 @@ class Broker:
                 self._cut(s)
         self.last_id = max(self.last_id, event.id)
 
-    def stream(self, sub: Subscriber, last_event_id: int, heartbeat: float,
+    def stream(self, sub: Subscriber | None, last_event_id: int, heartbeat: float,
                on_close: Callable[[], None] | None = None) -> Iterator[bytes]:
         """The SSE byte stream for one subscriber: what was missed since *last_event_id* (from the
         log), then live events, with a comment line whenever *heartbeat* seconds pass quietly.
-        The subscriber must be registered before calling, so nothing falls between log and live."""
+        *sub* None: the stream subscribes when it starts, before it reads the log (so nothing falls
+        between log and live, and a stream never started holds no subscription); a given *sub* must
+        be registered already."""
         try:
+            if sub is None:
+                sub = self.subscribe()
             yield b"retry: 3000\n: connected\n\n"
             sent = last_event_id
             while True:
