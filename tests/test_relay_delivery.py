@@ -108,6 +108,10 @@ def test_dead_letter_after_the_limit_then_retry_by_hand(relay_server: RelayServe
     (dead,) = json.loads(status.output)["dead"]
     assert dead["subsystem"] == "nats" and "502" in dead["error"] and dead["attempts"] == 3
 
+    elsewhere = runner.invoke(cli, ["relay", "--config", str(tmp_path / "sync-tools.yaml"), "--status"],
+                              env={**e, "SYNC_TOOLS_DB": str(tmp_path / "typo.db")})
+    assert elsewhere.exit_code == 1 and "no relay database here" in elsewhere.output
+    assert not (tmp_path / "typo.db").exists()  # not made empty, to report zeros
     bad = runner.invoke(cli, ["relay", "--config", str(tmp_path / "sync-tools.yaml"), "--retry-dead", "999"], env=e)
     assert bad.exit_code == 1 and "999" in bad.output
     ok = runner.invoke(cli, ["relay", "--config", str(tmp_path / "sync-tools.yaml"), "--retry-dead",
@@ -467,6 +471,12 @@ def test_an_answer_that_never_ends_holds_no_worker() -> None:
         resp, body = post(session, url + "/refuse", timeout=(5, 5), what="dispatch", data=b"{}")
         with pytest.raises(DispatchRefused, match=r"HTTP 404 \(Not Found\)"):
             check_response(resp, "dispatch", time.time(), body)
+        # GitHub's secondary rate limit: a 403 without rate-limit headers, to be retried after a minute
+        resp.status_code = 403
+        limited = b'{"message": "You have exceeded a secondary rate limit. Please wait a few minutes."}'
+        with pytest.raises(RemoteError) as e:
+            check_response(resp, "dispatch", time.time(), limited)
+        assert e.value.retry_after == 60
         with pytest.raises(RemoteError, match="closed: ConnectionError"):
             post(session, "http://127.0.0.1:9/", timeout=(2, 2), what="closed", data=b"{}")
     finally:

@@ -424,8 +424,11 @@ def test_env_of_the_relay_subprocess_is_not_inherited_by_logs(tmp_path: Path) ->
     from tests.relay_support import write_config
 
     write_config(tmp_path)
+    from sync_tools.relay.outbox import Outbox
+
     env = relay_env(tmp_path, "http://127.0.0.1:9", secret=WEBHOOK_SECRET, token=GITHUB_TOKEN,
                     extra={"SYNC_TOOLS_AGENT_TOKENS": AGENT_TOKEN})
+    Outbox(Path(env["SYNC_TOOLS_DB"])).close()  # the database a relay made
     r = subprocess.run([sys.executable, "-m", "sync_tools", "-vv", "relay", "--status", "--config",
                         str(tmp_path / "sync-tools.yaml")], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -50,6 +50,9 @@ def relay(host: str, port: int, config_path: str | None, show_status: bool, retr
     config = load(config_path)
     if show_status or retry_dead:
         settings = load_settings(config, require_secret=False)
+        if not settings.db_path.is_file():  # a wrong SYNC_TOOLS_DB would make an empty one and report zeros
+            raise ConfigError(f"{settings.db_path}: no relay database here (has the relay run? is SYNC_TOOLS_DB "
+                              "the one it uses?)")
         outbox = Outbox(settings.db_path)
         try:
             if retry_dead:

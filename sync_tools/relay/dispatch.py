@@ -68,6 +68,7 @@ def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
     return None
 
 
+SECONDARY_RATE_LIMIT_WAIT = 60.0
 MAX_ANSWER = 64 << 10  # bytes of an answer's body read: GitHub's errors and agents' replies are far smaller
 
 
@@ -104,6 +105,8 @@ def check_response(resp: requests.Response, what: str, now: float, body: bytes =
         detail = None
     if isinstance(detail, str):
         message += f" ({detail[:200]})"
+        if wait is None and resp.status_code == 403 and "secondary rate limit" in detail.lower():
+            wait = SECONDARY_RATE_LIMIT_WAIT  # GitHub sends no header then, and asks for a minute or more
     if resp.status_code >= 500 or resp.status_code in (408, 429) or wait is not None:
         raise RemoteError(message, status_code=resp.status_code, retry_after=wait)
     raise DispatchRefused(message, status_code=resp.status_code)
