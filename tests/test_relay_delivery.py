@@ -82,6 +82,17 @@ def test_retries_honour_retry_after(relay_server: RelayServer, github_api: GitHu
     assert [c["status"] for c in calls] == [503, 204]
 
 
+def test_a_retried_older_version_does_not_go_out_after_a_newer_one(relay_server: RelayServer,
+                                                                   github_api: GitHubAPIServer) -> None:  # noqa: F811
+    github_api.inject("POST", "/dispatches$", status=502, times=1, headers={"Retry-After": "2"})
+    assert send(relay_server, delivery("create", tag_payload(tag="v2.10.25"))).status_code == 202
+    wait_for(lambda: github_api.requests_to("POST", "/dispatches$"), what="the failed first dispatch")
+    assert send(relay_server, delivery("create", tag_payload(tag="v2.10.26"))).status_code == 202
+    outbox = get_relay(relay_server.app).outbox
+    wait_for(lambda: outbox.stats().queue_depth == 0, timeout=15, what="both jobs settled")
+    assert [d["client_payload"]["version"] for d in github_api.state.dispatches] == ["v2.10.26"]
+
+
 def test_rate_limit_reset_is_honoured(relay_server: RelayServer, github_api: GitHubAPIServer) -> None:  # noqa: F811
     reset = int(time.time()) + 2
     github_api.inject("POST", "/dispatches$", status=403, times=1,

@@ -119,7 +119,19 @@ class Relay:
         self.metrics.dispatch_seconds.labels(kind=job.kind).observe(seconds)
 
     def _dispatch_job(self, job: Job) -> list[NewJob]:
+        sub, version = job.payload.get("subsystem"), job.payload.get("version")
+        key = f"dispatched:{sub}"
+        tracked = self.config.subsystems.get(sub) if isinstance(sub, str) else None
+        ordered = tracked is not None and tracked.strategy != "commits" and isinstance(version, str)  # shas have no order
+        newest = self.outbox.get_state(key) if ordered else None
+        if newest is not None and _newer(newest, version):
+            # a retry that came due after a newer version of the subsystem went out must not roll it back
+            log.info("dispatch of %s %s (delivery %s) skipped: %s went out after it", sub, version, job.delivery,
+                     newest)
+            return []
         self.dispatcher.dispatch(job.payload)
+        if ordered and (newest is None or _newer(version, newest)):
+            self.outbox.set_state(key, version)
         log.info("dispatched %s %s (delivery %s) via %s", job.payload.get("subsystem"),
                  job.payload.get("version"), job.delivery, self.dispatcher.name)
         if isinstance(self.dispatcher, LocalDispatcher):
@@ -229,6 +241,14 @@ class Relay:
             elif isinstance(r, wh.OwnRelease):
                 jobs.append(self.fanout_job(f"release {r.action} {r.tag}"))
         return jobs
+
+
+def _newer(a: str, b: Any) -> bool:
+    """Whether version *a* orders after *b* (False when either cannot be ordered)."""
+    from sync_tools.versions import parse_version
+
+    va, vb = parse_version(a), parse_version(b) if isinstance(b, str) else None
+    return va is not None and vb is not None and va.key > vb.key
 
 
 def get_relay(app: Flask | None = None) -> Relay:
