@@ -1,7 +1,7 @@
 """The relay crash suite: signed deliveries to a relay subprocess that is SIGKILLed and restarted.
 
 :func:`run_relay_crash` starts ``python -m sync_tools relay`` (dispatch: github) against the GitHub API
-test server in this process, sends *deliveries* signed ``create`` (tag) deliveries from a pool of
+test server in this process, sends *deliveries* signed ``push`` deliveries (a commits subsystem's branch) from a pool of
 concurrent senders, SIGKILLs the relay *crashes* times at random moments (after a random share of a
 phase's sends have been answered, plus a random sub-second delay, so requests and dispatches are in
 flight) and restarts it. Every delivery that got no 2xx is redelivered with the same
@@ -22,6 +22,7 @@ Loopback only; every loop is bounded by a deadline.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -41,7 +42,7 @@ from typing import Any
 import requests
 
 from sync_tools.relay import webhook as wh
-from tests.relay_support import tag_payload, write_config
+from tests.relay_support import fixture, tag_payload, write_config
 from tests.servers.github_api import Fault, GitHubAPIServer
 
 RELEASE_REPO = "acme/plat-telemetry"
@@ -205,9 +206,15 @@ class _Tally:
     answered: int = 0
 
 
-def _signed(delivery_id: str, tag: str) -> tuple[bytes, dict[str, str]]:
-    body = json.dumps(tag_payload(tag=tag)).encode()
-    return body, {"X-GitHub-Event": "create", "X-GitHub-Delivery": delivery_id, "Content-Type": "application/json",
+def _signed(delivery_id: str, commit: str) -> tuple[bytes, dict[str, str]]:
+    """A push of *commit* to the branch the ``octo`` subsystem (strategy commits) follows. Each one
+    must be dispatched: commits have no order, so none supersedes another (an older tag announced
+    after a newer one went out is skipped on purpose, which would blur what this suite counts)."""
+    payload = fixture("push.4.json")
+    payload["repository"] = tag_payload("octocoders/hello-world")["repository"]
+    payload["ref"], payload["after"], payload["deleted"] = "refs/heads/master", commit, False
+    body = json.dumps(payload).encode()
+    return body, {"X-GitHub-Event": "push", "X-GitHub-Delivery": delivery_id, "Content-Type": "application/json",
                   "X-Hub-Signature-256": wh.sign(SECRET.encode(), body), "User-Agent": "GitHub-Hookshot/reliability"}
 
 
@@ -244,7 +251,7 @@ def run_relay_crash(workdir: Path, *, deliveries: int = 1000, crashes: int = 10,
     items = []
     for i in range(deliveries):
         did = str(uuid.UUID(int=rng.getrandbits(128)))
-        body, headers = _signed(did, f"v{seed % 1000}.{i // 1000}.{i % 1000}")
+        body, headers = _signed(did, hashlib.sha1(f"{seed}:{i}".encode()).hexdigest())
         items.append((did, body, headers))
     ids = {i[0] for i in items}
     tally = _Tally()

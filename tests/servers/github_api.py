@@ -61,7 +61,7 @@ import jsonschema
 import pytest
 import referencing
 import referencing.jsonschema
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 from werkzeug.routing import Map, Rule
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
@@ -800,6 +800,10 @@ class GitHubAPIServer:
             return getattr(self, "_h_" + handler)(request, **args)
         except _Answer as a:
             return a.response
+        except ClientDisconnected:
+            # the client went away before its body arrived (a killed process): no answer to give,
+            # and nothing wrong with this server
+            return _error(400, "Problems parsing JSON")
         except Exception as e:
             self.internal_errors.append(f"{request.method} {request.path}: {e!r}")
             return _error(500, "Server Error")
