@@ -186,12 +186,16 @@ def release_many(
             store.upload_asset(item.path, item.name)
             log.info("uploaded %s", item.name)
 
+    def build_of(entry: Entry | None) -> tuple[str, str] | None:
+        return None if entry is None else (entry.version, entry.commit)
+
     def change(base: Manifest) -> Manifest:
-        superseded = [n for n in entries if base.subsystems.get(n) != before[n]]
+        superseded = [n for n in entries if build_of(base.subsystems.get(n)) != build_of(before[n])]
         if superseded:
-            # Another release of the same subsystem wrote its entry after our first read: its assets
-            # and ours have the same names, so writing ours now could pair our entry with its files,
-            # or put back an older build. The store stays as that release left it.
+            # Another release put a different build of the same subsystem in after our first read:
+            # its assets and ours have the same names, so writing ours now could pair our entry with
+            # its files, or put back an older build. The store stays as that release left it. (Other
+            # platforms of the same build, released alongside, merge as usual.)
             raise DataError(f"{', '.join(superseded)}: another release wrote "
                             f"{'this entry' if len(superseded) == 1 else 'these entries'} while this one "
                             f"uploaded (manifest serial {base.serial}); not overwriting it: run the "

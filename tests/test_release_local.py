@@ -271,6 +271,32 @@ class _SupersededStore(LocalStore):
         store.write_manifest(*sign_manifest(dataclasses.replace(rival, serial=m.serial + 1), self.key), snap.token)
 
 
+class _OtherPlatformStore(LocalStore):
+    """While this release uploads, a release of the same build for another platform lands."""
+
+    def __init__(self, path: Path, tag: str, key):
+        super().__init__(path, tag)
+        self.key = key
+
+    def upload_asset(self, path: Path, name: str) -> None:
+        super().upload_asset(path, name)
+        store = LocalStore(self.base, self.tag)
+        snap = store.read_manifest()
+        m = parse_manifest(snap.data)
+        nats = m.subsystems["nats"]
+        other = dataclasses.replace(nats, assets={**nats.assets, "linux/arm64": nats.assets["linux/amd64"]})
+        store.write_manifest(*sign_manifest(dataclasses.replace(with_entry(m, "nats", other), serial=m.serial + 1),
+                                            self.key), snap.token)
+
+
+def test_another_platform_of_the_same_build_released_meanwhile_merges(ws) -> None:
+    key = signing.load_private_key(str(ws.private_key))
+    result = release(ws.config(), "nats", store=_OtherPlatformStore(ws.store, ws.tag, key),
+                     signing_key=str(ws.private_key), sleep=lambda s: None)
+    assert result.attempts == 1
+    assert set(_manifest(ws).subsystems["nats"].assets) == {"linux/amd64", "linux/arm64"}
+
+
 def test_a_release_superseded_while_it_uploads_does_not_overwrite_the_other(ws) -> None:
     key = signing.load_private_key(str(ws.private_key))
     with pytest.raises(DataError, match="nats: another release wrote this entry while this one uploaded"):
