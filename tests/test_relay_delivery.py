@@ -535,14 +535,17 @@ def test_workers_take_back_the_jobs_of_a_process_that_died_while_they_ran(tmp_pa
 
     monkeypatch.setattr(worker_module, "RESUME_EVERY", 0.2)
     old, new = Outbox(tmp_path / "r.db"), Outbox(tmp_path / "r.db")
+    new.owner = "new-process"  # two processes sharing the file (here: one process playing both)
     ran: list[int] = []
     worker = Worker(new, {"dispatch": lambda job: ran.append(job.id) or []}, threads=1)
     try:
         old.record("d1", "create", "a", [NewJob("dispatch", {"n": 1}, lane="dispatch")])
-        worker.start()  # the new process starts first ...
-        job = old.claim()  # ... then the old one (still alive) claims a job, and is killed mid-job
-        assert job is not None and ran == []
-        with old._tx() as conn:
+        job = old.claim()  # the old process (alive) is running a job ...
+        assert job is not None
+        worker.start()  # ... when the new one starts: its start-up resume leaves a live owner's job alone
+        time.sleep(0.5)
+        assert ran == [] and new.job(job.id).status == "running"  # type: ignore[union-attr]
+        with old._tx() as conn:  # then the old process is killed mid-job
             conn.execute("UPDATE jobs SET owner = '999999998:0' WHERE id = ?", (job.id,))
         wait_for(lambda: ran == [job.id], timeout=10, what="the dead process's job run by the live one")
     finally:
