@@ -233,8 +233,13 @@ def _dev_builder(config: Config) -> Any:
                     cmd += ["--version", version]
                 # its own process group: on a timeout the step and what it started are stopped (build
                 # turns the SIGTERM into stopping its commands and putting its pin back)
-                proc = subprocess.Popen(cmd, cwd=config.root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True, start_new_session=True)
+                try:
+                    proc = subprocess.Popen(cmd, cwd=config.root, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                            start_new_session=True)
+                except OSError as e:  # the builder thread must outlive one step that cannot start
+                    log.error("%s: cannot run %s: %s", name, step, e)
+                    break
                 try:
                     _, stderr = proc.communicate(timeout=DEV_STEP_TIMEOUT)
                 except subprocess.TimeoutExpired:
