@@ -23,3 +23,29 @@ def test_atheris_coverage_guided_extractor() -> None:
     r = run_atheris("archive", 2000)
     # libFuzzer checks -runs between inputs and now and then runs one more (seen: "Done 2001 runs")
     assert r.violations == () and r.inputs >= 2000 and r.outcomes["coverage edges"] > 10
+
+
+def test_a_gzip_header_with_reserved_flag_bits_is_refused(tmp_path: Path) -> None:
+    """Found by the fuzzer: Python's gzip module reads past reserved FLG bits, which RFC 1952 says a
+    decompressor must refuse (zlib does); the extractor refuses them too."""
+    import gzip
+    import io
+    import tarfile
+
+    from sync_tools.agent.extract import extract_binary
+    from sync_tools.errors import ArchiveError
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("nats-server")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"\x7fELF"))
+    gz = bytearray(gzip.compress(buf.getvalue(), mtime=0))
+    src = tmp_path / "a.tar.gz"
+    src.write_bytes(bytes(gz))
+    assert extract_binary(src, "nats-server", tmp_path / "ok", max_bytes=1 << 20)  # the clean one extracts
+    gz[3] |= 0xC0
+    src.write_bytes(bytes(gz))
+    with pytest.raises(ArchiveError, match="reserved flag bits"):
+        extract_binary(src, "nats-server", tmp_path / "bad", max_bytes=1 << 20)
+    assert not (tmp_path / "bad").exists()

@@ -47,6 +47,12 @@ def extract_binary(archive: Path, binary: str, dest: Path, *, max_bytes: int) ->
     temporary name never sees a partial file. Raises ArchiveError.
     """
     try:
+        with open(archive, "rb") as fh:
+            head = fh.read(4)
+        # RFC 1952: a decompressor must refuse reserved flag bits (they may announce a field that
+        # changes how the rest reads). Python's gzip module skips this check; zlib's makes it.
+        if len(head) == 4 and head[:3] == b"\x1f\x8b\x08" and head[3] & 0xE0:
+            raise tarfile.ReadError("gzip header has reserved flag bits set")
         tf = tarfile.open(archive, mode="r:gz")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise ArchiveError(f"{archive.name}: not a readable tar.gz: {e}") from e
