@@ -183,6 +183,12 @@ def held_back(tag: str, current: str | None, *, major: str = "manual") -> str | 
     return None
 
 
+def later(tag: str, other: str) -> bool:
+    """Whether *tag* is a newer version than *other* (False when either cannot be ordered)."""
+    a, b = parse_version(tag), parse_version(other)
+    return a is not None and b is not None and is_newer(a, b)
+
+
 def new_major(tag: str, current: str | None) -> bool:
     """Whether *tag* is of a higher major version than *current* (False when either cannot be ordered)."""
     c, v = parse_version(current or ""), parse_version(tag)

@@ -193,7 +193,7 @@ def _dev_builder(config: Config) -> Any:
     subsystem already queued collapse onto it, keeping the newer version."""
     from sync_tools.agent.events import AgentEvent
     from sync_tools.procs import TERM_GRACE, stop_group
-    from sync_tools.versions import parse_version
+    from sync_tools.versions import later
 
     pending: dict[str, str | None] = {}  # name -> version to build (None: the pin), in arrival order
     cond = threading.Condition()
@@ -208,10 +208,8 @@ def _dev_builder(config: Config) -> Any:
         return []
 
     def newer(a: str | None, b: str | None) -> str | None:
-        va, vb = parse_version(a or ""), parse_version(b or "")
-        if va is None or vb is None:
-            return b or a
-        return b if vb.key > va.key else a
+        """The one of two queued versions to build: the later one, else the one that came last."""
+        return a if a and b and later(a, b) else (b or a)
 
     def submit(event: AgentEvent) -> None:
         version = event.release if event.source == "github" else None

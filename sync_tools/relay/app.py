@@ -35,6 +35,7 @@ from sync_tools.relay.settings import Settings, load_settings
 from sync_tools.relay.worker import Backoff, Worker
 from sync_tools.signing import load_public_key
 from sync_tools.stores.base import Store, open_store
+from sync_tools.versions import later
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -124,13 +125,13 @@ class Relay:
         tracked = self.config.subsystems.get(sub) if isinstance(sub, str) else None
         ordered = tracked is not None and tracked.strategy != "commits" and isinstance(version, str)  # shas have no order
         newest = self.outbox.get_state(key) if ordered else None
-        if newest is not None and _newer(newest, version):
+        if newest is not None and later(newest, version):
             # a retry that came due after a newer version of the subsystem went out must not roll it back
             log.info("dispatch of %s %s (delivery %s) skipped: %s went out after it", sub, version, job.delivery,
                      newest)
             return []
         self.dispatcher.dispatch(job.payload)
-        if ordered and (newest is None or _newer(version, newest)):
+        if ordered and (newest is None or later(version, newest)):
             self.outbox.set_state(key, version)
         log.info("dispatched %s %s (delivery %s) via %s", job.payload.get("subsystem"),
                  job.payload.get("version"), job.delivery, self.dispatcher.name)
@@ -241,14 +242,6 @@ class Relay:
             elif isinstance(r, wh.OwnRelease):
                 jobs.append(self.fanout_job(f"release {r.action} {r.tag}"))
         return jobs
-
-
-def _newer(a: str, b: Any) -> bool:
-    """Whether version *a* orders after *b* (False when either cannot be ordered)."""
-    from sync_tools.versions import parse_version
-
-    va, vb = parse_version(a), parse_version(b) if isinstance(b, str) else None
-    return va is not None and vb is not None and va.key > vb.key
 
 
 def get_relay(app: Flask | None = None) -> Relay:
