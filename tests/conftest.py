@@ -20,3 +20,15 @@ def _no_proxies_no_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
     # Any accidental call to the real GitHub fails fast instead of leaving the machine.
     monkeypatch.setenv("GITHUB_API_URL", "http://127.0.0.1:9")
     os.environ.setdefault("GIT_TERMINAL_PROMPT", "0")
+
+
+@pytest.fixture
+def world(tmp_path):  # type: ignore[no-untyped-def]
+    """An agent world (tests.agent_support) with nats and arc installed at v1 and running; closed after."""
+    from tests.agent_support import close_world, make_world
+
+    w = make_world(tmp_path, {"nats": "nats-server", "arc": "arc"})
+    try:
+        yield w
+    finally:
+        close_world(w)

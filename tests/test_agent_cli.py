@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,16 +15,7 @@ from click.testing import CliRunner
 from sync_tools.agent.install import CRASH_ENV, STEPS
 from sync_tools.cli import cli
 from sync_tools.versionfile import read_version
-from tests.agent_support import World, close_world, make_world, snapshot
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = make_world(tmp_path, {"nats": "nats-server", "arc": "arc"})
-    try:
-        yield w
-    finally:
-        close_world(w)
+from tests.agent_support import World, snapshot
 
 
 def _cli(world: World, *args: str) -> tuple[int, str, str]:

@@ -14,16 +14,7 @@ from sync_tools.agent import install
 from sync_tools.agent.fetch import HTTPFetcher
 from sync_tools.agent.state import load_state
 from sync_tools.cli import cli
-from tests.agent_support import World, close_world, make_world
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = make_world(tmp_path, {"nats": "nats-server", "arc": "arc"})
-    try:
-        yield w
-    finally:
-        close_world(w)
+from tests.agent_support import World
 
 
 class _Gated(HTTPFetcher):

@@ -255,43 +255,31 @@ def test_gives_up_after_bounded_attempts_with_jittered_backoff(ws) -> None:
     assert _manifest(ws).subsystems["nats"].version == "v1.0.0"  # what the rival left is intact and valid
 
 
-class _SupersededStore(LocalStore):
-    """While this release uploads, another release of the same subsystem lands its manifest entry."""
+class _RivalDuringUpload(LocalStore):
+    """While this release uploads, another release lands nats's entry as *rival* makes it from the
+    current one."""
 
-    def __init__(self, path: Path, tag: str, key):
+    def __init__(self, path: Path, tag: str, key, rival):  # type: ignore[no-untyped-def]
         super().__init__(path, tag)
-        self.key = key
+        self.key, self.rival = key, rival
 
     def upload_asset(self, path: Path, name: str) -> None:
         super().upload_asset(path, name)
         store = LocalStore(self.base, self.tag)
         snap = store.read_manifest()
         m = parse_manifest(snap.data)
-        rival = with_entry(m, "nats", dataclasses.replace(m.subsystems["nats"], version="v1.0.9"))
-        store.write_manifest(*sign_manifest(dataclasses.replace(rival, serial=m.serial + 1), self.key), snap.token)
+        new = with_entry(m, "nats", self.rival(m.subsystems["nats"]))
+        store.write_manifest(*sign_manifest(dataclasses.replace(new, serial=m.serial + 1), self.key), snap.token)
 
 
-class _OtherPlatformStore(LocalStore):
-    """While this release uploads, a release of the same build for another platform lands."""
-
-    def __init__(self, path: Path, tag: str, key):
-        super().__init__(path, tag)
-        self.key = key
-
-    def upload_asset(self, path: Path, name: str) -> None:
-        super().upload_asset(path, name)
-        store = LocalStore(self.base, self.tag)
-        snap = store.read_manifest()
-        m = parse_manifest(snap.data)
-        nats = m.subsystems["nats"]
-        other = dataclasses.replace(nats, assets={**nats.assets, "linux/arm64": nats.assets["linux/amd64"]})
-        store.write_manifest(*sign_manifest(dataclasses.replace(with_entry(m, "nats", other), serial=m.serial + 1),
-                                            self.key), snap.token)
+def _other_platform(nats):  # type: ignore[no-untyped-def]
+    """The same build, released for one more platform."""
+    return dataclasses.replace(nats, assets={**nats.assets, "linux/arm64": nats.assets["linux/amd64"]})
 
 
 def test_another_platform_of_the_same_build_released_meanwhile_merges(ws) -> None:
     key = signing.load_private_key(str(ws.private_key))
-    result = release(ws.config(), "nats", store=_OtherPlatformStore(ws.store, ws.tag, key),
+    result = release(ws.config(), "nats", store=_RivalDuringUpload(ws.store, ws.tag, key, _other_platform),
                      signing_key=str(ws.private_key), sleep=lambda s: None)
     assert result.attempts == 1
     assert set(_manifest(ws).subsystems["nats"].assets) == {"linux/amd64", "linux/arm64"}
@@ -300,7 +288,8 @@ def test_another_platform_of_the_same_build_released_meanwhile_merges(ws) -> Non
 def test_a_release_superseded_while_it_uploads_does_not_overwrite_the_other(ws) -> None:
     key = signing.load_private_key(str(ws.private_key))
     with pytest.raises(DataError, match="nats: another release wrote this entry while this one uploaded"):
-        release(ws.config(), "nats", store=_SupersededStore(ws.store, ws.tag, key), signing_key=str(ws.private_key))
+        release(ws.config(), "nats", signing_key=str(ws.private_key), store=_RivalDuringUpload(
+            ws.store, ws.tag, key, lambda nats: dataclasses.replace(nats, version="v1.0.9")))
     assert _manifest(ws).subsystems["nats"].version == "v1.0.9"  # the other release's entry stands
 
 
