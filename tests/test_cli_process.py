@@ -1,6 +1,7 @@
-"""The console entry point as a real process (`python -m sync_tools`, i.e. sync_tools.cli.main): its
-output, exit codes, files and log lines all arrive, although main() freezes the garbage collector's
-objects as the process ends (so the interpreter's last collection does not walk them)."""
+"""The console entry point as a real process (`python -m sync_tools`, i.e. sync_tools.__main__): its
+output, exit codes, files and log lines all arrive, although the garbage collector is paused for the
+imports and the process ends without the interpreter's teardown (os._exit once atexit handlers ran and
+the streams are flushed), unless a thread is still running, which is waited for as usual."""
 
 from __future__ import annotations
 
@@ -63,3 +64,49 @@ def test_errors_still_exit_1_with_one_line(tmp_path):
     p = sync_tools("check", "nope", cwd=ws)
     assert p.returncode == 1
     assert p.stderr.strip().count("\n") == 0 and "nope" in p.stderr and "Traceback" not in p.stderr
+
+
+def run_entry(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run sync_tools.__main__.main() with *args* after *code*, as the console script does."""
+    script = f"import sys\n{code}\nsys.argv = ['sync-tools', *{list(args)!r}]\n" \
+             "from sync_tools.__main__ import main\nmain()\n"
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_atexit_handlers_run_and_output_arrives_before_the_quick_exit(tmp_path):
+    marker = tmp_path / "atexit-ran"
+    p = run_entry(f"import atexit\natexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))",
+                  "--version", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "sync-tools, version" in p.stdout
+    assert marker.read_text() == "yes"
+
+
+def test_a_running_thread_is_waited_for_not_cut_off(tmp_path):
+    marker = tmp_path / "thread-done"
+    p = run_entry("import threading, time\n"
+                  f"threading.Thread(target=lambda: (time.sleep(0.5), open({str(marker)!r}, 'w').write('done'))).start()",
+                  "--version", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert marker.read_text() == "done"
+
+
+def test_exit_codes_pass_through_the_quick_exit(tmp_path):
+    ws = workspace(tmp_path)
+    assert run_entry("", "check", "a", "--exit-code", cwd=ws).returncode == 10
+    assert run_entry("", "check", "gone", cwd=ws).returncode == 1
+    assert run_entry("", "no-such-command", cwd=ws).returncode == 2
+
+
+def test_the_collector_paused_for_the_imports_runs_again_for_the_command(tmp_path):
+    """A long-running command (relay, agent) must not run with the garbage collector off."""
+    ws = workspace(tmp_path)
+    p = run_entry("import gc\n"
+                  "import sync_tools.cli.check as c\n"
+                  "real = c.run_check\n"
+                  "def spy(*a, **k):\n"
+                  "    print('collector enabled:', gc.isenabled(), file=sys.stderr)\n"
+                  "    return real(*a, **k)\n"
+                  "c.run_check = spy\n", "check", "a", cwd=ws)
+    assert p.returncode == 0, p.stderr
+    assert "collector enabled: True" in p.stderr

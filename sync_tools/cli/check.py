@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
+from sync_tools.check import VERSION_MANIFEST, write_version_manifest
+from sync_tools.check import check as run_check
 from sync_tools.cli._common import config_option, echo_json, json_option, load
+from sync_tools.sources import Sources
 
 EXIT_UPDATE = 10
 
@@ -29,10 +32,6 @@ def check(names: tuple[str, ...], as_json: bool, exit_code: bool, timeout: float
       sync-tools check nats --json          # {"nats": {"current": "v2.10.24", "latest": "v2.10.25", ...}}
       sync-tools check --exit-code || ...   # exit 10 when something is out of date
     """
-    from sync_tools.check import VERSION_MANIFEST, write_version_manifest
-    from sync_tools.check import check as run_check
-    from sync_tools.sources import Sources
-
     config = load(config_path)
     report = run_check(config, names, sources=Sources(timeout=timeout))
     try:
