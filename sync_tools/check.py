@@ -13,10 +13,9 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sync_tools.config import Config, Subsystem
 from sync_tools.errors import SyncToolsError
@@ -28,8 +27,7 @@ VERSION_MANIFEST = ".version-manifest.json"
 MAX_WORKERS = 8
 
 
-@dataclass(frozen=True)
-class CheckResult:
+class CheckResult(NamedTuple):
     """One subsystem's answer. ``error`` is set (and ``latest`` None) when its upstream failed."""
 
     name: str
@@ -56,8 +54,7 @@ class CheckResult:
         return out
 
 
-@dataclass(frozen=True)
-class CheckReport:
+class CheckReport(NamedTuple):
     """A whole run: results in config order and when it ran."""
 
     results: tuple[CheckResult, ...]
@@ -124,7 +121,7 @@ def _resolve_upstream(config: Config, sub: Subsystem) -> Subsystem:
     path = Path(up).expanduser()
     if path.is_absolute():
         return sub
-    return replace(sub, upstream=str(config.root / path))
+    return sub._replace(upstream=str(config.root / path))
 
 
 def _utcnow() -> datetime:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # prefix (anything up to the first digit that starts a dotted number), the dotted number, the rest
 _TAG_RE = re.compile(r"^(?P<prefix>[^\d]*?)(?P<release>\d+(?:[._]\d+)*)(?P<rest>.*)$")
@@ -113,8 +114,7 @@ def is_newer(a: Version, b: Version) -> bool:
     return a.key > b.key
 
 
-@dataclass(frozen=True)
-class Selection:
+class Selection(NamedTuple):
     """What :func:`select` chose: the newest acceptable tag and, under ``major: manual``, a newer major."""
 
     latest: Version | None
@@ -140,21 +140,36 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
     newest: tuple | None = None
     in_major: tuple | None = None
     skipped: list[str] = []
+    final = _FINAL_RE.match
     for t in tags:
         if include is not None and not include.search(t):
             continue
         if exclude is not None and exclude.search(t):
             continue
-        p = _parse(t)
-        if p is None:
-            skipped.append(t)
-            continue
-        if not prereleases and (p[2] or t in flagged):
-            continue
-        k = (p[3], t)
+        m = final(t)
+        if m is not None:  # _parse's first case, inline: most of a remote's thousands of tags are plain
+            parts = m[2].split(".")
+            if len(parts) > _MAX_RELEASE_PARTS:
+                skipped.append(t)
+                continue
+            release = tuple(map(int, parts))
+            if release[-1] == 0:
+                release = _trim(release)
+            if not prereleases and t in flagged:
+                continue
+            k = ((release, 1, 0, _FINAL), t)
+        else:
+            p = _parse(t)
+            if p is None:
+                skipped.append(t)
+                continue
+            if not prereleases and (p[2] or t in flagged):
+                continue
+            release = p[1]
+            k = (p[3], t)
         if newest is None or k > newest:
             newest = k
-        if cur_major is not None and p[1][0] <= cur_major and (in_major is None or k > in_major):
+        if cur_major is not None and release[0] <= cur_major and (in_major is None or k > in_major):
             in_major = k
     latest = parse_version(newest[1]) if newest else None
     if latest is None or cur_major is None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sync_tools.sources.remote import DEFAULT_TIMEOUT, RefCache, is_local
 
@@ -19,8 +18,7 @@ if TYPE_CHECKING:
     from sync_tools.config import Subsystem
 
 
-@dataclass(frozen=True)
-class Latest:
+class Latest(NamedTuple):
     """A strategy's answer for one subsystem.
 
     ``latest``: the newest acceptable version (a tag, or a commit sha for ``commits``);
@@ -35,21 +33,22 @@ class Latest:
     update_available: bool = False
 
 
-@dataclass
 class Sources:
     """The clients strategies use, built once per run: a shared ref cache and a GitHub factory.
 
+    ``timeout``: seconds each network call may take; ``refs``: the ref cache (a new one by default);
     ``github`` is called with no arguments and returns a PyGithub ``Github`` (or a stand-in with the
     same methods); the default builds one from GITHUB_TOKEN / GITHUB_API_URL on first use.
     """
 
-    timeout: float = DEFAULT_TIMEOUT
-    refs: RefCache = field(default=None)  # type: ignore[assignment]
-    github: Callable[[], Any] | None = None
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT, refs: RefCache | None = None,
+                 github: Callable[[], Any] | None = None):
+        self.timeout = timeout
+        self.refs = refs if refs is not None else RefCache(timeout=timeout)
+        self.github = github
 
-    def __post_init__(self) -> None:
-        if self.refs is None:
-            self.refs = RefCache(timeout=self.timeout)
+    def __repr__(self) -> str:
+        return f"Sources(timeout={self.timeout!r})"
 
     def prefetch(self, subs: Iterable[Subsystem]) -> None:
         """Start listing the remotes that *subs*' ``tags`` and ``commits`` strategies will read, in the

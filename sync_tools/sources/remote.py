@@ -18,8 +18,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from sync_tools.errors import DataError, RemoteError
@@ -34,8 +34,7 @@ _OBJECT_ID = re.compile(rb"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # SHA-1 or SHA-256
 _REF_PREFIX = ("HEAD", "refs/heads/", "refs/tags/")
 
 
-@dataclass(frozen=True)
-class RemoteRefs:
+class RemoteRefs(NamedTuple):
     """A remote's refs as ``git ls-remote`` shows them.
 
     ``refs`` maps ref names to the sha they point at (an annotated tag's ref points at the tag object);
@@ -45,8 +44,8 @@ class RemoteRefs:
 
     url: str
     refs: Mapping[str, str]
-    peeled: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    symrefs: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    peeled: Mapping[str, str] = MappingProxyType({})
+    symrefs: Mapping[str, str] = MappingProxyType({})
 
     def tags(self) -> dict[str, str]:
         """Tag name -> the commit it names (annotated tags peeled)."""
