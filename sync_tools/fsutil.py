@@ -40,9 +40,7 @@ def atomic_writer(path: str | os.PathLike[str], mode: int | None = None, *,
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    import tempfile  # here: config loading reads through read_capped, and needs none of tempfile's imports
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = _create_temp(target)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -60,6 +58,22 @@ def atomic_writer(path: str | os.PathLike[str], mode: int | None = None, *,
             os.unlink(tmp)
         raise
     fsync_dir(target.parent)
+
+
+def _create_temp(target: Path) -> tuple[int, str]:
+    """A new file ``.<name>.<random>.tmp`` next to *target*, created exclusively (never an existing
+    file or a planted symlink), mode 0600: what ``tempfile.mkstemp`` does, without importing tempfile
+    and the random, shutil, bz2 and lzma modules it pulls in (~6 ms of every `sync-tools check`, which
+    writes one file; measured)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = str(target.parent / f".{target.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{target.parent}: no free temporary file name for {target.name}")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None, *,

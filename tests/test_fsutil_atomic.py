@@ -19,7 +19,7 @@ def test_write_replaces_whole_with_a_private_file_and_leaves_nothing(tmp_path):
     target = tmp_path / "sub" / "state.json"
     atomic_write_bytes(target, b"one")
     assert target.read_bytes() == b"one"
-    assert stat.S_IMODE(target.stat().st_mode) == 0o600  # as tempfile.mkstemp made it
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600  # private, as tempfile.mkstemp would make it
     with atomic_writer(target) as fh:
         seen = [p for p in target.parent.iterdir() if p.name.startswith(".state.json.") and p.name.endswith(".tmp")]
         assert len(seen) == 1 and stat.S_IMODE(seen[0].stat().st_mode) == 0o600
@@ -28,6 +28,25 @@ def test_write_replaces_whole_with_a_private_file_and_leaves_nothing(tmp_path):
     assert target.read_bytes() == b"two" and leftovers(target.parent) == []
     atomic_write_bytes(target, b"three", mode=0o644)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+def test_the_temporary_name_is_never_an_existing_file_or_symlink(tmp_path, monkeypatch):
+    """Someone who can write the directory plants the next name, as a file and as a symlink to a file
+    they want overwritten: the writer takes another name and touches neither."""
+    import os
+
+    target = tmp_path / "state.json"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    draws = iter([b"\x01" * 6, b"\x02" * 6, b"\x03" * 6])
+    monkeypatch.setattr(os, "urandom", lambda n: next(draws))
+    planted_file = tmp_path / f".state.json.{'01' * 6}.tmp"
+    planted_file.write_bytes(b"planted")
+    (tmp_path / f".state.json.{'02' * 6}.tmp").symlink_to(victim)
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert planted_file.read_bytes() == b"planted" and victim.read_bytes() == b"keep"
+    assert not (tmp_path / f".state.json.{'03' * 6}.tmp").exists()  # the third name was used, then renamed
 
 
 def test_a_failed_write_keeps_the_old_content_and_no_temporary_file(tmp_path):
