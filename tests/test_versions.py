@@ -6,7 +6,7 @@ import random
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from sync_tools.versions import held_back, order_key, parse_version, select, update_available
@@ -156,3 +156,59 @@ def test_update_available():
 
 def test_equal_versions_with_different_text_pick_stably():
     assert newest(["1.0.0", "v1.0.0"]) == newest(["v1.0.0", "1.0.0"])
+
+
+def _reference_select(tags, *, current=None, prereleases=False, major="manual", prerelease_tags=()):
+    """select's answer the plain way: parse every tag into a Version, then max() by (key, tag)."""
+    flagged = set(prerelease_tags)
+    cur = parse_version(current) if current and major == "manual" else None
+    kept, skipped = [], []
+    for t in tags:
+        v = parse_version(t)
+        if v is None:
+            skipped.append(t)
+        elif prereleases or not (v.prerelease or t in flagged):
+            kept.append(v)
+    best = max(kept, key=order_key, default=None)
+    if best is None or cur is None:
+        return (best and best.tag, None, tuple(skipped))
+    within = max((v for v in kept if v.major <= cur.major), key=order_key, default=None)
+    return (within and within.tag, best.tag if best.major > cur.major else None, tuple(skipped))
+
+
+# few distinct numbers and short releases, so equal releases behind other text (1.2 / 1.2.0 / 01.2) are common
+_number = st.sampled_from(["0", "1", "2", "00", "01", "10", "999", "2024"])
+_release = st.one_of(st.lists(_number, min_size=1, max_size=4), st.lists(_number, min_size=5, max_size=8)).map(".".join)
+_tag = st.one_of(
+    st.builds(lambda p, r: p + r, st.sampled_from(["", "v", "V", "release-", "go", "nats-server-v"]), _release),
+    st.builds(lambda p, r, s: p + r + s, st.sampled_from(["", "v"]), _release,
+              st.sampled_from(["-rc.1", "-RC.2", "-beta", "+build.5", ".post1", "-alpha.x.7", "x", "-"])),
+    st.text(max_size=6),
+)
+
+
+@given(tags=st.lists(_tag, max_size=40), current=st.one_of(st.none(), _tag), prereleases=st.booleans(),
+       major=st.sampled_from(["manual", "auto"]), flag=st.integers(0, 5))
+@example(tags=["1.2.0", "v1.2", "0.9"], current=None, prereleases=False, major="auto", flag=0)
+@example(tags=["v2.0", "release-2", "v1.10.0", "v1.10"], current="v1.0", prereleases=False, major="manual", flag=0)
+def test_select_agrees_with_parsing_every_tag(tags, current, prereleases, major, flag):
+    """select ranks plain numeric tags a release part at a time (fast on thousands of tags); the
+    answer must be exactly what parsing every tag and taking the max gives: trailing zeros, leading
+    zeros, equal releases behind other prefixes, flagged pre-releases, and the pin's major."""
+    flagged = tags[::flag] if flag else []
+    sel = select(tags, current=current, prereleases=prereleases, major=major, prerelease_tags=flagged)
+    got = (sel.latest and sel.latest.tag, sel.major_available and sel.major_available.tag, sel.skipped)
+    assert got == _reference_select(tags, current=current, prereleases=prereleases, major=major,
+                                     prerelease_tags=flagged)
+
+
+def test_a_tag_with_a_huge_number_is_skipped_not_a_crash():
+    """int() refuses a number of over 4,300 digits (ValueError): a hostile remote's tag must not sink
+    the check (it did, in parse_version and select alike)."""
+    huge = "9" * 5000
+    tags = ["v1.0.0", f"v1.{huge}", f"v1.1.0-rc.{huge}", "v" + "1." * 200 + "0"]
+    sel = select(tags)
+    assert sel.latest.tag == "v1.0.0"
+    assert set(sel.skipped) == set(tags[1:])
+    assert all(parse_version(t) is None for t in tags[1:])
+    assert newest(tags, prereleases=True, current="v1.0.0") == "v1.0.0"
