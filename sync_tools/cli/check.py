@@ -7,7 +7,8 @@ import click
 from sync_tools.check import VERSION_MANIFEST, write_version_manifest
 from sync_tools.check import check as run_check
 from sync_tools.cli._common import config_option, echo_json, json_option, load
-from sync_tools.sources import Sources
+from sync_tools.sources import Sources, lister
+from sync_tools.sources.remote import RefCache
 
 EXIT_UPDATE = 10
 
@@ -33,7 +34,8 @@ def check(names: tuple[str, ...], as_json: bool, exit_code: bool, timeout: float
       sync-tools check --exit-code || ...   # exit 10 when something is out of date
     """
     config = load(config_path)
-    report = run_check(config, names, sources=Sources(timeout=timeout))
+    refs = RefCache(timeout=timeout, helper=lister.take())  # the helper sync_tools.__main__ started, if any
+    report = run_check(config, names, sources=Sources(timeout=timeout, refs=refs))
     try:
         write_version_manifest(config.root / VERSION_MANIFEST, report)
     except OSError as e:

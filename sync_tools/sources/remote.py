@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from sync_tools.errors import DataError, RemoteError
@@ -301,14 +301,23 @@ def _describe(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
+def warm_up() -> None:
+    """Import dulwich's client now, ahead of the first listing (the helper process does this while
+    its parent starts; see :mod:`sync_tools.sources.lister`)."""
+    _tcp_client_class()
+
+
 class RefCache:
     """Per-run cache of :func:`ls_remote`: each URL is asked once; concurrent askers share the answer
-    (or the error). Thread-safe. *lister* is the injected seam (default :func:`ls_remote`)."""
+    (or the error). Thread-safe. *lister* is the injected seam (default :func:`ls_remote`);
+    *helper*, a :class:`~sync_tools.sources.lister.Helper`, lists the first :meth:`prefetch`'s
+    remotes in its own process (whatever it does not answer is listed here)."""
 
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT,
-                 lister: Callable[..., RemoteRefs] | None = None):
+                 lister: Callable[..., RemoteRefs] | None = None, helper: Any = None):
         self.timeout = timeout
         self._lister = lister or ls_remote
+        self._helper = helper
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self.requests = 0  # how many remote listings were actually made (tests read it)
@@ -334,9 +343,43 @@ class RefCache:
         once: the servers' answers then overlap whatever the caller does next (a check's remaining
         imports), and :meth:`get` waits for the listing in flight. Never raises; a listing's error is
         raised by :meth:`get`. Every listing is bounded by the cache's timeout."""
+        claimed = []
         for url in urls:
             entry, owner = self._claim(url)
             if owner:
+                claimed.append((entry, url))
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            if claimed and helper.ask([url for _, url in claimed], self.timeout):
+                threading.Thread(target=self._fill_from, args=(helper, claimed), name="ls-remote-helper",
+                                 daemon=True).start()
+                return
+            helper.close()
+        for entry, url in claimed:
+            threading.Thread(target=self._fill, args=(entry, url), name="ls-remote", daemon=True).start()
+
+    def _fill_from(self, helper: Any, claimed: list[tuple[_Entry, str]]) -> None:
+        """Fill *claimed* from the helper's answers as they arrive; each URL it did not answer is then
+        listed here."""
+        waiting = {url: entry for entry, url in claimed}
+        try:
+            for url, got in helper.answers():
+                entry = waiting.get(url)
+                if entry is None:
+                    continue
+                if len(got) == 4 and got[0] == "ok" and all(isinstance(m, dict) for m in got[1:]):
+                    entry.value = RemoteRefs(url.strip(), MappingProxyType(got[1]), MappingProxyType(got[2]),
+                                             MappingProxyType(got[3]))
+                elif len(got) == 2 and isinstance(got[1], str) and got[0] in _ERRORS:
+                    entry.error = _ERRORS[got[0]](got[1])
+                else:
+                    continue
+                del waiting[url]
+                entry.done.set()
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, the rest is listed here
+            log.debug("ls-remote helper: %s", e)
+        finally:
+            for url, entry in waiting.items():
                 threading.Thread(target=self._fill, args=(entry, url), name="ls-remote", daemon=True).start()
 
     def _claim(self, url: str) -> tuple[_Entry, bool]:
@@ -357,6 +400,9 @@ class RefCache:
             entry.error = e
         finally:
             entry.done.set()
+
+
+_ERRORS: dict[str, type[Exception]] = {"RemoteError": RemoteError, "DataError": DataError}
 
 
 class _Entry:
