@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from sync_tools.errors import DataError, RemoteError
 from sync_tools.sources import lister
 from sync_tools.sources.remote import RefCache
 from tests.gitrepos import GitRepo
+from tests.processes import assert_process_ends
 from tests.servers.git_http import GitDaemon, free_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the helper is forked on Linux only")
@@ -185,17 +184,7 @@ def test_a_helper_never_asked_exits_when_its_parent_does(tmp_path):
     """`sync-tools check` that fails before listing (a bad config) leaves no helper behind."""
     script = ("import sys\nfrom sync_tools.sources import lister\nh = lister.start()\nprint(h.pid)\n")
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    pid = int(p.stdout)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        pytest.fail("the helper outlived its parent")
+    assert_process_ends(int(p.stdout), "the helper outlived its parent")
 
 
 @pytest.mark.parametrize(("argv", "wanted"), [

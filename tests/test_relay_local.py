@@ -15,6 +15,7 @@ import requests
 from sync_tools.manifest import MANIFEST_NAME, parse_manifest
 from sync_tools.relay.app import create_app, get_relay
 from sync_tools.relay.server import RelayServer
+from tests.processes import assert_process_ends
 from tests.relay_support import delivery, settings, tag_payload
 from tests.test_relay_fanout import SSE
 from tests.workspace import make_workspace
@@ -81,8 +82,6 @@ def test_local_dispatch_builds_releases_and_announces(tmp_path: Path, monkeypatc
 def test_a_local_build_that_outlives_the_timeout_is_stopped_with_its_commands(tmp_path: Path) -> None:
     """The dispatcher's timeout stops the whole step: `sync-tools build` gets SIGTERM, stops the build
     command it started (its own process group), and the job fails naming the timeout."""
-    import os
-    import signal
 
     from sync_tools.errors import BuildError
     from sync_tools.relay.dispatch import LocalDispatcher
@@ -94,14 +93,4 @@ def test_a_local_build_that_outlives_the_timeout_is_stopped_with_its_commands(tm
     with pytest.raises(BuildError, match="timed out after 3 s"):
         d.dispatch({"subsystem": "nats", "version": "v1.0.0", "delivery": "d-timeout"})
     assert time.monotonic() - started < 60
-    pid = int(pidfile.read_text())
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        raise AssertionError("the build command outlived its build")
+    assert_process_ends(int(pidfile.read_text()), "the build command outlived its build")
