@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,26 @@ def test_a_helper_never_asked_exits_when_its_parent_does(tmp_path):
 ])
 def test_wanted_is_the_check_command_only(argv, wanted):
     assert lister.wanted(argv) is wanted
+
+
+def test_the_helper_holds_none_of_the_callers_pipes(tmp_path):
+    """A caller capturing `sync-tools check`'s output reads to end of file: a helper still holding the
+    stdout or stderr pipe would keep it waiting."""
+    script = "import sys, time\nfrom sync_tools.sources import lister\nh = lister.start()\nprint(h.pid, flush=True)\n" \
+             "time.sleep(3)\n"
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        assert proc.stdout is not None
+        pid = int(proc.stdout.readline())
+        deadline = time.monotonic() + 10
+        seen: list[str] = []
+        while time.monotonic() < deadline:
+            try:
+                seen = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)]
+            except FileNotFoundError:
+                seen = []
+            if seen == ["/dev/null"] * 3:
+                break
+            time.sleep(0.02)
+        proc.kill()
+    assert seen == ["/dev/null"] * 3

@@ -18,9 +18,9 @@ The helper is only a faster path to the same answer:
   listing would.
 - Anything else (no helper, a dead one, a short or garbled answer, a URL missing from it) and the
   parent lists that URL itself. Nothing waits on a helper past the listing timeouts.
-- The helper reads nothing but its request and writes nothing but its answer (its stdin and
-  stdout are /dev/null). It exits when the request is answered, or when the parent goes away
-  without sending one (end of file on the pipe).
+- The helper reads nothing but its request and writes nothing but its answer (its stdin, stdout
+  and stderr are /dev/null, so it never holds a caller's pipe open either). It exits when the
+  request is answered, or when the parent goes away without sending one (end of file on the pipe).
 """
 
 from __future__ import annotations
@@ -150,8 +150,8 @@ def _serve(request_fd: int, answer_fd: int) -> None:
     status = 1
     try:
         devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
+        for fd in (0, 1, 2):  # nor holds a caller's pipe open: its failures reach the parent as no answer
+            os.dup2(devnull, fd)
         import marshal
 
         from sync_tools.sources import remote
