@@ -209,18 +209,22 @@ def test_notify_needs_its_signature(relay: RelayServer) -> None:
     assert notify(relay, body=b'{"release": "other"}').status_code == 400
 
 
+def log_event(app_relay, **fields) -> None:
+    """Append a release.updated event with *fields* to the relay's log and wake its streams."""
+    app_relay.outbox.append_event("release.updated", {"type": "release.updated", **fields})
+    app_relay.broker.notify()
+
+
 def test_last_event_id_resumes_and_heartbeats_flow(relay: RelayServer) -> None:
     app_relay = get_relay(relay.app)
     for i in range(3):
-        app_relay.outbox.append_event("release.updated", {"type": "release.updated", "n": i})
-    app_relay.broker.notify()
+        log_event(app_relay, n=i)
     s = SSE(relay.url, last_event_id="1")
     try:
         assert [s.next_event()[0], s.next_event()[0]] == [2, 3]
         # heartbeat is 0.3 s in tests: within a second of quiet there are comments on the wire
         time.sleep(1.0)
-        app_relay.outbox.append_event("release.updated", {"type": "release.updated", "n": 3})
-        app_relay.broker.notify()
+        log_event(app_relay, n=3)
         eid, data = s.next_event()
         assert (eid, data["n"]) == (4, 3)
         assert s.heartbeats >= 2
@@ -228,8 +232,7 @@ def test_last_event_id_resumes_and_heartbeats_flow(relay: RelayServer) -> None:
         s.close()
     fresh = SSE(relay.url)  # no Last-Event-ID: only what comes next
     try:
-        app_relay.outbox.append_event("release.updated", {"type": "release.updated", "n": 4})
-        app_relay.broker.notify()
+        log_event(app_relay, n=4)
         assert fresh.next_event()[0] == 5
         health = requests.get(relay.url + "/health", timeout=5).json()
         assert health["connected_agents"] >= 1 and health["last_event_id"] == 5
@@ -240,8 +243,7 @@ def test_last_event_id_resumes_and_heartbeats_flow(relay: RelayServer) -> None:
 def test_an_event_id_from_another_database_replays_this_log_and_head_holds_no_subscriber(relay: RelayServer) -> None:
     app_relay = get_relay(relay.app)
     for i in range(2):
-        app_relay.outbox.append_event("release.updated", {"type": "release.updated", "n": i})
-    app_relay.broker.notify()
+        log_event(app_relay, n=i)
     # the agent saved id 100 from a relay database since recreated: it gets this log from its start
     s = SSE(relay.url, last_event_id="100")
     try:
@@ -284,9 +286,7 @@ def test_the_agents_sse_client_resumes_from_the_relay(relay: RelayServer) -> Non
     t.start()
     try:
         assert client.connected.wait(5)
-        app_relay.outbox.append_event("release.updated", {"type": "release.updated", "subsystems": ["nats"],
-                                                          "release": "latest", "serial": 1, "manifest": "m"})
-        app_relay.broker.notify()
+        log_event(app_relay, subsystems=["nats"], release="latest", serial=1, manifest="m")
         deadline = time.monotonic() + 5
         while len(got) < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
