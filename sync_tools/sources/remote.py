@@ -339,10 +339,11 @@ class RefCache:
         return entry.value
 
     def prefetch(self, urls: Iterable[str]) -> None:
-        """Start listing each of *urls* not asked yet, each in a background thread, and return at
-        once: the servers' answers then overlap whatever the caller does next (a check's remaining
-        imports), and :meth:`get` waits for the listing in flight. Never raises; a listing's error is
-        raised by :meth:`get`. Every listing is bounded by the cache's timeout."""
+        """Start listing each of *urls* not asked yet, and return at once: by the cache's helper
+        process when it has one (the first call only), else each in a background thread. The servers'
+        answers then overlap whatever the caller does next, and :meth:`get` waits for the listing in
+        flight. Never raises; a listing's error is raised by :meth:`get`. Every listing is bounded by
+        the cache's timeout."""
         claimed = []
         for url in urls:
             entry, owner = self._claim(url)
