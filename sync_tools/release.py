@@ -38,6 +38,7 @@ from sync_tools.manifest import (
 )
 from sync_tools.package import DIST_DIR, Packaged, read_packaged
 from sync_tools.stores.base import ManifestBusy, ManifestConflict, Snapshot, Store, open_store
+from sync_tools.versions import later
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +127,19 @@ def release(
     attempts: int = DEFAULT_ATTEMPTS,
     sleep: Callable[[float], None] = time.sleep,
     now: datetime | None = None,
+    allow_downgrade: bool = False,
 ) -> ReleaseResult:
     """Release subsystem *name*: upload its packaged assets from *dist* (default ``.dist``), then put
     its entry into the signed manifest, leaving every other entry as it was.
 
     Raises ConfigError (unknown subsystem, keys), DataError (nothing packaged, an asset differs from
-    its sidecar, the store's manifest does not verify), RemoteError (store I/O) and ManifestConflict
-    when *attempts* read-modify-write rounds all lost a race.
+    its sidecar, the store's manifest does not verify, the manifest already holds a newer version
+    and *allow_downgrade* is not set), RemoteError (store I/O) and ManifestConflict when *attempts*
+    read-modify-write rounds all lost a race.
     """
     [result] = release_many(config, [name], store=store, dist=dist, platforms=platforms,
-                            signing_key=signing_key, attempts=attempts, sleep=sleep, now=now)
+                            signing_key=signing_key, attempts=attempts, sleep=sleep, now=now,
+                            allow_downgrade=allow_downgrade)
     return result
 
 
@@ -150,10 +154,14 @@ def release_many(
     attempts: int = DEFAULT_ATTEMPTS,
     sleep: Callable[[float], None] = time.sleep,
     now: datetime | None = None,
+    allow_downgrade: bool = False,
 ) -> list[ReleaseResult]:
     """Release several subsystems with one manifest write: every asset is uploaded first, then all
     their entries go into the manifest together (serial + 1 once, one signature), every other entry
     left as it was. Nothing is uploaded unless every named subsystem has packaged assets.
+
+    A build older than the one the manifest holds is refused unless *allow_downgrade* (a deliberate
+    rollback): a late or stale release job must not take agents back a version.
 
     Raises what :func:`release` raises.
     """
@@ -167,7 +175,7 @@ def release_many(
     entries: dict[str, Entry] = {}
     for name in dict.fromkeys(names):
         sub = config.subsystem(name)
-        items = read_packaged(dist, name, wanted)
+        items = read_packaged(dist, name, wanted, binary=sub.binary)
         if not items:
             where = f" for {', '.join(wanted)}" if wanted else ""
             raise DataError(f"{name}: nothing packaged in {dist}{where}; run: sync-tools package --only {name}")
@@ -177,29 +185,46 @@ def release_many(
     private, public = release_keys(config, signing_key)
     store = store or open_store(config)
 
+    def build_of(entry: Entry | None) -> tuple[str, str] | None:
+        return None if entry is None else (entry.version, entry.commit)
+
+    def refuse_older(base: Manifest) -> None:
+        if allow_downgrade:
+            return
+        older = [f"{n} {e.version} (the manifest holds {base.subsystems[n].version})"
+                 for n, e in entries.items()
+                 if n in base.subsystems and later(base.subsystems[n].version, e.version)]
+        if older:
+            raise DataError(f"not releasing an older build over a newer one: {'; '.join(older)}; "
+                            "pass --allow-downgrade to roll back on purpose")
+
     store.ensure_release()
-    # Verify before uploading: a tampered store is refused before anything in it changes.
-    first, _ = read_verified(store, public)
+    # Verify and compare before uploading: a tampered store, or a newer build already released, is
+    # refused before anything in the store changes.
+    first, _ = _read_retrying(store, public, label=label, attempts=attempts, sleep=sleep)
+    refuse_older(first)
     before = {name: first.subsystems.get(name) for name in entries}
     for items in packaged.values():
         for item in items:
             store.upload_asset(item.path, item.name)
             log.info("uploaded %s", item.name)
 
-    def build_of(entry: Entry | None) -> tuple[str, str] | None:
-        return None if entry is None else (entry.version, entry.commit)
-
     def change(base: Manifest) -> Manifest:
-        superseded = [n for n in entries if build_of(base.subsystems.get(n)) != build_of(before[n])]
+        # Another release put a different build of the same subsystem in after our first read. (The
+        # same build as ours, released alongside for other platforms, merges as usual.)
+        superseded = [n for n in entries
+                      if build_of(base.subsystems.get(n)) not in (build_of(before[n]), build_of(entries[n]))]
         if superseded:
-            # Another release put a different build of the same subsystem in after our first read:
-            # its assets and ours have the same names, so writing ours now could pair our entry with
-            # its files, or put back an older build. The store stays as that release left it. (Other
-            # platforms of the same build, released alongside, merge as usual.)
+            # Its assets and ours have the same names and ours were uploaded last: writing our entry
+            # now could put back an older build, and not writing it leaves its entry naming our files.
+            # Agents refuse the mismatch (the sha256 differs), so nothing wrong gets installed; the
+            # next release of the subsystem puts the pair right.
             raise DataError(f"{', '.join(superseded)}: another release wrote "
                             f"{'this entry' if len(superseded) == 1 else 'these entries'} while this one "
-                            f"uploaded (manifest serial {base.serial}); not overwriting it: run the "
-                            "release again to publish this build")
+                            f"uploaded (manifest serial {base.serial}), so the uploaded assets may no longer "
+                            "match the manifest; agents refuse them until the next release: release "
+                            "the newest build again")
+        refuse_older(base)
         new = base
         for name, entry in entries.items():
             new = with_entry(new, name, entry, now=now, expires_days=config.release.expires_days)
@@ -241,6 +266,25 @@ def refresh(
     return new
 
 
+def _read_retrying(store: Store, public: Ed25519PublicKey, *, label: str, attempts: int,
+                   sleep: Callable[[float], None]) -> tuple[Manifest, Snapshot]:
+    """:func:`read_verified`, read again after a pause while another writer is midway through its
+    write (ManifestBusy), as :func:`_write_manifest` does. Raises ManifestConflict after *attempts*."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return read_verified(store, public)
+        except ManifestBusy as e:
+            if attempt == attempts:
+                raise ManifestConflict(f"{label}: the manifest stayed midway through another write; gave "
+                                       f"up after {attempts} attempts ({e})") from e
+            sleep(_backoff(attempt))
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _backoff(attempt: int) -> float:
+    return min(2.0, 0.05 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)  # noqa: S311 - jitter
+
+
 def _write_manifest(store: Store, public: Ed25519PublicKey, private: Ed25519PrivateKey,
                     change: Callable[[Manifest], Manifest], *, label: str, attempts: int,
                     sleep: Callable[[float], None]) -> tuple[Manifest, int]:
@@ -260,7 +304,7 @@ def _write_manifest(store: Store, public: Ed25519PublicKey, private: Ed25519Priv
             if attempt == attempts:
                 raise ManifestConflict(f"{label}: the manifest kept changing; gave up after {attempts} "
                                        f"attempts ({e})") from e
-            delay = min(2.0, 0.05 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)  # noqa: S311 - jitter
+            delay = _backoff(attempt)
             log.info("manifest changed under %s (attempt %d); retrying in %.2fs", label, attempt, delay)
             sleep(delay)
             continue

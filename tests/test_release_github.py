@@ -169,3 +169,25 @@ def test_two_concurrent_releases_of_different_subsystems_both_land(ws, server) -
         assert len(assets[asset.name]) == asset.size
     assert set(assets) == {NATS, ARC, "manifest.json", "manifest.json.sig"}
 
+
+
+def test_a_release_whose_manifest_another_built_on_at_once_still_succeeds(ws, server) -> None:
+    """The store reads the pair back after writing it; when another release (arc), built on ours, has
+    replaced it already, that read says "conflict". The retry finds nats's entry is already this
+    build and writes it again; nats's release must not be reported failed (the relay would not be
+    told)."""
+    _release(ws, "arc")
+    arc_released: list[int] = []
+
+    class _ArcLandsRightAfter(GitHubStore):
+        def _install_signature(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            super()._install_signature(*args, **kwargs)
+            if not arc_released:
+                arc_released.append(_release(ws, "arc").serial)
+
+    result = _release(ws, "nats", store=_ArcLandsRightAfter(REPO, TAG, base_url=server.url, timeout=10),
+                      sleep=lambda s: None)
+    m = _manifest(ws, server)
+    assert arc_released and result.serial == m.serial > arc_released[0]
+    assert m.subsystems["nats"].commit == result.commit
+    assert m.subsystems["nats"].assets["linux/amd64"].sha256 == result.assets[0].sha256

@@ -293,6 +293,93 @@ def test_a_release_superseded_while_it_uploads_does_not_overwrite_the_other(ws) 
     assert _manifest(ws).subsystems["nats"].version == "v1.0.9"  # the other release's entry stands
 
 
+def _package(ws: Workspace, version: str, platform: str = "linux/amd64") -> None:
+    """nats's packaged linux/amd64 asset, relabelled as build *version* (its commit made from it) for
+    *platform*; nats's other packages removed."""
+    original = ws.root / "nats-linux-amd64.sidecar"
+    if not original.exists():
+        shutil.copy(ws.dist / "nats-server-linux-amd64.tar.gz.json", original)
+    meta = json.loads(original.read_text())
+    for side in ws.dist.glob("nats-server-*.tar.gz.json"):
+        side.unlink()
+    name = f"nats-server-{platform.replace('/', '-')}.tar.gz"
+    if name != meta["name"]:
+        shutil.copy(ws.dist / meta["name"], ws.dist / name)
+    meta.update(platform=platform, name=name, version=version, commit=sha256_bytes(version.encode())[:40])
+    (ws.dist / f"{name}.json").write_text(json.dumps(meta))
+
+
+def test_an_older_build_is_refused_before_anything_is_uploaded(ws) -> None:
+    """A late or stale release job (a dispatch finishing after a newer one, a rebuild of an old pin)
+    must not take agents back a version; a deliberate rollback says so."""
+    _package(ws, "v1.2.0")
+    release(ws.config(), "nats", signing_key=str(ws.private_key))
+    _package(ws, "v1.1.0")
+    assets = _files(ws.release_dir, contains=".tar.gz")
+    with pytest.raises(DataError, match=r"older build over a newer one: nats v1.1.0 \(the manifest holds "
+                                        r"v1.2.0\).*--allow-downgrade"):
+        release(ws.config(), "nats", signing_key=str(ws.private_key))
+    assert _files(ws.release_dir, contains=".tar.gz") == assets
+    assert _manifest(ws).subsystems["nats"].version == "v1.2.0"
+
+    result = release(ws.config(), "nats", signing_key=str(ws.private_key), allow_downgrade=True)
+    assert _manifest(ws).subsystems["nats"].version == "v1.1.0" == result.version
+
+
+def test_cli_release_refuses_an_older_build_and_allows_a_deliberate_one(ws) -> None:
+    _package(ws, "v1.2.0")
+    _sync_tools(ws, "release", "--only", "nats")
+    _package(ws, "v1.1.0")
+    proc = subprocess.run(["sync-tools", "release", "--only", "nats"], cwd=ws.root, env=ws.env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "--allow-downgrade" in proc.stderr and "Traceback" not in proc.stderr
+    assert "released nats v1.1.0" in _sync_tools(ws, "release", "--only", "nats", "--allow-downgrade")
+
+
+def test_platforms_of_a_new_build_released_by_parallel_jobs_all_land(ws) -> None:
+    """A per-platform matrix: the arm64 job of the new build writes first, then the amd64 job of the
+    same build, which read the manifest while it still held the old build."""
+    key = signing.load_private_key(str(ws.private_key))
+    _package(ws, "v1.1.0", "linux/arm64")
+    release(ws.config(), "nats", signing_key=str(ws.private_key), platforms=["linux/arm64"])
+    arm64 = _manifest(ws).subsystems["nats"]
+    _package(ws, "v1.1.0", "linux/amd64")
+    # roll the store back to the old build, then have the arm64 job land while the amd64 one uploads
+    store = LocalStore(ws.store, ws.tag)
+    snap = store.read_manifest()
+    m = parse_manifest(snap.data)
+    old = dataclasses.replace(m.subsystems["nats"], version="v1.0.0", commit="0" * 40)
+    store.write_manifest(*sign_manifest(dataclasses.replace(with_entry(m, "nats", old), serial=m.serial + 1), key),
+                         snap.token)
+    result = release(ws.config(), "nats", signing_key=str(ws.private_key), sleep=lambda s: None,
+                     store=_RivalDuringUpload(ws.store, ws.tag, key, lambda nats: arm64),
+                     allow_downgrade=True)
+    assert result.attempts == 1
+    entry = _manifest(ws).subsystems["nats"]
+    assert entry.version == "v1.1.0" and set(entry.assets) == {"linux/amd64", "linux/arm64"}
+
+
+class _BusyFirstStore(LocalStore):
+    """Another writer is midway through replacing the manifest when this release first looks."""
+
+    def __init__(self, path: Path, tag: str):
+        super().__init__(path, tag)
+        self.reads = 0
+
+    def read_manifest(self):
+        self.reads += 1
+        if self.reads == 1:
+            raise ManifestBusy("manifest.json is being replaced by another writer")
+        return super().read_manifest()
+
+
+def test_a_manifest_being_replaced_at_the_first_look_is_read_again(ws) -> None:
+    sleeps: list[float] = []
+    result = release(ws.config(), "nats", store=_BusyFirstStore(ws.store, ws.tag), signing_key=str(ws.private_key),
+                     sleep=sleeps.append)
+    assert len(sleeps) == 1 and _manifest(ws).serial == result.serial
+
+
 class _BusyOnceStore(LocalStore):
     """Another writer is midway through replacing the manifest the first time this release looks."""
 
@@ -415,3 +502,17 @@ def test_one_subsystem_without_packages_stops_all_before_any_upload(ws, monkeypa
     with pytest.raises(DataError, match="arc: nothing packaged"):
         release_many(ws.config(), ["nats", "arc"], signing_key=str(ws.private_key))
     assert _files(ws.release_dir) == before
+
+
+def test_a_sidecar_naming_another_subsystems_asset_is_refused(ws) -> None:
+    """Sidecars come from build legs that run upstream code: nats's must not make its release
+    replace arc's asset."""
+    arc_assets = _files(ws.release_dir, contains="arc-")
+    side = json.loads((ws.dist / "nats-server-linux-amd64.tar.gz.json").read_text())
+    shutil.copy(ws.dist / "nats-server-linux-amd64.tar.gz", ws.dist / "arc-linux-arm64.tar.gz")
+    (ws.dist / "nats-server-linux-amd64.tar.gz.json").unlink()
+    side.update(platform="linux/arm64", name="arc-linux-arm64.tar.gz")
+    (ws.dist / "arc-linux-arm64.tar.gz.json").write_text(json.dumps(side))
+    with pytest.raises(DataError, match="nats's asset for linux/arm64 must be named nats-server-linux-arm64.tar.gz"):
+        release(ws.config(), "nats", signing_key=str(ws.private_key))
+    assert _files(ws.release_dir, contains="arc-") == arc_assets

@@ -195,16 +195,19 @@ def package(only: tuple[str, ...], platform: str | None, dist: str | None, as_js
 @click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[,OS/ARCH]",
               help="Only these platforms' packaged assets (default: all packaged for NAME).")
 @click.option("--dist", "dist", type=click.Path(file_okay=False), help="Where the packaged assets are (.dist).")
+@click.option("--allow-downgrade", "allow_downgrade", is_flag=True,
+              help="Release NAME even when the manifest holds a newer version (a deliberate rollback).")
 @json_option
 @config_option
-def release(only: tuple[str, ...], refresh: bool, platforms: tuple[str, ...], dist: str | None, as_json: bool,
-            config_path: str | None) -> None:
+def release(only: tuple[str, ...], refresh: bool, platforms: tuple[str, ...], dist: str | None,
+            allow_downgrade: bool, as_json: bool, config_path: str | None) -> None:
     """Upload only NAME's packaged assets to the release store, then put NAME's entry into manifest.json
     (every other entry untouched, serial + 1, expiry renewed) and re-sign it with the key in
     $SYNC_TOOLS_SIGNING_KEY (a path or the PEM). Several names: one manifest write for all of them.
 
-    The current manifest must verify with release.public_key first. A release racing another (a
-    parallel job) re-reads and redoes its change.
+    The current manifest must verify with release.public_key first. A build older than the one the
+    manifest holds is refused (a late or stale job must not roll agents back) unless
+    --allow-downgrade. A release racing another (a parallel job) re-reads and redoes its change.
 
     \b
     Example:
@@ -214,8 +217,9 @@ def release(only: tuple[str, ...], refresh: bool, platforms: tuple[str, ...], di
     """
     from sync_tools import release as releasing
 
-    if refresh == bool(only) or (refresh and (platforms or dist)):
-        raise click.UsageError("give --only NAME (with --platform/--dist if wanted), or --refresh alone")
+    if refresh == bool(only) or (refresh and (platforms or dist or allow_downgrade)):
+        raise click.UsageError("give --only NAME (with --platform/--dist/--allow-downgrade if wanted), or "
+                               "--refresh alone")
     config = load(config_path)
     if refresh:
         m = releasing.refresh(config)
@@ -225,7 +229,7 @@ def release(only: tuple[str, ...], refresh: bool, platforms: tuple[str, ...], di
             click.echo(f"refreshed manifest.json: serial {m.serial}, expires {m.expires}")
         return
     results = releasing.release_many(config, split_names(only), dist=Path(dist) if dist else None,
-                           platforms=split_names(platforms) or None)
+                                     platforms=split_names(platforms) or None, allow_downgrade=allow_downgrade)
     if as_json:
         echo_json([r.to_json() for r in results])
         return
