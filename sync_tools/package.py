@@ -149,9 +149,12 @@ def _read_sidecar(path: Path) -> Packaged:
     return Packaged(**{k: obj[k] for k in _SIDECAR_KEYS}, path=path.with_name(obj["name"]))
 
 
-def read_packaged(dist: Path, name: str, platforms: Iterable[str] | None = None) -> list[Packaged]:
+def read_packaged(dist: Path, name: str, platforms: Iterable[str] | None = None, *,
+                  binary: str | None = None) -> list[Packaged]:
     """The packaged assets of subsystem *name* in *dist* (optionally only *platforms*), each checked
-    against its sidecar (size and sha256). Raises DataError when an asset is missing or differs."""
+    against its sidecar (size and sha256), and, given *binary*, named as that binary's asset for its
+    platform (``<binary>-<os>-<arch>.tar.gz``). Raises DataError when an asset is missing, differs or
+    is misnamed."""
     wanted = set(platforms) if platforms else None
     out = []
     if dist.is_dir():
@@ -159,6 +162,17 @@ def read_packaged(dist: Path, name: str, platforms: Iterable[str] | None = None)
             item = _read_sidecar(path)
             if item.subsystem != name or (wanted is not None and item.platform not in wanted):
                 continue
+            if binary is not None:
+                # a sidecar (written by a build leg that ran upstream code) must not make this
+                # subsystem's release replace another subsystem's assets
+                try:
+                    os_, arch = parse_platform(item.platform or "?")
+                except ConfigError as e:
+                    raise DataError(f"{path}: {e}") from e
+                expected = asset_name(binary, f"{os_}/{arch}")
+                if item.name != expected:
+                    raise DataError(f"{path}: {name}'s asset for {item.platform} must be named {expected}, "
+                                    f"not {item.name}")
             if not item.path.is_file():
                 raise DataError(f"{item.path}: missing (its sidecar {path.name} is there)")
             size, digest = item.path.stat().st_size, sha256_file(item.path)
