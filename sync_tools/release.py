@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -228,13 +228,23 @@ def release_many(
         new = base
         for name, entry in entries.items():
             new = with_entry(new, name, entry, now=now, expires_days=config.release.expires_days)
-        return dataclasses.replace(new, serial=base.serial + 1)  # one write, one serial step
+        return dataclasses.replace(new, serial=next_serial(base, now))  # one write, one serial step
 
     new, attempt = _write_manifest(store, public, private, change, label=label, attempts=attempts, sleep=sleep)
     log.info("released %s: manifest serial %d", label, new.serial)
     return [ReleaseResult(subsystem=name, version=entry.version, commit=entry.commit, serial=new.serial,
                           assets=packaged[name], attempts=attempt, store=repr(store))
             for name, entry in entries.items()]
+
+
+def next_serial(base: Manifest, now: datetime | None = None) -> int:
+    """The serial of the manifest written over *base*: one more, except that a store with no manifest
+    (serial 0) starts at the current Unix time. Agents refuse a serial lower than the one they last
+    applied, so a release deleted or a store wiped and written again from 1 would be refused by every
+    agent until it had climbed past their serial; the clock is far ahead of any count of releases."""
+    if base.serial == 0 and not base.subsystems:
+        return max(1, int((now or datetime.now(UTC)).timestamp()))
+    return base.serial + 1
 
 
 def refresh(

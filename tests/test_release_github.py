@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import threading
+import time
 
 import pytest
 
@@ -74,7 +75,7 @@ def test_release_replaces_only_nats_with_a_copy_at_every_moment(ws, server) -> N
     _release(ws, "nats")
     _release(ws, "arc")
     first = _manifest(ws, server)
-    assert first.serial == 2 and [r["tag_name"] for r in server.state.releases(REPO)] == [TAG]
+    assert [r["tag_name"] for r in server.state.releases(REPO)] == [TAG]
     arc_record = dict(_asset_record(server, ARC))
     old_nats = server.state.assets(REPO, TAG)[NATS]
 
@@ -97,7 +98,7 @@ def test_release_replaces_only_nats_with_a_copy_at_every_moment(ws, server) -> N
     result = _release(ws, "nats")
     server.hooks.clear()
 
-    assert result.serial == 3 and result.version == "v1.1.0"
+    assert result.serial == first.serial + 1 and result.version == "v1.1.0"
     assert server.state.assets(REPO, TAG)[NATS] == new_nats
     assert any(m == "DELETE" for m, _ in seen)  # the old asset really was replaced, not overwritten
     after = _manifest(ws, server)
@@ -144,6 +145,7 @@ class _BarrierStore(GitHubStore):
 
 def test_two_concurrent_releases_of_different_subsystems_both_land(ws, server) -> None:
     GitHubStore(REPO, TAG, base_url=server.url).ensure_release()  # once, before the parallel jobs
+    started = int(time.time())  # the first serial of a store with no manifest is the clock
     barrier = threading.Barrier(2)
     results, errors = {}, []
 
@@ -162,7 +164,7 @@ def test_two_concurrent_releases_of_different_subsystems_both_land(ws, server) -
     assert not errors, errors
     assert max(r.attempts for r in results.values()) >= 2  # the race happened and was redone
     m = _manifest(ws, server)
-    assert m.serial == 2 and set(m.subsystems) == {"nats", "arc"}
+    assert started <= m.serial - 1 <= time.time() and set(m.subsystems) == {"nats", "arc"}  # two writes
     assets = server.state.assets(REPO, TAG)
     for name, asset in ((n, m.subsystems[n].assets["linux/amd64"]) for n in ("nats", "arc")):
         assert asset.sha256 == results[name].assets[0].sha256

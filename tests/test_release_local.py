@@ -8,9 +8,11 @@ import base64
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -62,7 +64,7 @@ def test_releasing_nats_leaves_everything_of_arc_untouched(tmp_path) -> None:
         _sync_tools(ws, "package", "--only", name, "--platform", "linux/amd64")
         _sync_tools(ws, "release", "--only", name)
     first = _manifest(ws)
-    assert first.serial == 2 and set(first.subsystems) == {"nats", "arc"}
+    assert set(first.subsystems) == {"nats", "arc"}
     arc_files = {**_files(ws.root / "arc"), **_files(ws.dist, ws.release_dir, contains="arc")}
     names = {Path(p).name for p in arc_files}
     assert {"arc", ".version", "arc-linux-amd64.tar.gz", "arc-linux-amd64.tar.gz.json"} <= names
@@ -73,13 +75,13 @@ def test_releasing_nats_leaves_everything_of_arc_untouched(tmp_path) -> None:
     _sync_tools(ws, "build", "--only", "nats", "--version", "v1.1.0", "--platform", "linux/amd64")
     _sync_tools(ws, "package", "--only", "nats", "--platform", "linux/amd64")
     out = json.loads(_sync_tools(ws, "release", "--only", "nats", "--json"))
-    assert out[0]["serial"] == 3 and out[0]["version"] == "v1.1.0" and out[0]["commit"] == new_commit
+    assert out[0]["serial"] == first.serial + 1 and out[0]["version"] == "v1.1.0" and out[0]["commit"] == new_commit
     _sync_tools(ws, "build", "--only", "nats", "--platform", "linux/arm64")  # the pin is v1.1.0 now
     _sync_tools(ws, "package", "--only", "nats", "--platform", "linux/arm64")
     _sync_tools(ws, "release", "--only", "nats", "--platform", "linux/arm64")
 
     after = _manifest(ws)
-    assert after.serial == 4
+    assert after.serial == first.serial + 2
     assert after.subsystems["arc"] == first.subsystems["arc"]
     nats = after.subsystems["nats"]
     assert (nats.version, nats.commit) == ("v1.1.0", new_commit)
@@ -108,7 +110,7 @@ def test_releasing_nats_leaves_everything_of_arc_untouched(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory) -> Workspace:
-    """nats and arc built, packaged and released for linux/amd64 (serial 2)."""
+    """nats and arc built, packaged and released for linux/amd64 (the second serial)."""
     ws = make_workspace(tmp_path_factory.mktemp("rel") / "ws", git=False)
     cfg = ws.config()
     for name in ("nats", "arc"):
@@ -129,7 +131,7 @@ def ws(released, tmp_path) -> Workspace:
 
 def test_first_release_starts_from_an_empty_manifest(released) -> None:
     m = _manifest(released)
-    assert m.serial == 2
+    assert time.time() - 3600 < m.serial - 1 <= time.time()  # the first serial is the clock (next_serial)
     assert m.subsystems["nats"].binary == "nats-server"
     assert datetime.fromisoformat(m.expires.replace("Z", "+00:00")) > datetime.now(UTC) + timedelta(days=29)
 
@@ -138,7 +140,7 @@ def test_tampered_store_is_refused_and_nothing_is_uploaded(ws, monkeypatch) -> N
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "12345")  # a different asset than the stored one
     package(ws.config(), "arc", platform="linux/amd64")
     manifest_path = ws.release_dir / "manifest.json"
-    tampered = manifest_path.read_bytes().replace(b'"serial": 2', b'"serial": 9')
+    tampered = re.sub(rb'"serial": [0-9]+', b'"serial": 9', manifest_path.read_bytes())
     manifest_path.write_bytes(tampered)
     before = _files(ws.release_dir)
     with pytest.raises(SignatureError, match="refusing to overwrite"):
@@ -217,6 +219,7 @@ def test_two_racing_releases_both_land(ws, monkeypatch) -> None:
         except Exception as e:  # surfaced below
             errors.append(e)
 
+    serial = _manifest(ws).serial
     threads = [threading.Thread(target=run, args=(n,)) for n in ("nats", "arc")]
     for t in threads:
         t.start()
@@ -225,7 +228,7 @@ def test_two_racing_releases_both_land(ws, monkeypatch) -> None:
     assert not errors, errors
     assert sorted(r.attempts for r in results.values()) == [1, 2]
     m = _manifest(ws)
-    assert m.serial == 4
+    assert m.serial == serial + 2
     for name in ("nats", "arc"):
         assert m.subsystems[name].assets["linux/amd64"].sha256 == results[name].assets[0].sha256
 
@@ -469,9 +472,10 @@ def test_signature_written_is_base64_of_64_bytes(released) -> None:
 def test_cli_release_text_and_errors(ws) -> None:
     runner = CliRunner()
     env = {"SYNC_TOOLS_SIGNING_KEY": str(ws.private_key)}
+    serial = _manifest(ws).serial
     result = runner.invoke(cli, ["release", "--only", "arc", "--config", str(ws.config_path)], env=env)
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("released arc v1.0.0") and "manifest serial 3" in result.output
+    assert result.output.startswith("released arc v1.0.0") and f"manifest serial {serial + 1};" in result.output
     missing = runner.invoke(cli, ["release", "--only", "arc", "--platform", "darwin/arm64",
                                   "--config", str(ws.config_path)], env=env)
     assert missing.exit_code == 1 and len(missing.output.strip().splitlines()) == 1
@@ -483,12 +487,13 @@ def test_several_subsystems_are_one_manifest_write(ws, monkeypatch) -> None:
     fresh = {n: package(cfg, n, platform="linux/amd64") for n in ("nats", "arc")}
     runner = CliRunner()
     env = {"SYNC_TOOLS_SIGNING_KEY": str(ws.private_key)}
+    serial = _manifest(ws).serial
     result = runner.invoke(cli, ["release", "--only", "nats,arc", "--json", "--config", str(ws.config_path)],
                            env=env)
     assert result.exit_code == 0, result.output
-    assert [r["serial"] for r in json.loads(result.output)] == [3, 3]
+    assert [r["serial"] for r in json.loads(result.output)] == [serial + 1, serial + 1]
     m = _manifest(ws)
-    assert m.serial == 3
+    assert m.serial == serial + 1
     for name, item in fresh.items():
         assert m.subsystems[name].assets["linux/amd64"].sha256 == item.sha256
         assert (ws.release_dir / item.name).read_bytes() == item.path.read_bytes()
@@ -516,3 +521,16 @@ def test_a_sidecar_naming_another_subsystems_asset_is_refused(ws) -> None:
     with pytest.raises(DataError, match="nats's asset for linux/arm64 must be named nats-server-linux-arm64.tar.gz"):
         release(ws.config(), "nats", signing_key=str(ws.private_key))
     assert _files(ws.release_dir, contains="arc-") == arc_assets
+
+
+def test_a_wiped_store_starts_above_the_serial_agents_applied(ws) -> None:
+    """The release deleted or the store wiped: the next release must not start again from 1, which
+    every agent would refuse as a rollback until the serial climbed past theirs."""
+    applied = _manifest(ws).serial
+    for name in ("manifest.json", "manifest.json.sig"):
+        (ws.release_dir / name).unlink()
+    result = release(ws.config(), "nats", signing_key=str(ws.private_key))
+    assert result.serial >= applied and _manifest(ws).serial == result.serial
+    verify_manifest((ws.release_dir / "manifest.json").read_bytes(),
+                    (ws.release_dir / "manifest.json.sig").read_bytes(),
+                    signing.load_public_key(str(ws.public_key)), min_serial=applied)
