@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from sync_tools.config import Config
+from sync_tools.config import MAX_CONFIG_BYTES, Config
 from sync_tools.errors import ConfigError, DataError
 from sync_tools.fsutil import read_capped
 
@@ -155,7 +155,7 @@ def versions_from_event(event: Mapping[str, Any]) -> dict[str, str]:
     payload = event.get("client_payload") if isinstance(event, Mapping) else None
     if not isinstance(payload, Mapping):
         return {}
-    names = _names(payload.get("subsystem"), "client_payload.subsystem")
+    names = list(dict.fromkeys(_names(payload.get("subsystem"), "client_payload.subsystem")))
     version = payload.get("version")
     if len(names) == 1 and isinstance(version, str) and version.strip():
         # The version reaches shell commands in the workflow: only plain version/commit characters.
@@ -360,6 +360,44 @@ def names_from_pins(config: Config, files: Iterable[str], old: Mapping[str, byte
             continue
         if _pin_at(sub, old.get(rel)) != sub.current:
             hit.add(sub.name)
+    return with_dependents(config, hit) if hit else []
+
+
+def config_file(config: Config) -> str | None:
+    """The config file's path relative to the workspace root (None outside it)."""
+    try:
+        return Path(config.path).resolve().relative_to(Path(config.root).resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def names_from_config(config: Config, files: Iterable[str], old: Mapping[str, bytes | None]) -> list[str]:
+    """Subsystems whose own section of the config file changed since the base (their build commands,
+    binary, upstream, paths ...), with their dependents; *old* holds the config file at the base (see
+    :func:`diff_from_base`). Other sections (``release``, ``relay``) build nothing. A config file that
+    cannot be read at the base, or is not a mapping there, counts every subsystem as changed."""
+    rel = config_file(config)
+    if rel is None or rel not in set(files):
+        return []
+
+    def sections(raw: bytes | None) -> Mapping[str, Any] | None:
+        if raw is None or len(raw) > MAX_CONFIG_BYTES:
+            return None
+        try:
+            data = yaml.safe_load(raw)
+        except (yaml.YAMLError, RecursionError, ValueError):
+            return None
+        subs = data.get("subsystems") if isinstance(data, Mapping) else None
+        return subs if isinstance(subs, Mapping) else None
+
+    before = sections(old.get(rel))
+    try:
+        now = sections(read_capped(Path(config.path), MAX_CONFIG_BYTES))
+    except (OSError, DataError):
+        now = None
+    if before is None or now is None:
+        return with_dependents(config, set(config.subsystems))
+    hit = {n for n in config.subsystems if before.get(n) != now.get(n)}
     return with_dependents(config, hit) if hit else []
 
 

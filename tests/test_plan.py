@@ -174,6 +174,34 @@ def test_a_push_that_bumps_a_pin_plans_that_subsystem_only(ws) -> None:
     assert [i["subsystem"] for i in matrix["include"]] == ["nats", "arc", "web"]  # and its dependents
 
 
+def test_a_push_that_changes_a_subsystems_config_plans_it(ws) -> None:
+    """Only the pin used to count: a new build command, binary or upstream for nats in sync-tools.yaml
+    planned nothing. Another section (release, relay) still builds nothing."""
+    import yaml
+
+    ws.git_commit("start")
+    data = yaml.safe_load(ws.config_path.read_text())
+    data["subsystems"]["solo"]["binary"] = "solo-server"
+    ws.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    ws.git_commit("solo's binary renamed")
+    matrix = _matrix(_plan(ws, "--base", "HEAD~1", "--platform", "linux/amd64"))
+    assert [i["subsystem"] for i in matrix["include"]] == ["solo"]
+    data["subsystems"]["nats"]["build"] = ["echo rebuilt"]
+    ws.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    ws.git_commit("nats's build changed")
+    matrix = _matrix(_plan(ws, "--base", "HEAD~1", "--platform", "linux/amd64"))
+    assert [i["subsystem"] for i in matrix["include"]] == ["nats", "arc", "web"]
+    data.setdefault("release", {})["expires_days"] = 20
+    ws.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    ws.git_commit("release settings only")
+    assert _matrix(_plan(ws, "--base", "HEAD~1")) == {"include": []}
+
+
+def test_a_dispatch_naming_one_subsystem_twice_keeps_its_version() -> None:
+    event = {"client_payload": {"subsystem": "nats,nats", "version": "v2.10.26"}}
+    assert versions_from_event(event) == {"nats": "v2.10.26"}
+
+
 @pytest.mark.parametrize("base", ["0" * 40, "1234567890abcdef1234567890abcdef12345678", "no-such-branch"])
 def test_zero_or_unknown_base_plans_everything(ws, base) -> None:
     assert changed_files(ws.root, base) is None

@@ -80,14 +80,17 @@ def plan(event_path: str | None, changed_path: str | None, base: str | None, hea
         names = planning.names_from_files(config, planning.read_changed_files(text))
         reason = "changed files"
     elif base:
-        pin_files = {f for s in config.subsystems.values() if (f := planning.pin_file(config, s))}
-        diff = planning.diff_from_base(config.root, base, head, read=pin_files)
+        read = {f for s in config.subsystems.values() if (f := planning.pin_file(config, s))}
+        if (config_rel := planning.config_file(config)) is not None:
+            read.add(config_rel)
+        diff = planning.diff_from_base(config.root, base, head, read=read)
         if diff is None:
             names, reason = list(config.subsystems), f"base {base} unknown: everything"
         else:
             files, old = diff
-            hit = set(planning.names_from_files(config, files)) | set(planning.names_from_pins(config, files, old))
-            names, reason = [n for n in config.subsystems if n in hit], f"files or pins changed since {base}"
+            hit = (set(planning.names_from_files(config, files)) | set(planning.names_from_pins(config, files, old))
+                   | set(planning.names_from_config(config, files, old)))
+            names, reason = [n for n in config.subsystems if n in hit], f"files, pins or config changed since {base}"
     elif from_check:
         names, versions = planning.names_from_check(config)
         reason = "upstream updates"
