@@ -128,6 +128,7 @@ def run_job(run: Run, job_id: str, matrix: dict[str, str] | None = None, workflo
         ctx = {"matrix": matrix or {}, "needs": run.needs, "secrets": run.secrets, "vars": run.vars,
                "steps": {k: {"outputs": v} for k, v in steps.items()},
                "github": {"token": "ghs_test-token", "repository": REPO,
+                          "ref": json.loads(run.event.read_text()).get("ref", ""),
                           "event": json.loads(run.event.read_text())}}
         if "if" in step and not _condition(step["if"], ctx):
             continue
@@ -351,9 +352,10 @@ def test_dispatch_changes_only_the_dispatched_subsystem(tmp_path: Path, github_a
 # ------------------------------------------------------------------- ci.yml: plan from a push's range
 
 
-def _push_event(tmp: Path, before: str, default_branch: str = "master") -> Path:
+def _push_event(tmp: Path, before: str, default_branch: str = "master", ref: str = "refs/heads/topic") -> Path:
     payload = json.loads((ROOT / "tests/fixtures/webhooks/push.0.json").read_text())
     payload["before"] = before
+    payload["ref"] = ref
     payload["repository"]["default_branch"] = default_branch
     path = tmp / "push.json"
     path.write_text(json.dumps(payload))
@@ -382,6 +384,19 @@ def test_ci_push_plans_only_changed_paths_and_falls_back_safely(tmp_path: Path):
                    timeout=30)
     out = _ci_plan(ws, tmp_path / "b", _push_event(tmp_path, "0" * 40))
     assert [e["subsystem"] for e in json.loads(out["matrix"])["include"]] == ["arc"]
+
+    # A new branch, or a tag, that adds no commits: its merge base is HEAD, so nothing to build.
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws.root, capture_output=True, text=True, check=True,
+                          timeout=30).stdout.strip()
+    subprocess.run(["git", "update-ref", "refs/remotes/origin/master", head], cwd=ws.root, check=True, timeout=30)
+    for n, ref in enumerate(("refs/heads/topic", "refs/tags/v1")):
+        out = _ci_plan(ws, tmp_path / f"b{n}", _push_event(tmp_path, "0" * 40, ref=ref))
+        assert out["has_work"] == "false" and json.loads(out["matrix"]) == {"include": []}
+    # The default branch's own first push: every subsystem.
+    out = _ci_plan(ws, tmp_path / "b2", _push_event(tmp_path, "0" * 40, ref="refs/heads/master"))
+    assert sorted(e["subsystem"] for e in json.loads(out["matrix"])["include"]) == ["arc", "nats"]
+    subprocess.run(["git", "update-ref", "refs/remotes/origin/master", first], cwd=ws.root, check=True,
+                   timeout=30)
 
     # A force push whose `before` this clone never saw: every subsystem.
     out = _ci_plan(ws, tmp_path / "c", _push_event(tmp_path, "f" * 40))
