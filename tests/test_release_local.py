@@ -534,3 +534,34 @@ def test_a_wiped_store_starts_above_the_serial_agents_applied(ws) -> None:
     verify_manifest((ws.release_dir / "manifest.json").read_bytes(),
                     (ws.release_dir / "manifest.json.sig").read_bytes(),
                     signing.load_public_key(str(ws.public_key)), min_serial=applied)
+
+
+def test_a_writer_killed_between_the_two_files_leaves_a_store_the_next_release_builds_on(ws, monkeypatch) -> None:
+    """The pair is committed whole first: a crash after the new signature but before the new
+    manifest used to leave a pair that never verified again, and every later release refused it."""
+    import sync_tools.stores.local as local
+
+    real = local.atomic_write_bytes
+
+    def crash_before_the_manifest(path, data, **kw):  # type: ignore[no-untyped-def]
+        if Path(path).name == "manifest.json":
+            raise KeyboardInterrupt("killed")
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(local, "atomic_write_bytes", crash_before_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        release(ws.config(), "arc", signing_key=str(ws.private_key))
+    monkeypatch.setattr(local, "atomic_write_bytes", real)
+    assert (ws.release_dir / ".manifest.pending").exists()
+
+    committed, _ = read_verified(LocalStore(ws.store, ws.tag), signing.load_public_key(str(ws.public_key)))
+    result = release(ws.config(), "nats", signing_key=str(ws.private_key))
+    assert result.serial == committed.serial + 1
+    assert _manifest(ws).serial == result.serial  # the files themselves are a verified pair again
+    assert not (ws.release_dir / ".manifest.pending").exists()
+
+
+def test_a_damaged_pending_pair_is_an_error_not_a_manifest(ws) -> None:
+    (ws.release_dir / ".manifest.pending").write_bytes(b"99999\nshort")
+    with pytest.raises(DataError, match="not a pending manifest pair"):
+        LocalStore(ws.store, ws.tag).read_manifest()

@@ -5,6 +5,12 @@ Assets are replaced with ``os.replace`` (the old file stays until the new one is
 manifest pair is written under an exclusive ``fcntl`` lock on ``<tag>/.manifest.lock`` after checking
 that the manifest still hashes to the CAS token the writer read, so two releases racing on one machine
 (or on one shared filesystem with working POSIX locks) never lose each other's entry.
+
+The pair is two files, so it is first written whole to ``<tag>/.manifest.pending`` (one atomic
+rename: the commit point), then to the two files, and the pending file is removed. A writer killed
+between the two files leaves the pending pair, which readers of this store take as the current one
+and the next write completes; without it the store held a new signature beside the old manifest,
+which no later release would build on.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from sync_tools.stores.base import ManifestConflict, Snapshot, Store
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".manifest.lock"
+PENDING_NAME = ".manifest.pending"  # b"<len(signature)>\n" + signature + manifest
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _MAX_SIG_BYTES = 4096
 
@@ -61,9 +68,25 @@ class LocalStore(Store):
             os.close(fd)  # closing releases the lock
 
     def _read_pair(self) -> Snapshot:
-        data = read_capped(self.dir / MANIFEST_NAME, MAX_MANIFEST_BYTES, missing_ok=True)
-        sig = read_capped(self.dir / SIGNATURE_NAME, _MAX_SIG_BYTES, missing_ok=True)
+        pending = self._read_pending()
+        if pending is not None:
+            data, sig = pending
+        else:
+            data = read_capped(self.dir / MANIFEST_NAME, MAX_MANIFEST_BYTES, missing_ok=True)
+            sig = read_capped(self.dir / SIGNATURE_NAME, _MAX_SIG_BYTES, missing_ok=True)
         return Snapshot(data=data, signature=sig, token=sha256_bytes(data) if data is not None else None)
+
+    def _read_pending(self) -> tuple[bytes, bytes] | None:
+        """The pair a writer committed but did not finish writing out, if any. Raises DataError when
+        the pending file is not one (it is only ever written whole, by this class)."""
+        raw = read_capped(self.dir / PENDING_NAME, MAX_MANIFEST_BYTES + _MAX_SIG_BYTES + 16, missing_ok=True)
+        if raw is None:
+            return None
+        head, sep, rest = raw.partition(b"\n")
+        if not sep or not head.isdigit() or len(head) > 5 or int(head) > min(len(rest), _MAX_SIG_BYTES):
+            raise DataError(f"{self.dir / PENDING_NAME}: not a pending manifest pair")
+        n = int(head)
+        return rest[n:], rest[:n]
 
     # ------------------------------------------------------------------------------- the interface
 
@@ -81,9 +104,10 @@ class LocalStore(Store):
     def write_manifest(self, data: bytes, signature: bytes, expected_token: str | None) -> None:
         """Replace the manifest pair if the manifest still hashes to *expected_token* (None: absent).
 
-        Raises ManifestConflict otherwise. The signature is written first: a reader without the lock
-        sees either the old pair, or the new signature with the old manifest (which fails to verify and
-        is retried), never an unsigned new manifest.
+        Raises ManifestConflict otherwise. The pair is committed to the pending file first (see the
+        module's docstring), then the signature is written, then the manifest: a reader of the files
+        without the lock sees either the old pair, or the new signature with the old manifest (which
+        fails to verify and is retried), never an unsigned new manifest.
         """
         with self._locked(exclusive=True):
             current = self._read_pair()
@@ -91,8 +115,11 @@ class LocalStore(Store):
                 raise ManifestConflict(
                     f"{self.dir / MANIFEST_NAME} changed since it was read "
                     f"(expected {expected_token or 'none'}, found {current.token or 'none'})")
+            pending = self.dir / PENDING_NAME
+            atomic_write_bytes(pending, b"%d\n" % len(signature) + signature + data, mode=0o644)
             atomic_write_bytes(self.dir / SIGNATURE_NAME, signature, mode=0o644)
             atomic_write_bytes(self.dir / MANIFEST_NAME, data, mode=0o644)
+            pending.unlink()
         log.info("wrote %s (sha256 %s)", self.dir / MANIFEST_NAME, sha256_bytes(data))
 
     def upload_asset(self, path: Path, name: str) -> None:
