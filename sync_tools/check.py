@@ -82,7 +82,9 @@ def check_one(sub: Subsystem, sources: Sources) -> CheckResult:
         log.info("check %s failed: %s", sub.name, e)
         return CheckResult(**base, error=str(e), seconds=time.monotonic() - started)
     except Exception as e:  # a bug or an unwrapped library error must not sink the other subsystems
-        log.exception("check %s crashed", sub.name)
+        # one line, as every error here; the traceback only for whoever asks for debug logs
+        log.warning("check %s failed: internal error: %s: %s", sub.name, type(e).__name__, e)
+        log.debug("check %s crashed", sub.name, exc_info=True)
         return CheckResult(**base, error=f"internal error: {type(e).__name__}: {e}",
                            seconds=time.monotonic() - started)
     return CheckResult(**base, latest=found.latest, commit=found.commit, current_commit=found.current_commit,

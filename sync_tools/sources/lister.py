@@ -21,10 +21,14 @@ The helper is only a faster path to the same answer:
 - The helper reads nothing but its request and writes nothing but its answer (its stdin, stdout
   and stderr are /dev/null, so it never holds a caller's pipe open either). It exits when the
   request is answered, or when the parent goes away without sending one (end of file on the pipe).
+- It never outlives its purpose: the kernel kills it when the parent ends (``PR_SET_PDEATHSIG``),
+  and SIGALRM ends it at the bound the parent waits for a listing
+  (:func:`~sync_tools.sources.remote.overall_bound`), whatever a server does meanwhile.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -122,6 +126,7 @@ def start() -> Helper | None:
         return None
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    parent = os.getpid()
     try:
         pid = os.fork()
     except OSError:
@@ -129,6 +134,7 @@ def start() -> Helper | None:
             os.close(fd)
         return None
     if pid == 0:  # the helper
+        _die_with(parent)
         os.close(request_w)
         os.close(answer_r)
         _serve(request_r, answer_w)  # never returns
@@ -145,10 +151,39 @@ def take() -> Helper | None:
     return helper
 
 
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this process when *parent* ends (Linux ``PR_SET_PDEATHSIG``): a helper
+    must not go on listing for a check that is gone. Best effort: without it the pipe's end of file
+    and the helper's own time bound (:func:`_serve`) still end it."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the request to the kernel was made
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+_REQUEST_WAIT = 120  # seconds the helper waits for its request: the parent sends it within a second
+
+
 def _serve(request_fd: int, answer_fd: int) -> None:
-    """The helper's life: import dulwich's client, read the request, list, answer, exit."""
+    """The helper's life: import dulwich's client, read the request, list, answer, exit. Its whole
+    life is bounded by SIGALRM (whose default action ends the process): first while it waits for the
+    request, then by the bound the parent waits for listings (:func:`remote.overall_bound`)."""
+    import signal
+
     status = 1
     try:
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # its default action ends the process
+        except ValueError:
+            pass  # forked from a thread other than the main one: SIGALRM is left as it was
+        signal.alarm(_REQUEST_WAIT)
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # nor holds a caller's pipe open: its failures reach the parent as no answer
             os.dup2(devnull, fd)
@@ -160,7 +195,9 @@ def _serve(request_fd: int, answer_fd: int) -> None:
         request = _read_all(request_fd)
         if request:
             urls, timeout = marshal.loads(request)
-            _list(remote, urls, timeout, answer_fd)
+            bound = remote.overall_bound(float(timeout))
+            signal.alarm(max(1, math.ceil(bound)))
+            _list(remote, urls, timeout, answer_fd, bound)
         status = 0
     except BaseException:  # noqa: BLE001 - the parent sees a missing answer and lists by itself
         pass
@@ -168,11 +205,13 @@ def _serve(request_fd: int, answer_fd: int) -> None:
         os._exit(status)
 
 
-def _list(remote: Any, urls: list[str], timeout: float, answer_fd: int) -> None:
+def _list(remote: Any, urls: list[str], timeout: float, answer_fd: int, bound: float) -> None:
     """List every URL in its own thread, each answer sent as soon as it is known, so the parent
-    reads one remote's tags while the others are still being listed."""
+    reads one remote's tags while the others are still being listed. Returns within *bound*
+    seconds: a listing still running then is left to die with the process."""
     import marshal
     import threading
+    import time
 
     from sync_tools.errors import DataError, RemoteError
 
@@ -192,11 +231,12 @@ def _list(remote: Any, urls: list[str], timeout: float, answer_fd: int) -> None:
         with lock:
             _write_all(answer_fd, len(data).to_bytes(4, "big") + data)
 
-    threads = [threading.Thread(target=one, args=(url,)) for url in dict.fromkeys(urls)]
+    threads = [threading.Thread(target=one, args=(url,), daemon=True) for url in dict.fromkeys(urls)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + bound
     for t in threads:
-        t.join()
+        t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _read_all(fd: int) -> bytes:

@@ -3,8 +3,8 @@ git://, smart HTTP(S) and ssh through dulwich's client, local paths read with du
 
 One :class:`RefCache` lives for one ``check`` run: the same remote is asked once however many
 subsystems track it, and concurrent askers of one URL wait for the single request in flight.
-Every network call has a timeout; every failure is a :class:`~sync_tools.errors.RemoteError` whose
-message names the URL.
+Every network call has a timeout and every listing a total deadline; every failure is a
+:class:`~sync_tools.errors.RemoteError` whose message names the URL.
 """
 
 from __future__ import annotations
@@ -28,10 +28,83 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 _PEELED = "^{}"
-_OBJECT_ID = re.compile(rb"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # SHA-1 or SHA-256 object names
+_OBJECT_ID = re.compile(rb"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1 or SHA-256 object names
 # Only what the strategies read; with protocol v2 the server filters, so a GitHub remote's thousands
 # of refs/pull/* never cross the wire.
 _REF_PREFIX = ("HEAD", "refs/heads/", "refs/tags/")
+
+
+def listing_deadline(timeout: float) -> float:
+    """Seconds one whole listing may take, connect to last byte, for a per-call *timeout*: a server
+    that trickles a byte every so often never trips a per-read timeout, and must not hold a check."""
+    return timeout * 2
+
+
+def overall_bound(timeout: float) -> float:
+    """The most anything waits on a listing, or a helper process lives for one: past
+    :func:`listing_deadline`, with room for a listing that is ending anyway."""
+    return timeout * 2 + 5
+
+
+class _Deadline:
+    """A listing's total deadline: at expiry, every connection registered with it is cut (sockets shut
+    down, an ssh subprocess killed), so the blocked read returns and the listing fails at once.
+    The listing's thread finds it through :data:`_current` (the transports open their connections in
+    the thread that lists)."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._lock = threading.Lock()
+        self._cutters: list[Callable[[], None]] = []
+        self._timer = threading.Timer(seconds, self.expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _current.deadline = None
+        with self._lock:
+            self._cutters.clear()
+
+    def add(self, cut: Callable[[], None]) -> None:
+        """Run *cut* at expiry (at once when already expired)."""
+        with self._lock:
+            if not self.expired:
+                self._cutters.append(cut)
+                return
+        _quietly(cut)
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            cutters, self._cutters = self._cutters, []
+        for cut in cutters:
+            _quietly(cut)
+
+
+_current = threading.local()
+
+
+def _on_deadline(cut: Callable[[], None]) -> None:
+    """Register *cut* with the listing running in this thread, if it has a deadline."""
+    deadline = getattr(_current, "deadline", None)
+    if deadline is not None:
+        deadline.add(cut)
+
+
+def _shutdown(sock: socket.socket) -> Callable[[], None]:
+    return lambda: sock.shutdown(socket.SHUT_RDWR)
+
+
+def _quietly(cut: Callable[[], None]) -> None:
+    try:
+        cut()
+    except OSError:
+        pass  # already closed
 
 
 class RemoteRefs(NamedTuple):
@@ -129,6 +202,7 @@ def _tcp_client_class():
             if host.isascii():
                 host = host.encode()  # a str host costs an import of the idna codec (~5 ms at start-up)
             s = socket.create_connection((host, self._port), timeout=self.timeout)
+            _on_deadline(_shutdown(s))
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             rfile = io.BufferedReader(_QuickAckReader(s), buffer_size=1 << 16)
             wfile = s.makefile("wb", 0)
@@ -197,6 +271,8 @@ def _client_for(url: str, timeout: float):  # type: ignore[no-untyped-def]
         # urllib3 retries refused connections three times by default, logging a warning each time;
         # the next check asks again anyway, so fail at once (redirects are still followed)
         pool.connection_pool_kw["retries"] = Retry(total=5, connect=0, read=0, status=0, redirect=5)
+        # connections that the listing's deadline can cut (a per-read timeout never trips on a trickle)
+        pool.pool_classes_by_scheme = _deadline_pool_classes()
         # dulwich's own URL handling: credentials in the URL, dumb-HTTP fallback
         return get_transport_and_path_from_url(url, pool_manager=pool)
     if parts.scheme == "git":
@@ -209,7 +285,50 @@ def _client_for(url: str, timeout: float):  # type: ignore[no-untyped-def]
     alive = max(1, int(timeout // 3))
     ssh = (f"ssh -o BatchMode=yes -o ConnectTimeout={max(1, int(timeout))} "
            f"-o ServerAliveInterval={alive} -o ServerAliveCountMax=3")
-    return get_transport_and_path(url, ssh_command=ssh)
+    client, path = get_transport_and_path(url, ssh_command=ssh)
+    if hasattr(client, "ssh_vendor"):
+        client.ssh_vendor = _deadline_ssh_vendor()()
+    return client, path
+
+
+@functools.cache
+def _deadline_pool_classes() -> dict[str, type]:
+    """urllib3 connection pools whose connections register their socket with the listing's deadline."""
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class DeadlineHTTPConnection(HTTPConnection):
+        def connect(self) -> None:
+            super().connect()
+            _on_deadline(_shutdown(self.sock))
+
+    class DeadlineHTTPSConnection(HTTPSConnection):
+        def connect(self) -> None:
+            super().connect()
+            _on_deadline(_shutdown(self.sock))
+
+    class DeadlineHTTPConnectionPool(HTTPConnectionPool):
+        ConnectionCls = DeadlineHTTPConnection
+
+    class DeadlineHTTPSConnectionPool(HTTPSConnectionPool):
+        ConnectionCls = DeadlineHTTPSConnection
+
+    return {"http": DeadlineHTTPConnectionPool, "https": DeadlineHTTPSConnectionPool}
+
+
+@functools.cache
+def _deadline_ssh_vendor() -> type:
+    """dulwich's ssh-program vendor, the ssh process killed at the listing's deadline (its own
+    keep-alives bound only a dead peer, not a live one that stops answering)."""
+    from dulwich.client import SubprocessSSHVendor
+
+    class DeadlineSSHVendor(SubprocessSSHVendor):
+        def run_command(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            con = super().run_command(*args, **kwargs)
+            _on_deadline(con.proc.kill)
+            return con
+
+    return DeadlineSSHVendor
 
 
 _SCHEMES = ("http", "https", "git", "ssh", "git+ssh", "ssh+git")
@@ -234,18 +353,36 @@ def _check_url(url: str) -> None:
 def ls_remote(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> RemoteRefs:
     """List *url*'s refs: smart HTTP(S), git://, ssh, ``file://`` or a local path.
 
-    Raises RemoteError (naming the URL) when the remote cannot be reached, times out, is not a git
-    repository or answers garbage; DataError for a URL no transport can use (bad scheme, no host).
+    *timeout* bounds each connect and read; the whole listing is bounded by
+    :func:`listing_deadline` (its connection is cut then), so a server that trickles bytes cannot hold
+    it. Raises RemoteError (naming the URL) when the remote cannot be reached, times out, is not a git
+    repository or answers garbage (whatever the parsers raise on it), and for a local repository that
+    cannot be read; DataError for a URL no transport can use (bad scheme, no host).
     """
     url = url.strip()
     if is_local(url):
         path = url[len("file://"):] if url.startswith("file://") else url
-        return _local_refs(os.path.expanduser(path))
+        try:
+            return _local_refs(os.path.expanduser(path))
+        except RemoteError:
+            raise
+        except Exception as e:  # a broken repository: a missing object (KeyError), a corrupt or unreadable file
+            log.debug("ls-remote %s: unreadable repository", url, exc_info=True)
+            raise RemoteError(f"{path}: cannot read the repository's refs ({_garbled(e)})") from e
     _check_url(url)
     started = time.monotonic()
+    total = listing_deadline(timeout)
+    deadline = _Deadline(total)
     try:
-        refs, peeled, symrefs = _dulwich_refs(url, timeout)
-    except OSError as e:
+        with deadline:
+            refs, peeled, symrefs = _dulwich_refs(url, timeout)
+        if deadline.expired:  # a cut connection can read as a short, well-formed answer: not trusted
+            raise RemoteError(f"{url}: timed out (no complete answer within {total:g}s)")
+    except (OSError, RemoteError) as e:
+        if deadline.expired:  # whatever the cut connection made the transport raise
+            raise RemoteError(f"{url}: timed out (no complete answer within {total:g}s)") from e
+        if isinstance(e, RemoteError):
+            raise
         raise RemoteError(f"{url}: {_describe(e)}") from e
     finally:
         log.debug("ls-remote %s took %.3fs", url, time.monotonic() - started)
@@ -265,16 +402,31 @@ def _dulwich_refs(url: str, timeout: float) -> tuple[dict[str, str], dict[str, s
         raise RemoteError(f"{url}: {_describe(e)}") from e
     except OSError:
         raise
-    except Exception as e:  # urllib3 and dulwich raise assorted types; wrap them once, here
+    except Exception as e:
+        # urllib3 and dulwich raise assorted types, and dulwich's parsers builtin ones (ValueError,
+        # KeyError, UnicodeDecodeError) on a garbled answer: all are the remote's fault, wrapped here
         if type(e).__module__.startswith(("urllib3", "dulwich")):
             raise RemoteError(f"{url}: {_describe(e)}") from e
-        raise
+        log.debug("ls-remote %s: unreadable answer", url, exc_info=True)
+        raise RemoteError(f"{url}: the server's answer is not a git ref listing ({_garbled(e)})") from e
+    try:
+        return _parse_refs(url, result)
+    except (UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+        log.debug("ls-remote %s: unreadable answer", url, exc_info=True)
+        raise RemoteError(f"{url}: the server's answer is not a git ref listing ({_garbled(e)})") from e
+
+
+def _garbled(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}".rstrip(": ")
+
+
+def _parse_refs(url: str, result: Any) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     refs: dict[str, str] = {}
     peeled: dict[str, str] = {}
     for name, sha in result.refs.items():
         if sha is None:  # an unborn HEAD
             continue
-        if not _OBJECT_ID.match(sha):  # the server is hostile until its answer parses
+        if not _OBJECT_ID.fullmatch(sha):  # the server is hostile until its answer parses
             raise RemoteError(f"{url}: the server answered a malformed ref line for {name[:200]!r}")
         ref = name.decode("utf-8", "replace")
         if ref.endswith(_PEELED):
@@ -329,7 +481,7 @@ class RefCache:
         entry, owner = self._claim(url)
         if owner:
             self._fill(entry, url)
-        elif not entry.done.wait(self.timeout * 2 + 5):
+        elif not entry.done.wait(overall_bound(self.timeout)):
             # the listing in flight is stuck past every timeout it has (ssh bounds only a dead
             # peer, not a live one that stops answering): this asker is not held with it
             raise RemoteError(f"{url.strip()}: timed out")
