@@ -432,8 +432,23 @@ def test_releases_strategy_lists_when_a_new_major_is_held_back(tmp_path, github_
     assert out["pre"]["latest"] == "v1.2.0-rc.1" and out["pre"]["major_available"] == "v2.0.0"
     assert "404" in out["missing"]["error"] and "o/nope" in out["missing"]["error"]
     assert result.exit_code == 1
-    # the common case is one request: GET /releases/latest (no repository lookup first)
-    assert github_api.requests_to("GET", r"^/repos/o/r/releases/latest$")
+    # the release list is read (no repository lookup first), never GitHub's releases/latest
+    assert github_api.requests_to("GET", r"^/repos/o/r/releases$")
+    assert not github_api.requests_to("GET", r"^/repos/o/r/releases/latest$")
+
+
+def test_releases_strategy_picks_the_highest_version_not_the_last_published(tmp_path, github_api, monkeypatch):
+    # GitHub's releases/latest would answer v2.9.25 (a backport published last) and does not know that
+    # v2.11.0-rc.1, not flagged as a pre-release, is one
+    s = github_api.state
+    s.add_repo("o/r")
+    for i, tag in enumerate(["v2.10.2", "v2.10.3", "v2.11.0-rc.1", "v2.9.25"]):
+        s.add_release("o/r", tag, created_at=f"2026-01-0{i + 1}T00:00:00Z")
+    monkeypatch.setenv("GITHUB_API_URL", github_api.url)
+    config = write_config(tmp_path / "ws", {"nats": {"upstream": "o/r", "strategy": "releases",
+                                                     "current": "v2.10.0"}})
+    out = json.loads(run_check(config, "--json").stdout)
+    assert out["nats"] == {"current": "v2.10.0", "latest": "v2.10.3", "update_available": True}
 
 
 def test_releases_token_is_sent(tmp_path, monkeypatch):
@@ -471,7 +486,7 @@ def test_releases_rate_limit_is_a_remote_error_with_retry_after(github_api, monk
 
     github_api.state.add_repo("o/r")
     github_api.state.add_release("o/r", "v1.0.0")
-    github_api.inject("GET", r"/releases/latest$", status=403, headers={"Retry-After": "30"},
+    github_api.inject("GET", r"/releases$", status=403, headers={"Retry-After": "30"},
                       body={"message": "API rate limit exceeded",
                             "documentation_url": "https://docs.github.com/rest/rate-limit"})
     monkeypatch.setenv("GITHUB_API_URL", github_api.url)

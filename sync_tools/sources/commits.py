@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from sync_tools.config import Subsystem
 
 _MIN_ABBREV = 4  # git's own minimum abbreviation
-_HEX = re.compile(r"^[0-9a-f]+$")
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 def pin_matches(current: str | None, head: str) -> bool:
@@ -20,7 +20,7 @@ def pin_matches(current: str | None, head: str) -> bool:
     if not current:
         return False
     c = current.strip().lower()
-    return len(c) >= _MIN_ABBREV and bool(_HEX.match(c)) and head.lower().startswith(c)
+    return len(c) >= _MIN_ABBREV and bool(_HEX.fullmatch(c)) and head.lower().startswith(c)
 
 
 def find_latest(sub: Subsystem, sources: Sources) -> Latest:

@@ -1,4 +1,4 @@
-"""Strategy ``releases``: the latest GitHub release of the upstream, through PyGithub.
+"""Strategy ``releases``: the newest GitHub release of the upstream (by version), through PyGithub.
 
 Honours ``GITHUB_TOKEN`` (optional: public repos answer without one, within a lower rate limit) and
 ``GITHUB_API_URL`` (GitHub Enterprise, and the tests' loopback server). PyGithub is imported only
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_API_URL = "https://api.github.com"
-_SHA = re.compile(r"^[0-9a-f]{40}$")
+_SHA = re.compile(r"[0-9a-f]{40}")
 _PER_PAGE = 100
 _MAX_PAGES = 3  # the newest 300 releases: plenty to find the newest in a major
 
@@ -58,10 +58,11 @@ def find_latest(sub: Subsystem, sources: Sources) -> Latest:
     """The newest release of *sub*'s upstream on GitHub.
 
     Drafts are always left out; pre-releases (GitHub's flag, or a pre-release version in the tag) unless
-    ``prereleases``. With no include/exclude and no pre-releases this is GitHub's ``releases/latest``;
-    when that is a newer major under ``major: manual`` (or filters are set) the release list is read and
-    chosen from with the same rules as tags. Raises RemoteError (network, HTTP errors, rate limits) or
-    DataError (no such repository or no release qualifies).
+    ``prereleases``. The release list (the newest :data:`_MAX_PAGES` pages) is read and chosen from with
+    the same rules as tags: never GitHub's ``releases/latest``, which is the most recently *published*
+    release (a backport published after a newer line would hide it) and trusts only GitHub's
+    pre-release flag. Raises RemoteError (network, HTTP errors, rate limits) or DataError (no such
+    repository or no release qualifies).
     """
     from github import GithubException
 
@@ -69,19 +70,12 @@ def find_latest(sub: Subsystem, sources: Sources) -> Latest:
     gh = sources.github() if sources.github else make_github(sources.timeout)
     try:
         repo = gh.get_repo(slug)  # lazy (see make_github): no GET /repos/{slug} round trip
-        if sub.include is None and sub.exclude is None and not sub.prereleases:
-            try:
-                rel = repo.get_latest_release()
-            except GithubException as e:
-                if e.status != 404:
-                    raise
-                raise DataError(f"{slug}: no published release (GitHub answered 404)") from e
-            tag = rel.tag_name
-            cur = versions.parse_version(sub.current) if sub.current else None
-            new = versions.parse_version(tag)
-            if sub.major != "manual" or cur is None or new is None or new.major <= cur.major:
-                return _result(sub, tag, rel.target_commitish, None)
-        return _from_list(sub, slug, repo)
+        try:
+            return _from_list(sub, slug, repo)
+        except GithubException as e:
+            if e.status != 404:
+                raise
+            raise DataError(f"{slug}: no such repository (GitHub answered 404)") from e
     except GithubException as e:
         retry_after = _retry_after(getattr(e, "headers", None) or {})
         hint = f" (rate limited; retry in {retry_after:.0f}s)" if retry_after is not None else ""
@@ -116,7 +110,7 @@ def _from_list(sub: Subsystem, slug: str, repo: Any) -> Latest:
 
 def _result(sub: Subsystem, tag: str, target: str | None, major_available: str | None) -> Latest:
     # target_commitish is a branch name unless the release was made from a sha
-    commit = target if target and _SHA.match(target) else None
+    commit = target if target and _SHA.fullmatch(target) else None
     return Latest(latest=tag, commit=commit, major_available=major_available,
                   update_available=versions.update_available(sub.current, tag))
 
