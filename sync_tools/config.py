@@ -28,8 +28,16 @@ MAJOR_POLICIES = ("manual", "auto")
 DISPATCHERS = ("github", "local")
 RELOADERS = ("process-compose", "supervisor", "command", "none")
 DEFAULT_PLATFORMS = ("linux/amd64", "linux/arm64", "darwin/amd64", "darwin/arm64")
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-_PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9]+$")
+# bounds of the config's numbers: far above any sane use, well below what overflows a date or a
+# buffer size (.inf, 1e9 days and the like are refused with the key's line, not a crash later)
+MAX_EXPIRES_DAYS = 3650.0
+MAX_BODY = 1 << 30
+MAX_ATTEMPTS = 1000
+MAX_HEALTH_TIMEOUT = 3600.0
+# matched with fullmatch: "$" would let a trailing newline through
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_PLATFORM_RE = re.compile(r"[a-z0-9]+/[a-z0-9]+")
+_REPO_RE = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
 
 
 # --------------------------------------------------------------------------------------------- YAML
@@ -55,7 +63,7 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str | int | float | bool) and key is not None:
             raise ConfigError("mapping keys must be plain scalars", line=key_node.start_mark.line + 1)
-        key = str(key)
+        key = _scalar_text(key)
         if key in out:
             raise ConfigError(f"duplicate key {key!r}", line=key_node.start_mark.line + 1)
         out[key] = loader.construct_object(value_node, deep=True)
@@ -66,6 +74,41 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+class _IntText(int):
+    """An int YAML read from a plain scalar, keeping the scalar's text: ``010`` is 8 as a number but
+    ``"010"`` as a version (YAML 1.1 reads it as octal)."""
+
+    text: str
+
+
+class _FloatText(float):
+    """A float YAML read from a plain scalar, keeping its text: ``current: 1.20`` is the version
+    ``"1.20"``, not ``"1.2"``."""
+
+    text: str
+
+
+def _construct_int(loader: _LineLoader, node: yaml.ScalarNode) -> int:
+    out = _IntText(loader.construct_yaml_int(node))
+    out.text = node.value
+    return out
+
+
+def _construct_float(loader: _LineLoader, node: yaml.ScalarNode) -> float:
+    out = _FloatText(loader.construct_yaml_float(node))
+    out.text = node.value
+    return out
+
+
+def _scalar_text(value: str | int | float) -> str:
+    """A scalar as the text it was written as (numbers as written, not as Python prints them)."""
+    return getattr(value, "text", None) or str(value)
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_LineLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
 class _FastLineLoader(getattr(yaml, "CSafeLoader", _LineLoader)):  # type: ignore[misc]
     """The same constructors and resolver over libyaml's parser, where PyYAML has it: the pure-Python
     reader and scanner cost ~4 ms of every command. Its error wording differs, so a file it refuses
@@ -73,9 +116,11 @@ class _FastLineLoader(getattr(yaml, "CSafeLoader", _LineLoader)):  # type: ignor
 
 
 _FastLineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_FastLineLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_FastLineLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
-_BINARY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+_BINARY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # fullmatch
 MAX_CONFIG_BYTES = 4 << 20  # a config, manifest.yaml or Taskfile is a few KB; anything near this is not one
 
 
@@ -95,8 +140,12 @@ def load_yaml(path: Path) -> Any:
         return _load(text, _FastLineLoader, path)
     except yaml.YAMLError:
         pass  # libyaml refused it: read again by the pure loader, whose verdict and words stand
+    except RecursionError as e:  # collections nested thousands deep ([[[[...) are not a config
+        raise ConfigError("invalid YAML: nested too deeply", path=path) from e
     try:
         return _load(text, _LineLoader, path)
+    except RecursionError as e:
+        raise ConfigError("invalid YAML: nested too deeply", path=path) from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -112,6 +161,10 @@ def _load(text: str, loader: type, path: Path) -> Any:
         raise ConfigError(str(e).split(": ", 1)[-1], path=path, line=e.line) from e
 
 
+def _printable(text: str) -> str:
+    return text if text.isprintable() else repr(text)
+
+
 def _line(obj: Any, key: str) -> int | None:
     if isinstance(obj, _LineDict):
         return obj.lines.get(key, obj.start_line)
@@ -123,7 +176,7 @@ class _Section:
 
     def __init__(self, path: Path, data: Any, prefix: str, allowed: tuple[str, ...], line: int | None = None):
         self.path = path
-        self.prefix = prefix
+        self.prefix = _printable(prefix)  # a key with a newline in it must not break the one-line error
         self.line = line  # where this section's key is written (its parent's line for it)
         if data is None:
             data = _LineDict()
@@ -139,6 +192,7 @@ class _Section:
                 )
 
     def key(self, name: str) -> str:
+        name = _printable(name)
         return f"{self.prefix}.{name}" if self.prefix else name
 
     def error(self, name: str, message: str) -> ConfigError:
@@ -155,7 +209,7 @@ class _Section:
             return default
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise self.error(name, f"must be a string, not {type(value).__name__}")
-        return str(value)
+        return _scalar_text(value)
 
     def bool(self, name: str, default: bool) -> bool:
         value = self.data.get(name, default)
@@ -163,10 +217,13 @@ class _Section:
             raise self.error(name, "must be true or false")
         return value
 
-    def number(self, name: str, default: float) -> float:
+    def number(self, name: str, default: float, *, maximum: float) -> float:
+        """A finite number from 0 to *maximum* (YAML's .inf and .nan are refused here, not later)."""
         value = self.data.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(name, "must be a non-negative number")
+        if not 0 <= value <= maximum:  # false for nan too
+            raise self.error(name, f"must be a number from 0 to {maximum:g}, not {_scalar_text(value)}")
         return float(value)
 
     def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
@@ -184,7 +241,7 @@ class _Section:
         if not isinstance(value, list) or not all(isinstance(v, str | int | float) and not isinstance(v, bool)
                                                  for v in value):
             raise self.error(name, "must be a list of strings")
-        return tuple(str(v) for v in value)
+        return tuple(_scalar_text(v) for v in value)
 
     def regex(self, name: str) -> re.Pattern[str] | None:
         value = self.str(name)
@@ -329,7 +386,7 @@ _AGENT_KEYS = ("root", "source", "relay", "reload", "socket", "url", "command", 
 
 
 def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None) -> Subsystem:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ConfigError("subsystem names are lower-case letters, digits, - and _", path=sec.path,
                           key=sec.prefix, line=sec.line or _line(sec.data, name))
     strategy = sec.choice("strategy", STRATEGIES, "tags")
@@ -338,7 +395,7 @@ def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None) -> Subsyst
     if not upstream.strip():
         raise sec.error("upstream", "must not be empty")
     binary = sec.str("binary", name) or name
-    if not _BINARY_NAME.match(binary):
+    if not _BINARY_NAME.fullmatch(binary):
         # it names the release assets (<binary>-<os>-<arch>.tar.gz), which agents and stores check
         raise sec.error("binary", "must be a file name of letters, digits and ._+- that starts with a letter or digit")
     build = sec.str_list("build", (f"task {name}:src:update", f"task {name}:bin:build"))
@@ -363,31 +420,40 @@ def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None) -> Subsyst
 
 
 def _check_graph(path: Path, subs: dict[str, Subsystem], data: Any) -> None:
+    """Every ``depends_on`` names a configured subsystem and there is no cycle. Iterative: a chain of
+    thousands of subsystems must not hit Python's recursion limit."""
     for sub in subs.values():
         for dep in sub.depends_on:
             if dep not in subs:
+                body = data.get(sub.name) if isinstance(data, dict) else None
                 raise ConfigError(f"depends on unknown subsystem {dep!r}", path=path,
-                                  key=f"subsystems.{sub.name}.depends_on")
-    # cycle check (depth-first, colours)
+                                  key=f"subsystems.{sub.name}.depends_on", line=_line(body, "depends_on"))
+    # depth-first with colours: 1 on the current trail, 2 done
     state: dict[str, int] = {}
+    for start in subs:
+        if state.get(start):
+            continue
+        state[start] = 1
+        trail = [start]
+        stack = [iter(subs[start].depends_on)]
+        while stack:
+            d = next(stack[-1], None)
+            if d is None:
+                state[trail.pop()] = 2
+                stack.pop()
+                continue
+            if state.get(d) == 2:
+                continue
+            if state.get(d) == 1:
+                cycle = " -> ".join(trail[trail.index(d):] + [d])
+                raise ConfigError(f"dependency cycle: {cycle}", path=path, key=f"subsystems.{d}.depends_on")
+            state[d] = 1
+            trail.append(d)
+            stack.append(iter(subs[d].depends_on))
 
-    def visit(n: str, trail: list[str]) -> None:
-        if state.get(n) == 2:
-            return
-        if state.get(n) == 1:
-            cycle = " -> ".join(trail[trail.index(n):] + [n])
-            raise ConfigError(f"dependency cycle: {cycle}", path=path, key=f"subsystems.{n}.depends_on")
-        state[n] = 1
-        for d in subs[n].depends_on:
-            visit(d, trail + [n])
-        state[n] = 2
 
-    for n in subs:
-        visit(n, [])
-
-
-def _positive(sec: _Section, name: str, default: float) -> float:
-    value = sec.number(name, default)
+def _positive(sec: _Section, name: str, default: float, *, maximum: float) -> float:
+    value = sec.number(name, default, maximum=maximum)
     if value <= 0:
         raise sec.error(name, "must be more than 0 (an expired manifest is refused by every agent)")
     return value
@@ -402,13 +468,13 @@ def parse_config(path: Path, data: Any) -> Config:
         store=rel.str("store"),
         tag=rel.str("tag", "latest") or "latest",
         public_key=rel.str("public_key"),
-        expires_days=_positive(rel, "expires_days", 30.0),
+        expires_days=_positive(rel, "expires_days", 30.0, maximum=MAX_EXPIRES_DAYS),
     )
-    if release.repo and not re.match(r"^[\w.-]+/[\w.-]+$", release.repo):
+    if release.repo and not _REPO_RE.fullmatch(release.repo):
         raise rel.error("repo", f"must be owner/name, not {release.repo!r}")
     platforms = top.str_list("platforms", DEFAULT_PLATFORMS)
     for p in platforms:
-        if not _PLATFORM_RE.match(p):
+        if not _PLATFORM_RE.fullmatch(p):
             raise top.error("platforms", f"bad platform {p!r} (expected os/arch, e.g. linux/amd64)")
 
     subs_raw = top.raw("subsystems")
@@ -438,8 +504,8 @@ def parse_config(path: Path, data: Any) -> Config:
     relay = RelayConfig(
         dispatch=rl.choice("dispatch", DISPATCHERS, "github"),
         agents=tuple(agents),
-        max_body=int(rl.number("max_body", 25 * 1024 * 1024)),
-        max_attempts=int(rl.number("max_attempts", 8)),
+        max_body=int(rl.number("max_body", 25 * 1024 * 1024, maximum=MAX_BODY)),
+        max_attempts=int(rl.number("max_attempts", 8, maximum=MAX_ATTEMPTS)),
     )
 
     ag = top.section("agent", _AGENT_KEYS)
@@ -456,10 +522,10 @@ def parse_config(path: Path, data: Any) -> Config:
         token_env=ag.str("token_env", "SYNC_TOOLS_AGENT_TOKEN") or "SYNC_TOOLS_AGENT_TOKEN",
         public_key=ag.str("public_key", release.public_key),
         platform=ag.str("platform"),
-        health_timeout=ag.number("health_timeout", 30.0),
+        health_timeout=ag.number("health_timeout", 30.0, maximum=MAX_HEALTH_TIMEOUT),
         supervisor_url=ag.str("supervisor_url"),
     )
-    if agent.platform and not _PLATFORM_RE.match(agent.platform):
+    if agent.platform and not _PLATFORM_RE.fullmatch(agent.platform):
         raise ag.error("platform", f"bad platform {agent.platform!r} (expected os/arch)")
     if agent.reload == "command" and not agent.command:
         raise ag.error("command", "is required when reload is 'command'")
@@ -485,7 +551,7 @@ def _taskfile_value(raw: Any) -> str | None:
         return None
     if raw is None or isinstance(raw, bool):
         return None
-    value = str(raw)
+    value = _scalar_text(raw)
     if "{{" in value:
         m = _DEFAULT_TMPL.search(value)
         if not m:

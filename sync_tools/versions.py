@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 # prefix (anything up to the first digit that starts a dotted number), the dotted number, the rest
-_TAG_RE = re.compile(r"^(?P<prefix>[^\d]*?)(?P<release>\d+(?:[._]\d+)*)(?P<rest>.*)$")
+# (ASCII digits only: \d would read full-width and other scripts' digits, which int() accepts)
+_TAG_RE = re.compile(r"^(?P<prefix>[^0-9]*?)(?P<release>[0-9]+(?:[._][0-9]+)*)(?P<rest>.*)$", re.DOTALL)
 # semver pre-release identifiers, for suffixes PEP 440 cannot read
-_SEMVER_PRE_RE = re.compile(r"^-(?P<pre>[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)(?:\+[0-9A-Za-z.-]+)?$")
+_SEMVER_PRE_RE = re.compile(r"^-(?P<pre>[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)(?:\+[0-9A-Za-z.-]+)?\Z")
 _MAX_RELEASE_PARTS = 6  # longer dotted numbers are dates/IPs/hashes, not versions worth ordering
 _MAX_TAG_LEN = 255  # longer tags are not versions; and int() refuses numbers of over 4,300 digits
 
@@ -40,7 +41,7 @@ class Version:
         return (self.key, self.tag) < (other.key, other.tag)
 
 
-_FINAL_RE = re.compile(r"^([^\d]*)(\d+(?:\.\d+)*)$")  # the common case: v1.2.3, release-1.10
+_FINAL_RE = re.compile(r"^([^0-9]*)([0-9]+(?:\.[0-9]+)*)\Z")  # the common case: v1.2.3, release-1.10
 _FINAL = (-1, "")  # the detail of a plain final release (no post-release, no local label)
 
 _Parsed = tuple  # (prefix, release, prerelease, key)
@@ -55,7 +56,7 @@ def _trim(parts: tuple[int, ...]) -> tuple[int, ...]:
 def _parse(tag: str) -> _Parsed | None:
     """(prefix, release, prerelease, key) of *tag*, or None. Cheap for plain numeric tags, which are most
     of a remote's thousands."""
-    if len(tag) > _MAX_TAG_LEN:
+    if len(tag) > _MAX_TAG_LEN or not tag.isascii():  # a version tag is ASCII (no full-width digits)
         return None
     m = _FINAL_RE.match(tag)
     if m is not None:
@@ -175,7 +176,7 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
             continue
         if exclude is not None and exclude.search(t):
             continue
-        if len(t) > _MAX_TAG_LEN:
+        if len(t) > _MAX_TAG_LEN or not t.isascii():  # as _parse refuses them
             skipped.append(t)
             continue
         m = final(t)

@@ -115,7 +115,7 @@ BAD_CASES = {
           nats:
             upstream: https://example.org/nats.git
             depends_on: [nosuch]
-        """, "subsystems.nats.depends_on", None, "unknown subsystem 'nosuch'"),
+        """, "subsystems.nats.depends_on", 4, "unknown subsystem 'nosuch'"),
     "binary that cannot name a release asset": ("""
         subsystems:
           nats:
@@ -135,6 +135,45 @@ BAD_CASES = {
           nats:
             upstream: https://example.org/nats.git
         """, "release.expires_days", None, "more than 0"),
+    "an infinite relay body cap": ("""
+        relay:
+          max_body: .inf
+        """, "relay.max_body", 2, "from 0 to"),
+    "a relay attempt count that is not a number": ("""
+        relay:
+          max_attempts: .nan
+        """, "relay.max_attempts", 2, "from 0 to"),
+    "a manifest that never expires": ("""
+        release:
+          expires_days: 1.0e+9
+        """, "release.expires_days", 2, "from 0 to"),
+    "a manifest expiry that is not a number": ("""
+        release:
+          expires_days: .nan
+        """, "release.expires_days", 2, "from 0 to"),
+    "an infinite health timeout": ("""
+        agent:
+          health_timeout: .inf
+        """, "agent.health_timeout", 2, "from 0 to"),
+    "a binary name with a trailing newline": ("""
+        subsystems:
+          nats:
+            upstream: https://example.org/nats.git
+            binary: "nats-server\\n"
+        """, "subsystems.nats.binary", 4, "letters, digits and ._+-"),
+    "a platform with a trailing newline": ("""
+        platforms: ["linux/amd64\\n"]
+        """, "platforms", 1, "bad platform"),
+    "a release repo with a trailing newline": ("""
+        release:
+          repo: "o/r\\n"
+        """, "release.repo", 2, "owner/name"),
+    "a subsystem name with a trailing newline": ("""
+        subsystems:
+          "nats\\n":
+            upstream: https://example.org/x.git
+        """, None, 2, "lower-case"),
+    "collections nested thousands deep": ("a: " + "[" * 5000 + "\n", None, None, "nested too deeply"),
     "bad subsystem name": ("""
         subsystems:
           Bad Name:
@@ -317,3 +356,48 @@ def test_plat_telemetry_bad_taskfile_yaml_names_the_taskfile(tmp_path):
         """)
     msg = one_line_error(ws / "manifest.yaml")
     assert str(ws / "nats" / "Taskfile.yml") in msg and "invalid YAML" in msg
+
+
+def test_a_depends_on_chain_of_thousands_loads(tmp_path):
+    # the cycle check walked the chain recursively: RecursionError past ~1,000 subsystems
+    n = 1100
+    subs = {f"s{i}": {"upstream": "https://example.org/x.git", "depends_on": [f"s{i + 1}"] if i + 1 < n else []}
+            for i in range(n)}
+    path = tmp_path / "sync-tools.yaml"
+    path.write_text(json.dumps({"subsystems": subs}))  # JSON is YAML
+    assert len(load_config(path).subsystems) == n
+    subs[f"s{n - 1}"]["depends_on"] = ["s0"]
+    path.write_text(json.dumps({"subsystems": subs}))
+    with pytest.raises(ConfigError, match=r"dependency cycle: s0 -> s1 -> .* -> s1099 -> s0"):
+        load_config(path)
+
+
+def test_version_like_numbers_keep_the_text_they_were_written_as(tmp_path):
+    # YAML reads 1.20 as the float 1.2 and 010 as the octal 8; as versions they are "1.20" and "010"
+    path = write(tmp_path / "sync-tools.yaml", """
+        subsystems:
+          a: {upstream: https://example.org/a.git, current: 1.20}
+          b: {upstream: https://example.org/b.git, current: 010}
+          c: {upstream: https://example.org/c.git, current: 1_000, branch: 2.0}
+        relay:
+          max_body: 0x100
+        """)
+    cfg = load_config(path)
+    assert [cfg.subsystem(n).current for n in "abc"] == ["1.20", "010", "1_000"]
+    assert cfg.subsystem("c").branch == "2.0"
+    assert cfg.relay.max_body == 256  # numbers are still numbers
+
+
+def test_plat_telemetry_taskfile_numeric_version_keeps_its_text(tmp_path):
+    ws = tmp_path / "pt"
+    write(ws / "manifest.yaml", """
+        subsystems:
+          nats: {}
+        """)
+    write(ws / "Taskfile.yml", """
+        version: '3'
+        vars:
+          NATS_VERSION: 1.20
+          NATS_UPSTREAM_REPO: https://github.com/nats-io/nats-server
+        """)
+    assert load_config(ws / "manifest.yaml").subsystem("nats").current == "1.20"

@@ -212,3 +212,12 @@ def test_a_tag_with_a_huge_number_is_skipped_not_a_crash():
     assert set(sel.skipped) == set(tags[1:])
     assert all(parse_version(t) is None for t in tags[1:])
     assert newest(tags, prereleases=True, current="v1.0.0") == "v1.0.0"
+
+
+@pytest.mark.parametrize("tag", ["v\uff11.\uff15.0", "v1.\u0665.0", "v\u0661.9.0", "\uff12.0.0"])
+def test_digits_of_other_scripts_are_not_version_numbers(tag):
+    # int() reads full-width and Arabic-Indic digits; a tag written with them is not a version here
+    assert parse_version(tag) is None
+    sel = select([tag, "v1.4.0"], current="v1.0.0")
+    assert sel.latest.tag == "v1.4.0" and sel.major_available is None
+    assert tag in sel.skipped

@@ -11,6 +11,14 @@ from sync_tools.sources import Sources, lister
 from sync_tools.sources.remote import RefCache
 
 EXIT_UPDATE = 10
+MIN_TIMEOUT, MAX_TIMEOUT = 0.1, 3600.0
+
+
+def _finite(value: float) -> float:
+    """click's FloatRange lets nan through (every comparison with it is false)."""
+    if value != value:  # nan
+        raise click.BadParameter(f"{value} is not a number of seconds ({MIN_TIMEOUT:g} to {MAX_TIMEOUT:g})")
+    return value
 
 
 @click.command("check")
@@ -18,8 +26,9 @@ EXIT_UPDATE = 10
 @json_option
 @click.option("--exit-code", "exit_code", is_flag=True,
               help=f"Exit {EXIT_UPDATE} when an update is available (errors still exit 1).")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-              help="Seconds each network call may take.")
+@click.option("--timeout", type=click.FloatRange(min=MIN_TIMEOUT, max=MAX_TIMEOUT), default=30.0,
+              show_default=True, callback=lambda ctx, param, value: _finite(value),
+              help=f"Seconds each network call may take ({MIN_TIMEOUT:g} to {MAX_TIMEOUT:g}).")
 @config_option
 def check(names: tuple[str, ...], as_json: bool, exit_code: bool, timeout: float, config_path: str | None) -> None:
     """Newest upstream version per subsystem, next to the pinned one.
