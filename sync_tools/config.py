@@ -420,8 +420,17 @@ def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None) -> Subsyst
 
 
 def _check_graph(path: Path, subs: dict[str, Subsystem], data: Any) -> None:
-    """Every ``depends_on`` names a configured subsystem and there is no cycle. Iterative: a chain of
-    thousands of subsystems must not hit Python's recursion limit."""
+    """Every ``depends_on`` names a configured subsystem and there is no cycle (iterative: a chain of
+    thousands of subsystems must not hit Python's recursion limit); no two subsystems share a binary
+    name, which names their release assets (one's release would replace the other's)."""
+    owner: dict[str, str] = {}
+    for sub in subs.values():
+        if sub.binary in owner:
+            body = data.get(sub.name) if isinstance(data, dict) else None
+            raise ConfigError(f"binary {sub.binary!r} is also {owner[sub.binary]}'s: their release assets "
+                              "would have the same names", path=path, key=f"subsystems.{sub.name}.binary",
+                              line=_line(body, "binary"))
+        owner[sub.binary] = sub.name
     for sub in subs.values():
         for dep in sub.depends_on:
             if dep not in subs:

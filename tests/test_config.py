@@ -45,6 +45,15 @@ subsystems:
 
 BAD_CASES = {
     # name: (yaml text, key named, line named, words in the message)
+    "two subsystems with one binary": ("""
+        subsystems:
+          nats:
+            upstream: https://example.org/nats.git
+            binary: server
+          arc:
+            upstream: https://example.org/arc.git
+            binary: server
+        """, "subsystems.arc.binary", 7, "also nats's"),
     "unknown top-level key": ("""
         subsystems: {}
         releases: {}
