@@ -22,17 +22,18 @@ import orjson
 import requests
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wsgi import get_content_length, get_input_stream
 
 from sync_tools.config import Config
 from sync_tools.errors import ConfigError
 from sync_tools.relay import webhook as wh
-from sync_tools.relay.dispatch import GitHubDispatcher, LocalDispatcher
+from sync_tools.relay.dispatch import GitHubDispatcher, LocalDispatcher, watch_session
 from sync_tools.relay.fanout import AgentPusher, Broker, release_event, state_key
 from sync_tools.relay.metrics import Metrics
 from sync_tools.relay.outbox import Job, NewJob, Outbox, OutboxError
 from sync_tools.relay.settings import Settings, load_settings
-from sync_tools.relay.worker import Backoff, Worker
+from sync_tools.relay.worker import Backoff, Deferred, Worker
 from sync_tools.signing import load_public_key
 from sync_tools.stores.base import Store, open_store
 from sync_tools.versions import later
@@ -105,10 +106,20 @@ class Relay:
         if missing:
             log.warning("agent secrets not set: %s (pushes to those agents will be dead-lettered)",
                         ", ".join(missing))
+        start = getattr(self.dispatcher, "start", None)
+        if callable(start):
+            start()  # a dispatcher stopped by an earlier stop() runs builds again
         self.broker.start()
         self.worker.start()
 
     def stop(self) -> None:
+        """Stop the worker and broker threads and close the outbox. A local build still running is
+        stopped first (its process group, SIGTERM then SIGKILL): left running, it would go on writing
+        the workspace and the store while the next start runs its job again."""
+        self.worker.request_stop()  # first: no thread takes a new job once the builds are stopped
+        stop = getattr(self.dispatcher, "stop", None)
+        if callable(stop):
+            stop()
         self.worker.stop()
         self.broker.stop()
         self.outbox.close()
@@ -123,7 +134,27 @@ class Relay:
         sub, version = job.payload.get("subsystem"), job.payload.get("version")
         key = f"dispatched:{sub}"
         tracked = self.config.subsystems.get(sub) if isinstance(sub, str) else None
-        ordered = tracked is not None and tracked.strategy != "commits" and isinstance(version, str)  # shas have no order
+        if tracked is not None and tracked.strategy == "commits":
+            # shas have no order of their own: the order of arrival is the branch's order. A push
+            # waits for the earlier pushes still queued (one in its backoff after a failed dispatch),
+            # so the branch's newest head goes out last; and an older push that comes back after a
+            # later one went out (retried by hand) is not dispatched: it would roll the build back
+            earlier = self.outbox.earlier_unfinished(job, f"dispatch:{sub}:")
+            if earlier is not None:
+                soon = self.outbox.now() + (1.0 if earlier.status == "running" else 0.05)
+                until = max(earlier.next_attempt + 0.001, soon)  # never a spin, whatever holds it up
+                raise Deferred(f"{sub}: the push of job {earlier.id} arrived first and goes out first",
+                               until=until)
+            arrival_key = f"dispatched-arrival:{sub}"
+            last = self.outbox.get_state(arrival_key)
+            if last is not None and last.isdigit() and int(last) > job.id:
+                log.info("dispatch of %s %s (delivery %s) skipped: a push that arrived after it went out "
+                         "first", sub, version, job.delivery)
+                return []
+            self.dispatcher.dispatch(job.payload)
+            self.outbox.set_state(arrival_key, str(job.id))
+            return self._dispatched(job)
+        ordered = tracked is not None and isinstance(version, str)
         newest = self.outbox.get_state(key) if ordered else None
         if newest is not None and later(newest, version):
             # a retry that came due after a newer version of the subsystem went out must not roll it back
@@ -133,6 +164,9 @@ class Relay:
         self.dispatcher.dispatch(job.payload)
         if ordered and (newest is None or later(version, newest)):
             self.outbox.set_state(key, version)
+        return self._dispatched(job)
+
+    def _dispatched(self, job: Job) -> list[NewJob]:
         log.info("dispatched %s %s (delivery %s) via %s", job.payload.get("subsystem"),
                  job.payload.get("version"), job.delivery, self.dispatcher.name)
         if isinstance(self.dispatcher, LocalDispatcher):
@@ -199,8 +233,10 @@ class Relay:
             result = {401: "unauthorized", 413: "too_large"}.get(e.status, "bad_request")
             deliveries(result).inc()
             self.refusals.warning("refused delivery %s (%s): %s", _safe_id(delivery), result, e)
-            # a 413 leaves the unread rest of the body on the connection: close it
-            return e.status, _error_body(str(e)), {"Connection": "close"} if e.status == 413 else {}
+            # a 413 leaves the unread rest of the body on the connection, and a body that could not
+            # be read leaves the connection out of step: close it
+            close = isinstance(e, (wh.TooLarge, wh.RequestTimeout, wh.UnreadableBody))
+            return e.status, _error_body(str(e)), {"Connection": "close"} if close else {}
 
         if any(isinstance(r, wh.Ping) for r in results):
             deliveries("ping").inc()
@@ -262,7 +298,8 @@ def _error(status: int, message: str, **headers: str) -> Response:
 def read_capped(stream: IO[bytes], length: int | None, max_body: int) -> bytes:
     """The raw request body from *stream*, refusing (TooLarge) from Content-Length before reading and
     while reading a chunked body, so an oversized body is never held in memory. A body that stops
-    arriving until the server's socket times out is a RequestTimeout (408)."""
+    arriving until the server's socket times out is a RequestTimeout (408); one cut short or badly
+    chunked is a BadRequest (400)."""
     if length is not None and length > max_body:
         raise wh.TooLarge(f"body of {length} bytes is over the {max_body}-byte cap")
     parts: list[bytes] = []
@@ -272,6 +309,10 @@ def read_capped(stream: IO[bytes], length: int | None, max_body: int) -> bytes:
             chunk = stream.read(_CHUNK)
         except TimeoutError as e:  # the server's socket timeout: a client that stopped sending
             raise wh.RequestTimeout("the request body stopped arriving") from e
+        except (ClientDisconnected, OSError, ValueError) as e:
+            # werkzeug's server: a body shorter than its Content-Length (ClientDisconnected), a bad
+            # chunk header (OSError, ValueError); the connection is unusable, the client at fault
+            raise wh.UnreadableBody(f"the request body could not be read: {type(e).__name__}") from e
         if not chunk:
             break
         total += len(chunk)
@@ -329,7 +370,7 @@ def notify() -> Response | tuple[Response, int]:
 # ---------------------------------------------------------------------------------- webhook front
 
 _STATUS = {200: "200 OK", 202: "202 Accepted", 400: "400 Bad Request", 401: "401 Unauthorized",
-           405: "405 Method Not Allowed", 413: "413 Content Too Large", 503: "503 Service Unavailable"}
+           405: "405 Method Not Allowed", 408: "408 Request Timeout", 413: "413 Content Too Large", 503: "503 Service Unavailable"}
 _JSON_OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
 
 
@@ -474,7 +515,7 @@ def create_app(config: Config, settings: Settings | None = None, *, now: Callabl
     settings = settings or load_settings(config, environ)
     if not settings.webhook_secret:
         raise ConfigError("the webhook secret is empty; the relay refuses to start without one")
-    session = http or requests.Session()
+    session = watch_session(http or requests.Session())
     outbox = Outbox(settings.db_path, now=now)
     if dispatcher is None:
         if config.relay.dispatch == "github":
@@ -483,8 +524,9 @@ def create_app(config: Config, settings: Settings | None = None, *, now: Callabl
             dispatcher = GitHubDispatcher(config.release.repo, settings.github_api_url, settings.github_token,
                                           session=session, timeout=settings.http_timeout, now=now)
         else:
+            # the agents' push secrets stay with the relay too: a build runs upstream code
             dispatcher = LocalDispatcher(config.path, settings.logs_dir, timeout=settings.build_timeout,
-                                         env=environ)
+                                         env=environ, drop_env=[a.secret_env for a in config.relay.agents])
     broker = Broker(outbox, queue_size=settings.subscriber_queue)
     relay = Relay(
         config=config,

@@ -13,21 +13,29 @@ when the other side said how long to wait) and :class:`DispatchRefused` or
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
+import orjson
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from sync_tools.errors import BuildError, RemoteError, SyncToolsError
+from sync_tools.relay.worker import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +59,7 @@ def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
     value = headers.get("Retry-After")
     if value:
         value = value.strip()
-        if re.fullmatch(r"\d+(\.\d+)?", value):
+        if re.fullmatch(r"[0-9]+(\.[0-9]+)?", value):
             return float(value)
         try:
             when = email.utils.parsedate_to_datetime(value)
@@ -63,7 +71,7 @@ def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
             return max(0.0, when.timestamp() - now)
     if headers.get("X-RateLimit-Remaining", "").strip() == "0":
         reset = headers.get("X-RateLimit-Reset", "").strip()
-        if reset.isdigit():
+        if re.fullmatch(r"[0-9]+", reset):  # ASCII digits: str.isdigit() also takes "²"
             return max(0.0, float(reset) - now)
     return None
 
@@ -72,22 +80,119 @@ SECONDARY_RATE_LIMIT_WAIT = 60.0
 MAX_ANSWER = 64 << 10  # bytes of an answer's body read: GitHub's errors and agents' replies are far smaller
 
 
+class _Watch:
+    """The socket of one :func:`post` in flight, shut down by a timer when the deadline passes: a
+    socket timeout bounds each read, not the answer, and a server trickling its status line, headers
+    or body a byte at a time would otherwise hold a worker for as long as it likes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sock: socket.socket | None = None
+        self.fired = False
+        self.done = False
+
+    def fire(self) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.fired = True
+            sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked in another thread (close would not)
+            except OSError:
+                pass
+
+    def finish(self) -> None:
+        with self.lock:
+            self.done = True
+
+
+_current = threading.local()  # the _Watch of this thread's post(), for the connection to register with
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def getresponse(self) -> Any:  # type: ignore[override]
+        watch = getattr(_current, "watch", None)
+        if watch is not None:
+            with watch.lock:
+                watch.sock = self.sock
+            if watch.fired:  # the deadline passed while the request was being sent
+                watch.fire()
+        return super().getresponse()
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    getresponse = _WatchedHTTPConnection.getresponse
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class WatchedAdapter(HTTPAdapter):
+    """requests' adapter whose connections let :func:`post`'s deadline reach the socket while the
+    status line and headers arrive (before there is a response to close)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+def watch_session(session: requests.Session) -> requests.Session:
+    """Mount :class:`WatchedAdapter` on *session* for http and https where requests' default adapter
+    is (an adapter of the caller's own is left alone); returns *session*. Call before the session is
+    shared between threads."""
+    for prefix in ("http://", "https://"):
+        if type(session.adapters.get(prefix)) is HTTPAdapter:
+            session.mount(prefix, WatchedAdapter())
+    return session
+
+
 def post(session: requests.Session, url: str, *, timeout: tuple[float, float], what: str,
          **kwargs: Any) -> tuple[requests.Response, bytes]:
     """POST and read at most MAX_ANSWER bytes of the answer, within the read timeout overall: an
-    endpoint that streams or trickles its answer cannot hold a worker. Returns the (closed)
-    response and the body read. Raises RemoteError naming *what*."""
-    deadline = time.monotonic() + timeout[1]
+    endpoint that streams or trickles its answer cannot hold a worker. Returns the (closed) response
+    and the body read (what came within the read timeout). A hard deadline of connect + read timeout
+    covers the rest, status line and headers included: past it the connection is shut down. Raises
+    RemoteError naming *what* (and the deadline, when that was the cause)."""
+    started = time.monotonic()
+    deadline = started + timeout[1]  # reading the body stops here, keeping what came
+    limit = timeout[0] + timeout[1]  # the connection is cut here, whatever phase it is in
+    watch = _Watch()
+    timer = threading.Timer(limit, watch.fire)
+    timer.daemon = True
+    _current.watch = watch
+    timer.start()
     try:
         resp = session.post(url, timeout=timeout, stream=True, **kwargs)
         with resp:
+            with watch.lock:  # any adapter: the body's socket, from the response
+                if watch.sock is None:
+                    watch.sock = getattr(getattr(resp.raw, "_connection", None), "sock", None)
+            if watch.fired:
+                watch.fire()
             body = bytearray()
             for chunk in resp.iter_content(8192):
                 body += chunk
                 if len(body) >= MAX_ANSWER or time.monotonic() > deadline:
                     break
-    except requests.RequestException as e:
+            watch.finish()  # before the connection goes back to the pool
+    except (requests.RequestException, OSError, HTTPException) as e:
+        if watch.fired:
+            raise RemoteError(f"{what}: no complete answer within {limit:g} s") from e
         raise RemoteError(f"{what}: {type(e).__name__}") from e
+    finally:
+        watch.finish()
+        _current.watch = None
+        timer.cancel()
+        timer.join()
+    if watch.fired:
+        raise RemoteError(f"{what}: no complete answer within {limit:g} s")
     return resp, bytes(body[:MAX_ANSWER])
 
 
@@ -99,7 +204,8 @@ def check_response(resp: requests.Response, what: str, now: float, body: bytes =
     wait = retry_after_seconds(resp.headers, now)
     message = f"{what}: HTTP {resp.status_code}"
     try:
-        parsed = json.loads(body) if resp.headers.get("Content-Type", "").startswith("application/json") else None
+        # orjson: nesting past its limit is a ValueError too, where json raises RecursionError
+        parsed = orjson.loads(body) if resp.headers.get("Content-Type", "").startswith("application/json") else None
         detail = parsed.get("message") if isinstance(parsed, dict) else None
     except ValueError:
         detail = None
@@ -122,7 +228,7 @@ class GitHubDispatcher:
         self.repo = repo
         self.url = f"{api_url.rstrip('/')}/repos/{repo}/dispatches"
         self._token = token
-        self._session = session or requests.Session()
+        self._session = session or watch_session(requests.Session())
         self._timeout = timeout
         self._now = now
 
@@ -145,7 +251,11 @@ class LocalDispatcher:
     """Build, package and release one subsystem here, with ``sync-tools`` in a subprocess.
 
     Runs are serialised per subsystem by the outbox lane (``local:<name>``), not here. Each run's
-    output goes to ``<logs_dir>/<subsystem>/<UTC time>-<delivery>.log``.
+    output goes to ``<logs_dir>/<subsystem>/<UTC time>-<delivery>.log``. The child's environment is
+    the relay's without the relay's secrets and the names in *drop_env* (the agents' push secrets).
+
+    :meth:`stop` (the relay stopping) ends the steps running, each with its process group, and
+    refuses new ones until :meth:`start`.
     """
 
     name = "local"
@@ -153,14 +263,45 @@ class LocalDispatcher:
 
     def __init__(self, config_path: Path, logs_dir: Path, *, timeout: float = 3600.0,
                  command: tuple[str, ...] = (sys.executable, "-m", "sync_tools"),
-                 env: Mapping[str, str] | None = None, cwd: Path | None = None):
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None,
+                 drop_env: Iterable[str] = (), stop_grace: float | None = None):
         self.config_path = Path(config_path)
         self.logs_dir = Path(logs_dir)
         self.timeout = timeout
         self.command = command
         self.cwd = cwd or self.config_path.parent
         base = dict(os.environ if env is None else env)
-        self.env = {k: v for k, v in base.items() if k not in _CHILD_ENV_DROP}
+        drop = {*_CHILD_ENV_DROP, *drop_env}
+        self.env = {k: v for k, v in base.items() if k not in drop}
+        self.stop_grace = stop_grace
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen[bytes]] = set()
+        self._stopped = False
+
+    def start(self) -> None:
+        """Accept builds again after :meth:`stop`."""
+        with self._lock:
+            self._stopped = False
+
+    def stop(self) -> None:
+        """Stop every step running (SIGTERM to its process group, SIGKILL after the grace period,
+        then SIGKILL to whatever of the group is left) and refuse new steps. The interrupted
+        dispatches raise Interrupted, so their jobs go back to the queue for the next start."""
+        from sync_tools.procs import TERM_GRACE, stop_group
+
+        with self._lock:
+            self._stopped = True
+            procs = list(self._running)
+        if not procs:
+            return
+        grace = TERM_GRACE if self.stop_grace is None else self.stop_grace
+        log.warning("stopping %d local build step(s) still running", len(procs))
+        for proc in procs:  # all of them at once: the grace periods run side by side
+            _kill_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            stop_group(proc, grace=max(0.0, deadline - time.monotonic()))
+            _kill_group(proc.pid, signal.SIGKILL)  # what the step started and left in its group
 
     def log_path(self, subsystem: str, delivery: str) -> Path:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -185,12 +326,17 @@ class LocalDispatcher:
                 logf.write(f"$ {' '.join(argv)}\n".encode())
                 logf.flush()
                 started = time.monotonic()
-                try:
-                    # its own process group: on a timeout the step and whatever it started are stopped
-                    proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            cwd=self.cwd, env=env, start_new_session=True)
-                except OSError as e:
-                    raise BuildError(f"cannot run sync-tools {step}: {e} (log: {path})") from e
+                with self._lock:  # registered before stop() can look, or not started at all
+                    if self._stopped:
+                        raise Interrupted(f"sync-tools {step} --only {sub} not started: the relay is stopping")
+                    try:
+                        # its own process group: on a timeout the step and whatever it started are stopped
+                        proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, cwd=self.cwd, env=env,
+                                                start_new_session=True)
+                    except OSError as e:
+                        raise BuildError(f"cannot run sync-tools {step}: {e} (log: {path})") from e
+                    self._running.add(proc)
                 try:
                     proc.wait(timeout=self.timeout)
                 except BaseException as e:
@@ -201,8 +347,23 @@ class LocalDispatcher:
                         raise BuildError(f"sync-tools {step} --only {sub} timed out after {self.timeout:.0f} s "
                                          f"(log: {path})") from e
                     raise
+                finally:
+                    with self._lock:
+                        self._running.discard(proc)
                 logf.write(f"# exit {proc.returncode} after {time.monotonic() - started:.1f} s\n".encode())
                 logf.flush()
+                with self._lock:
+                    stopped = self._stopped
+                if stopped and proc.returncode != 0:
+                    # not the build's failure: the relay stopped it; the job runs again at the next start
+                    raise Interrupted(f"sync-tools {step} --only {sub} stopped: the relay is stopping (log: {path})")
                 if proc.returncode != 0:
                     raise BuildError(f"sync-tools {step} --only {sub} exited {proc.returncode} (log: {path})")
         log.info("local build, package and release of %s done (log: %s)", sub, path)
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -31,7 +31,7 @@ from standardwebhooks import Webhook
 from sync_tools.config import AgentTarget
 from sync_tools.errors import ConfigError, SignatureError
 from sync_tools.manifest import MANIFEST_NAME, Manifest, parse_manifest, verify_manifest
-from sync_tools.relay.dispatch import check_response, post
+from sync_tools.relay.dispatch import check_response, post, watch_session
 from sync_tools.relay.outbox import Event, NewJob, Outbox
 from sync_tools.stores.base import Store
 
@@ -259,7 +259,7 @@ class AgentPusher:
                  now: Callable[[], float] = time.time):
         self.targets = {t.url: t for t in targets}
         self._env = os.environ if environ is None else environ
-        self._session = session or requests.Session()
+        self._session = session or watch_session(requests.Session())
         self._timeout = timeout
         self._now = now
 

@@ -510,13 +510,28 @@ class Outbox:
                           job_id))
         return status
 
-    def requeue(self, job_id: int, error: str) -> None:
-        """Put a running job of this process back in the queue as it was (still due, still first in
-        its lane), without counting an attempt: its outcome could not be recorded (the database
-        failed), so it runs again (at least once)."""
+    def requeue(self, job_id: int, error: str, *, retry_at: float | None = None) -> None:
+        """Put a running job of this process back in the queue without counting an attempt: its
+        outcome could not be recorded (the database failed), so it runs again (at least once). As
+        it was (still due, still first in its lane), or due at *retry_at* when given."""
         with self._tx() as conn:
-            conn.execute("UPDATE jobs SET status = 'pending', owner = NULL, updated = ?, last_error = ? "
-                         "WHERE id = ? AND status = 'running'", (self.now(), error[:2000], job_id))
+            if retry_at is None:
+                conn.execute("UPDATE jobs SET status = 'pending', owner = NULL, updated = ?, last_error = ? "
+                             "WHERE id = ? AND status = 'running'", (self.now(), error[:2000], job_id))
+            else:
+                conn.execute("UPDATE jobs SET status = 'pending', owner = NULL, updated = ?, last_error = ?, "
+                             "next_attempt = ? WHERE id = ? AND status = 'running'",
+                             (self.now(), error[:2000], retry_at, job_id))
+
+    def earlier_unfinished(self, job: Job, dedupe_prefix: str) -> Job | None:
+        """The first job created before *job* (a lower id) of the same kind whose ``dedupe`` starts
+        with *dedupe_prefix* and that is still pending or running, if any."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {self._COLS} FROM jobs WHERE kind = ? AND id < ? AND status IN ('pending', 'running') "
+                "AND substr(dedupe, 1, ?) = ? ORDER BY id LIMIT 1",
+                (job.kind, job.id, len(dedupe_prefix), dedupe_prefix)).fetchone()
+        return self._job(row) if row else None
 
     def retry_dead(self, job_id: int | None = None) -> int:
         """Put dead jobs (one, or all when *job_id* is None) back in the queue with a fresh attempt

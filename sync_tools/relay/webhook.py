@@ -42,6 +42,11 @@ class BadRequest(WebhookError):
     status = 400
 
 
+class UnreadableBody(BadRequest):
+    """The request body could not be read to its end (cut short, badly chunked): the connection is
+    out of step and is closed after the answer."""
+
+
 class TooLarge(WebhookError):
     status = 413
 
@@ -385,14 +390,14 @@ def classify(config: Config, event: str, payload: dict[str, Any], delivery: str,
         zen = payload.get("zen")
         return [Ping(delivery=delivery, zen=zen if isinstance(zen, str) else None,
                      hook_id=hook_id if isinstance(hook_id, int) and not isinstance(hook_id, bool) else None)]
+    if event not in _REQUIRED:
+        # before the path and repository checks: an event the relay does not track (organization,
+        # member, ...) may name no repository, and is answered "ignored" whatever the URL
+        return [Ignored(delivery=delivery, event=event, reason=f"event {event!r} is not tracked")]
     if path_subsystem is not None and path_subsystem not in config.subsystems:
         raise BadRequest(f"unknown subsystem {path_subsystem!r} in the URL path")
     _validate(event, payload)
-    repo = _field(payload, "repository", dict, "payload", optional=event not in _REQUIRED)
-    if repo is None:
-        if path_subsystem is not None:
-            raise BadRequest(f"payload names no repository, so it cannot be {path_subsystem!r}'s upstream")
-        return [Ignored(delivery=delivery, event=event, reason="no repository in the payload")]
+    repo = _field(payload, "repository", dict, "payload")
     full_name = _field(repo, "full_name", str, "repository", optional=True)
     if full_name is None and not any(isinstance(repo.get(k), str) for k in ("html_url", "clone_url")):
         raise BadRequest("repository has neither full_name nor html_url/clone_url")

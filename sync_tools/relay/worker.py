@@ -6,6 +6,8 @@ transaction that marks the job done). It signals "try again later" with
 "never with these bytes" with any other :class:`~sync_tools.errors.SyncToolsError`, which
 dead-letters the job at once. Unexpected exceptions are retried like remote errors, so a bug
 cannot silently drop a delivery; after ``max_attempts`` the job is dead-lettered either way.
+:class:`Deferred` (wait for another job) and :class:`Interrupted` (this process is stopping) put
+the job back without counting an attempt.
 """
 
 from __future__ import annotations
@@ -26,6 +28,23 @@ Handler = Callable[[Job], list[NewJob]]
 POLL = 1.0  # also pick up jobs another process (``relay --retry-dead``) put in the queue
 MIN_WAIT = 0.05
 RESUME_EVERY = 30.0  # seconds between looks for jobs left running by a process that died meanwhile
+TAKE_BACK_DELAY = 1.0  # a job taken back again waits this long, doubling up to TAKE_BACK_CAP
+TAKE_BACK_CAP = 60.0
+
+
+class Interrupted(RemoteError):
+    """A handler's work was stopped because this process is stopping (a local build's process
+    group ended by :meth:`LocalDispatcher.stop`): the job goes back to the queue as it was, without
+    counting an attempt, and runs again at the next start."""
+
+
+class Deferred(RemoteError):
+    """The job must wait for another one (an earlier push of the same branch in its backoff): it goes
+    back to the queue due at *until* (a time of the outbox clock), without counting an attempt."""
+
+    def __init__(self, message: str, *, until: float):
+        self.until = until
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -39,7 +58,8 @@ class Backoff:
     retry_after_cap: float = 3600.0
 
     def delay(self, attempt: int, retry_after: float | None, rand: Callable[[], float] = random.random) -> float:
-        d = min(self.cap, self.base * (2 ** max(0, attempt - 1)))
+        # the exponent is capped: 2 ** 1100 as a float overflows, and max_attempts has no ceiling
+        d = min(self.cap, self.base * (2.0 ** min(max(0, attempt - 1), 60)))
         if retry_after is not None:
             # never under the backoff's own floor: a Retry-After of 0, or a rate-limit reset already
             # past by a skewed clock, must not turn the retries into a burst
@@ -67,6 +87,8 @@ class Worker:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._resumed = time.monotonic()  # start() resumes; then every RESUME_EVERY seconds
+        self._taken_back: dict[int, int] = {}  # job id: times in a row its outcome could not be recorded
+        self._taken_back_lock = threading.Lock()
 
     def start(self) -> None:
         if self._threads:
@@ -78,11 +100,15 @@ class Worker:
             t.start()
             self._threads.append(t)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask the threads to stop after their current job and wait up to *timeout* seconds."""
+    def request_stop(self) -> None:
+        """Ask the threads to stop after their current job (no new job is claimed); returns at once."""
         self._stop.set()
         with self._wake:
             self._wake.notify_all()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the threads to stop after their current job and wait up to *timeout* seconds."""
+        self.request_stop()
         for t in self._threads:
             t.join(timeout)
         self._threads = []
@@ -140,10 +166,20 @@ class Worker:
 
     def _take_back(self, job: Job, error: str) -> None:
         """Return *job* to the queue, trying until the database lets us (or the worker stops): left
-        ``running``, it would hold its lane until this process ended."""
+        ``running``, it would hold its lane until this process ended.
+
+        The first time it goes back due at once (still first in its lane); when the same job comes
+        back again, its outcome keeps failing to be recorded (a bug, a database that refuses), so it
+        waits TAKE_BACK_DELAY seconds, doubling: never a loop re-running it as fast as it fails."""
+        with self._taken_back_lock:
+            n = self._taken_back.get(job.id, 0)
+            self._taken_back[job.id] = n + 1
+            if len(self._taken_back) > 10_000:  # jobs that later ran elsewhere: forget the oldest
+                self._taken_back.pop(next(iter(self._taken_back)))
+        retry_at = None if n == 0 else self.outbox.now() + min(TAKE_BACK_CAP, TAKE_BACK_DELAY * 2.0 ** min(n - 1, 16))
         while True:
             try:
-                self.outbox.requeue(job.id, error)
+                self.outbox.requeue(job.id, error, retry_at=retry_at)
                 self.wake()
                 return
             except Exception:  # noqa: BLE001
@@ -163,6 +199,14 @@ class Worker:
             if handler is None:
                 raise SyncToolsError(f"no handler for job kind {job.kind!r}")
             follow = handler(job)
+        except Deferred as e:
+            log.info("job %d (%s) deferred: %s", job.id, job.kind, e)
+            self.outbox.requeue(job.id, f"deferred: {e}", retry_at=e.until)
+            outcome = "deferred"
+        except Interrupted as e:
+            log.warning("job %d (%s) interrupted, back to the queue: %s", job.id, job.kind, e)
+            self.outbox.requeue(job.id, f"interrupted: {e}")
+            outcome = "interrupted"
         except RemoteError as e:
             outcome = self._failed(job, str(e), retry_after=e.retry_after, retry=True)
         except SyncToolsError as e:
@@ -177,6 +221,9 @@ class Worker:
             # after the outbox frees the lane, before the wake below (see wake)
             if job.lane is not None:
                 self._busy.discard(job.lane)
+        if self._taken_back:  # its outcome was recorded at last
+            with self._taken_back_lock:
+                self._taken_back.pop(job.id, None)
         if follow or job.lane is not None:
             self.wake()  # new jobs, or the lane this job held is free for the next one
         if self._observe is not None:
