@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,9 +30,8 @@ from typing import Any
 import orjson
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from sync_tools.deadline import Deadline, pool_classes, shutdown
 from sync_tools.errors import BuildError, RemoteError, SyncToolsError
 from sync_tools.relay.worker import Interrupted
 
@@ -80,67 +78,13 @@ SECONDARY_RATE_LIMIT_WAIT = 60.0
 MAX_ANSWER = 64 << 10  # bytes of an answer's body read: GitHub's errors and agents' replies are far smaller
 
 
-class _Watch:
-    """The socket of one :func:`post` in flight, shut down by a timer when the deadline passes: a
-    socket timeout bounds each read, not the answer, and a server trickling its status line, headers
-    or body a byte at a time would otherwise hold a worker for as long as it likes."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.sock: socket.socket | None = None
-        self.fired = False
-        self.done = False
-
-    def fire(self) -> None:
-        with self.lock:
-            if self.done:
-                return
-            self.fired = True
-            sock = self.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked in another thread (close would not)
-            except OSError:
-                pass
-
-    def finish(self) -> None:
-        with self.lock:
-            self.done = True
-
-
-_current = threading.local()  # the _Watch of this thread's post(), for the connection to register with
-
-
-class _WatchedHTTPConnection(HTTPConnection):
-    def getresponse(self) -> Any:  # type: ignore[override]
-        watch = getattr(_current, "watch", None)
-        if watch is not None:
-            with watch.lock:
-                watch.sock = self.sock
-            if watch.fired:  # the deadline passed while the request was being sent
-                watch.fire()
-        return super().getresponse()
-
-
-class _WatchedHTTPSConnection(HTTPSConnection):
-    getresponse = _WatchedHTTPConnection.getresponse
-
-
-class _WatchedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _WatchedHTTPConnection
-
-
-class _WatchedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPSConnection
-
-
 class WatchedAdapter(HTTPAdapter):
     """requests' adapter whose connections let :func:`post`'s deadline reach the socket while the
     status line and headers arrive (before there is a response to close)."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+        self.poolmanager.pool_classes_by_scheme = pool_classes()
 
 
 def watch_session(session: requests.Session) -> requests.Session:
@@ -158,40 +102,30 @@ def post(session: requests.Session, url: str, *, timeout: tuple[float, float], w
     """POST and read at most MAX_ANSWER bytes of the answer, within the read timeout overall: an
     endpoint that streams or trickles its answer cannot hold a worker. Returns the (closed) response
     and the body read (what came within the read timeout). A hard deadline of connect + read timeout
-    covers the rest, status line and headers included: past it the connection is shut down. Raises
-    RemoteError naming *what* (and the deadline, when that was the cause)."""
-    started = time.monotonic()
-    deadline = started + timeout[1]  # reading the body stops here, keeping what came
+    covers the rest, status line and headers included (:mod:`sync_tools.deadline`; on a session of
+    :func:`watch_session`): past it the connection is shut down. Raises RemoteError naming *what*
+    (and the deadline, when that was the cause)."""
+    reading_ends = time.monotonic() + timeout[1]  # reading the body stops here, keeping what came
     limit = timeout[0] + timeout[1]  # the connection is cut here, whatever phase it is in
-    watch = _Watch()
-    timer = threading.Timer(limit, watch.fire)
-    timer.daemon = True
-    _current.watch = watch
-    timer.start()
+    resp: requests.Response | None = None
     try:
-        resp = session.post(url, timeout=timeout, stream=True, **kwargs)
-        with resp:
-            with watch.lock:  # any adapter: the body's socket, from the response
-                if watch.sock is None:
-                    watch.sock = getattr(getattr(resp.raw, "_connection", None), "sock", None)
-            if watch.fired:
-                watch.fire()
+        with Deadline(limit) as deadline:
+            resp = session.post(url, timeout=timeout, stream=True, **kwargs)
+            # any adapter: the body's socket, from the response
+            deadline.add(shutdown(getattr(getattr(resp.raw, "_connection", None), "sock", None)))
             body = bytearray()
             for chunk in resp.iter_content(8192):
                 body += chunk
-                if len(body) >= MAX_ANSWER or time.monotonic() > deadline:
+                if len(body) >= MAX_ANSWER or time.monotonic() > reading_ends:
                     break
-            watch.finish()  # before the connection goes back to the pool
     except (requests.RequestException, OSError, HTTPException) as e:
-        if watch.fired:
+        if deadline.expired:
             raise RemoteError(f"{what}: no complete answer within {limit:g} s") from e
         raise RemoteError(f"{what}: {type(e).__name__}") from e
     finally:
-        watch.finish()
-        _current.watch = None
-        timer.cancel()
-        timer.join()
-    if watch.fired:
+        if resp is not None:
+            resp.close()  # after the deadline: a cut never reaches a connection back in the pool
+    if deadline.expired:
         raise RemoteError(f"{what}: no complete answer within {limit:g} s")
     return resp, bytes(body[:MAX_ANSWER])
 

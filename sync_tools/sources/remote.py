@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from sync_tools.deadline import Deadline, on_deadline, pool_classes, shutdown
 from sync_tools.errors import DataError, RemoteError
 
 log = logging.getLogger(__name__)
@@ -44,67 +45,6 @@ def overall_bound(timeout: float) -> float:
     """The most anything waits on a listing, or a helper process lives for one: past
     :func:`listing_deadline`, with room for a listing that is ending anyway."""
     return timeout * 2 + 5
-
-
-class _Deadline:
-    """A listing's total deadline: at expiry, every connection registered with it is cut (sockets shut
-    down, an ssh subprocess killed), so the blocked read returns and the listing fails at once.
-    The listing's thread finds it through :data:`_current` (the transports open their connections in
-    the thread that lists)."""
-
-    def __init__(self, seconds: float):
-        self.expired = False
-        self._lock = threading.Lock()
-        self._cutters: list[Callable[[], None]] = []
-        self._timer = threading.Timer(seconds, self.expire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> _Deadline:
-        _current.deadline = self
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-        _current.deadline = None
-        with self._lock:
-            self._cutters.clear()
-
-    def add(self, cut: Callable[[], None]) -> None:
-        """Run *cut* at expiry (at once when already expired)."""
-        with self._lock:
-            if not self.expired:
-                self._cutters.append(cut)
-                return
-        _quietly(cut)
-
-    def expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            cutters, self._cutters = self._cutters, []
-        for cut in cutters:
-            _quietly(cut)
-
-
-_current = threading.local()
-
-
-def _on_deadline(cut: Callable[[], None]) -> None:
-    """Register *cut* with the listing running in this thread, if it has a deadline."""
-    deadline = getattr(_current, "deadline", None)
-    if deadline is not None:
-        deadline.add(cut)
-
-
-def _shutdown(sock: socket.socket) -> Callable[[], None]:
-    return lambda: sock.shutdown(socket.SHUT_RDWR)
-
-
-def _quietly(cut: Callable[[], None]) -> None:
-    try:
-        cut()
-    except OSError:
-        pass  # already closed
 
 
 class RemoteRefs(NamedTuple):
@@ -202,7 +142,7 @@ def _tcp_client_class():
             if host.isascii():
                 host = host.encode()  # a str host costs an import of the idna codec (~5 ms at start-up)
             s = socket.create_connection((host, self._port), timeout=self.timeout)
-            _on_deadline(_shutdown(s))
+            on_deadline(shutdown(s))
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             rfile = io.BufferedReader(_QuickAckReader(s), buffer_size=1 << 16)
             wfile = s.makefile("wb", 0)
@@ -272,7 +212,7 @@ def _client_for(url: str, timeout: float):  # type: ignore[no-untyped-def]
         # the next check asks again anyway, so fail at once (redirects are still followed)
         pool.connection_pool_kw["retries"] = Retry(total=5, connect=0, read=0, status=0, redirect=5)
         # connections that the listing's deadline can cut (a per-read timeout never trips on a trickle)
-        pool.pool_classes_by_scheme = _deadline_pool_classes()
+        pool.pool_classes_by_scheme = pool_classes()
         # dulwich's own URL handling: credentials in the URL, dumb-HTTP fallback
         return get_transport_and_path_from_url(url, pool_manager=pool)
     if parts.scheme == "git":
@@ -292,31 +232,6 @@ def _client_for(url: str, timeout: float):  # type: ignore[no-untyped-def]
 
 
 @functools.cache
-def _deadline_pool_classes() -> dict[str, type]:
-    """urllib3 connection pools whose connections register their socket with the listing's deadline."""
-    from urllib3.connection import HTTPConnection, HTTPSConnection
-    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-
-    class DeadlineHTTPConnection(HTTPConnection):
-        def connect(self) -> None:
-            super().connect()
-            _on_deadline(_shutdown(self.sock))
-
-    class DeadlineHTTPSConnection(HTTPSConnection):
-        def connect(self) -> None:
-            super().connect()
-            _on_deadline(_shutdown(self.sock))
-
-    class DeadlineHTTPConnectionPool(HTTPConnectionPool):
-        ConnectionCls = DeadlineHTTPConnection
-
-    class DeadlineHTTPSConnectionPool(HTTPSConnectionPool):
-        ConnectionCls = DeadlineHTTPSConnection
-
-    return {"http": DeadlineHTTPConnectionPool, "https": DeadlineHTTPSConnectionPool}
-
-
-@functools.cache
 def _deadline_ssh_vendor() -> type:
     """dulwich's ssh-program vendor, the ssh process killed at the listing's deadline (its own
     keep-alives bound only a dead peer, not a live one that stops answering)."""
@@ -325,7 +240,7 @@ def _deadline_ssh_vendor() -> type:
     class DeadlineSSHVendor(SubprocessSSHVendor):
         def run_command(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             con = super().run_command(*args, **kwargs)
-            _on_deadline(con.proc.kill)
+            on_deadline(con.proc.kill)
             return con
 
     return DeadlineSSHVendor
@@ -372,7 +287,7 @@ def ls_remote(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> RemoteRefs:
     _check_url(url)
     started = time.monotonic()
     total = listing_deadline(timeout)
-    deadline = _Deadline(total)
+    deadline = Deadline(total)
     try:
         with deadline:
             refs, peeled, symrefs = _dulwich_refs(url, timeout)
