@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sync_tools.agent.httpclient import Client, HTTPError
-from sync_tools.procs import stop_group
+from sync_tools.procs import stop_and_collect
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,17 @@ def check_once(spec: str, *, timeout: float = 5.0, cwd: Path | None = None,
         return HealthResult(ok, f"{spec}: HTTP {resp.status}")
     try:
         # its own process group: on a timeout the command and what it started (a hung curl) are stopped
+        # output is only shown in the detail: a byte that is not UTF-8 must not turn into an exception
         proc = subprocess.Popen(spec, shell=True, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+                                text=True, errors="replace", start_new_session=True)
     except OSError as e:
         return HealthResult(False, f"{spec}: {e}")
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        stop_group(proc, grace=1.0)
-        proc.communicate()
+        # the whole group is killed and the pipes read for a bounded time: a descendant that ignores
+        # SIGTERM or left the group cannot hold the agent here
+        stop_and_collect(proc, grace=1.0)
         return HealthResult(False, f"{spec}: timed out after {timeout}s")
     if proc.returncode == 0:
         return HealthResult(True, f"{spec}: exit 0")

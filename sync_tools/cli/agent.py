@@ -192,7 +192,7 @@ def _dev_builder(config: Config) -> Any:
     pin here, as the relay's local dispatcher does); other events build the pin. Events for a
     subsystem already queued collapse onto it, keeping the newer version."""
     from sync_tools.agent.events import AgentEvent
-    from sync_tools.procs import TERM_GRACE, stop_group
+    from sync_tools.procs import TERM_GRACE, stop_and_collect
     from sync_tools.versions import later
 
     pending: dict[str, str | None] = {}  # name -> version to build (None: the pin), in arrival order
@@ -234,15 +234,14 @@ def _dev_builder(config: Config) -> Any:
                 try:
                     proc = subprocess.Popen(cmd, cwd=config.root, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                            start_new_session=True)
+                                            errors="replace", start_new_session=True)
                 except OSError as e:  # the builder thread must outlive one step that cannot start
                     log.error("%s: cannot run %s: %s", name, step, e)
                     break
                 try:
                     _, stderr = proc.communicate(timeout=DEV_STEP_TIMEOUT)
                 except subprocess.TimeoutExpired:
-                    stop_group(proc, grace=TERM_GRACE)
-                    proc.communicate()
+                    stop_and_collect(proc, grace=TERM_GRACE)  # bounded: the builder must go on
                     log.error("%s: %s timed out after %g s", name, step, DEV_STEP_TIMEOUT)
                     break
                 if proc.returncode != 0:
