@@ -17,6 +17,7 @@ import hashlib
 import http.client
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -27,6 +28,13 @@ from sync_tools.errors import DataError, DownloadError
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+#: Seconds one whole small file (the manifest, its signature) may take, however the bytes trickle in
+#: (each read has its own timeout too, but a server sending a byte per read timeout would pass that).
+SMALL_FILE_DEADLINE = 60.0
+#: An asset download (resumes included) may take ASSET_DEADLINE_MIN seconds plus its size at
+#: ASSET_MIN_RATE bytes per second; slower than that, it fails (and the next event tries again).
+ASSET_DEADLINE_MIN = 60.0
+ASSET_MIN_RATE = 16 * 1024
 #: (name, bytes done, bytes expected or None) - called as a download advances; the CLI draws a bar.
 ProgressFn = Callable[[str, int, int | None], None]
 
@@ -35,18 +43,36 @@ class SizeCapError(DownloadError):
     """The source sent more bytes than the cap allowed."""
 
 
+class DeadlineError(DownloadError):
+    """The transfer took longer than its total deadline (a server trickling bytes)."""
+
+
+def asset_deadline(size: int) -> float:
+    """Seconds a download of *size* bytes may take in all (see ASSET_DEADLINE_MIN, ASSET_MIN_RATE)."""
+    return ASSET_DEADLINE_MIN + size / ASSET_MIN_RATE
+
+
 class Fetcher(abc.ABC):
     """Gets the bytes of a named file (``manifest.json``, an asset) from one release source."""
 
-    def fetch(self, url_or_name: str, *, max_bytes: int, offset: int = 0) -> Iterator[bytes]:
+    def fetch(self, url_or_name: str, *, max_bytes: int, offset: int = 0,
+              deadline: float | None = None) -> Iterator[bytes]:
         """Yield the bytes of *url_or_name* from *offset* on, never more than ``max_bytes - offset``.
 
+        *deadline*: a :func:`time.monotonic` time by which the transfer must be done; it is checked as
+        bytes arrive, so it is passed by at most one read timeout.
         Raises DownloadError when the source fails, the transfer is cut, or the file is larger than
-        *max_bytes* (the cap counts from the start of the file, not from *offset*).
+        *max_bytes* (the cap counts from the start of the file, not from *offset*); DeadlineError (a
+        DownloadError) when *deadline* passes.
         """
         received = offset
         try:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineError(f"{url_or_name}: out of time before the transfer started")
             for chunk in self._fetch(url_or_name, offset):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlineError(f"{url_or_name}: still transferring at its deadline "
+                                        f"({received} bytes received): the source is too slow")
                 if not chunk:
                     continue
                 received += len(chunk)
@@ -58,9 +84,11 @@ class Fetcher(abc.ABC):
         except (HTTPError, http.client.HTTPException, OSError, ValueError) as e:
             raise DownloadError(f"{url_or_name}: {type(e).__name__}: {e}") from e
 
-    def fetch_bytes(self, url_or_name: str, *, max_bytes: int) -> bytes:
-        """The whole file in memory (for the manifest and its signature). Raises DownloadError."""
-        return b"".join(self.fetch(url_or_name, max_bytes=max_bytes))
+    def fetch_bytes(self, url_or_name: str, *, max_bytes: int, timeout: float | None = None) -> bytes:
+        """The whole file in memory (for the manifest and its signature), within *timeout* seconds in
+        all (default SMALL_FILE_DEADLINE). Raises DownloadError (DeadlineError when it took too long)."""
+        limit = SMALL_FILE_DEADLINE if timeout is None else timeout
+        return b"".join(self.fetch(url_or_name, max_bytes=max_bytes, deadline=time.monotonic() + limit))
 
     @abc.abstractmethod
     def _fetch(self, url_or_name: str, offset: int) -> Iterator[bytes]:
@@ -139,23 +167,25 @@ def make_fetcher(source: str, *, tag: str = "latest", base: Path | None = None) 
 
 
 def download(fetcher: Fetcher, name: str, out: BinaryIO, *, size: int, sha256: str, max_bytes: int,
-             attempts: int = 4, progress: ProgressFn | None = None) -> int:
+             attempts: int = 4, progress: ProgressFn | None = None, timeout: float | None = None) -> int:
     """Stream *name* into the open file *out* (positioned at 0), resuming after a cut with an offset.
 
     The file must come to exactly *size* bytes with the given *sha256*; *size* over *max_bytes* is
-    refused before any byte moves. Returns the bytes transferred (resumes included).
-    Raises DownloadError (source failed *attempts* times in a row) or DataError (size or sha256 wrong:
-    the bytes are bad, retrying will not help).
+    refused before any byte moves. The whole download, resumes included, must be done within *timeout*
+    seconds (default :func:`asset_deadline` of *size*). Returns the bytes transferred (resumes included).
+    Raises DownloadError (source failed *attempts* times in a row; DeadlineError: out of time) or
+    DataError (size or sha256 wrong: the bytes are bad, retrying will not help).
     """
     if size > max_bytes:
         raise DataError(f"{name}: manifest size {size} is over the {max_bytes}-byte cap")
+    deadline = time.monotonic() + (asset_deadline(size) if timeout is None else timeout)
     digest = hashlib.sha256()
     done = 0
     moved = 0
     failures = 0
     while True:
         try:
-            for chunk in fetcher.fetch(name, max_bytes=size, offset=done):
+            for chunk in fetcher.fetch(name, max_bytes=size, offset=done, deadline=deadline):
                 out.write(chunk)
                 digest.update(chunk)
                 done += len(chunk)
@@ -168,6 +198,8 @@ def download(fetcher: Fetcher, name: str, out: BinaryIO, *, size: int, sha256: s
             break
         except SizeCapError as e:
             raise DataError(f"{name}: more bytes than the manifest's size {size}") from e
+        except DeadlineError:
+            raise  # a resume would only start out of time
         except DownloadError as e:
             failures += 1
             if failures >= attempts:

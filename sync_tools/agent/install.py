@@ -31,11 +31,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sync_tools.errors import DataError, SyncToolsError
 from sync_tools.fsutil import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
-from sync_tools.versionfile import PREVIOUS_DIR, VERSION_FILE, VersionInfo, read_version
+from sync_tools.versionfile import PREVIOUS_DIR, VERSION_FILE, VersionInfo, parse_version_text, read_version
 
 log = logging.getLogger(__name__)
 
@@ -263,22 +264,36 @@ def swap(intent: Intent, *, keep_previous: bool = True) -> None:
         raise InstallError(f"{intent.subsystem}: swap failed: {e}") from e
 
 
-def stage_previous(bin_dir: Path, binary: str) -> tuple[str, VersionInfo]:
-    """Stage ``.previous/<binary>`` for a swap back; returns its sha256 and .version.
+def stage_previous(bin_dir: Path, binary: str, *, expect_sha: str | None = None,
+                   expect_version: str | None = None) -> tuple[str, VersionInfo]:
+    """Stage ``.previous/<binary>`` for a swap back; returns its sha256 and the .version to write.
 
-    Raises InstallError when there is no previous binary, or DataError when its .version does not
-    match its bytes (a previous binary is never put back unverified).
+    Without *expect_sha* (a rollback the user asked for) the previous binary is trusted only through
+    its own ``.version``: raises InstallError when there is no previous binary or no .version, DataError
+    when the .version does not match the bytes (a previous binary is never put back unverified).
+
+    With *expect_sha* (the automatic restore after a failed update: the journal's record of the binary
+    the update replaced) the bytes are checked against it instead, and the .version is *expect_version*
+    (the text the update replaced) when it describes those bytes, else ``.previous/.version`` when it
+    does, else one made up from the checksum alone (``commit: unknown``: the old binary may never have
+    had a valid one, and a stale one's commit and version describe other bytes).
+    Raises InstallError when the previous binary is missing, DataError when it is not the expected one.
     """
     prev = bin_dir / PREVIOUS_DIR
     src = prev / binary
     if not src.is_file():
         raise InstallError(f"{bin_dir}: no previous binary to go back to")
-    info = read_version(prev)
     sha = sha256_file(src)
-    if info is None:
-        raise InstallError(f"{prev}: no .version for the previous binary")
-    if info.checksum != sha:
-        raise DataError(f"{src}: sha256 {sha} does not match its .version ({info.checksum})")
+    if expect_sha is None:
+        info = read_version(prev)
+        if info is None:
+            raise InstallError(f"{prev}: no .version for the previous binary")
+        if info.checksum != sha:
+            raise DataError(f"{src}: sha256 {sha} does not match its .version ({info.checksum})")
+    else:
+        if sha != expect_sha:
+            raise DataError(f"{src}: sha256 {sha} is not the binary the update replaced ({expect_sha})")
+        info = _version_for(sha, expect_version, prev)
     staged = staged_path(bin_dir, binary)
     staged.unlink(missing_ok=True)
     try:
@@ -288,6 +303,23 @@ def stage_previous(bin_dir: Path, binary: str) -> tuple[str, VersionInfo]:
         with open(staged, "rb") as fh:
             os.fsync(fh.fileno())
     return sha, info
+
+
+def _version_for(sha: str, text: str | None, prev: Path) -> VersionInfo:
+    """The first of *text* and ``<prev>/.version`` that parses and names *sha*; else a made-up one."""
+    candidates: list[VersionInfo | None] = []
+    if text is not None:
+        with contextlib.suppress(DataError):
+            candidates.append(parse_version_text(text))
+    with contextlib.suppress(DataError, OSError):
+        candidates.append(read_version(prev))
+    for info in candidates:
+        if info is not None and info.checksum == sha:
+            return info
+    log.warning("%s: no .version describes the previous binary %s; writing one with commit 'unknown'",
+                prev.parent, sha[:12])
+    return VersionInfo(commit="unknown", timestamp=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                       checksum=sha)
 
 
 def recover(journal: Journal) -> list[Intent]:

@@ -21,14 +21,17 @@ import os
 import shlex
 import socket
 import subprocess
+import tempfile
 import time
 import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
+from xml.parsers.expat import ExpatError
 
 from sync_tools.errors import ConfigError, RemoteError
+from sync_tools.procs import stop_group
 
 log = logging.getLogger(__name__)
 
@@ -77,27 +80,42 @@ class NoReloader(Reloader):
 
 
 class CommandReloader(Reloader):
-    """Runs a shell command with ``{process}`` filled in; exit 0 is success."""
+    """Runs a shell command with ``{process}`` filled in; exit 0 is success.
+
+    The command runs in its own process group with its output going to a temporary file, so a command
+    that starts a daemon (which keeps the inherited stdout open) is done when the shell exits; on a
+    timeout the whole group is stopped.
+    """
 
     name = "command"
+    #: bytes of the command's output kept for the error message
+    OUTPUT_TAIL = 4096
 
-    def __init__(self, template: str, *, cwd: Path | None = None, timeout: float = 60.0):
+    def __init__(self, template: str, *, cwd: Path | None = None, timeout: float = 60.0, grace: float = 5.0):
         self.template = template
         self.cwd = cwd
         self.timeout = timeout
+        self.grace = grace
 
     def restart(self, process: str) -> None:
         cmd = self.template.replace("{process}", shlex.quote(process))
-        try:
-            proc = subprocess.run(cmd, shell=True, cwd=self.cwd, timeout=self.timeout,
-                                  capture_output=True, text=True)
-        except subprocess.TimeoutExpired as e:
-            raise ReloadError(f"reload command timed out after {self.timeout}s: {cmd}") from e
-        except OSError as e:
-            raise ReloadError(f"reload command failed to start: {cmd}: {e}") from e
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-            raise ReloadError(f"reload command exited {proc.returncode}: {cmd}: {tail[0]}")
+        with tempfile.TemporaryFile() as out:
+            try:
+                proc = subprocess.Popen(cmd, shell=True, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as e:
+                raise ReloadError(f"reload command failed to start: {cmd}: {e}") from e
+            try:
+                returncode = proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired as e:
+                stop_group(proc, grace=self.grace)
+                raise ReloadError(f"reload command timed out after {self.timeout}s: {cmd}") from e
+            if returncode == 0:
+                return
+            out.seek(max(0, out.seek(0, os.SEEK_END) - self.OUTPUT_TAIL))
+            text = out.read(self.OUTPUT_TAIL).decode("utf-8", errors="replace")
+        tail = text.strip().splitlines()[-1:] or [""]
+        raise ReloadError(f"reload command exited {returncode}: {cmd}: {tail[0]}")
 
     def status(self, process: str) -> ProcessStatus:
         return ProcessStatus(process, None, "unknown")
@@ -223,8 +241,10 @@ class SupervisorReloader(Reloader):
             return getattr(self._proxy().supervisor, method)(*args)
         except xmlrpc.client.Fault as e:
             raise ReloadError(f"supervisor {method}{args}: {e.faultString}") from e
-        except (OSError, xmlrpc.client.ProtocolError, http.client.HTTPException) as e:
-            raise ReloadError(f"supervisor at {self.serverurl}: {method}: {e}") from e
+        except (OSError, xmlrpc.client.Error, http.client.HTTPException, ExpatError, ValueError) as e:
+            # xmlrpc.client.Error: a ProtocolError or a ResponseError; ExpatError/ValueError: an answer
+            # that is not XML-RPC (a proxy's HTML page with status 200)
+            raise ReloadError(f"supervisor at {self.serverurl}: {method}: {type(e).__name__}: {e}") from e
 
     def restart(self, process: str) -> None:
         info = self._call("getProcessInfo", process)

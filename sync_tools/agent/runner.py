@@ -14,7 +14,7 @@ import platform as _platform
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sync_tools.config import Config, Subsystem
-from sync_tools.errors import ConfigError, DataError, RemoteError, SyncToolsError
+from sync_tools.errors import (
+    ConfigError,
+    DataError,
+    ManifestError,
+    RemoteError,
+    SignatureError,
+    SyncToolsError,
+)
 from sync_tools.fsutil import sha256_file
 from sync_tools.manifest import (
     MANIFEST_NAME,
@@ -53,9 +60,11 @@ DEFAULT_MAX_BINARY_BYTES = 2 << 30
 LOCK_WAIT = 600.0
 #: Seconds the daemon waits for its SSE stream before the start-up reconcile.
 SSE_CONNECT_WAIT = 5.0
-#: A reconcile for an event whose manifest fetch failed for a transient reason (or found a manifest
-#: older than the event) is retried after RETRY_BASE, 2x, 4x ... seconds (at most RETRY_MAX), at most
-#: RETRY_ATTEMPTS times, until a newer event arrives or the agent stops.
+#: A reconcile whose manifest fetch failed for a transient reason (or found a manifest older than the
+#: event, or one that did not verify while the event announced a newer serial than the one applied) is
+#: retried after RETRY_BASE, 2x, 4x ... seconds (at most RETRY_MAX) RETRY_ATTEMPTS times, then every
+#: RETRY_MAX seconds, until one succeeds, a newer event arrives or the agent stops. The start-up
+#: reconcile is retried the same way.
 RETRY_BASE = 1.0
 RETRY_MAX = 60.0
 RETRY_ATTEMPTS = 6
@@ -291,11 +300,21 @@ class Agent:
         return report
 
     def _reconcile(self, started: float, event: AgentEvent | None = None) -> UpdateReport:
+        state: AgentState | None = None
         try:
             state = load_state(self.root)
             manifest, mbytes = self.fetch_manifest(state)
         except RemoteError as e:  # a network fault or an HTTP 5xx: the same fetch may work later
-            return UpdateReport(None, error=str(e), seconds=time.monotonic() - started, retry=event is not None)
+            return UpdateReport(None, error=str(e), seconds=time.monotonic() - started, retry=True)
+        except (SignatureError, ManifestError) as e:
+            # a cache between manifest.json and its .sig, or one still serving an older manifest, is
+            # behind while the event says a newer release exists: look again (never applied meanwhile)
+            ahead = (event is not None and event.serial is not None and state is not None
+                     and event.serial > state.serial)
+            if ahead:
+                log.warning("the manifest fetched does not verify (%s) but the event announced serial %s; "
+                            "looking again", e, event.serial)
+            return UpdateReport(None, error=str(e), seconds=time.monotonic() - started, retry=ahead)
         except SyncToolsError as e:
             return UpdateReport(None, error=str(e), seconds=time.monotonic() - started)
         stale = event is not None and event.serial is not None and manifest.serial < event.serial
@@ -394,12 +413,7 @@ class Agent:
                           moved: int) -> SubsystemResult:
         """Restart the process on the swapped binary and wait for health; on failure put the previous
         binary back (without losing .previous), restart again, and report ``rolled_back``."""
-        try:
-            self.reloader.restart(sub.process)
-            install.crash_point("reloaded")
-            health = self._health(sub)
-        except ReloadError as e:
-            health = HealthResult(False, f"reload failed: {e}")
+        health = self._restart_and_check(sub, reloaded_step=True)
         if health.ok:
             install.crash_point("healthy")
             self.journal.remove(sub.name)
@@ -416,45 +430,82 @@ class Agent:
                                    error=f"the previous binary is unhealthy too: {health.detail}",
                                    seconds=time.monotonic() - started)
         log.error("%s: new binary %s unhealthy (%s); rolling back", sub.name, intent.new_sha[:12], health.detail)
-        self.update_state(lambda st: st.with_failed(sub.name, intent.new_sha))
+        # The mark goes first, so a crash during the restore still keeps the build away; but a mark that
+        # cannot be written must not keep the restore from happening: it is tried again afterwards.
+        marked = self._mark_failed(sub, intent.new_sha)
         if intent.old_sha is None:
             self.journal.remove(sub.name)
-            return SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha,
-                                   error=f"unhealthy and nothing to roll back to: {health.detail}",
-                                   bytes=moved, seconds=time.monotonic() - started)
-        error = f"new binary unhealthy ({health.detail}); previous restored"
-        try:
-            self._restore_previous(sub)
-        except SyncToolsError as e:
-            error = f"new binary unhealthy ({health.detail}); restoring the previous one failed: {e}"
-            return SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha, error=error,
-                                   bytes=moved, seconds=time.monotonic() - started)
-        return SubsystemResult(sub.name, "rolled_back", intent.old_sha, intent.new_sha, error=error,
-                               bytes=moved, seconds=time.monotonic() - started)
+            result = SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha,
+                                     error=f"unhealthy and nothing to roll back to: {health.detail}",
+                                     bytes=moved, seconds=time.monotonic() - started)
+        else:
+            try:
+                self._restore_previous(sub, intent)
+            except (SyncToolsError, OSError) as e:
+                error = f"new binary unhealthy ({health.detail}); restoring the previous one failed: {e}"
+                result = SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha, error=error,
+                                         bytes=moved, seconds=time.monotonic() - started)
+            else:
+                result = SubsystemResult(sub.name, "rolled_back", intent.old_sha, intent.new_sha,
+                                         error=f"new binary unhealthy ({health.detail}); previous restored",
+                                         bytes=moved, seconds=time.monotonic() - started)
+        if not marked and not self._mark_failed(sub, intent.new_sha):
+            result = replace(result, error=f"{result.error}; the failed build could not be recorded, so it "
+                                           "may be tried again")
+        return result
 
-    def _swap_previous_in(self, sub: Subsystem, kind: str) -> tuple[install.Intent, VersionInfo, HealthResult]:
+    def _mark_failed(self, sub: Subsystem, sha: str) -> bool:
+        """Record *sha* as a build of *sub* that failed its health check. False (logged) when the agent
+        state cannot be written."""
+        try:
+            self.update_state(lambda st: st.with_failed(sub.name, sha))
+        except Exception:  # noqa: BLE001 - whatever the state file does, the restore must go on
+            log.exception("%s: cannot record the failed build %s in the agent state", sub.name, sha[:12])
+            return False
+        return True
+
+    def _restart_and_check(self, sub: Subsystem, *, reloaded_step: bool = False) -> HealthResult:
+        """Restart *sub*'s process and wait for health. Never raises: a backend that fails in any way
+        (a ReloadError, or a bug or an answer nobody foresaw) is an unhealthy result, so the caller
+        still rolls back and ends its intent."""
+        try:
+            self.reloader.restart(sub.process)
+            if reloaded_step:
+                install.crash_point("reloaded")
+            return self._health(sub)
+        except ReloadError as e:
+            return HealthResult(False, f"reload failed: {e}")
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            log.exception("%s: restart or health check failed unexpectedly", sub.name)
+            return HealthResult(False, f"reload or health check failed: {type(e).__name__}: {e}")
+
+    def _swap_previous_in(self, sub: Subsystem, kind: str, replaced: install.Intent | None = None,
+                          ) -> tuple[install.Intent, VersionInfo, HealthResult]:
         """Put the verified ``.previous`` binary in place, restart, check health, end the intent.
 
-        ``kind="rollback"`` swaps (the current binary becomes ``.previous``); ``kind="restore"`` (after a
-        failed update) leaves ``.previous`` as it is, so the good binary is never replaced by the bad one.
-        Raises InstallError/DataError when there is no verified previous binary.
+        ``kind="rollback"`` swaps (the current binary becomes ``.previous``); ``kind="restore"`` (after the
+        failed update *replaced*) leaves ``.previous`` as it is, so the good binary is never replaced by
+        the bad one, and verifies it against the sha256 *replaced* recorded (its own ``.version`` may be
+        missing or stale: the binary was installed before the agent). Raises InstallError/DataError when
+        there is no verified previous binary.
         """
         bin_dir = sub.bin_dir(self.root)
-        sha, info = install.stage_previous(bin_dir, sub.binary)
+        if replaced is not None:
+            sha, info = install.stage_previous(bin_dir, sub.binary, expect_sha=replaced.old_sha,
+                                               expect_version=replaced.old_version)
+        else:
+            sha, info = install.stage_previous(bin_dir, sub.binary)
         intent = install.begin(self.journal, subsystem=sub.name, bin_dir=bin_dir, binary=sub.binary,
                                new_sha=sha, new_version=info, kind=kind)
         install.swap(intent, keep_previous=kind == "rollback")
-        try:
-            self.reloader.restart(sub.process)
-            health = self._health(sub)
-        except ReloadError as e:
-            health = HealthResult(False, f"reload failed: {e}")
+        health = self._restart_and_check(sub)
         self.journal.remove(sub.name)
         return intent, info, health
 
-    def _restore_previous(self, sub: Subsystem) -> None:
-        """After a failed update: the previous binary back in, healthy. Raises SyncToolsError otherwise."""
-        _, _, health = self._swap_previous_in(sub, "restore")
+    def _restore_previous(self, sub: Subsystem, replaced: install.Intent) -> None:
+        """After the failed update *replaced*: the binary it replaced back in, healthy. Raises
+        SyncToolsError otherwise."""
+        _, _, health = self._swap_previous_in(sub, "restore", replaced)
         if not health.ok:
             raise RemoteError(f"the previous binary is unhealthy too: {health.detail}")
 
@@ -529,8 +580,15 @@ class Agent:
         with self._cond:
             self._cond.notify_all()
 
-    def run_forever(self, *, on_report: Callable[[UpdateReport], None] | None = None) -> None:
-        """Process queued events until :meth:`stop`: one reconcile per batch of events."""
+    def run_forever(self, *, on_report: Callable[[UpdateReport], None] | None = None,
+                    retry: UpdateReport | None = None) -> None:
+        """Process queued events until :meth:`stop`: one reconcile per batch of events.
+
+        *retry*: the start-up reconcile's report; when it asks for a retry, that comes first (with the
+        same backoff as an event's), until it works or an event supersedes it.
+        """
+        if retry is not None:
+            self._reconcile_with_retries(None, on_report, first=retry)
         while not self._stop.is_set():
             with self._cond:
                 while not self._pending and not self._stop.is_set():
@@ -539,27 +597,41 @@ class Agent:
                     return
                 batch, self._pending = self._pending, []
             log.info("%d event(s) -> one reconcile", len(batch))
-            self._reconcile_with_retries(batch[-1], on_report)
+            self._reconcile_with_retries(coalesce(batch), on_report)
 
-    def _reconcile_with_retries(self, event: AgentEvent,
-                                on_report: Callable[[UpdateReport], None] | None) -> None:
-        """One reconcile for *event*; when its manifest fetch failed transiently (or was older than the
-        event), again after exponential backoff, until it works, a newer event arrives, the agent
-        stops, or the attempts run out."""
+    def _reconcile_with_retries(self, event: AgentEvent | None,
+                                on_report: Callable[[UpdateReport], None] | None, *,
+                                first: UpdateReport | None = None) -> None:
+        """One reconcile for *event* (None: the start-up one, already made when *first* is its
+        report); when it asks for a retry (a transient fetch failure, a manifest behind the event),
+        again after exponential backoff, then every ``retry_max`` seconds, until one does not ask, a
+        newer event arrives or the agent stops. Never raises: an unexpected error is logged and the
+        loop goes on to the next event."""
         attempt = 0
+        report = first
         while True:
-            try:
-                report = self.reconcile(event)
-            except (SyncToolsError, OSError) as e:  # e.g. an unreadable state file: keep serving
-                log.error("reconcile failed: %s", e)
-                return
-            if on_report is not None:
-                on_report(report)
-            if not report.retry or attempt >= self.retry_attempts:
+            if report is None:
+                try:
+                    report = self.reconcile(event)
+                except (SyncToolsError, OSError) as e:  # e.g. an unreadable state file: keep serving
+                    log.error("reconcile failed: %s", e)
+                    return
+                except Exception:  # noqa: BLE001 - a bug must not end the event loop
+                    log.exception("reconcile failed unexpectedly; waiting for the next event")
+                    return
+                if on_report is not None:
+                    on_report(report)
+            if not report.retry:
                 return
             delay = min(self.retry_max, self.retry_base * 2 ** attempt)
             attempt += 1
-            log.warning("retrying the reconcile in %gs (attempt %d of %d)", delay, attempt, self.retry_attempts)
+            if attempt <= self.retry_attempts:
+                log.warning("retrying the reconcile in %gs (attempt %d of %d)", delay, attempt,
+                            self.retry_attempts)
+            else:
+                log.warning("retrying the reconcile in %gs (attempt %d; it keeps trying at this pace)",
+                            delay, attempt)
+            report = None
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._pending) or self._stop.is_set(), timeout=delay)
                 if self._pending or self._stop.is_set():
@@ -571,6 +643,16 @@ class Agent:
         return {"ready": last is not None, "updating": self.updating,
                 "serial": last.serial if last else None, "ok": last.ok if last else None,
                 "pid": os.getpid()}
+
+
+def coalesce(batch: list[AgentEvent]) -> AgentEvent:
+    """The one event a batch is reconciled as: the last one, carrying the highest serial any of them
+    announced (a later event without a serial, such as an SSE reconnect, must not hide it)."""
+    last = batch[-1]
+    serials = [e.serial for e in batch if e.serial is not None]
+    if serials and last.serial != max(serials):
+        return replace(last, serial=max(serials))
+    return last
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -641,7 +723,8 @@ def serve(agent: Agent, *, relay: str | None = None, token: str | None = None, l
                 t.start()
         if on_ready is not None:
             on_ready(info)
-        agent.run_forever(on_report=on_report)
+        # a start-up reconcile that failed transiently (the network not up yet at boot) is retried
+        agent.run_forever(on_report=on_report, retry=report if report is not None and report.retry else None)
     finally:
         if sse is not None:
             sse.stop()
