@@ -14,7 +14,7 @@ TERM_GRACE = 10.0  # seconds a process group has between SIGTERM and SIGKILL
 DRAIN_WAIT = 5.0
 
 
-def _killpg(pgid: int, sig: int) -> bool:
+def signal_group(pgid: int, sig: int) -> bool:
     """Signal the group; False when it has no member left."""
     try:
         os.killpg(pgid, sig)
@@ -34,13 +34,13 @@ def stop_group(proc: subprocess.Popen[Any], *, grace: float, poll: float = 0.05)
     ignores SIGTERM would otherwise live on (holding the caller's pipes open).
     """
     deadline = time.monotonic() + grace
-    _killpg(proc.pid, signal.SIGTERM)
+    signal_group(proc.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace)
     # the leader is gone (or ignored SIGTERM): the rest of its group gets what is left of the grace period
-    while time.monotonic() < deadline and _killpg(proc.pid, 0):
+    while time.monotonic() < deadline and signal_group(proc.pid, 0):
         time.sleep(poll)
-    _killpg(proc.pid, signal.SIGKILL)
+    signal_group(proc.pid, signal.SIGKILL)
     proc.wait()
 
 

@@ -221,7 +221,7 @@ class LocalDispatcher:
         """Stop every step running (SIGTERM to its process group, SIGKILL after the grace period,
         then SIGKILL to whatever of the group is left) and refuse new steps. The interrupted
         dispatches raise Interrupted, so their jobs go back to the queue for the next start."""
-        from sync_tools.procs import TERM_GRACE, stop_group
+        from sync_tools.procs import TERM_GRACE, signal_group, stop_group
 
         with self._lock:
             self._stopped = True
@@ -231,11 +231,10 @@ class LocalDispatcher:
         grace = TERM_GRACE if self.stop_grace is None else self.stop_grace
         log.warning("stopping %d local build step(s) still running", len(procs))
         for proc in procs:  # all of them at once: the grace periods run side by side
-            _kill_group(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for proc in procs:
+        for proc in procs:  # SIGKILL to what is left of each group, the step's children included
             stop_group(proc, grace=max(0.0, deadline - time.monotonic()))
-            _kill_group(proc.pid, signal.SIGKILL)  # what the step started and left in its group
 
     def log_path(self, subsystem: str, delivery: str) -> Path:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -295,9 +294,3 @@ class LocalDispatcher:
                     raise BuildError(f"sync-tools {step} --only {sub} exited {proc.returncode} (log: {path})")
         log.info("local build, package and release of %s done (log: %s)", sub, path)
 
-
-def _kill_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
