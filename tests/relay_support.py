@@ -6,6 +6,8 @@ import base64
 import json
 import secrets
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from sync_tools.stores.local import LocalStore
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "webhooks"
 SECRET = "It's a Secret to Everybody"
 TOKEN = "agent-token-1"
+RELEASE_REPO = "acme/plat-telemetry"  # release.repo in CONFIG
 AGENT_SECRET = "whsec_" + base64.b64encode(b"agent shared secret, 32 bytes!!").decode()
 
 CONFIG = """\
@@ -154,3 +157,19 @@ def publish(config: Config, name: str, version: str, *, serial_from: Manifest | 
     data, sig = sign_manifest(m, key)
     store.write_manifest(data, sig, snap.token)
     return m
+
+
+@contextmanager
+def running_relay(root: Path, github_api: Any, **config: Any) -> Iterator[Any]:
+    """The relay under a real server on port 0, its config written under *root* (``write_config``'s
+    keywords), dispatching to the GitHub API test server *github_api*; stopped at the end."""
+    from sync_tools.relay.app import create_app
+    from sync_tools.relay.server import RelayServer
+
+    github_api.state.add_repo(RELEASE_REPO)
+    cfg = write_config(root, **config)
+    server = RelayServer(create_app(cfg, settings(cfg, root, github_api_url=github_api.url)), "127.0.0.1", 0).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -26,6 +26,7 @@ from sync_tools.sources.remote import RefCache, ls_remote
 from tests.gitrepos import GitRepo
 from tests.servers.git_http import GitDaemon, GitHTTPServer, git_http_server_fixture  # noqa: F401 - fixture
 from tests.servers.github_api import github_api_fixture  # noqa: F401 - fixture `github_api`
+from tests.support import serve_once
 
 
 def write_config(root: Path, subsystems: dict) -> Path:
@@ -376,31 +377,11 @@ def test_git_protocol_via_git_daemon(tmp_path):
 
 @pytest.fixture
 def silent_server():
-    """A loopback TCP server that accepts connections and never answers."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    conns = []
-    stop = threading.Event()
-
-    def accept():
-        srv.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conns.append(srv.accept()[0])
-            except OSError:
-                continue
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    try:
-        yield srv.getsockname()[1]
-    finally:
-        stop.set()
-        t.join(5)
-        for c in conns:
-            c.close()
-        srv.close()
+    """A loopback server that accepts connections and never answers them."""
+    held: list[socket.socket] = []
+    yield from serve_once(lambda conn: held.append(conn.dup()))  # the dup keeps it open, silent
+    for conn in held:
+        conn.close()
 
 
 @pytest.mark.parametrize("scheme", ["git", "http"])

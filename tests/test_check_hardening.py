@@ -23,6 +23,7 @@ from sync_tools.errors import RemoteError
 from sync_tools.sources.remote import ls_remote
 from tests.gitrepos import GitRepo
 from tests.processes import assert_process_ends
+from tests.support import serve_once
 
 
 def pkt(data: bytes) -> bytes:
@@ -200,36 +201,19 @@ _GARBLED = {
 def garbling_server():
     """A loopback HTTP server answering every request with ``answer["body"]`` as a ref advertisement."""
     answer = {"body": b""}
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    stop = threading.Event()
 
-    def serve() -> None:
-        srv.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue
-            with conn:
-                try:
-                    conn.settimeout(2)
-                    conn.recv(65536)
-                    body = answer["body"]
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-git-upload-pack-advertisement\r\n"
-                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
-                except OSError:
-                    pass
+    def handle(conn: socket.socket) -> None:
+        try:
+            conn.settimeout(2)
+            conn.recv(65536)
+            body = answer["body"]
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-git-upload-pack-advertisement\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        except OSError:
+            pass
 
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.getsockname()[1]}/r.git", answer
-    finally:
-        stop.set()
-        t.join(5)
-        srv.close()
+    for port in serve_once(handle):
+        yield f"http://127.0.0.1:{port}/r.git", answer
 
 
 @pytest.mark.parametrize("case", list(_GARBLED))

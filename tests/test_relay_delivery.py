@@ -17,9 +17,9 @@ import requests
 from click.testing import CliRunner
 
 from sync_tools.cli import cli
-from sync_tools.relay.app import create_app, get_relay
+from sync_tools.relay.app import get_relay
 from sync_tools.relay.server import RelayServer
-from tests.relay_support import delivery, env, settings, tag_payload, write_config
+from tests.relay_support import delivery, env, running_relay, tag_payload, write_config
 from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
 from tests.support import wait_for
 
@@ -31,14 +31,8 @@ REPO = "acme/plat-telemetry"
 
 @pytest.fixture
 def relay_server(tmp_path: Path, github_api: GitHubAPIServer) -> Iterator[RelayServer]:  # noqa: F811
-    github_api.state.add_repo(REPO)
-    config = write_config(tmp_path, max_attempts=3)
-    app = create_app(config, settings(config, tmp_path, github_api_url=github_api.url))
-    server = RelayServer(app, "127.0.0.1", 0).start()
-    try:
+    with running_relay(tmp_path, github_api, max_attempts=3) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def send(server: RelayServer, d) -> requests.Response:  # type: ignore[no-untyped-def]

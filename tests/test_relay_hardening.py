@@ -29,7 +29,16 @@ from sync_tools.relay.dispatch import (
 from sync_tools.relay.outbox import NewJob, Outbox
 from sync_tools.relay.server import RelayServer
 from sync_tools.relay.worker import Backoff, Worker
-from tests.relay_support import AGENT_SECRET, delivery, env, fixture, settings, tag_payload, write_config
+from tests.relay_support import (
+    AGENT_SECRET,
+    delivery,
+    env,
+    fixture,
+    running_relay,
+    settings,
+    tag_payload,
+    write_config,
+)
 from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
 from tests.support import wait_for
 
@@ -50,14 +59,9 @@ def _ended(pid: int) -> bool:
 
 @pytest.fixture
 def commits_relay(tmp_path: Path, github_api: GitHubAPIServer) -> Iterator[RelayServer]:  # noqa: F811
-    github_api.state.add_repo(REPO)
-    config = write_config(tmp_path, max_attempts=4, hello_strategy="commits", hello_extra="branch: master")
-    app = create_app(config, settings(config, tmp_path, github_api_url=github_api.url))
-    server = RelayServer(app, "127.0.0.1", 0).start()
-    try:
+    with running_relay(tmp_path, github_api, max_attempts=4, hello_strategy="commits",
+                       hello_extra="branch: master") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _push(server: RelayServer, sha: str) -> int:

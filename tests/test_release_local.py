@@ -362,37 +362,17 @@ def test_platforms_of_a_new_build_released_by_parallel_jobs_all_land(ws) -> None
     assert entry.version == "v1.1.0" and set(entry.assets) == {"linux/amd64", "linux/arm64"}
 
 
-class _BusyFirstStore(LocalStore):
-    """Another writer is midway through replacing the manifest when this release first looks."""
-
-    def __init__(self, path: Path, tag: str):
-        super().__init__(path, tag)
-        self.reads = 0
-
-    def read_manifest(self):
-        self.reads += 1
-        if self.reads == 1:
-            raise ManifestBusy("manifest.json is being replaced by another writer")
-        return super().read_manifest()
-
-
-def test_a_manifest_being_replaced_at_the_first_look_is_read_again(ws) -> None:
-    sleeps: list[float] = []
-    result = release(ws.config(), "nats", store=_BusyFirstStore(ws.store, ws.tag), signing_key=str(ws.private_key),
-                     sleep=sleeps.append)
-    assert len(sleeps) == 1 and _manifest(ws).serial == result.serial
-
-
 class _BusyOnceStore(LocalStore):
-    """Another writer is midway through replacing the manifest the first time this release looks."""
+    """Another writer is midway through replacing the manifest at this release's *busy_read*-th look
+    (the first look is the check before upload; the second, the read of the write loop)."""
 
-    def __init__(self, path: Path, tag: str):
+    def __init__(self, path: Path, tag: str, busy_read: int = 2):
         super().__init__(path, tag)
-        self.reads = 0
+        self.reads, self.busy_read = 0, busy_read
 
     def read_manifest(self):
         self.reads += 1
-        if self.reads == 2:  # the first read is the check before upload
+        if self.reads == self.busy_read:
             raise ManifestBusy("manifest.json is being replaced by another writer")
         return super().read_manifest()
 
@@ -403,6 +383,13 @@ def test_a_manifest_being_replaced_is_read_again(ws) -> None:
                      sleep=sleeps.append)
     assert result.attempts == 2 and len(sleeps) == 1
     assert _manifest(ws).serial == result.serial
+
+
+def test_a_manifest_being_replaced_at_the_first_look_is_read_again(ws) -> None:
+    sleeps: list[float] = []
+    result = release(ws.config(), "nats", store=_BusyOnceStore(ws.store, ws.tag, busy_read=1),
+                     signing_key=str(ws.private_key), sleep=sleeps.append)
+    assert len(sleeps) == 1 and _manifest(ws).serial == result.serial
 
 
 def test_refresh_renews_the_expiry_and_changes_nothing_else(ws) -> None:

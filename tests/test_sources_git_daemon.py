@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from sync_tools.errors import RemoteError
 from sync_tools.sources.remote import ls_remote
 from tests.gitrepos import GitRepo
 from tests.servers.git_http import GitDaemon
+from tests.support import serve_once
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git binary (the servers)")
 
@@ -55,31 +56,6 @@ def daemon(tmp_path: Path) -> Iterator[GitDaemon]:
     (tmp_path / "up").mkdir()
     with GitDaemon(tmp_path / "up") as d:
         yield d
-
-
-def serve_once(handler: Callable[[socket.socket], None]) -> Iterator[int]:
-    """A loopback server running *handler* on each connection, in a thread; yields its port."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    srv.settimeout(0.1)
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue
-            with conn:
-                handler(conn)
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
-        yield srv.getsockname()[1]
-    finally:
-        stop.set()
-        t.join(5)
-        srv.close()
 
 
 @pytest.fixture
