@@ -27,7 +27,7 @@ from sync_tools.agent.runner import Agent, serve
 from sync_tools.agent.state import load_state
 from sync_tools.manifest import asset_name
 from sync_tools.signing import sign
-from sync_tools.versionfile import read_version
+from sync_tools.versionfile import VersionInfo, read_version, write_version
 from tests.agent_support import World, close_world, file_member, free_port, make_world, special_member, tar_gz
 
 
@@ -270,6 +270,26 @@ def test_rollback_command_swaps_previous_back(world: World) -> None:
     st = agent.status()
     assert st["nats"]["running"]["running"] is True and st["nats"]["drift"] is False
     assert st["nats"]["version"] == "v1"
+
+
+def test_an_unhealthy_rollback_puts_back_the_binary_it_replaced(world: World) -> None:
+    """The older build no longer starts healthy (say its config moved on): the rollback fails and
+    leaves nats as it was, running the build it replaced, not the unhealthy one."""
+    v2 = world.publish("nats", "v2")
+    agent = world.agent(health_timeout=3.0)
+    assert agent.reconcile().ok
+    bad = world.binary("nats", "v1", mode="unhealthy")
+    prev = world.root / "nats" / ".bin" / ".previous"
+    (prev / "nats-server").write_bytes(bad)
+    write_version(prev, VersionInfo(commit="1" * 40, timestamp="2026-11-24T00:00:00Z",
+                                    checksum=hashlib.sha256(bad).hexdigest(), version="v1"))
+    res = agent.rollback("nats")
+    assert res.action == "failed" and "unhealthy after rollback" in res.error
+    assert "the binary it replaced is back" in res.error and "too" not in res.error
+    assert world.bin_path("nats").read_bytes() == v2 and (prev / "nats-server").read_bytes() == bad
+    assert world.health("nats").startswith("nats-v2")
+    assert agent.status()["nats"]["drift"] is False
+    assert "nats" not in load_state(world.root).failed  # nothing held back: v2 is what runs
 
 
 class _GatedFetcher(Fetcher):

@@ -519,7 +519,8 @@ class Agent:
     def rollback(self, name: str) -> SubsystemResult:
         """``sync-tools rollback NAME``: swap ``.previous`` and the current binary, restart, check
         health. When healthy, the build rolled away from is held back: reconciles skip it until the
-        release has a new build of NAME. Raises ConfigError (unknown name), InstallError/DataError (no
+        release has a new build of NAME. When not, the two are swapped back (and restarted): a failed
+        rollback leaves NAME as it was. Raises ConfigError (unknown name), InstallError/DataError (no
         verified previous), AgentBusy (another agent process kept the install root's lock too long)."""
         sub = self.config.subsystem(name)
         started = time.monotonic()
@@ -530,8 +531,20 @@ class Agent:
             intent, info, health = self._swap_previous_in(sub, "rollback")
             if health.ok:
                 self._hold_back(sub, intent)
-        return SubsystemResult(sub.name, "updated" if health.ok else "failed", intent.old_sha, intent.new_sha,
-                               info.version, None if health.ok else f"unhealthy after rollback: {health.detail}",
+                return SubsystemResult(sub.name, "updated", intent.old_sha, intent.new_sha, info.version,
+                                       seconds=time.monotonic() - started)
+            # a rollback that fails changes nothing: the binary it replaced (running a moment ago) goes
+            # back, rather than leaving a binary known to be unhealthy in place
+            log.error("%s: the previous binary %s is unhealthy (%s); putting back %s", sub.name,
+                      intent.new_sha[:12], health.detail, (intent.old_sha or "?")[:12])
+            error = f"unhealthy after rollback: {health.detail}"
+            try:
+                _, _, back = self._swap_previous_in(sub, "rollback")
+            except (SyncToolsError, OSError) as e:
+                error += f"; putting back the binary it replaced failed: {e}"
+            else:
+                error += "; the binary it replaced is back" + ("" if back.ok else f", unhealthy too: {back.detail}")
+        return SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha, info.version, error,
                                seconds=time.monotonic() - started)
 
     # ------------------------------------------------------------------------------------- status
