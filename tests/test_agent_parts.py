@@ -348,6 +348,21 @@ def test_process_compose_restarts_only_that_process(pc_server: ProcessComposeSer
     assert pc_server.schema_errors == []
 
 
+def test_process_compose_restart_waits_for_a_new_process(tmp_path: Path) -> None:
+    """process-compose may still report the old process running just after it answers the restart:
+    the reloader waits for a new pid, or the health check would judge the old binary."""
+    port = free_port()
+    (tmp_path / "svc.py").write_text(SERVICE_PY)
+    procs = {"nats": ([sys.executable, str(tmp_path / "svc.py"), "nats-v1", "ok"], {"PORT": str(port)})}
+    with ProcessComposeServer(procs, answer_first=0.5) as srv:
+        r = ProcessComposeReloader(srv.url, ready_timeout=10)
+        wait_http(f"http://127.0.0.1:{port}/health")
+        before = r.status("nats")
+        r.restart("nats")
+        after = r.status("nats")
+        assert after.running and after.pid != before.pid
+
+
 def test_process_compose_errors_are_reload_errors(pc_server: ProcessComposeServer) -> None:
     with pytest.raises(ReloadError, match="HTTP 401"):
         ProcessComposeReloader(pc_server.url, token="wrong").status("nats")

@@ -186,12 +186,16 @@ class ProcessComposeReloader(Reloader):
         return data
 
     def restart(self, process: str) -> None:
+        before = self.status(process)
+        old_pid = before.pid if before.running else None
         self._call("POST", f"/process/restart/{quote(process, safe='')}")
-        # A restart is asynchronous in process-compose: wait until it reports the process running.
+        # A restart is asynchronous in process-compose: wait until it reports the process running, as
+        # a new process (the old one may still be reported running for a moment after the answer; a
+        # health check then would judge the old binary, not the new one).
         deadline = time.monotonic() + self.ready_timeout
         while True:
             st = self.status(process)
-            if st.running and st.ready is not False:
+            if st.running and st.ready is not False and (old_pid is None or st.pid != old_pid):
                 return
             if time.monotonic() >= deadline:
                 raise ReloadError(f"process-compose: {process} not running {self.ready_timeout}s after "

@@ -175,11 +175,13 @@ class ProcessComposeServer:
     """Runs *processes* (name -> (argv, env)) and serves the API; use as a context manager."""
 
     def __init__(self, processes: dict[str, tuple[list[str], dict[str, str]]], *, token: str | None = None,
-                 validate: bool = True, restart_delay: float = 0.1):
+                 validate: bool = True, restart_delay: float = 0.1, answer_first: float = 0.0):
         self.procs = {n: _Proc(n, argv, env) for n, (argv, env) in processes.items()}
         self.token = token
         self.validate = validate
         self.restart_delay = restart_delay
+        # seconds a restart leaves the old process reported running after answering (0: "Restarting" at once)
+        self.answer_first = answer_first
         self.schema_errors: list[str] = []
         self.requests: list[tuple[str, str, str | None]] = []
         self.dir = tempfile.mkdtemp(prefix="pc")
@@ -228,6 +230,7 @@ class ProcessComposeServer:
             return self._missing(name)
 
         def later() -> None:
+            time.sleep(self.answer_first)
             with p.lock:
                 p.status = "Restarting"
                 p.kill()
@@ -235,7 +238,8 @@ class ProcessComposeServer:
                 p.restarts += 1
                 p.spawn()
 
-        p.status = "Restarting"
+        if not self.answer_first:
+            p.status = "Restarting"
         threading.Thread(target=later, daemon=True).start()
         return 200, {"name": name}
 
