@@ -220,7 +220,7 @@ def build_subsystem(
     src = source_commit(config.root / sub.name / ".src")
     commit = src.sha if src else (run_env.get(COMMIT_ENV) or "unknown")
     info = VersionInfo(commit=commit, timestamp=format_time(now or datetime.now(UTC)),
-                       checksum=sha256_file(binary), version=version)
+                       checksum=sha256_file(binary), version=version, platform=plat)
     write_version(sub.bin_dir(config.root), info)
     seconds = time.monotonic() - started
     log.info("built %s %s for %s in %.1fs (%s)", sub.name, version or "?", plat, seconds, info.checksum[:12])

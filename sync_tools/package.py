@@ -101,18 +101,23 @@ def write_tarball(out: Path, files: Iterable[tuple[str, Path]], mtime: int) -> N
 
 def package(config: Config, name: str, *, platform: str | None = None, dist: Path | None = None,
             mtime: int | None = None) -> Packaged:
-    """Package *name*'s built binary for *platform* (default: this machine) into ``.dist``.
+    """Package *name*'s built binary for *platform* (default: the platform its ``.version`` says it was
+    built for, else this machine) into ``.dist``.
 
-    The binary must match the checksum its build wrote to ``.bin/.version``. Returns what was written.
-    Raises ConfigError (unknown subsystem, bad platform), BuildError (nothing built) and DataError
-    (the binary changed since it was built).
+    The binary must match the checksum its build wrote to ``.bin/.version``, and the platform the
+    build recorded there. Returns what was written. Raises ConfigError (unknown subsystem, bad
+    platform), BuildError (nothing built) and DataError (the binary changed since it was built, or
+    was built for another platform).
     """
     sub = config.subsystem(name)
-    plat = "/".join(parse_platform(platform))
     binary = sub.binary_path(config.root)
     info = read_version(sub.bin_dir(config.root))
     if info is None or not binary.is_file():
         raise BuildError(f"{name}: nothing built at {binary} (with .version); run: sync-tools build --only {name}")
+    plat = "/".join(parse_platform(platform or info.platform))
+    if info.platform and "/".join(parse_platform(info.platform)) != plat:
+        raise DataError(f"{name}: the binary was built for {info.platform}, not {plat}: "
+                        f"run: sync-tools build --only {name} --platform {plat}")
     binary_sha = sha256_file(binary)
     if binary_sha != info.checksum:
         raise DataError(f"{binary} has sha256 {binary_sha} but its .version says {info.checksum}: "

@@ -6,6 +6,7 @@ Format (the contract plat-telemetry's Taskfiles already write)::
     timestamp: <iso8601>
     checksum: <sha256 of the binary>
     version: <v>            (optional)
+    platform: <os>/<arch>   (optional: what ``sync-tools build`` built it for)
 
 Unknown ``key: value`` lines are kept on read and ignored; anything else is a DataError.
 """
@@ -29,11 +30,14 @@ class VersionInfo:
     timestamp: str
     checksum: str
     version: str | None = None
+    platform: str | None = None
 
     def render(self) -> str:
         lines = [f"commit: {self.commit}", f"timestamp: {self.timestamp}", f"checksum: {self.checksum}"]
         if self.version:
             lines.append(f"version: {self.version}")
+        if self.platform:
+            lines.append(f"platform: {self.platform}")
         return "\n".join(lines) + "\n"
 
 
@@ -51,7 +55,8 @@ def parse_version_text(text: str, where: str = ".version") -> VersionInfo:
     missing = [k for k in ("commit", "timestamp", "checksum") if not fields.get(k)]
     if missing:
         raise DataError(f"{where}: missing {', '.join(missing)}")
-    return VersionInfo(fields["commit"], fields["timestamp"], fields["checksum"].lower(), fields.get("version"))
+    return VersionInfo(fields["commit"], fields["timestamp"], fields["checksum"].lower(), fields.get("version"),
+                       fields.get("platform") or None)
 
 
 def read_version(bin_dir: Path) -> VersionInfo | None:

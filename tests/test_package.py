@@ -118,6 +118,20 @@ def test_binary_changed_since_the_build_is_refused(built, tmp_path) -> None:
     assert not (tmp_path / "d").exists()
 
 
+def test_the_platform_the_build_recorded_is_the_one_packaged(tmp_path) -> None:
+    """`build --platform linux/arm64` then `package` without one used to label the arm64 binary with
+    this machine's platform; the build's .version now says what it built for."""
+    ws = make_workspace(tmp_path / "ws4", ["nats"], git=False)
+    build(ws.config(), ["nats"], platform="linux/arm64", env=ws.env())
+    assert "platform: linux/arm64" in (ws.root / "nats" / ".bin" / ".version").read_text()
+    item = package(ws.config(), "nats", dist=tmp_path / "d")
+    assert item.platform == "linux/arm64" and item.name == "nats-server-linux-arm64.tar.gz"
+    with pytest.raises(DataError, match="built for linux/arm64, not linux/amd64"):
+        package(ws.config(), "nats", platform="linux/amd64", dist=tmp_path / "d")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["nats-server-linux-arm64.tar.gz",
+                                                                   "nats-server-linux-arm64.tar.gz.json"]
+
+
 def test_nothing_built_and_bad_input(tmp_path, built) -> None:
     ws = make_workspace(tmp_path / "ws3", ["nats"], git=False)
     with pytest.raises(BuildError, match="sync-tools build --only nats"):
