@@ -98,7 +98,10 @@ def check(config: Config, names: Iterable[str] | None = None, *, sources: Source
 
     Raises ConfigError for an unknown name; upstream failures are reported per subsystem, not raised.
     """
-    subs = [_resolve_upstream(config, s) for s in config.select(list(names) if names else None)]
+    chosen = config.select(list(names) if names else None)
+    for s in chosen:
+        s.require_upstream(config.path)
+    subs = [_resolve_upstream(config, s) for s in chosen]
     sources = sources or Sources()
     now = (clock or _utcnow)()
     if not subs:

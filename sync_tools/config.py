@@ -290,12 +290,27 @@ class Subsystem(NamedTuple):
     health: str | None = None
     depends_on: tuple[str, ...] = ()
     pin: PinSource | None = None
+    # the Taskfile var the build reads its version from (NATS_VERSION, LB_VERSION, ...), when known
+    version_var: str | None = None
+    # that var's spot when it repeats the pin: moved with it, so `task X:ensure` builds the same version
+    version_pin: PinSource | None = None
+    # where the binary lives inside <name>/.bin (``bin/grafana-server``); empty: ``binary`` itself
+    bin_path: str = ""
+    line: int | None = None  # where the subsystem's section starts in its config file
+
+    def require_upstream(self, config_path: Path) -> None:
+        """ConfigError unless an upstream is set: an agent-only config may leave it out, but check,
+        plan and build need it."""
+        if not self.upstream:
+            raise ConfigError("is required (check, plan and build need it; only an agent-only config may "
+                              "leave it out)", path=config_path, key=f"subsystems.{self.name}.upstream",
+                              line=self.line)
 
     def bin_dir(self, root: Path) -> Path:
         return root / self.name / ".bin"
 
     def binary_path(self, root: Path) -> Path:
-        return self.bin_dir(root) / self.binary
+        return self.bin_dir(root) / (self.bin_path or self.binary)
 
 
 class ReleaseConfig(NamedTuple):
@@ -379,25 +394,40 @@ class Config(NamedTuple):
 _TOP_KEYS = ("release", "platforms", "subsystems", "relay", "agent")
 _RELEASE_KEYS = ("repo", "store", "tag", "public_key", "expires_days")
 _SUB_KEYS = ("upstream", "strategy", "branch", "include", "exclude", "prereleases", "major", "current",
-             "binary", "build", "paths", "process", "health", "depends_on", "description")
+             "binary", "build", "paths", "process", "health", "depends_on", "description", "version_var")
 _RELAY_KEYS = ("dispatch", "agents", "max_body", "max_attempts")
 _AGENT_KEYS = ("root", "source", "relay", "reload", "socket", "url", "command", "listen", "secret_env",
                "token_env", "public_key", "platform", "health_timeout", "supervisor_url")
 
 
-def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None) -> Subsystem:
+def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None, *, root: Path | None = None,
+                     upstream_required: bool = True) -> Subsystem:
+    """One subsystem's section. With *root*, what the section leaves out is read from the platform's
+    Taskfiles (:func:`_taskfile_defaults`): upstream, version var, binary and its path, health."""
+    from sync_tools import taskfiles
+
     if not _NAME_RE.fullmatch(name):
         raise ConfigError("subsystem names are lower-case letters, digits, - and _", path=sec.path,
                           key=sec.prefix, line=sec.line or _line(sec.data, name))
     strategy = sec.choice("strategy", STRATEGIES, "tags")
-    upstream = sec.str("upstream", required=True)
-    assert upstream is not None
-    if not upstream.strip():
+    found = _taskfile_defaults(root, name, sec.str("current"), sec.str("version_var")) if root else {}
+    upstream = sec.str("upstream") or found.get("upstream")
+    if upstream is None:
+        if upstream_required:
+            raise sec.error("upstream", "is required")
+        upstream = ""  # an agent-only config: the signed manifest names the subsystems
+    elif not upstream.strip():
         raise sec.error("upstream", "must not be empty")
-    binary = sec.str("binary", name) or name
+    binary = sec.str("binary") or found.get("binary") or name
+    bin_path = found.get("bin_path", "") if sec.str("binary") is None else ""
+    if "/" in binary:  # a binary in a subfolder of .bin (bin/grafana-server)
+        bin_path = taskfiles.check_subpath(binary, where=sec.path, key=sec.key("binary"))
+        binary = bin_path.rsplit("/", 1)[-1]
     if not _BINARY_NAME.fullmatch(binary):
         # it names the release assets (<binary>-<os>-<arch>.tar.gz), which agents and stores check
         raise sec.error("binary", "must be a file name of letters, digits and ._+- that starts with a letter or digit")
+    if bin_path == binary:
+        bin_path = ""
     build = sec.str_list("build", (f"task {name}:src:update", f"task {name}:bin:build"))
     return Subsystem(
         name=name,
@@ -413,10 +443,48 @@ def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None) -> Subsyst
         build=build,
         paths=sec.str_list("paths", (f"{name}/**",)),
         process=sec.str("process", name) or name,
-        health=sec.str("health"),
+        health=sec.str("health") or found.get("health"),
         depends_on=sec.str_list("depends_on"),
         pin=pin,
+        version_var=found.get("version_var") or sec.str("version_var"),
+        version_pin=found.get("version_pin"),
+        bin_path=bin_path,
+        line=_line(sec.data, "upstream"),
     )
+
+
+def _taskfile_defaults(root: Path, name: str, pin: str | None, explicit_var: str | None) -> dict[str, Any]:
+    """What ``<root>/<name>/Taskfile.yml`` says of the subsystem, by any var prefix: ``upstream``
+    (``*_UPSTREAM_REPO``), ``binary`` (``*_BIN_NAME``), ``bin_path`` (from ``*_BIN_PATH``), ``health``
+    (``task <name>:health`` when the root Taskfile includes a Taskfile with a ``health`` task),
+    ``version_var`` (the var the build reads) and ``version_pin`` (that var's spot when it repeats
+    *pin*, to be moved with it). Empty when there is no such Taskfile."""
+    from sync_tools import taskfiles
+
+    tf = taskfiles.subsystem_taskfile(root, name)
+    if tf is None:
+        return {}
+    out: dict[str, Any] = {}
+    up = taskfiles.upstream_var(tf)
+    if up is not None:
+        out["upstream"] = up.value
+    bv = taskfiles.binary_var(tf)
+    if bv is not None and bv.value:
+        out["binary"] = bv.value
+    sub_path = taskfiles.binary_subpath(tf, root / name)
+    if sub_path:
+        out["bin_path"] = sub_path
+        out.setdefault("binary", sub_path.rsplit("/", 1)[-1])
+    if "health" in tf.tasks:
+        rt = taskfiles.root_taskfile(root)
+        if rt is not None and name in rt.includes and rt.includes[name].resolve() == tf.path.resolve():
+            out["health"] = f"task {name}:health"
+    vv = taskfiles.version_var(tf, name, pin, explicit_var)
+    if vv is not None:
+        out["version_var"] = vv.name
+        if pin and vv.value is not None and taskfiles._same_version(vv.value, pin):
+            out["version_pin"] = PinSource(vv.path, "taskfile", vv.name, vv.line)
+    return out
 
 
 def _check_graph(path: Path, subs: dict[str, Subsystem], data: Any) -> None:
@@ -487,15 +555,16 @@ def parse_config(path: Path, data: Any) -> Config:
             raise top.error("platforms", f"bad platform {p!r} (expected os/arch, e.g. linux/amd64)")
 
     subs_raw = top.raw("subsystems")
+    root = path.parent.resolve()
     if subs_raw is None:
-        subs_raw = {}
+        subs_raw = _discovered(root)  # none listed: the root Taskfile's subsystems, if it declares any
     if not isinstance(subs_raw, dict):
         raise top.error("subsystems", "must be a mapping of name -> settings")
     subs: dict[str, Subsystem] = {}
     for name, body in subs_raw.items():
         sec = _Section(path, body, f"subsystems.{name}", _SUB_KEYS, line=_line(subs_raw, name))
         pin = PinSource(path, "sync-tools.yaml", f"subsystems.{name}.current", _line(body, "current"))
-        subs[name] = _parse_subsystem(sec, name, pin)
+        subs[name] = _parse_subsystem(sec, name, pin, root=root, upstream_required=False)
     _check_graph(path, subs, subs_raw)
 
     rl = top.section("relay", _RELAY_KEYS)
@@ -540,7 +609,7 @@ def parse_config(path: Path, data: Any) -> Config:
         raise ag.error("command", "is required when reload is 'command'")
     return Config(
         path=path,
-        root=path.parent.resolve(),
+        root=root,
         release=release,
         platforms=platforms,
         subsystems=MappingProxyType(subs),
@@ -583,46 +652,70 @@ def _taskfile_vars(path: Path) -> dict[str, tuple[str, int | None]]:
     return out
 
 
+def _discovered(root: Path) -> _LineDict:
+    """Subsystems the root Taskfile declares (:func:`sync_tools.taskfiles.discover`), as empty
+    sections for :func:`_parse_subsystem` to fill from their Taskfiles."""
+    from sync_tools import taskfiles
+
+    out = _LineDict()
+    out.lines, out.start_line = {}, 1
+    for name in taskfiles.discover(root):
+        body = _LineDict()
+        body.lines, body.start_line = {}, 1
+        out[name] = body
+    return out
+
+
 def load_plat_telemetry(root: Path) -> Config:
-    """Read plat-telemetry's ``manifest.yaml`` and Taskfile vars into a Config (no sync-tools.yaml)."""
+    """Read plat-telemetry's ``manifest.yaml`` and its Taskfiles into a Config (no sync-tools.yaml).
+
+    The manifest's subsystems come first, then any more the root Taskfile declares
+    (``SUBSYSTEMS_RELEASE``, or includes whose Taskfile names an upstream). A subsystem's pin is the
+    manifest's ``version`` (or ``current``), else its Taskfile's version var; a ``branch`` without a
+    version pins that branch. Upstream, binary and version var are read from the Taskfile by any
+    prefix where the manifest leaves them out; where both say, the manifest wins.
+    """
+    from sync_tools import taskfiles
+
     manifest_path = root / "manifest.yaml"
     data = load_yaml(manifest_path)
     top = _Section(manifest_path, data, "", ("subsystems", "release", "platforms", "version", "description"))
-    subs_raw = top.raw("subsystems") or {}
+    subs_raw = top.raw("subsystems") or _LineDict()
     if not isinstance(subs_raw, dict):
         raise top.error("subsystems", "must be a mapping of name -> {version, upstream}")
-    root_vars = _taskfile_vars(root / "Taskfile.yml")
+    names = list(subs_raw) + [n for n in taskfiles.discover(root) if n not in subs_raw]
     subs: dict[str, Subsystem] = {}
-    for name, body in subs_raw.items():
-        sec = _Section(manifest_path, body, f"subsystems.{name}", _SUB_KEYS + ("version",),
-                       line=_line(subs_raw, name))
-        sub_taskfile = root / name / "Taskfile.yml"
-        tvars = {**root_vars, **_taskfile_vars(sub_taskfile)}
-        prefix = re.sub(r"[^A-Z0-9]", "_", name.upper())
+    for name in names:
+        body = subs_raw.get(name)
+        line = _line(subs_raw, name)
+        sec = _Section(manifest_path, body, f"subsystems.{name}", _SUB_KEYS + ("version",), line=line)
+        tf = taskfiles.subsystem_taskfile(root, name)
         pin: PinSource | None = None
-        version = sec.str("version")
+        version = sec.str("version") or sec.str("current")
+        key = "version" if sec.str("version") is not None else "current"
         if version is not None:
-            pin = PinSource(manifest_path, "manifest.yaml", f"subsystems.{name}.version", _line(body, "version"))
-        elif f"{prefix}_VERSION" in tvars:
-            version, vline = tvars[f"{prefix}_VERSION"]
-            where = sub_taskfile if f"{prefix}_VERSION" in _taskfile_vars(sub_taskfile) else root / "Taskfile.yml"
-            pin = PinSource(where, "taskfile", f"{prefix}_VERSION", vline)
-        upstream = sec.str("upstream") or (tvars.get(f"{prefix}_UPSTREAM_REPO") or (None,))[0]
-        if not upstream:
-            raise ConfigError(f"no upstream: set subsystems.{name}.upstream or {prefix}_UPSTREAM_REPO",
-                              path=manifest_path, key=f"subsystems.{name}", line=_line(subs_raw, name))
-        explicit = sec.str("strategy")
-        strategy = explicit or ("tags" if version is not None else ("commits" if sec.str("branch") else "tags"))
+            pin = PinSource(manifest_path, "manifest.yaml", f"subsystems.{name}.{key}", _line(body, key))
+        elif sec.str("branch") is None:
+            vv = taskfiles.version_var(tf, name, None, sec.str("version_var"))
+            if vv is not None and vv.value is not None:
+                version = vv.value
+                pin = PinSource(vv.path, "taskfile", vv.name, vv.line)
         merged = _LineDict({k: v for k, v in (body or {}).items() if k not in ("version", "description")})
         merged.lines = dict(getattr(body, "lines", {}))
-        merged.start_line = getattr(body, "start_line", 1)
-        merged["upstream"] = upstream
-        merged["strategy"] = strategy
+        merged.start_line = getattr(body, "start_line", line or 1)
+        explicit = sec.str("strategy")
+        merged["strategy"] = explicit or ("commits" if version is None and sec.str("branch") else "tags")
         if version is not None:
             merged["current"] = version
-        if "binary" not in merged and f"{prefix}_BIN_NAME" in tvars:
-            merged["binary"] = tvars[f"{prefix}_BIN_NAME"][0]
-        subs[name] = _parse_subsystem(_Section(manifest_path, merged, f"subsystems.{name}", _SUB_KEYS), name, pin)
+        if not sec.str("upstream") and not taskfiles.upstream_var(tf):
+            prefix = re.sub(r"[^A-Z0-9]", "_", name.upper())
+            raise ConfigError(f"no upstream: set subsystems.{name}.upstream or a {prefix}_UPSTREAM_REPO var "
+                              f"(any prefix) in {name}/Taskfile.yml", path=manifest_path, key=f"subsystems.{name}", line=line)
+        sub = _parse_subsystem(_Section(manifest_path, merged, f"subsystems.{name}", _SUB_KEYS, line=line),
+                               name, pin, root=root)
+        if pin is not None and pin.kind == "taskfile":
+            sub = sub._replace(version_pin=None)  # the Taskfile var is the pin itself
+        subs[name] = sub
     _check_graph(manifest_path, subs, subs_raw)
     return Config(path=manifest_path, root=root.resolve(), subsystems=MappingProxyType(subs))
 

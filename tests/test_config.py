@@ -135,8 +135,8 @@ BAD_CASES = {
         subsystems:
           nats:
             upstream: https://example.org/nats.git
-            binary: bin/nats
-        """, "subsystems.nats.binary", 4, "letters, digits and ._+-"),
+            binary: ../../nats
+        """, "subsystems.nats.binary", None, "must stay inside the subsystem's .bin"),
     "a manifest that expires at once": ("""
         release:
           expires_days: 0
