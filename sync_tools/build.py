@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from sync_tools import pins
-from sync_tools.config import Config, Subsystem
+from sync_tools.config import Config, PinSource, Subsystem
 from sync_tools.errors import BuildError, ConfigError, DataError
 from sync_tools.fsutil import sha256_file
 from sync_tools.manifest import format_time
@@ -188,7 +188,33 @@ def build_env(sub: Subsystem, platform: str, version: str | None,
     if version:
         env["SYNC_TOOLS_VERSION"] = version
         env[f"{env_prefix(sub.name)}_VERSION"] = version
+        if sub.version_var:  # the var the Taskfile reads, whatever its prefix (LB_VERSION for liftbridge)
+            env[sub.version_var] = version
     return env
+
+
+def _aside_path(config: Config, sub: Subsystem) -> Path:
+    """Where the old binary waits during a build: beside ``.bin``, not in it (a ``src:update`` that
+    clears ``.bin`` must not take it), one per subsystem."""
+    return config.root / sub.name / f".{sub.binary}.before-build"
+
+
+def _move_aside(binary: Path, aside: Path) -> bool:
+    """Move the installed binary out of the way so the build's ``status: [test -f <binary>]`` guard
+    cannot skip it, and so whatever is at *binary* afterwards was written by this build. A binary set
+    aside by a build that was killed is put back first. Returns whether one was moved."""
+    if aside.is_file() and not binary.exists():
+        os.replace(aside, binary)
+    aside.unlink(missing_ok=True)
+    if not binary.is_file():
+        return False
+    os.replace(binary, aside)
+    return True
+
+
+def _put_aside_back(binary: Path, aside: Path) -> None:
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(aside, binary)
 
 
 def build_subsystem(
@@ -211,12 +237,22 @@ def build_subsystem(
     version = version or sub.current
     run_env = build_env(sub, plat, version, env)
     started = time.monotonic()
-    for command in sub.build:
-        run_command(command, cwd=config.root, env=run_env, timeout=timeout, output=output)
     binary = sub.binary_path(config.root)
-    if not binary.is_file():
-        raise BuildError(f"{sub.name}: the build finished but left no binary at {binary} "
-                         f"(commands: {'; '.join(sub.build)})")
+    aside = _aside_path(config, sub)
+    moved = _move_aside(binary, aside)
+    try:
+        for command in sub.build:
+            run_command(command, cwd=config.root, env=run_env, timeout=timeout, output=output)
+        if not binary.is_file():
+            raise BuildError(f"{sub.name}: the build finished but wrote no binary at {binary} "
+                             f"(commands: {'; '.join(sub.build)}); a task whose status: guard skipped it, "
+                             f"or a Taskfile that builds elsewhere?" + (" The old binary is put back." if moved else ""))
+    except BaseException:
+        if moved:
+            _put_aside_back(binary, aside)
+        raise
+    if moved:
+        aside.unlink(missing_ok=True)
     src = source_commit(config.root / sub.name / ".src")
     commit = src.sha if src else (run_env.get(COMMIT_ENV) or "unknown")
     info = VersionInfo(commit=commit, timestamp=format_time(now or datetime.now(UTC)),
@@ -258,38 +294,59 @@ def build(
         new_version = version is not None and version != sub.current
         if new_version and update_pin and sub.pin is None:
             raise ConfigError(f"{sub.name}: cannot build {version}: its pin has no known source to update")
-        # go-task lets a plain Taskfile var win over the environment, so <NAME>_VERSION=... would not
-        # reach the build: write the version into the Taskfile for the build, and put the old value
-        # back if the build fails (or when the pin is not to be kept). Only this pin's value is put
-        # back, never the whole file: builds of other subsystems may have moved their pins meanwhile.
-        written = (new_version and sub.pin is not None and sub.pin.kind == "taskfile"
-                   and not pins.is_template(sub.pin))
-        if written:
-            assert sub.pin is not None and version is not None
-            pins.update_pin(sub.pin, version)
+        spot = _version_spot(config, sub)
+        # go-task lets a plain Taskfile var win over the environment, so the version would not reach
+        # the build: write it into the Taskfile for the build, and put the old value back if the build
+        # fails (or when it is not to be kept). Only this var's value is put back, never the whole file:
+        # builds of other subsystems may have moved their pins meanwhile.
+        wanted = version or sub.current
+        written: tuple[PinSource, str] | None = None
+        if wanted is not None and spot is not None and spot[1] is not None and not spot[2] and spot[1] != wanted:
+            pins.update_pin(spot[0], wanted)
+            written = (spot[0], spot[1])
         try:
             result = build_subsystem(config, sub, platform=platform, version=version, timeout=timeout,
                                      output=output, env=env)
         except BaseException:
             if written:
-                _put_back(sub)
+                pins.update_pin(*written)
             raise
+        # the Taskfile var moves with the pin when it repeats it (or is it), so `task X:ensure` outside
+        # sync-tools builds the same version; else a value written for the build is put back
+        keep = spot is not None and (sub.version_pin is not None or _same_spot(spot[0], sub.pin))
         if new_version and update_pin:
             assert sub.pin is not None and version is not None
-            if not written:
-                pins.update_pin(sub.pin, version)
+            pins.update_pin(sub.pin, version)
+            if keep and spot is not None and not _same_spot(spot[0], sub.pin):
+                pins.update_pin(spot[0], version)
+            elif written and not keep:
+                pins.update_pin(*written)
             result = BuildResult(result.subsystem, result.platform, result.binary, result.info,
                                  result.seconds, pin_updated=True)
         elif written:
-            _put_back(sub)
+            pins.update_pin(*written)
         results.append(result)
     return results
 
 
-def _put_back(sub: Subsystem) -> None:
-    """Set *sub*'s Taskfile pin back to the value it had before the build wrote another one."""
-    assert sub.pin is not None and sub.current is not None
-    pins.update_pin(sub.pin, sub.current)
+def _same_spot(a: PinSource | None, b: PinSource | None) -> bool:
+    return a is not None and b is not None and Path(a.path) == Path(b.path) and a.key == b.key
+
+
+def _version_spot(config: Config, sub: Subsystem) -> tuple[PinSource, str | None, bool] | None:
+    """The Taskfile var the build reads its version from: its spot, its value now, and whether an
+    environment variable overrides it (``{{.X | default "v"}}``). None when there is none."""
+    from sync_tools import taskfiles
+
+    if not sub.version_var:
+        if sub.pin is not None and sub.pin.kind == "taskfile":
+            return sub.pin, sub.current, pins.is_template(sub.pin)
+        return None
+    tf = taskfiles.subsystem_taskfile(config.root, sub.name)
+    var = tf.var(sub.version_var) if tf is not None else None
+    if var is None:
+        return None
+    return PinSource(var.path, "taskfile", var.name, var.line), var.value, var.self_default
 
 
 # ------------------------------------------------------------------------------------------ verify
@@ -299,14 +356,15 @@ def _put_back(sub: Subsystem) -> None:
 class VerifyResult:
     subsystem: str
     binary: Path
-    status: str  # ok | mismatch | missing-binary | missing-version | bad-version
+    status: str  # ok | unverified (a legacy one-line .version) | mismatch | missing-binary | missing-version | bad-version
     expected: str | None = None
     actual: str | None = None
     detail: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        """Nothing wrong found: verified, or a legacy ``.version`` that has nothing to verify with."""
+        return self.status in ("ok", "unverified")
 
     def to_json(self) -> dict[str, object]:
         return {"subsystem": self.subsystem, "binary": str(self.binary), "status": self.status,
@@ -336,6 +394,10 @@ def verify_installed(config: Config, names: Sequence[str] | None = None,
         if info is None:
             results.append(VerifyResult(sub.name, binary, "missing-version", actual=actual,
                                         detail=f"no .version next to {binary}"))
+        elif info.legacy:
+            results.append(VerifyResult(sub.name, binary, "unverified", actual=actual,
+                                        detail=f"legacy one-line .version ({info.version}): nothing to verify "
+                                               "against until the first verified install replaces it"))
         elif info.checksum != actual:
             results.append(VerifyResult(sub.name, binary, "mismatch", info.checksum, actual,
                                         detail=f"{binary} has sha256 {actual}, .version says {info.checksum}"))

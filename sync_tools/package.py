@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sync_tools import binfmt
 from sync_tools.build import parse_platform, source_commit
 from sync_tools.config import Config
 from sync_tools.errors import BuildError, ConfigError, DataError
@@ -114,6 +115,10 @@ def package(config: Config, name: str, *, platform: str | None = None, dist: Pat
     info = read_version(sub.bin_dir(config.root))
     if info is None or not binary.is_file():
         raise BuildError(f"{name}: nothing built at {binary} (with .version); run: sync-tools build --only {name}")
+    if info.legacy:
+        raise BuildError(f"{name}: {sub.bin_dir(config.root) / '.version'} is a one-line legacy file "
+                         f"({info.version!r}) with no checksum to verify {binary} against; "
+                         f"run: sync-tools build --only {name}")
     plat = "/".join(parse_platform(platform or info.platform))
     if info.platform and "/".join(parse_platform(info.platform)) != plat:
         raise DataError(f"{name}: the binary was built for {info.platform}, not {plat}: "
@@ -122,6 +127,7 @@ def package(config: Config, name: str, *, platform: str | None = None, dist: Pat
     if binary_sha != info.checksum:
         raise DataError(f"{binary} has sha256 {binary_sha} but its .version says {info.checksum}: "
                         f"rebuild with sync-tools build --only {name}")
+    binfmt.check_platform(binary, plat)
     if mtime is None:
         mtime = source_date_epoch()
     if mtime is None:

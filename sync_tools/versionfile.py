@@ -9,10 +9,15 @@ Format (the contract plat-telemetry's Taskfiles already write)::
     platform: <os>/<arch>   (optional: what ``sync-tools build`` built it for)
 
 Unknown ``key: value`` lines are kept on read and ignored; anything else is a DataError.
+
+A file of one bare line (``latest``, ``11.4.0``: what plat-telemetry's ``bin:download`` tasks and
+``echo "$VERSION" > .version`` write) is read as *legacy*: the version only, nothing to verify the
+binary against. It is not an error; the first verified install replaces it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from sync_tools.errors import DataError
 from sync_tools.fsutil import atomic_write_text, read_capped
 
 VERSION_FILE = ".version"
+_LEGACY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@/-]{0,199}")  # one word: a version or release name
 PREVIOUS_DIR = ".previous"
 MAX_VERSION_FILE = 64 * 1024
 
@@ -31,6 +37,7 @@ class VersionInfo:
     checksum: str
     version: str | None = None
     platform: str | None = None
+    legacy: bool = False  # a one-line file: a version and nothing to verify the binary with
 
     def render(self) -> str:
         lines = [f"commit: {self.commit}", f"timestamp: {self.timestamp}", f"checksum: {self.checksum}"]
@@ -44,6 +51,9 @@ class VersionInfo:
 def parse_version_text(text: str, where: str = ".version") -> VersionInfo:
     """Parse .version text. Raises DataError on a malformed file or a missing required key."""
     fields: dict[str, str] = {}
+    content = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if len(content) == 1 and _LEGACY.fullmatch(content[0]):
+        return VersionInfo(commit="", timestamp="", checksum="", version=content[0], legacy=True)
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):

@@ -100,7 +100,7 @@ def test_failing_command_stops_the_build_naming_command_and_exit_code(tmp_path) 
 
 def test_missing_binary_after_the_build_is_a_clear_error(tmp_path) -> None:
     ws = make_workspace(tmp_path / "ws", {"nats": {"build": '["true"]'}}, git=False)
-    with pytest.raises(BuildError, match="left no binary at .*nats-server"):
+    with pytest.raises(BuildError, match="wrote no binary at .*nats-server"):
         build(ws.config(), ["nats"], env=ws.env())
 
 
