@@ -41,13 +41,16 @@ class CheckResult(NamedTuple):
     major_available: str | None = None
     error: str | None = None
     seconds: float = 0.0
+    branch: str | None = None  # the pin follows this upstream branch; current_commit is what is installed
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's JSON shape: current, latest, update_available always; commit, major_available,
         error where set."""
         out: dict[str, Any] = {"current": self.current, "latest": self.latest,
                                "update_available": self.update_available}
-        for key in ("commit", "major_available", "error"):
+        for key in ("commit", "current_commit", "branch", "major_available", "error"):
+            if key in ("current_commit", "branch") and self.branch is None:
+                continue
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -72,12 +75,25 @@ class CheckReport(NamedTuple):
         return {r.name: r.to_json() for r in self.results}
 
 
-def check_one(sub: Subsystem, sources: Sources) -> CheckResult:
-    """Check one subsystem; any SyncToolsError becomes the result's ``error`` (never raised)."""
+def check_one(sub: Subsystem, sources: Sources, root: Path | None = None) -> CheckResult:
+    """Check one subsystem; any SyncToolsError becomes the result's ``error`` (never raised).
+
+    A pin that names an upstream branch (``main``), and a ``commits`` subsystem with no pinned commit,
+    compare the branch head with the commit of the binary installed under *root*
+    (``<sub>/.bin/.version``, a short or full sha): an update is available when they differ or
+    nothing verified is installed."""
     started = time.monotonic()
     base = {"name": sub.name, "upstream": sub.upstream, "strategy": sub.strategy, "current": sub.current}
     try:
         found: Latest = find_latest(sub, sources)
+        branch = found.branch or (sub.branch or "HEAD" if sub.strategy == "commits" and not sub.current else None)
+        if branch is not None and found.latest is not None:
+            from sync_tools.sources.commits import pin_matches
+
+            installed = installed_commit(sub, root) if root is not None else None
+            matched = pin_matches(installed, found.latest)
+            found = found._replace(branch=branch, current_commit=found.latest if matched else installed,
+                                   update_available=not matched)
     except SyncToolsError as e:
         log.info("check %s failed: %s", sub.name, e)
         return CheckResult(**base, error=str(e), seconds=time.monotonic() - started)
@@ -89,7 +105,21 @@ def check_one(sub: Subsystem, sources: Sources) -> CheckResult:
                            seconds=time.monotonic() - started)
     return CheckResult(**base, latest=found.latest, commit=found.commit, current_commit=found.current_commit,
                        update_available=found.update_available, major_available=found.major_available,
-                       seconds=time.monotonic() - started)
+                       seconds=time.monotonic() - started, branch=found.branch)
+
+
+def installed_commit(sub: Subsystem, root: Path) -> str | None:
+    """The commit ``<root>/<sub>/.bin/.version`` records for the installed binary, or None (nothing
+    installed, a legacy one-line file, an unreadable one)."""
+    from sync_tools.versionfile import read_version
+
+    try:
+        info = read_version(sub.bin_dir(root))
+    except (SyncToolsError, OSError):
+        return None
+    if info is None or info.legacy or info.commit in ("", "unknown"):
+        return None
+    return info.commit
 
 
 def check(config: Config, names: Iterable[str] | None = None, *, sources: Sources | None = None,
@@ -110,9 +140,9 @@ def check(config: Config, names: Iterable[str] | None = None, *, sources: Source
     sources.prefetch(subs)
     workers = max(1, min(max_workers, len(subs)))
     if workers == 1:
-        return CheckReport(tuple(check_one(s, sources) for s in subs), now)
+        return CheckReport(tuple(check_one(s, sources, config.root) for s in subs), now)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check") as pool:
-        return CheckReport(tuple(pool.map(lambda s: check_one(s, sources), subs)), now)
+        return CheckReport(tuple(pool.map(lambda s: check_one(s, sources, config.root), subs)), now)
 
 
 def _resolve_upstream(config: Config, sub: Subsystem) -> Subsystem:
@@ -139,7 +169,10 @@ def _iso(t: datetime) -> str:
 
 def manifest_entry(result: CheckResult, checked_at: datetime) -> dict[str, Any]:
     """One subsystem's record in the seed schema of ``.version-manifest.json``."""
-    if result.strategy == "commits":
+    if result.branch is not None:  # the seed's own arc example: both commits, no tags
+        current_commit, current_tag = result.current_commit, None
+        latest_commit, latest_tag = result.commit, None
+    elif result.strategy == "commits":
         current_commit, current_tag = result.current, None
         latest_commit, latest_tag = result.commit, None
     else:
@@ -157,6 +190,8 @@ def manifest_entry(result: CheckResult, checked_at: datetime) -> dict[str, Any]:
     }
     if result.major_available:
         entry["major_available"] = result.major_available
+    if result.branch is not None:
+        entry["branch"] = result.branch
     return entry
 
 

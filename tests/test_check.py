@@ -230,6 +230,8 @@ def test_ref_cache_shares_an_error_too():
 
 def test_exit_code_10_when_an_update_is_available_and_0_when_current(tmp_path, git_http_server):
     repo = GitRepo.create(git_http_server.root / "n.git")
+    repo.commit("zero")
+    repo.tag("v1.0.0")
     repo.commit("one")
     repo.tag("v1.1.0")
     url = git_http_server.url_for(repo.path)

@@ -25,7 +25,8 @@ def _finite(value: float) -> float:
 @click.argument("names", nargs=-1, metavar="[NAME...]")
 @json_option
 @click.option("--exit-code", "exit_code", is_flag=True,
-              help=f"Exit {EXIT_UPDATE} when an update is available (errors still exit 1).")
+              help=f"Exit {EXIT_UPDATE} when any update is available, even if another subsystem failed "
+                   "(its error is still printed); else 1 on an error, 0 when all are up to date.")
 @click.option("--timeout", type=click.FloatRange(min=MIN_TIMEOUT, max=MAX_TIMEOUT), default=30.0,
               show_default=True, callback=lambda ctx, param, value: _finite(value),
               help=f"Seconds each network call may take ({MIN_TIMEOUT:g} to {MAX_TIMEOUT:g}).")
@@ -55,16 +56,22 @@ def check(names: tuple[str, ...], as_json: bool, exit_code: bool, timeout: float
         _print_table(report)
     for r in report.errors:
         click.echo(f"Error: {r.name}: {r.error}", err=True)
-    if report.errors:
-        raise SystemExit(1)
+    # with --exit-code an update wins over another subsystem's failure (still printed above): a
+    # scheduled job must not miss nats' update because liftbridge's upstream was unreachable
     if exit_code and report.updates:
         raise SystemExit(EXIT_UPDATE)
+    if report.errors:
+        raise SystemExit(1)
 
 
 def _short(value: str | None, strategy: str) -> str:
     if value is None:
         return "-"
-    return value[:12] if strategy == "commits" else value
+    return value[:12] if strategy == "commits" or _is_sha(value) else value
+
+
+def _is_sha(value: str) -> bool:
+    return len(value) == 40 and all(c in "0123456789abcdef" for c in value)
 
 
 def _print_table(report) -> None:  # type: ignore[no-untyped-def]
@@ -78,7 +85,10 @@ def _print_table(report) -> None:  # type: ignore[no-untyped-def]
             status = "up to date"
         if r.major_available:
             status += f" (major {r.major_available} held back)"
-        rows.append((r.name, _short(r.current, r.strategy), _short(r.latest, r.strategy), status))
+        current = _short(r.current, r.strategy)
+        if r.branch is not None:  # `main @ 1a2b3c4d5e6f`: the branch and the installed commit
+            current = f"{r.current or r.branch} @ {(r.current_commit or 'nothing installed')[:12]}"
+        rows.append((r.name, current, _short(r.latest, r.strategy), status))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         click.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])

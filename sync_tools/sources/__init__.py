@@ -31,6 +31,7 @@ class Latest(NamedTuple):
     major_available: str | None = None
     current_commit: str | None = None
     update_available: bool = False
+    branch: str | None = None  # the pin names this upstream branch: latest is its head commit
 
 
 class Sources:

@@ -21,12 +21,22 @@ def find_latest(sub: Subsystem, sources: Sources) -> Latest:
     """
     refs = sources.refs.get(sub.upstream)
     tags = refs.tags()
+    pin = sub.current
+    pin_tag = pinned_tag(pin, tags) if pin else None
+    if pin and pin_tag is None:
+        head = refs.branch(pin)
+        if head is not None:  # `main`, `master`: the pin follows that branch
+            return Latest(latest=head, commit=head, branch=pin, update_available=True)
     if not tags:
-        raise DataError(f"{sub.upstream}: the upstream has no tags")
-    sel = versions.select(tags, current=sub.current, include=sub.include, exclude=sub.exclude,
+        raise DataError(f"{sub.upstream}: the upstream has no tags" + (f" and no branch {pin!r}" if pin else ""))
+    sel = versions.select(tags, current=pin, include=sub.include, exclude=sub.exclude,
                           prereleases=sub.prereleases, major=sub.major)
     major_available = sel.major_available.tag if sel.major_available else None
-    current_commit = tags.get(sub.current) if sub.current else None
+    if pin and pin_tag is None:
+        newest = sel.latest.tag if sel.latest else major_available
+        raise DataError(f"pinned {pin} is not a tag or branch of {sub.upstream}"
+                        + (f" (newest: {newest})" if newest else ""))
+    current_commit = tags.get(pin_tag) if pin_tag else None
     if sel.latest is None:
         if major_available:  # every candidate is a newer major: nothing to apply without --allow-major
             return Latest(latest=None, major_available=major_available, current_commit=current_commit)
@@ -34,7 +44,18 @@ def find_latest(sub: Subsystem, sources: Sources) -> Latest:
     latest = sel.latest.tag
     return Latest(latest=latest, commit=tags[latest], major_available=major_available,
                   current_commit=current_commit,
-                  update_available=versions.update_available(sub.current, latest))
+                  update_available=latest != pin_tag and versions.update_available(pin, latest))
+
+
+def pinned_tag(pin: str, tags: dict[str, str]) -> str | None:
+    """The upstream tag the pin names: itself, or the same version with or without the ``v`` prefix
+    (a pin ``11.4.0`` of an upstream that tags ``v11.4.0``). None when there is no such tag."""
+    if pin in tags:
+        return pin
+    for other in (f"v{pin}", pin[1:] if pin[:1] in "vV" else None):
+        if other and other in tags:
+            return other
+    return None
 
 
 def _why(sub: Subsystem) -> str:
