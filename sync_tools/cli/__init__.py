@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("sync_tools.cli.agent:status", "Installed version, checksum and running state per subsystem."),
     "rollback": ("sync_tools.cli.agent:rollback", "Swap .bin/.previous back in and reload."),
     "demo": ("sync_tools.cli.demo:demo", "The whole loop on loopback, self-contained."),
+    "doctor": ("sync_tools.cli.doctor:doctor", "Check a workspace being adopted; each finding with its fix."),
 }
 
 
@@ -66,7 +67,9 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sync-tools")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
-def cli(verbose: int) -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), is_eager=True,
+              help="Config file for the command (also accepted after it; env SYNC_TOOLS_CONFIG).")
+def cli(verbose: int, config_path: str | None) -> None:
     """Keep a fleet of machines on the newest builds of the services they run: event-driven, incremental.
 
     \b
@@ -74,6 +77,12 @@ def cli(verbose: int) -> None:
       sync-tools check --json          # pinned vs newest upstream version per subsystem
       sync-tools demo                  # the whole loop on loopback
     """
+    if config_path:
+        # `sync-tools --config F check` as `sync-tools check --config F`: every command's --config
+        # reads SYNC_TOOLS_CONFIG when it is not given itself, so one given after the command still wins
+        from sync_tools.config import CONFIG_ENV
+
+        os.environ[CONFIG_ENV] = config_path
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
