@@ -441,7 +441,8 @@ def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None, *, root: P
         current=sec.str("current"),
         binary=binary,
         build=build,
-        paths=sec.str_list("paths", (f"{name}/**",)),
+        # build inputs, not runtime config (nats.conf, configs/*.yaml): a pin change is found apart
+        paths=sec.str_list("paths", (f"{name}/Taskfile.yml", f"{name}/Taskfile.yaml")),
         process=sec.str("process", name) or name,
         health=sec.str("health") or found.get("health"),
         depends_on=sec.str_list("depends_on"),

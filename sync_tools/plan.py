@@ -66,6 +66,7 @@ class Plan:
     subsystems: tuple[str, ...]
     items: tuple[MatrixItem, ...]
     reason: str = ""
+    notices: tuple[str, ...] = ()  # subsystems asked for but left out, and why
 
     @property
     def has_work(self) -> bool:
@@ -102,14 +103,43 @@ def make_plan(config: Config, names: Iterable[str], platforms: Sequence[str] | N
     for p in plats:
         if not re.match(r"^[a-z0-9]+/[a-z0-9]+$", p):
             raise ConfigError(f"bad platform {p!r} (expected os/arch, e.g. linux/amd64)")
-    ordered = [n for n in config.subsystems if n in wanted]
+    notices: list[str] = []
+    ordered = []
+    for n in config.subsystems:
+        if n not in wanted:
+            continue
+        why = left_out(config, config.subsystems[n], (versions or {}).get(n))
+        if why:
+            notices.append(f"{n}: not planned: {why}")
+        else:
+            ordered.append(n)
     items = []
     for n in ordered:
         for p in plats:
             os_, arch = p.split("/")
             items.append(MatrixItem(n, p, os_, arch, RUNNERS.get(p, DEFAULT_RUNNER),
                                     (versions or {}).get(n)))
-    return Plan(tuple(ordered), tuple(items), reason)
+    return Plan(tuple(ordered), tuple(items), reason, tuple(notices))
+
+
+def left_out(config: Config, sub: Any, version: str | None) -> str | None:
+    """Why a leg for *sub* (building *version*, when the trigger named one) must not be planned: its
+    build would fail or refuse. None when it may. A build command ``task X:Y`` must name a task the
+    root Taskfile reaches (an include that is not there, such as grafana's, fails every time); a
+    dispatched version must be one ``build`` takes: newer than the pin and, under ``major: manual``,
+    within its major."""
+    from sync_tools import taskfiles
+    from sync_tools.versions import held_back
+
+    for command in sub.build:
+        if taskfiles.has_task(config.root, command) is False:
+            return (f"its build command {command!r} names a task the root Taskfile does not reach "
+                    f"(include {sub.name}/Taskfile.yml, or set subsystems.{sub.name}.build)")
+    if version is not None:
+        why = held_back(version, sub.current, major=sub.major)
+        if why:
+            return why + (" (build it by hand with --allow-major)" if "new major" in why else "")
+    return None
 
 
 # ------------------------------------------------------------------------------------------ events

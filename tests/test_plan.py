@@ -4,6 +4,8 @@ base (dulwich), and from ``check``; an empty plan is {"include": []} with has_wo
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -46,13 +48,13 @@ def _matrix(result) -> dict:
 def test_dispatch_event_gives_that_subsystem_on_every_platform(ws, tmp_path) -> None:
     event = tmp_path / "event.json"
     event.write_text(json.dumps({"action": "upstream-release", "client_payload": {
-        "subsystem": "nats", "version": "v2.10.25", "commit": "abc", "upstream": "x", "delivery": "d1"}}))
+        "subsystem": "nats", "version": "v1.10.25", "commit": "abc", "upstream": "x", "delivery": "d1"}}))
     out = tmp_path / "github_output"
     out.write_text("earlier=1\n")
     matrix = _matrix(_plan(ws, "--event", str(event), "--github-output", str(out)))
     assert matrix == {"include": [
         {"subsystem": "nats", "platform": p, "os": p.split("/")[0], "arch": p.split("/")[1], "runner": r,
-         "version": "v2.10.25"} for p, r in RUNNERS.items()]}
+         "version": "v1.10.25"} for p, r in RUNNERS.items()]}
     lines = out.read_text().splitlines()
     assert lines[0] == "earlier=1"  # appended, not overwritten
     assert json.loads(lines[1].removeprefix("matrix=")) == matrix
@@ -257,3 +259,38 @@ def test_unknown_platform_cross_builds_on_linux(ws) -> None:
 ])
 def test_globs(glob, path, hit) -> None:
     assert bool(glob_to_regex(glob).match(path)) is hit
+
+
+def test_a_dispatch_build_would_refuse_is_left_out_with_a_notice(ws, tmp_path) -> None:
+    """A new major under `major: manual`, or a version not newer than the pin, is not planned: the
+    leg would only fail in `build`. The summary says why."""
+    for version, words in (("v2.0.0", "new major"), ("v0.9.0", "not newer")):
+        event = tmp_path / f"event-{version}.json"
+        event.write_text(json.dumps({"action": "upstream-release", "client_payload": {
+            "subsystem": "nats", "version": version, "commit": "abc", "upstream": "x", "delivery": "d"}}))
+        summary = tmp_path / f"summary-{version}.md"
+        proc = subprocess.run([sys.executable, "-m", "sync_tools", "plan", "--event", str(event)],
+                              env={**ws.env(), "GITHUB_STEP_SUMMARY": str(summary)}, cwd=ws.root,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == {"include": []}
+        assert f"notice: nats: not planned: {version}" in proc.stderr and words in proc.stderr
+        assert words in summary.read_text()
+
+
+def test_a_leg_whose_build_task_does_not_exist_is_never_planned(tmp_path) -> None:
+    """The default build is `task X:src:update` + `task X:bin:build`; when the root Taskfile does not
+    include X's Taskfile (plat-telemetry's grafana), the leg could only fail."""
+    ws = make_workspace(tmp_path / "ws", {"nats": {}, "arc": {}}, git=False)
+    root_tf = ws.root / "Taskfile.yml"
+    text = root_tf.read_text()
+    root_tf.write_text(text.replace("  arc:\n    taskfile: ./arc/Taskfile.yml\n    dir: ./arc\n", ""))
+    proc = subprocess.run([sys.executable, "-m", "sync_tools", "plan", "--all"], env=ws.env(), cwd=ws.root,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert {i["subsystem"] for i in json.loads(proc.stdout)["include"]} == {"nats"}
+    assert "notice: arc: not planned: its build command 'task arc:src:update'" in proc.stderr
+    root_tf.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "sync_tools", "plan", "--all"], env=ws.env(), cwd=ws.root,
+                          capture_output=True, text=True, timeout=60)
+    assert {i["subsystem"] for i in json.loads(proc.stdout)["include"]} == {"nats", "arc"}

@@ -105,6 +105,15 @@ def plan(event_path: str | None, changed_path: str | None, base: str | None, hea
             raise ConfigError(f"cannot append to the GitHub output file: {e.strerror or e}",
                               path=github_output) from e
     click.echo(f"plan ({reason}): {', '.join(result.subsystems) or 'nothing to do'}", err=True)
+    for notice in result.notices:
+        click.echo(f"notice: {notice}", err=True)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary and result.notices:
+        try:
+            with open(summary, "a", encoding="utf-8") as fh:
+                fh.write("### Left out of the plan\n\n" + "".join(f"- {n}\n" for n in result.notices) + "\n")
+        except OSError as e:
+            click.echo(f"warning: cannot append to $GITHUB_STEP_SUMMARY: {e.strerror or e}", err=True)
     echo_json(result.matrix())
 
 
