@@ -358,6 +358,7 @@ class AgentConfig(NamedTuple):
     platform: str | None = None
     health_timeout: float = 30.0
     supervisor_url: str | None = None
+    restart: str = "restart"  # process-compose: "restart", or "stop-start" (stop, wait until stopped, start)
 
 
 class Config(NamedTuple):
@@ -397,7 +398,7 @@ _SUB_KEYS = ("upstream", "strategy", "branch", "include", "exclude", "prerelease
              "binary", "build", "paths", "process", "health", "depends_on", "description", "version_var")
 _RELAY_KEYS = ("dispatch", "agents", "max_body", "max_attempts")
 _AGENT_KEYS = ("root", "source", "relay", "reload", "socket", "url", "command", "listen", "secret_env",
-               "token_env", "public_key", "platform", "health_timeout", "supervisor_url")
+               "token_env", "public_key", "platform", "health_timeout", "supervisor_url", "restart")
 
 
 def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None, *, root: Path | None = None,
@@ -603,6 +604,7 @@ def parse_config(path: Path, data: Any) -> Config:
         platform=ag.str("platform"),
         health_timeout=ag.number("health_timeout", 30.0, maximum=MAX_HEALTH_TIMEOUT),
         supervisor_url=ag.str("supervisor_url"),
+        restart=ag.choice("restart", ("restart", "stop-start"), "restart"),
     )
     if agent.platform and not _PLATFORM_RE.fullmatch(agent.platform):
         raise ag.error("platform", f"bad platform {agent.platform!r} (expected os/arch)")

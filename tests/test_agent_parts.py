@@ -30,6 +30,7 @@ from sync_tools.agent.fetch import HTTPFetcher, LocalFetcher, download, make_fet
 from sync_tools.agent.health import check_once, wait_healthy
 from sync_tools.agent.reload import CommandReloader, ProcessComposeReloader, ReloadError, make_reloader
 from sync_tools.agent.state import AgentState, load_state, save_state
+from sync_tools.config import load_config
 from sync_tools.errors import ArchiveError, DataError, DownloadError
 from sync_tools.versionfile import VersionInfo, read_version
 from tests.agent_support import (
@@ -683,3 +684,25 @@ def test_stage_previous_fsyncs_its_copy_where_links_fail(tmp_path: Path, monkeyp
     staged = install.staged_path(bin_dir, "app")
     assert sha == _sha(old) and staged.read_bytes() == old
     assert os.stat(staged).st_ino in synced
+
+
+def test_process_compose_stop_start_as_the_owner_does_it(pc_server: ProcessComposeServer, tmp_path: Path) -> None:
+    """`agent.restart: stop-start`: stop, wait until stopped, then start (plat-telemetry replaced
+    restart by this: the new process must not start while the old one holds its port). No restart
+    call is made, the new process listens on the same port, and only that process is touched."""
+    cfg = tmp_path / "sync-tools.yaml"
+    cfg.write_text(f"agent:\n  reload: process-compose\n  url: {pc_server.url}\n  restart: stop-start\n")
+    r = make_reloader("process-compose", root=tmp_path, url=pc_server.url,
+                      restart=load_config(cfg).agent.restart)
+    assert isinstance(r, ProcessComposeReloader) and r.stop_start
+    r.token = "s3cret"
+    port = pc_server.ports["nats"]  # type: ignore[attr-defined]
+    wait_http(f"http://127.0.0.1:{port}/health")
+    before = r.status("nats")
+    r.restart("nats")
+    after = r.status("nats")
+    assert after.running and after.pid != before.pid
+    wait_http(f"http://127.0.0.1:{port}/health")  # the new process has the port
+    sent = [(m, p) for m, p, _ in pc_server.requests if m != "GET"]
+    assert sent == [("PATCH", "/process/stop/nats"), ("POST", "/process/start/nats")]
+    assert pc_server.schema_errors == []

@@ -1,7 +1,10 @@
 """Reload backends: restart exactly one process after its binary was swapped, and read its state.
 
 - ``process-compose``: its REST API (``POST /process/restart/{name}``, ``GET /process/{name}``) over a
-  unix socket or TCP, with ``X-PC-Token-Key`` when ``PC_API_TOKEN`` is set.
+  unix socket or TCP, with ``X-PC-Token-Key`` when ``PC_API_TOKEN`` is set. With ``restart:
+  stop-start`` it stops the process (``PATCH /process/stop/{name}``), waits until it is no longer
+  running, then starts it (``POST /process/start/{name}``): plat-telemetry's own way, since a restart
+  started the new process while the old one still held its ports.
 - ``supervisor``: supervisord's XML-RPC (``supervisor.stopProcess`` + ``supervisor.startProcess`` of that
   one program) over a unix socket or http.
 - ``command``: a shell command template, ``{process}`` replaced (e.g. ``task reload PROC={process}``).
@@ -155,9 +158,10 @@ class ProcessComposeReloader(Reloader):
     name = "process-compose"
 
     def __init__(self, target: str, *, token: str | None = None, timeout: float = 10.0,
-                 ready_timeout: float = 30.0, poll: float = 0.1):
+                 ready_timeout: float = 30.0, poll: float = 0.1, stop_start: bool = False):
         self.target = target
         self.token = token
+        self.stop_start = stop_start
         self.timeout = timeout
         self.ready_timeout = ready_timeout
         self.poll = poll
@@ -188,7 +192,14 @@ class ProcessComposeReloader(Reloader):
     def restart(self, process: str) -> None:
         before = self.status(process)
         old_pid = before.pid if before.running else None
-        self._call("POST", f"/process/restart/{quote(process, safe='')}")
+        name = quote(process, safe="")
+        if self.stop_start:
+            if before.running:
+                self._call("PATCH", f"/process/stop/{name}")
+                self._wait(process, lambda st: not st.running, "stopped", "stop")
+            self._call("POST", f"/process/start/{name}")
+        else:
+            self._call("POST", f"/process/restart/{name}")
         # A restart is asynchronous in process-compose: wait until it reports the process running, as
         # a new process (the old one may still be reported running for a moment after the answer; a
         # health check then would judge the old binary, not the new one).
@@ -199,7 +210,18 @@ class ProcessComposeReloader(Reloader):
                 return
             if time.monotonic() >= deadline:
                 raise ReloadError(f"process-compose: {process} not running {self.ready_timeout}s after "
-                                  f"restart (status {st.status})")
+                                  f"{'start' if self.stop_start else 'restart'} (status {st.status})")
+            time.sleep(self.poll)
+
+    def _wait(self, process: str, done: Any, what: str, step: str) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            st = self.status(process)
+            if done(st):
+                return
+            if time.monotonic() >= deadline:
+                raise ReloadError(f"process-compose: {process} not {what} {self.ready_timeout}s after "
+                                  f"{step} (status {st.status})")
             time.sleep(self.poll)
 
     def status(self, process: str) -> ProcessStatus:
@@ -268,7 +290,8 @@ class SupervisorReloader(Reloader):
 
 
 def make_reloader(kind: str, *, root: Path, socket_path: str | None = None, url: str | None = None,
-                  command: str | None = None, supervisor_url: str | None = None) -> Reloader:
+                  command: str | None = None, supervisor_url: str | None = None,
+                  restart: str = "restart") -> Reloader:
     """The reloader an ``agent:`` section names. Raises ConfigError when a needed setting is missing."""
     if kind == "none":
         return NoReloader()
@@ -282,7 +305,8 @@ def make_reloader(kind: str, *, root: Path, socket_path: str | None = None, url:
             target = str((root / target).resolve()) if not os.path.isabs(target) else target
         if not target:
             target = "http://127.0.0.1:8080"
-        return ProcessComposeReloader(target, token=os.environ.get(PC_TOKEN_ENV) or None)
+        return ProcessComposeReloader(target, token=os.environ.get(PC_TOKEN_ENV) or None,
+                                      stop_start=restart == "stop-start")
     if kind == "supervisor":
         target = supervisor_url or (f"unix://{(root / socket_path).resolve()}" if socket_path else None) or url
         if not target:

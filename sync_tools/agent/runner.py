@@ -183,7 +183,7 @@ class Agent:
         self._public_key = public_key
         self.reloader = reloader or make_reloader(ac.reload, root=self.root, socket_path=ac.socket,
                                                   url=ac.url, command=ac.command,
-                                                  supervisor_url=ac.supervisor_url)
+                                                  supervisor_url=ac.supervisor_url, restart=ac.restart)
         self.platform = platform or ac.platform or detect_platform()
         self.progress = progress
         self.now = now
