@@ -8,11 +8,17 @@ from sync_tools.cli._common import config_option, echo_json, json_option, load
 from sync_tools.errors import ConfigError
 
 
+def _finite(value: float) -> float:
+    if value != value:  # nan: click's FloatRange lets it through (every comparison with it is false)
+        raise click.BadParameter(f"{value} is not a number of seconds")
+    return value
+
+
 @click.command("doctor")
 @json_option
 @click.option("--offline", is_flag=True, help="Do not list the upstreams (pins are not checked against them).")
 @click.option("--timeout", type=click.FloatRange(min=0.1, max=3600.0), default=30.0, show_default=True,
-              help="Seconds each upstream listing may take.")
+              callback=lambda ctx, param, value: _finite(value), help="Seconds each upstream listing may take.")
 @config_option
 def doctor(as_json: bool, offline: bool, timeout: float, config_path: str | None) -> None:
     """Check a workspace being adopted: one line per finding, with its fix.
