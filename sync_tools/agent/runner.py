@@ -43,7 +43,7 @@ from sync_tools.manifest import (
 from sync_tools.signing import load_public_key
 from sync_tools.versionfile import PREVIOUS_DIR, VersionInfo, read_version
 
-from . import install
+from . import install, subsystems
 from .events import AgentEvent
 from .extract import extract_binary
 from .fetch import Fetcher, ProgressFn, download, make_fetcher
@@ -263,7 +263,7 @@ class Agent:
     def _recover_locked(self) -> list[SubsystemResult]:
         results = []
         for intent in install.recover(self.journal):
-            sub = self.config.subsystems.get(intent.subsystem)
+            sub = subsystems.named(self.config, intent.subsystem, intent.binary)
             if sub is None:
                 self.journal.remove(intent.subsystem)
                 continue
@@ -271,7 +271,7 @@ class Agent:
             if res.action == "updated":
                 res = SubsystemResult(sub.name, "recovered", intent.old_sha, intent.new_sha, seconds=res.seconds)
             results.append(res)
-        for sub in self.config.subsystems.values():
+        for sub in subsystems.installed(self.config, self.root):
             install.clean_stale(sub.bin_dir(self.root), sub.binary, self.journal, sub.name)
         if self.downloads.is_dir():  # downloads a crash left behind; none is running (we hold the lock)
             for p in self.downloads.iterdir():
@@ -326,7 +326,7 @@ class Agent:
             results = self._recover_locked()  # an intent a failed swap left behind
         except (SyncToolsError, OSError) as e:
             return UpdateReport(manifest.serial, error=f"install root: {e}", seconds=time.monotonic() - started)
-        for sub in _order(list(self.config.subsystems.values())):
+        for sub in _order(subsystems.for_manifest(self.config, manifest)):
             entry = manifest.subsystems.get(sub.name)
             if entry is None:
                 continue
@@ -552,7 +552,7 @@ class Agent:
     def status(self) -> dict[str, Any]:
         """Per subsystem: installed version and sha256, .version drift, the backend's process state."""
         out: dict[str, Any] = {}
-        for sub in self.config.subsystems.values():
+        for sub in subsystems.installed(self.config, self.root):
             bin_dir = sub.bin_dir(self.root)
             target = bin_dir / sub.binary
             sha = sha256_file(target) if target.is_file() else None
