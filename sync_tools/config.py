@@ -307,10 +307,14 @@ class Subsystem(NamedTuple):
                               line=self.line)
 
     def bin_dir(self, root: Path) -> Path:
-        return root / self.name / ".bin"
+        """The directory the binary is in, with its ``.version`` and ``.previous/``: ``<name>/.bin``,
+        or the subfolder of it that ``bin_path`` names (``grafana/.bin/bin``)."""
+        base = root / self.name / ".bin"
+        sub, _, _ = self.bin_path.rpartition("/")
+        return base / sub if sub else base
 
     def binary_path(self, root: Path) -> Path:
-        return self.bin_dir(root) / (self.bin_path or self.binary)
+        return self.bin_dir(root) / self.binary
 
 
 class ReleaseConfig(NamedTuple):
