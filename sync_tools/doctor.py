@@ -401,7 +401,12 @@ def check_binaries(ctx: Context) -> list[Finding]:
         binary = sub.binary_path(ctx.root)
         shown = ctx.rel(binary)
         build_fix = f"sync-tools build --only {sub.name}"
-        vpath = sub.bin_dir(ctx.root) / VERSION_FILE
+        own = sub.bin_dir(ctx.root) / VERSION_FILE
+        # a binary in a subfolder of .bin (grafana's bin/grafana-server): the platform's Taskfile may
+        # write .version at <name>/.bin, not next to the binary where sync-tools keeps it
+        top = ctx.root / sub.name / ".bin" / VERSION_FILE
+        vpath = top if own != top and not own.exists() and top.exists() else own
+        note = f" (sync-tools keeps its own at {ctx.rel(own)})" if vpath != own else ""
         try:
             raw = read_capped(vpath, MAX_VERSION_FILE, missing_ok=True)
         except (OSError, DataError) as e:
@@ -422,7 +427,7 @@ def check_binaries(ctx: Context) -> list[Finding]:
         if len(content) == 1 and ":" not in content[0]:
             out.append(Finding("warning", sub.name, "version-file-legacy",
                                f"{ctx.rel(vpath)} is the one line {content[0]!r}: binary {shown} is unverified "
-                               "until the first verified install", build_fix))
+                               f"until the first verified install{note}", build_fix))
             continue
         try:
             info = parse_version_text(text, ctx.rel(vpath))
@@ -501,40 +506,68 @@ def _guess_process(sub: Subsystem, procs: dict[str, Any]) -> str | None:
     return close[0] if close else None
 
 
-def _pc_port(ctx: Context) -> int | None:
-    """The TCP port process-compose's API is expected on (None: the agent talks to it over a socket)."""
+def _pc_port(ctx: Context) -> tuple[int | None, str]:
+    """The TCP port of process-compose's API and where that comes from; None for the port when it
+    listens on a unix socket (``agent.socket``, or a Taskfile that starts it with ``-U``)."""
     ag = ctx.config.agent
     if ag.reload == "process-compose":
         if ag.url:
             m = re.match(r"https?://[^/:]+:(\d+)", ag.url)
-            return int(m.group(1)) if m else (443 if ag.url.startswith("https") else 80)
+            return (int(m.group(1)) if m else (443 if ag.url.startswith("https") else 80)), "agent.url"
         if ag.socket:
-            return None
-    return PC_DEFAULT_PORT
+            return None, "agent.socket"
+    where = _pc_socket_task(ctx)
+    if where:
+        return None, where
+    return PC_DEFAULT_PORT, "by default"
+
+
+def _pc_socket_task(ctx: Context) -> str | None:
+    """A task of the root Taskfile or its includes that starts process-compose on a unix socket
+    (``process-compose up -U``), as ``<file> task <name>``; None when there is none."""
+    rt = ctx.root_taskfile()
+    if rt is None:
+        return None
+    starts = re.compile(r"(process-compose|PC_BIN\w*\s*\}\})\S*\s+(?:\S+\s+)*?up\b[^\n]*?(\s-U\b|\s--use-uds\b)")
+    for tf in [rt] + [ctx._cached(("inc", ns), lambda p=p: taskfiles.read(p)) for ns, p in rt.includes.items()]:
+        if tf is None:
+            continue
+        for name in tf.tasks:
+            if starts.search(ctx.task_text(tf, name)):
+                return f"{ctx.rel(tf.path)} task {name} runs it with -U"
+    return None
 
 
 def _port_clashes(ctx: Context, procs: dict[str, Any]) -> list[Finding]:
-    port = _pc_port(ctx)
-    if port is None:
-        return []
+    pc_port, pc_where = _pc_port(ctx)
+    port = pc_port if pc_port is not None else RELAY_DEFAULT_PORT
+    if pc_port is not None:
+        whose = f"which process-compose's API uses ({pc_where})" if pc_where == "agent.url" else \
+            "which process-compose's API uses by default"
+        if port == RELAY_DEFAULT_PORT:
+            whose += " (as do sync-tools relay and watch)"
+        fix_tail = ("or start process-compose with --port N (and set agent.url: http://127.0.0.1:N) or -U "
+                    "(and set agent.socket)")
+    else:  # process-compose is on a socket: 8080 is still the relay's and watch's default
+        whose = f"which sync-tools relay and watch use by default (process-compose's API is on a unix socket: {pc_where})"
+        fix_tail = "or run sync-tools relay / watch with --port N"
     mention = re.compile(rf"(?<![\w.]){port}(?![\w.])")
     by_process = {s.process: s.name for s in ctx.config.subsystems.values()}
     found: list[tuple[str | None, str, str]] = []  # (subsystem, who, where)
     for name, body in procs.items():
-        where = _port_in_process(ctx, body, mention, port) if isinstance(body, dict) else None
+        where = _port_in_process(ctx, body, mention, port, relay=pc_port is not None) if isinstance(body, dict) else None
         if where:
             found.append((by_process.get(str(name)), f"process {name}", where))
     listen_port = (ctx.config.agent.listen or "").rpartition(":")[2]
     if listen_port.isdigit() and int(listen_port) == port:
         found.append((None, f"the agent (agent.listen {ctx.config.agent.listen})", ctx.rel(ctx.config.path)))
-    return [Finding("warning", subsystem, "port-clash",
-                    f"{who} uses port {port} ({where}), which process-compose's API uses by default",
-                    f"move {who.split(' (')[0]} to another port, or start process-compose with --port N (and set "
-                    "agent.url: http://127.0.0.1:N) or -U (and set agent.socket)")
+    return [Finding("warning", subsystem, "port-clash", f"{who} uses port {port} ({where}), {whose}",
+                    f"move {who.split(' (')[0]} to another port, {fix_tail}")
             for subsystem, who, where in found]
 
 
-def _port_in_process(ctx: Context, body: dict[str, Any], mention: re.Pattern[str], port: int) -> str | None:
+def _port_in_process(ctx: Context, body: dict[str, Any], mention: re.Pattern[str], port: int, *,
+                     relay: bool = True) -> str | None:
     """Where a process-compose process says it uses *port*: its own command, environment or probes,
     a `sync-tools relay` without --port (the relay's default), or the run/health task its
     ``task X:run`` command runs. None when nowhere."""
@@ -542,7 +575,7 @@ def _port_in_process(ctx: Context, body: dict[str, Any], mention: re.Pattern[str
     if mention.search(own):
         return PROCESS_COMPOSE
     command = "\n".join(_strings(body.get("command")))
-    if port == RELAY_DEFAULT_PORT and re.search(r"sync-tools\s+relay\b", command) and "--port" not in command:
+    if relay and port == RELAY_DEFAULT_PORT and re.search(r"sync-tools\s+relay\b", command) and "--port" not in command:
         return f"{PROCESS_COMPOSE}: sync-tools relay without --port"
     for task_name in _task_names(command):
         hit = ctx.task(task_name)

@@ -462,8 +462,9 @@ def test_binaries_and_their_version_files(ws: Ws) -> None:
     assert f".version says {'0' * 12}" in bad["message"]
     legacy = run.one("grafana", "version-file-legacy")
     assert legacy["level"] == "warning"
-    assert legacy["message"] == ("grafana/.bin/.version is the one line '11.4.0': binary "
-                                 "grafana/.bin/bin/grafana-server is unverified until the first verified install")
+    # (where the Taskfile writes it: <name>/.bin, though the binary is in .bin/bin)
+    assert legacy["message"].startswith("grafana/.bin/.version is the one line '11.4.0': binary "
+                                        "grafana/.bin/bin/grafana-server is unverified until the first verified install")
     absent = run.one("arc", "binary-absent")
     assert absent["level"] == "info" and absent["message"] == "no binary at arc/.bin/arc yet"
     (ws.root / "nats/.bin/.version").unlink()
@@ -508,8 +509,17 @@ def test_port_clash_with_process_compose_api(tmp_path: Path) -> None:
     f = doctor(clash.root, "--offline").one("arc", "port-clash")
     assert f["level"] == "warning"
     assert f["message"] == ("process arc uses port 8080 (arc/Taskfile.yml task health), which process-compose's "
-                            "API uses by default")
+                            "API uses by default (as do sync-tools relay and watch)")
     assert "--port N" in f["fix"] and "agent.url" in f["fix"]
+    # process-compose started on a unix socket (plat-telemetry's pc:run): 8080 is still relay's and watch's
+    clash.write("pc/Taskfile.yml", "version: '3'\nvars:\n  PC_BIN_PATH: '{{.TASKFILE_DIR}}/.bin/process-compose'\n"
+                "tasks:\n  run:fg:\n    cmds:\n      - '{{.PC_BIN_PATH}} up -U -u {{.TASKFILE_DIR}}/.pc.sock -t=false'\n")
+    clash.edit("Taskfile.yml", "  arc: ./arc\n", "  arc: ./arc\n  pc: ./pc\n")
+    f = doctor(clash.root, "--offline").one("arc", "port-clash")
+    assert f["message"] == ("process arc uses port 8080 (arc/Taskfile.yml task health), which sync-tools relay and "
+                            "watch use by default (process-compose's API is on a unix socket: pc/Taskfile.yml task "
+                            "run:fg runs it with -U)")
+    assert f["fix"] == "move process arc to another port, or run sync-tools relay / watch with --port N"
     ok = Ws(tmp_path / "b", arc_port=18080)  # 8080 inside another number is no clash
     assert not [x for x in doctor(ok.root, "--offline").findings if x["code"] == "port-clash"]
 
@@ -536,7 +546,7 @@ def test_port_clash_of_the_agent_and_the_relay_with_a_sync_tools_yaml(tmp_path: 
                                            "  url: http://127.0.0.1:9999"))
     clashes = [f for f in doctor(root, "--offline", config="sync-tools.yaml").findings if f["code"] == "port-clash"]
     assert [(f["subsystem"], f["message"]) for f in clashes] == [
-        ("web", "process web uses port 9999 (process-compose.yaml), which process-compose's API uses by default")]
+        ("web", "process web uses port 9999 (process-compose.yaml), which process-compose's API uses (agent.url)")]
 
 
 # ------------------------------------------------------------------------------------- 9 .gitignore
