@@ -251,7 +251,7 @@ def test_a_bad_command_input_is_refused(workspace: Path, tmp_path: Path):
 
 def test_working_directory_input(workspace: Path, tmp_path: Path):
     """The action runs in `working-directory` below the job's workspace, where sync-tools.yaml is."""
-    event = dispatch_payload(tmp_path, subsystem="arc", version="v2.0.0", commit="e" * 40,
+    event = dispatch_payload(tmp_path, subsystem="arc", version="v1.2.0", commit="e" * 40,
                              upstream="https://example.invalid/arc", delivery="d-5")
     run = run_action({**_plan_with(), "working-directory": workspace.name}, workspace=workspace.parent,
                      event=event, tmp=tmp_path)

@@ -53,10 +53,13 @@ def test_check_process_output_exit_codes_and_record(tmp_path):
     assert p.returncode == 10 and "update available" in p.stdout
 
     p = sync_tools("-v", "check", "--exit-code", cwd=ws)
-    assert p.returncode == 1  # an upstream failed: errors win over --exit-code
+    assert p.returncode == 10  # a's update is not hidden by gone's failure, which is still printed
     assert "INFO sync_tools.check: check gone failed" in p.stderr  # log lines are flushed at exit
     assert "Error: gone:" in p.stderr and "Traceback" not in p.stderr
     assert "a " in p.stdout and "up to date" in p.stdout
+
+    p = sync_tools("check", "b", "gone", "--exit-code", cwd=ws)
+    assert p.returncode == 1 and "Error: gone:" in p.stderr  # no update anywhere: the error exits 1
 
 
 def test_errors_still_exit_1_with_one_line(tmp_path):
