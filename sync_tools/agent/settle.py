@@ -40,8 +40,8 @@ def _status(reloader: Reloader, process: str) -> ProcessStatus | None:
 
 def restarted(before: ProcessStatus, now: ProcessStatus) -> str | None:
     """Why *now* is not the process *before* described (it exited, or is another process), or None."""
-    if before.running is None:
-        return None  # the backend cannot tell (command, none)
+    if not before.running:
+        return None  # the backend cannot tell (command, none), or had no running process to compare with
     if now.running is False:
         return f"it is no longer running ({now.status})"
     if before.pid is not None and now.pid is not None and now.pid != before.pid:
@@ -70,7 +70,7 @@ def wait_settled(spec: str | None, *, reloader: Reloader, process: str, health_t
     if not first.ok or settle_seconds <= 0:
         return first
     before = _status(reloader, process)
-    watch_process = before is not None and before.running is not None
+    watch_process = before is not None and before.running is True
     if not spec and not watch_process:
         return first  # nothing to watch: "no health check configured", backend cannot tell
     client = Client() if spec and spec.startswith(("http://", "https://")) else None
