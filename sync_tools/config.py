@@ -363,6 +363,8 @@ class AgentConfig(NamedTuple):
     health_timeout: float = 30.0
     supervisor_url: str | None = None
     restart: str = "restart"  # process-compose: "restart", or "stop-start" (stop, wait until stopped, start)
+    id: str | None = None  # this agent's name in reports and rollouts (None: the machine's hostname)
+    settle_seconds: float = 10.0  # a new binary must stay healthy, not restarted, this long
 
 
 class Config(NamedTuple):
@@ -402,7 +404,8 @@ _SUB_KEYS = ("upstream", "strategy", "branch", "include", "exclude", "prerelease
              "binary", "build", "paths", "process", "health", "depends_on", "description", "version_var")
 _RELAY_KEYS = ("dispatch", "agents", "max_body", "max_attempts")
 _AGENT_KEYS = ("root", "source", "relay", "reload", "socket", "url", "command", "listen", "secret_env",
-               "token_env", "public_key", "platform", "health_timeout", "supervisor_url", "restart")
+               "token_env", "public_key", "platform", "health_timeout", "supervisor_url", "restart", "id",
+               "settle_seconds")
 
 
 def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None, *, root: Path | None = None,
@@ -609,9 +612,13 @@ def parse_config(path: Path, data: Any) -> Config:
         health_timeout=ag.number("health_timeout", 30.0, maximum=MAX_HEALTH_TIMEOUT),
         supervisor_url=ag.str("supervisor_url"),
         restart=ag.choice("restart", ("restart", "stop-start"), "restart"),
+        id=ag.str("id"),
+        settle_seconds=ag.number("settle_seconds", 10.0, maximum=MAX_HEALTH_TIMEOUT),
     )
     if agent.platform and not _PLATFORM_RE.fullmatch(agent.platform):
         raise ag.error("platform", f"bad platform {agent.platform!r} (expected os/arch)")
+    if agent.id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}", agent.id):
+        raise ag.error("id", "must be 1-128 letters, digits and ._@:- (starting with a letter or digit)")
     if agent.reload == "command" and not agent.command:
         raise ag.error("command", "is required when reload is 'command'")
     return Config(

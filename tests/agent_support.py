@@ -260,9 +260,10 @@ class StoreServer:
 
 class Supervisord:
     """A real supervisord with a unix socket in a short temp dir (socket paths are limited to ~100
-    bytes), running one program per ``(name, command, env)``; stopped in :meth:`stop`."""
+    bytes), running one program per ``(name, command, env)``; stopped in :meth:`stop`. Programs named in
+    *autorestart* are restarted by supervisord when they exit (as a real deployment would have it)."""
 
-    def __init__(self, programs: list[tuple[str, str, dict[str, str]]]):
+    def __init__(self, programs: list[tuple[str, str, dict[str, str]]], *, autorestart: tuple[str, ...] = ()):
         self.dir = Path(tempfile.mkdtemp(prefix="sv"))
         self.sock = self.dir / "s.sock"
         lines = [
@@ -276,7 +277,8 @@ class Supervisord:
         for name, command, env in programs:
             envs = ",".join(f'{k}="{v}"' for k, v in env.items())
             lines += [f"[program:{name}]", f"command={command}", "startsecs=0", "startretries=0",
-                      "autorestart=false", "stopwaitsecs=5", "stopasgroup=true", "killasgroup=true"]
+                      f"autorestart={'true' if name in autorestart else 'false'}", "stopwaitsecs=5",
+                      "stopasgroup=true", "killasgroup=true"]
             if envs:
                 lines.append(f"environment={envs}")
             lines.append("")
@@ -426,9 +428,12 @@ class World:
         return snapshot([self.root / n for n in others]), {n: self.supervisor.pid(n) for n in others}
 
 
-def make_world(base: Path, names: dict[str, str] | None = None, *, health_timeout: float = 5.0) -> World:
+def make_world(base: Path, names: dict[str, str] | None = None, *, health_timeout: float = 5.0,
+               settle_seconds: float = 0.0, autorestart: tuple[str, ...] = (), agent_extra: str = "") -> World:
     """Publish v1 of every subsystem, install the same bytes by hand (as a previous agent run would have;
-    the agent's own first install is tested on its own), and start supervisord running them."""
+    the agent's own first install is tested on its own), and start supervisord running them.
+    *settle_seconds* is agent.settle_seconds (0 here: only the settle tests wait out a window);
+    *autorestart*: programs supervisord restarts when they exit; *agent_extra*: more ``agent:`` lines."""
     names = dict(names or DEFAULT_NAMES)
     key = Ed25519PrivateKey.generate()
     store = ReleaseStore(base / "store", key)
@@ -439,7 +444,7 @@ def make_world(base: Path, names: dict[str, str] | None = None, *, health_timeou
     service_py.write_text(SERVICE_PY)
     ports = {n: free_port() for n in names}
     programs = [(n, str(base / "root" / n / ".bin" / b), {"PORT": str(ports[n])}) for n, b in names.items()]
-    supervisor = Supervisord(programs)
+    supervisor = Supervisord(programs, autorestart=autorestart)
     subs = "\n".join(
         f"  {n}:\n    upstream: /dev/null\n    binary: {b}\n    health: http://127.0.0.1:{ports[n]}/health"
         for n, b in names.items())
@@ -448,7 +453,8 @@ def make_world(base: Path, names: dict[str, str] | None = None, *, health_timeou
         "release:\n  store: store\n  tag: latest\n  public_key: keys/release.pub\n"
         f"subsystems:\n{subs}\n"
         f"agent:\n  root: root\n  reload: supervisor\n  supervisor_url: {supervisor.url}\n"
-        f"  platform: {PLATFORM}\n  health_timeout: {health_timeout}\n")
+        f"  platform: {PLATFORM}\n  health_timeout: {health_timeout}\n  settle_seconds: {settle_seconds}\n"
+        f"{agent_extra}")
     server = StoreServer(store.dir).__enter__()
     world = World(base, store, server, supervisor, names, ports, service_py, cfg)
     try:

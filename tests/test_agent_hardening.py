@@ -63,7 +63,7 @@ class Setup:
             "subsystems:\n  nats:\n    upstream: /dev/null\n    binary: nats-server\n"
             f"    health: \"{health}\"\n"
             f"agent:\n  root: .\n  source: store\n  reload: {reload}\n  platform: linux/amd64\n"
-            f"  health_timeout: 1\n{extra}")
+            f"  health_timeout: 1\n  settle_seconds: 0\n{extra}")
         self.bin_dir = base / "nats" / ".bin"
 
     def config(self):  # noqa: ANN201

@@ -21,7 +21,7 @@ def test_agent_only_config_installs_what_the_manifest_names(tmp_path) -> None:
         cfg.write_text(
             "release:\n  public_key: keys/release.pub\n"
             f"agent:\n  root: root\n  reload: supervisor\n  supervisor_url: {world.supervisor.url}\n"
-            f"  platform: {PLATFORM}\n  health_timeout: 5\n")
+            f"  platform: {PLATFORM}\n  health_timeout: 5\n  settle_seconds: 1\n")
         config = load_config(cfg)
         assert not config.subsystems  # nothing listed, no upstream anywhere
         world.config_path = cfg

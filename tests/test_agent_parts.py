@@ -588,7 +588,7 @@ def test_agent_updates_through_process_compose(tmp_path: Path) -> None:
     subs = {n: {"upstream": "/dev/null", "binary": n, "health": f"http://127.0.0.1:{p}/health"}
             for n, p in ports.items()}
     config = parse_config(tmp_path / "sync-tools.yaml",
-                          {"subsystems": subs, "agent": {"root": str(root), "health_timeout": 5}})
+                          {"subsystems": subs, "agent": {"root": str(root), "health_timeout": 5, "settle_seconds": 0}})
     # the first install, before anything runs: no health URL to ask yet
     bare = parse_config(tmp_path / "sync-tools.yaml", {"subsystems": {n: {"upstream": "/dev/null", "binary": n}
                                                                      for n in ports},

@@ -28,7 +28,7 @@ def _retries() -> urllib3.Retry:
 
 
 class Client:
-    """GET with timeouts through the environment's proxy (if any). Thread-safe; pools connections."""
+    """GET and POST with timeouts through the environment's proxy (if any). Thread-safe; pools connections."""
 
     def __init__(self) -> None:
         self._direct = urllib3.PoolManager(retries=_retries())
@@ -59,4 +59,13 @@ class Client:
         Raises :data:`HTTPError` (urllib3's family) on connection failures and timeouts."""
         return self._manager(url).request(
             "GET", url, headers=dict(headers or {}), preload_content=not stream,
+            timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))
+
+    def post(self, url: str, body: bytes, *, headers: Mapping[str, str] | None = None,
+             timeout: tuple[float, float] = (5.0, 30.0)) -> Response:
+        """POST *body* to *url* (redirects are not followed: a POST is not repeated elsewhere). The answer's
+        body is left unread (read what is needed, then ``release_conn``). Raises :data:`HTTPError` on
+        connection failures and timeouts."""
+        return self._manager(url).request(
+            "POST", url, body=body, headers=dict(headers or {}), redirect=False, preload_content=False,
             timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))

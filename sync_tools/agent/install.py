@@ -45,6 +45,12 @@ STATE_DIR = ".sync-tools"
 CRASH_ENV = "SYNC_TOOLS_AGENT_CRASH_AFTER"
 STEPS = ("downloaded", "staged", "journaled", "previous-saved", "swapped", "version-written", "reloaded",
          "healthy")
+#: Test hook: ``<step>:<marker file>``: at that step (one of STEPS, or ``stopped``: the supervisor backend
+#: stopped the program and has not started it yet) the agent writes its pid to the marker file and waits
+#: while the file exists (at most PAUSE_MAX seconds), so a test can SIGKILL it there. Once per marker: an
+#: agent that finds the file already there goes on.
+PAUSE_ENV = "SYNC_TOOLS_AGENT_PAUSE_AT"
+PAUSE_MAX = 600.0
 
 
 class InstallError(SyncToolsError):
@@ -123,10 +129,18 @@ class AgentLock:
 
 
 def crash_point(step: str) -> None:
-    """Kill this process with SIGKILL after *step* when the test hook names it; otherwise nothing."""
+    """Kill this process with SIGKILL after *step*, or pause there (see PAUSE_ENV), when a test hook
+    names it; otherwise nothing."""
     if os.environ.get(CRASH_ENV) == step:
         log.warning("test hook %s=%s: SIGKILL now", CRASH_ENV, step)
         os.kill(os.getpid(), signal.SIGKILL)
+    pause_step, _, marker = os.environ.get(PAUSE_ENV, "").partition(":")
+    if pause_step == step and marker and not os.path.exists(marker):
+        log.warning("test hook %s: pausing after %s while %s exists", PAUSE_ENV, step, marker)
+        atomic_write_text(Path(marker), f"{os.getpid()}\n")
+        deadline = time.monotonic() + PAUSE_MAX
+        while os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def staged_path(bin_dir: Path, binary: str) -> Path:

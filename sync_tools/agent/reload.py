@@ -36,6 +36,8 @@ from xml.parsers.expat import ExpatError
 from sync_tools.errors import ConfigError, RemoteError
 from sync_tools.procs import stop_group
 
+from .install import crash_point
+
 log = logging.getLogger(__name__)
 
 PC_TOKEN_ENV = "PC_API_TOKEN"
@@ -55,9 +57,11 @@ class ProcessStatus:
     status: str
     pid: int | None = None
     ready: bool | None = None
+    restarts: int | None = None  # how often the manager restarted it (process-compose), when it says
 
     def to_json(self) -> dict[str, Any]:
-        return {"running": self.running, "status": self.status, "pid": self.pid, "ready": self.ready}
+        return {"running": self.running, "status": self.status, "pid": self.pid, "ready": self.ready,
+                "restarts": self.restarts}
 
 
 class Reloader(abc.ABC):
@@ -234,7 +238,9 @@ class ProcessComposeReloader(Reloader):
         if data.get("has_ready_probe") and isinstance(ready_raw, str):
             ready = ready_raw.lower() == "ready"
         pid = data.get("pid") if isinstance(data.get("pid"), int) else None
-        return ProcessStatus(process, bool(data.get("is_running")), status, pid or None, ready)
+        restarts = data.get("restarts")
+        restarts = restarts if isinstance(restarts, int) and not isinstance(restarts, bool) else None
+        return ProcessStatus(process, bool(data.get("is_running")), status, pid or None, ready, restarts)
 
 
 class _TimeoutSupervisorTransport(xmlrpc.client.Transport):
@@ -273,13 +279,21 @@ class SupervisorReloader(Reloader):
             raise ReloadError(f"supervisor at {self.serverurl}: {method}: {type(e).__name__}: {e}") from e
 
     def restart(self, process: str) -> None:
+        """Stop (when running) and start *process*. An agent killed between the two leaves the program
+        stopped; the install's intent is still in the journal then, and the agent's start-up recovery
+        restarts it (the agent itself runs under the supervisor, which starts it again)."""
         info = self._call("getProcessInfo", process)
+        deadline = time.monotonic() + self.timeout
+        while info.get("statename") == "STOPPING" and time.monotonic() < deadline:
+            time.sleep(0.05)  # a stop another (killed) agent asked for: starting now would be refused
+            info = self._call("getProcessInfo", process)
         if info.get("statename") in ("RUNNING", "STARTING", "BACKOFF"):
             try:
                 self._call("stopProcess", process, True)
             except ReloadError as e:
                 if "NOT_RUNNING" not in str(e):
                     raise
+        crash_point("stopped")
         self._call("startProcess", process, True)
 
     def status(self, process: str) -> ProcessStatus:

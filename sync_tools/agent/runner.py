@@ -13,8 +13,8 @@ import os
 import platform as _platform
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,11 @@ from . import install, subsystems
 from .events import AgentEvent
 from .extract import extract_binary
 from .fetch import Fetcher, ProgressFn, download, make_fetcher
-from .health import HealthResult, wait_healthy
+from .gate import Gate, has_rollout, held_info
+from .health import HealthResult
 from .reload import Reloader, ReloadError, make_reloader
+from .report import Reporter, StepTimes
+from .settle import wait_settled
 from .state import AgentState, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -83,7 +86,9 @@ class SubsystemResult:
 
     ``action``: unchanged | updated | rolled_back (new binary failed health, previous restored) |
     failed (nothing was changed, or no previous to restore) | skipped (a build known to fail) |
-    missing (the manifest has no asset for this platform) | recovered (a crashed install finished).
+    missing (the manifest has no asset for this platform) | recovered (a crashed install finished) |
+    held (the rollout's wave gate did not allow it yet; ``error`` says why). ``times``: seconds of
+    the steps taken (download, install, health); ``retry``: held because the relay could not be asked.
     """
 
     name: str
@@ -94,15 +99,17 @@ class SubsystemResult:
     error: str | None = None
     bytes: int = 0
     seconds: float = 0.0
+    times: Mapping[str, float] = field(default_factory=dict)
+    retry: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.action in ("unchanged", "updated", "skipped", "recovered", "missing")
+        return self.action in ("unchanged", "updated", "skipped", "recovered", "missing", "held")
 
     def to_json(self) -> dict[str, Any]:
         return {"action": self.action, "old_sha256": self.old_sha, "new_sha256": self.new_sha,
                 "version": self.version, "error": self.error, "bytes": self.bytes,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "times": dict(self.times)}
 
 
 @dataclass(frozen=True)
@@ -174,7 +181,8 @@ class Agent:
                  progress: ProgressFn | None = None, now: Callable[[], datetime] | None = None,
                  max_asset_bytes: int = DEFAULT_MAX_ASSET_BYTES,
                  max_binary_bytes: int = DEFAULT_MAX_BINARY_BYTES, health_timeout: float | None = None,
-                 lock_timeout: float = LOCK_WAIT):
+                 lock_timeout: float = LOCK_WAIT, settle_seconds: float | None = None,
+                 gate: Gate | None = None, reporter: Reporter | None = None):
         self.config = config
         ac = config.agent
         self.root = Path(root) if root is not None else (config.resolve(ac.root) or config.root)
@@ -185,11 +193,14 @@ class Agent:
                                                   url=ac.url, command=ac.command,
                                                   supervisor_url=ac.supervisor_url, restart=ac.restart)
         self.platform = platform or ac.platform or detect_platform()
+        self.gate = gate or Gate.from_config(config)  # the rollout wave gate and reports: agent.relay
+        self.reporter = reporter or Reporter.from_config(config, platform=self.platform)
         self.progress = progress
         self.now = now
         self.max_asset_bytes = max_asset_bytes
         self.max_binary_bytes = max_binary_bytes
         self.health_timeout = ac.health_timeout if health_timeout is None else health_timeout
+        self.settle_seconds = ac.settle_seconds if settle_seconds is None else settle_seconds
         self.journal = install.Journal(self.root)
         self.downloads = self.root / install.STATE_DIR / "downloads"
         self._lock = threading.Lock()  # one update at a time
@@ -293,6 +304,7 @@ class Agent:
         self.last_report = report
         self.reports.append(report)
         del self.reports[:-20]
+        self.reporter.send_update(report)  # outside the locks; short timeouts, never raises
         level = logging.INFO if report.ok else logging.ERROR
         log.log(level, "reconcile (%s): serial %s, %s%s", event.source if event else "start", report.serial,
                 ", ".join(f"{r.name}={r.action}" for r in report.results) or "nothing configured",
@@ -332,7 +344,7 @@ class Agent:
                 continue
             results.append(self._apply(sub, entry))
         return UpdateReport(manifest.serial, tuple(results), manifest_bytes=mbytes,
-                            seconds=time.monotonic() - started, retry=stale)
+                            seconds=time.monotonic() - started, retry=stale or any(r.retry for r in results))
 
     def _apply(self, sub: Subsystem, entry: Entry) -> SubsystemResult:
         started = time.monotonic()
@@ -343,19 +355,28 @@ class Agent:
         target = bin_dir / sub.binary
         old_sha = sha256_file(target) if target.is_file() else None
         if old_sha == asset.binary_sha256:
+            self.update_state(lambda st: st.with_held(sub.name, None))
             return SubsystemResult(sub.name, "unchanged", old_sha, old_sha, entry.version)
         state = load_state(self.root)
         if state.failed.get(sub.name) == asset.binary_sha256:
             return SubsystemResult(sub.name, "skipped", old_sha, asset.binary_sha256, entry.version,
                                    error="this build failed its health check before; waiting for a new one")
-        moved = 0
+        gate = self.gate.decide(sub.name, asset.binary_sha256, has_policy=has_rollout(entry))
+        held = None if gate.allowed else asset.binary_sha256
+        self.update_state(lambda st: st.with_held(sub.name, held, gate.reason))
+        if not gate.allowed:
+            return SubsystemResult(sub.name, "held", old_sha, asset.binary_sha256, entry.version, gate.reason,
+                                   retry=gate.retry)
+        moved, times = 0, StepTimes()
         try:
-            moved = self._stage(sub, asset)
-            info = VersionInfo(commit=entry.commit, timestamp=entry.built, checksum=asset.binary_sha256,
-                               version=entry.version)
-            intent = install.begin(self.journal, subsystem=sub.name, bin_dir=bin_dir, binary=sub.binary,
-                                   new_sha=asset.binary_sha256, new_version=info)
-            install.swap(intent)
+            with times("download"):
+                moved = self._stage(sub, asset)
+            with times("install"):
+                info = VersionInfo(commit=entry.commit, timestamp=entry.built, checksum=asset.binary_sha256,
+                                   version=entry.version)
+                intent = install.begin(self.journal, subsystem=sub.name, bin_dir=bin_dir, binary=sub.binary,
+                                       new_sha=asset.binary_sha256, new_version=info)
+                install.swap(intent)
         except SyncToolsError as e:
             swapped = target.is_file() and sha256_file(target) == asset.binary_sha256
             if not swapped:  # the old binary is in place: drop the intent
@@ -364,10 +385,12 @@ class Agent:
             # else the new verified binary is in place but .version is not: the intent stays, and the
             # next reconcile's (or start's) recovery rewrites .version, reloads and health-checks
             return SubsystemResult(sub.name, "failed", old_sha, asset.binary_sha256, entry.version,
-                                   error=str(e), bytes=moved, seconds=time.monotonic() - started)
-        res = self._reload_and_check(sub, intent, started=started, moved=moved)
+                                   error=str(e), bytes=moved, seconds=time.monotonic() - started,
+                                   times=times.done())
+        with times("health"):  # restart, health check, settle window (and the restore when unhealthy)
+            res = self._reload_and_check(sub, intent, started=started, moved=moved)
         return SubsystemResult(res.name, res.action, old_sha, res.new_sha, entry.version, res.error,
-                               moved, res.seconds)
+                               moved, res.seconds, times.done())
 
     def _stage(self, sub: Subsystem, asset: Asset) -> int:
         """Download, check and extract *asset* into the staged path. Returns bytes moved.
@@ -400,14 +423,8 @@ class Agent:
             part.unlink(missing_ok=True)
 
     def _health(self, sub: Subsystem) -> HealthResult:
-        def backend_says() -> HealthResult:
-            try:
-                st = self.reloader.status(sub.process)
-            except ReloadError as e:
-                return HealthResult(False, str(e))
-            return HealthResult(st.running is not False, f"{self.reloader.name}: {st.status}")
-
-        return wait_healthy(sub.health, deadline_s=self.health_timeout, cwd=self.root, fallback=backend_says)
+        return wait_settled(sub.health, reloader=self.reloader, process=sub.process, cwd=self.root,
+                            health_timeout=self.health_timeout, settle_seconds=self.settle_seconds)
 
     def _reload_and_check(self, sub: Subsystem, intent: install.Intent, *, started: float,
                           moved: int) -> SubsystemResult:
@@ -577,6 +594,7 @@ class Agent:
                 "previous": prev.is_file(),
                 "process": sub.process,
                 "running": running,
+                "held": held_info(self.root, sub.name, sha),
             }
         return out
 
@@ -694,8 +712,10 @@ def serve(agent: Agent, *, relay: str | None = None, token: str | None = None, l
     sse: SSEClient | None = None
     server = None
     try:
-        for res in agent.recover():
+        recovered = agent.recover()
+        for res in recovered:
             log.warning("recovered %s: %s", res.name, res.action)
+        agent.reporter.send_start(agent, recovered)
         info: dict[str, Any] = {}
         startup_began = threading.Event()
         if relay:

@@ -3,7 +3,8 @@
 It holds the highest manifest serial the agent has verified and acted on (a manifest with a lower
 serial is refused: rollback attack), the last SSE event id (resume), and per subsystem the binary
 sha256 that failed its health check (so the same bad build is not installed again and again until
-the release changes it). Written atomically; a missing file is the empty state.
+the release changes it) and the build a rollout holds back, with the reason (for ``sync-tools status``).
+Written atomically; a missing file is the empty state.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class AgentState:
     serial: int = 0
     last_event_id: str | None = None
     failed: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: subsystem -> {"build": sha256, "reason": one line}: a build the wave gate holds back
+    held: MappingProxyType[str, MappingProxyType[str, str]] = field(default_factory=lambda: MappingProxyType({}))
 
     def with_serial(self, serial: int) -> AgentState:
         return replace(self, serial=max(self.serial, serial))
@@ -42,8 +45,22 @@ class AgentState:
             failed[subsystem] = sha
         return replace(self, failed=MappingProxyType(failed))
 
+    def with_held(self, subsystem: str, build: str | None, reason: str = "") -> AgentState:
+        """*build* of *subsystem* held back for *reason*; None: nothing held."""
+        held = dict(self.held)
+        if build is None:
+            if subsystem not in held:
+                return self
+            held.pop(subsystem)
+        else:
+            held[subsystem] = MappingProxyType({"build": build, "reason": reason})
+        return replace(self, held=MappingProxyType(held))
+
     def to_json(self) -> dict[str, Any]:
-        return {"serial": self.serial, "last_event_id": self.last_event_id, "failed": dict(self.failed)}
+        out = {"serial": self.serial, "last_event_id": self.last_event_id, "failed": dict(self.failed)}
+        if self.held:
+            out["held"] = {k: dict(v) for k, v in self.held.items()}
+        return out
 
 
 def state_path(root: Path) -> Path:
@@ -68,10 +85,17 @@ def load_state(root: Path) -> AgentState:
             raise ValueError("bad types")
         if event_id is not None and not isinstance(event_id, str):
             raise ValueError("bad last_event_id")
+        held = obj.get("held") or {}
+        if not isinstance(held, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("build"), str) and isinstance(v.get("reason"), str)
+                for v in held.values()):
+            raise ValueError("bad held")
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: corrupt agent state ({e}); remove it to start over") from e
     return AgentState(serial=serial, last_event_id=event_id,
-                      failed=MappingProxyType({str(k): str(v) for k, v in failed.items()}))
+                      failed=MappingProxyType({str(k): str(v) for k, v in failed.items()}),
+                      held=MappingProxyType({str(k): MappingProxyType({"build": v["build"], "reason": v["reason"]})
+                                             for k, v in held.items()}))
 
 
 def save_state(root: Path, state: AgentState) -> None:
