@@ -309,3 +309,11 @@ def test_smart_http_serves_listings_and_clones(tmp_path):
 def test_smart_http_serves_the_taskfiles_shallow_clone_then_fetch(tmp_path):
     with make_plat_telemetry(tmp_path, serve="http") as pt:
         pt.task("nats:src:update")
+
+
+def test_a_service_port_can_be_set_to_a_clash_candidate(tmp_path):
+    with make_plat_telemetry(tmp_path, ports={"arc": 8080}) as pt:  # process-compose's and the relay's default
+        assert pt.ports["arc"] == 8080 and 8080 not in (pt.ports["nats"], pt.ports["grafana"])
+        assert "port = 8080\n" in (pt.root / "arc/arc.toml").read_text()
+        assert "http://127.0.0.1:8080/health" in pt.task("--dry", "arc:health").stderr
+        assert f"http_port: {pt.ports['nats']}\n" in (pt.root / "nats/nats.conf").read_text()
