@@ -787,7 +787,7 @@ class Upstream:
         for full in (f"refs/tags/{ref}", f"refs/heads/{ref}"):
             if full.encode() in repo.refs:
                 obj = repo[repo.refs[full.encode()]]
-                while isinstance(obj, Tag):  # packed refs written in bulk carry no peeled line
+                while isinstance(obj, Tag):  # an annotated tag names a tag object
                     obj = repo[obj.object[1]]
                 return obj.id.decode()
         raise KeyError(f"{self.name} has no tag or branch {ref!r}")
@@ -1076,5 +1076,8 @@ def plat_telemetry_fixture(tmp_path: Path, request: pytest.FixtureRequest) -> It
         pt.close()
 
 
-__all__ = ["PlatTelemetry", "Upstream", "make_plat_telemetry", "plat_telemetry_fixture", "nats_tags",
-           "liftbridge_tags", "grafana_tags", "SUBSYSTEMS", "MANIFEST_VERSIONS", "INCLUDES"]
+plat_telemetry = plat_telemetry_fixture  # importable under the fixture's own name too
+
+__all__ = ["PlatTelemetry", "Upstream", "CloneableGitHTTPServer", "make_plat_telemetry", "plat_telemetry",
+           "plat_telemetry_fixture", "nats_tags", "liftbridge_tags", "grafana_tags", "SUBSYSTEMS",
+           "MANIFEST_VERSIONS", "INCLUDES"]
