@@ -162,7 +162,11 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
     cannot be ordered are listed in ``skipped``. Never raises for odd tag names.
     """
     flagged = set(prerelease_tags)
-    cur = parse_version(current) if current and major == "manual" else None
+    pinned = parse_version(current) if current else None
+    # a pin names its tag family: v2.10.24 is compared with v* and bare tags, not with nightly-20241215
+    # or release-1.2 (another line of tags whose numbers mean something else)
+    family = _family(pinned.prefix) if pinned is not None else None
+    cur = pinned if major == "manual" else None
     cur_major = cur.major if cur is not None else None
     # plain numeric tags (most of a remote's thousands) are ranked together by _newest_plain; the
     # others are parsed one by one, keeping the (key, tag) of the best so far
@@ -180,6 +184,8 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
             skipped.append(t)
             continue
         m = final(t)
+        if family is not None and _family(m[1] if m is not None else _prefix(t)) != family:
+            continue
         if m is not None:  # _parse's first case
             parts = m[2].split(".")
             if len(parts) > _MAX_RELEASE_PARTS:
@@ -213,6 +219,18 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
         return Selection(latest, None, tuple(skipped))
     major_available = latest if latest.major > cur_major else None
     return Selection(parse_version(in_major[1]) if in_major else None, major_available, tuple(skipped))
+
+
+def _family(prefix: str) -> str:
+    """A tag prefix with a trailing ``v`` dropped: ``v``, ``V`` and no prefix are one family;
+    ``nats-server-v`` and ``nats-server-`` another."""
+    p = prefix.lower()
+    return p[:-1] if p.endswith("v") else p
+
+
+def _prefix(tag: str) -> str:
+    m = _TAG_RE.match(tag)
+    return m.group("prefix") if m else tag
 
 
 def held_back(tag: str, current: str | None, *, major: str = "manual") -> str | None:

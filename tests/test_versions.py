@@ -162,8 +162,18 @@ def _reference_select(tags, *, current=None, prereleases=False, major="manual", 
     """select's answer the plain way: parse every tag into a Version, then max() by (key, tag)."""
     flagged = set(prerelease_tags)
     cur = parse_version(current) if current and major == "manual" else None
+    pin = parse_version(current) if current else None
+
+    def family(prefix: str) -> str:  # v, V and no prefix are one family of tags
+        return prefix.lower().removesuffix("v")
+
     kept, skipped = [], []
     for t in tags:
+        if len(t) > 255 or not t.isascii():
+            skipped.append(t)
+            continue
+        if pin is not None and family(re.match(r"[^0-9]*", t, re.S).group()) != family(pin.prefix):
+            continue  # another family of tags than the pin's (nightly-20241215 beside v2.10.24)
         v = parse_version(t)
         if v is None:
             skipped.append(t)
@@ -200,6 +210,16 @@ def test_select_agrees_with_parsing_every_tag(tags, current, prereleases, major,
     got = (sel.latest and sel.latest.tag, sel.major_available and sel.major_available.tag, sel.skipped)
     assert got == _reference_select(tags, current=current, prereleases=prereleases, major=major,
                                      prerelease_tags=flagged)
+
+
+def test_a_pin_compares_only_with_its_own_family_of_tags():
+    """nats-server's tags mix v2.x.y with other lines (nightly-20241215 and the like): a pin v2.10.24
+    is compared with v* and bare tags only, or a date would be a 'new major'."""
+    tags = ["v2.10.24", "v2.10.25", "nightly-20241215", "release-3.0.0", "2.11.0"]
+    sel = select(tags, current="v2.10.24")
+    assert sel.latest.tag == "2.11.0" and sel.major_available is None
+    assert select(tags, current="release-2.0.0").major_available.tag == "release-3.0.0"
+    assert select(tags, current="11.4.0", major="auto").latest.tag == "2.11.0"
 
 
 def test_a_tag_with_a_huge_number_is_skipped_not_a_crash():

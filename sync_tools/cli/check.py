@@ -87,7 +87,7 @@ def _print_table(report) -> None:  # type: ignore[no-untyped-def]
             status += f" (major {r.major_available} held back)"
         current = _short(r.current, r.strategy)
         if r.branch is not None:  # `main @ 1a2b3c4d5e6f`: the branch and the installed commit
-            current = f"{r.current or r.branch} @ {(r.current_commit or 'nothing installed')[:12]}"
+            current = f"{r.current or r.branch} @ {r.current_commit[:12] if r.current_commit else 'nothing installed'}"
         rows.append((r.name, current, _short(r.latest, r.strategy), status))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
