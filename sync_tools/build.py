@@ -35,7 +35,7 @@ from sync_tools.errors import BuildError, ConfigError, DataError
 from sync_tools.fsutil import sha256_file
 from sync_tools.manifest import format_time
 from sync_tools.procs import TERM_GRACE, stop_group
-from sync_tools.versionfile import VersionInfo, read_version, write_version
+from sync_tools.versionfile import VersionInfo, read_installed, write_version
 from sync_tools.versions import new_major
 
 log = logging.getLogger(__name__)
@@ -381,7 +381,7 @@ def verify_installed(config: Config, names: Sequence[str] | None = None,
     for sub in config.select(list(names) if names else None):
         binary = sub.binary_path(root)
         try:
-            info = read_version(sub.bin_dir(root))
+            info = read_installed(root, sub.name, sub.bin_dir(root))
         except DataError as e:
             results.append(VerifyResult(sub.name, binary, "bad-version", detail=str(e)))
             continue

@@ -111,10 +111,10 @@ def check_one(sub: Subsystem, sources: Sources, root: Path | None = None) -> Che
 def installed_commit(sub: Subsystem, root: Path) -> str | None:
     """The commit ``<root>/<sub>/.bin/.version`` records for the installed binary, or None (nothing
     installed, a legacy one-line file, an unreadable one)."""
-    from sync_tools.versionfile import read_version
+    from sync_tools.versionfile import read_installed
 
     try:
-        info = read_version(sub.bin_dir(root))
+        info = read_installed(root, sub.name, sub.bin_dir(root))
     except (SyncToolsError, OSError):
         return None
     if info is None or info.legacy or info.commit in ("", "unknown"):

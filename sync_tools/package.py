@@ -27,7 +27,7 @@ from sync_tools.config import Config
 from sync_tools.errors import BuildError, ConfigError, DataError
 from sync_tools.fsutil import atomic_write_bytes, atomic_writer, read_capped, sha256_file
 from sync_tools.manifest import Asset, asset_name
-from sync_tools.versionfile import read_version
+from sync_tools.versionfile import read_installed
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def package(config: Config, name: str, *, platform: str | None = None, dist: Pat
     """
     sub = config.subsystem(name)
     binary = sub.binary_path(config.root)
-    info = read_version(sub.bin_dir(config.root))
+    info = read_installed(config.root, name, sub.bin_dir(config.root))
     if info is None or not binary.is_file():
         raise BuildError(f"{name}: nothing built at {binary} (with .version); run: sync-tools build --only {name}")
     if info.legacy:

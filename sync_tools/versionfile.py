@@ -81,6 +81,17 @@ def read_version(bin_dir: Path) -> VersionInfo | None:
         raise DataError(f"{path}: not UTF-8 text") from e
 
 
+def read_installed(root: Path, name: str, bin_dir: Path) -> VersionInfo | None:
+    """The ``.version`` describing the binary in *bin_dir* (a subsystem's ``.bin`` or a subfolder of
+    it): the one beside the binary, else, for a subfolder, the one the platform's own Taskfile wrote
+    at ``<name>/.bin/.version`` (plat-telemetry's grafana). Raises DataError when it is malformed."""
+    info = read_version(bin_dir)
+    top = root / name / ".bin"
+    if info is None and bin_dir != top:
+        info = read_version(top)
+    return info
+
+
 def write_version(bin_dir: Path, info: VersionInfo) -> None:
     """Write .version atomically (tmp, fsync, rename)."""
     atomic_write_text(bin_dir / VERSION_FILE, info.render())
