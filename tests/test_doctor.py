@@ -600,3 +600,43 @@ def test_the_console_script_prints_one_line_per_finding_and_exits_1(ws: Ws) -> N
     counted = doctor(ws.root, "--offline")
     assert len(lines) == len(counted.findings)
     assert proc.stderr.strip() == f"{counted.data['errors']} error(s), {counted.data['warnings']} warning(s)"
+
+
+# ------------------------------------------------------------------------------ the plat-telemetry fixture
+
+
+def test_doctor_on_plat_telemetry_as_it_stands(tmp_path: Path) -> None:
+    from tests.platform_fixture import make_plat_telemetry
+
+    with make_plat_telemetry(tmp_path, ports={"arc": 8080}) as pt:
+        run = doctor(pt.root)
+        assert run.exit_code == 1
+        lb = run.one("liftbridge", "pin-not-upstream")
+        assert lb["message"] == "pin v1.10.0 is not a tag upstream (newest v1.9.0)"
+        assert lb["fix"] == "set manifest.yaml subsystems.liftbridge.version to v1.9.0"
+        assert run.one("grafana", "pin-tag-prefix")["message"] == ("pin 11.4.0 matches upstream tag v11.4.0 "
+                                                                   "(the v prefix aside)")
+        assert run.one("arc", "pin-branch")["message"].startswith("follows branch main: latest is its head (")
+        assert run.one("telegraf", "pin-branch")["message"].startswith("follows branch master: latest is its head (")
+        assert run.one("nats", "pin-tag")["level"] == "ok"
+        assert "Basekick-Labs/liftbridge.git" in run.one("liftbridge", "upstream-disagrees")["message"]
+        assert run.one("liftbridge", "version-default-differs")["fix"] == ("set LB_VERSION's default in "
+                                                                          "liftbridge/Taskfile.yml to v1.10.0")
+        assert "a plain var" in run.one("grafana", "version-var")["message"]
+        assert run.one("grafana", "build-task-missing")["level"] == "error"
+        assert run.one("grafana", "health-missing")["level"] == "warning"
+        for sub in ("nats", "liftbridge", "arc", "telegraf", "grafana"):
+            assert run.of(sub, "status-guard"), sub
+            assert run.one(sub, "binary-absent")["level"] == "info"
+        assert "unix socket: pc/Taskfile.yml task run:fg" in run.one("arc", "port-clash")["message"]
+        assert run.one(None, "gitignore")["level"] == "warning"
+        # errors: liftbridge's pin, grafana's build; warnings: .gitignore, liftbridge's upstream and version
+        # default, arc's port, grafana's health
+        assert (run.data["errors"], run.data["warnings"]) == (2, 5)
+        # the legacy one-line .version that bin:download writes
+        binary = pt.binary("grafana")
+        binary.parent.mkdir(parents=True)
+        binary.write_bytes(b"#!/bin/sh\n")
+        (pt.root / "grafana/.bin/.version").write_text("latest\n")
+        f = doctor(pt.root, "--offline").one("grafana", "version-file-legacy")
+        assert f["message"].startswith("grafana/.bin/.version is the one line 'latest'")
