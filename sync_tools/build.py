@@ -31,7 +31,7 @@ from typing import IO, Any
 
 from sync_tools import pins
 from sync_tools.config import Config, PinSource, Subsystem
-from sync_tools.errors import BuildError, ConfigError, DataError
+from sync_tools.errors import BuildError, ConfigError, DataError, SyncToolsError
 from sync_tools.fsutil import sha256_file
 from sync_tools.manifest import format_time
 from sync_tools.procs import TERM_GRACE, stop_group
@@ -193,6 +193,27 @@ def build_env(sub: Subsystem, platform: str, version: str | None,
     return env
 
 
+def branch_head(config: Config, sub: Subsystem, version: str | None) -> str | None:
+    """The head commit of upstream branch *version* when *version* names a branch and no tag
+    there (a branch pin such as ``main``); None otherwise, or when the upstream cannot be asked
+    (the build then checks out the name, and records the commit it really built)."""
+    from sync_tools.check import _resolve_upstream
+    from sync_tools.sources.remote import RefCache
+    from sync_tools.sources.tags import pinned_tag
+
+    if not version or not sub.upstream or sub.strategy == "releases" or re.fullmatch(r"[0-9a-f]{7,40}", version):
+        return None
+    try:
+        refs = RefCache(timeout=30.0).get(_resolve_upstream(config, sub).upstream)
+        if pinned_tag(version, refs.tags()) is not None:
+            return None
+        return refs.branch(version)
+    except SyncToolsError as e:
+        log.warning("%s: cannot ask %s whether %s is a branch (%s); building it by name", sub.name,
+                    sub.upstream, version, e)
+        return None
+
+
 def _aside_path(config: Config, sub: Subsystem) -> Path:
     """Where the old binary waits during a build: beside ``.bin``, not in it (a ``src:update`` that
     clears ``.bin`` must not take it), one per subsystem."""
@@ -236,6 +257,13 @@ def build_subsystem(
     plat = "/".join(parse_platform(platform))
     version = version or sub.current
     run_env = build_env(sub, plat, version, env)
+    if sub.version_var and (config.root / sub.name / ".src").is_dir():
+        head = branch_head(config, sub, version)
+        if head is not None:
+            # a branch pin over an existing clone: check out the head commit itself. `git checkout
+            # main` there stays on the local branch, behind what `src:update` fetched, so the build
+            # would never move (a first clone takes the branch name: `git clone --branch main`)
+            run_env[sub.version_var] = head
     started = time.monotonic()
     binary = sub.binary_path(config.root)
     aside = _aside_path(config, sub)

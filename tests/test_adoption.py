@@ -68,6 +68,13 @@ def test_1_a_branch_pin_follows_the_branch_against_the_installed_commit(pt: Plat
     code, out, err = check_json(pt, "arc")
     assert out["arc"]["latest"] == new_head and out["arc"]["update_available"] is True
     assert out["arc"]["current_commit"] == head
+    # the build follows the branch too: its Taskfile's `git checkout main` alone would stay behind
+    assert st(pt, "build", "--only", "arc", "--platform", "linux/amd64").returncode == 0
+    assert pt.run_binary("arc")["commit"] == new_head
+    assert check_json(pt, "arc")[1]["arc"]["update_available"] is False
+    assert load_config(pt.root / "manifest.yaml").subsystems["arc"].current == "main"  # still a branch pin
+    head = new_head
+    new_head = pt.advance("arc")
     # a short sha in a hand-written .version (the Taskfile's own format) names the same commit
     version_file = pt.root / "arc" / ".bin" / ".version"
     version_file.write_text(version_file.read_text().replace(f"commit: {head}", f"commit: {new_head[:7]}"))
