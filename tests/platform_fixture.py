@@ -121,10 +121,9 @@ from pathlib import Path
 import pytest
 from dulwich.objects import Tag
 from dulwich.repo import Repo
-from dulwich.web import make_wsgi_chain
 
 from tests.gitrepos import GitRepo
-from tests.servers.git_http import GitDaemon, GitHTTPServer, _DirectoryBackend
+from tests.servers.git_http import GitDaemon, GitHTTPServer
 from tests.support import free_port
 
 VENV_BIN = Path(sys.executable).parent  # holds `task` (go-task-bin) in the project's venv
@@ -868,21 +867,8 @@ def _make_upstreams(base: Path) -> dict[str, GitRepo]:
 # ------------------------------------------------------------------------------------------ serving
 
 
-class _BytesPathBackend(_DirectoryBackend):
-    """dulwich hands the repository path over as bytes for upload-pack POSTs (every clone and
-    fetch); tests/servers/git_http.py's backend takes only str, so it serves ls-remote but answers
-    500 to a clone. This one takes both."""
-
-    def open_repository(self, path: str | bytes) -> Repo:
-        return super().open_repository(path.decode() if isinstance(path, bytes) else path)
-
-
 class CloneableGitHTTPServer(GitHTTPServer):
-    """:class:`GitHTTPServer` that also serves clones and fetches (see :class:`_BytesPathBackend`)."""
-
-    def __init__(self, root: Path | str):
-        super().__init__(root)
-        self._server.set_app(make_wsgi_chain(_BytesPathBackend(self.root)))
+    """:class:`GitHTTPServer`, which serves clones and fetches too (it once served only ls-remote)."""
 
 
 # ------------------------------------------------------------------------------------------ workspace

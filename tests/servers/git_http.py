@@ -49,7 +49,9 @@ class _DirectoryBackend(Backend):
     def __init__(self, root: Path):
         self.root = root.resolve()
 
-    def open_repository(self, path: str) -> Repo:
+    def open_repository(self, path: str | bytes) -> Repo:
+        # dulwich hands the path over as bytes for upload-pack POSTs (every clone and fetch)
+        path = path.decode() if isinstance(path, bytes) else path
         target = (self.root / path.lstrip("/")).resolve()
         if self.root != target and self.root not in target.parents:
             raise NotGitRepository(f"{path} is outside the served root")
