@@ -290,6 +290,7 @@ class Subsystem(NamedTuple):
     health: str | None = None
     depends_on: tuple[str, ...] = ()
     pin: PinSource | None = None
+    rollout: Any = None  # sync_tools.rollout.RolloutPolicy: the staged rollout release writes into the manifest
 
     def bin_dir(self, root: Path) -> Path:
         return root / self.name / ".bin"
@@ -379,7 +380,7 @@ class Config(NamedTuple):
 _TOP_KEYS = ("release", "platforms", "subsystems", "relay", "agent")
 _RELEASE_KEYS = ("repo", "store", "tag", "public_key", "expires_days")
 _SUB_KEYS = ("upstream", "strategy", "branch", "include", "exclude", "prereleases", "major", "current",
-             "binary", "build", "paths", "process", "health", "depends_on", "description")
+             "binary", "build", "paths", "process", "health", "depends_on", "description", "rollout")
 _RELAY_KEYS = ("dispatch", "agents", "max_body", "max_attempts")
 _AGENT_KEYS = ("root", "source", "relay", "reload", "socket", "url", "command", "listen", "secret_env",
                "token_env", "public_key", "platform", "health_timeout", "supervisor_url")
@@ -416,7 +417,14 @@ def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None) -> Subsyst
         health=sec.str("health"),
         depends_on=sec.str_list("depends_on"),
         pin=pin,
+        rollout=_rollout(sec) if sec.raw("rollout") is not None else None,
     )
+
+
+def _rollout(sec: _Section) -> Any:
+    from sync_tools.rollout import POLICY_KEYS, policy_from_config  # only configs with one pay for the import
+
+    return policy_from_config(sec.section("rollout", POLICY_KEYS))
 
 
 def _check_graph(path: Path, subs: dict[str, Subsystem], data: Any) -> None:
