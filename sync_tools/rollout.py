@@ -214,8 +214,9 @@ def evaluate(
     entry's ``built`` time (for ``min_age_seconds``). *healthy* / *failed*: agent -> time of its
     first healthy / failed report for this build (only reports for a build the relay knows from a
     verified manifest belong here). *live*: agents not silent (None: all): a wave whose new members
-    are all silent needs no healthy report from them, so one dead machine cannot stall a rollout
-    forever. *operator_halt*: the reason a person halted it. *forgiven*: failed agents a resume
+    are all silent needs no healthy report from them, so a few dead machines cannot stall a rollout
+    forever (the waves opened so far must still show a healthy report). *operator_halt*: the reason
+    a person halted it. *forgiven*: failed agents a resume
     forgave. Times are seconds on one clock.
     """
     order = tuple(ranked(build, agents))
@@ -246,8 +247,17 @@ def evaluate(
                                f"{policy.min_age_seconds:g})", due=at)
     new = order[(sizes[k - 2] if k > 1 else 0): members]
     alive = new if live is None else [a for a in new if a in live]
-    needed = min(policy.min_healthy, len(alive))
-    times = sorted(healthy[a] for a in new if a in healthy)
+    if alive:
+        needed = min(policy.min_healthy, len(alive))
+        counted = new
+    else:
+        # no new member of this wave can report (none is live, or the wave added nobody): the waves
+        # opened so far must still show health, at least one report, so an unseen fleet never opens
+        # wave after wave on no evidence at all
+        counted = order[:members]
+        alive_all = counted if live is None else [a for a in counted if a in live]
+        needed = min(policy.min_healthy, max(1, len(alive_all))) if policy.min_healthy else 0
+    times = sorted(healthy[a] for a in counted if a in healthy)
     last = k == len(policy.waves)
     if len(times) < needed:
         return status(ACTIVE, f"wave {k} ({percent:g}%): {len(times)} of {needed} healthy report(s)",

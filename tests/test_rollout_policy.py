@@ -169,11 +169,21 @@ def test_min_age_and_silent_members() -> None:
     assert (st.state, st.due, st.open_next) == (WAITING, 500.0, False)
     assert not decide(st, p, ranked(BUILD, AGENTS)[0], runs_build=False).allowed
     assert _eval([], now=500.0, policy=p).open_next
-    # every new member of the open wave is silent: the wave needs no report from them
+    # every new member of the open wave is silent: the wave needs no report from them, but the waves
+    # opened so far must still have shown one healthy report
+    p3 = RolloutPolicy(waves=(10, 50, 100), settle_seconds=0)
     order = ranked(BUILD, AGENTS)
-    st = _eval([600.0], now=601.0, policy=p, live=set(order[2:]))
-    assert (st.needed, st.open_next) == (0, True)
-    st = _eval([600.0], now=601.0, policy=p, live=set(order))
+    wave2 = set(order[2:10])
+    st = _eval([600.0, 601.0], now=602.0, policy=p3, live=set(order) - wave2)
+    assert (st.wave, st.needed, st.healthy, st.open_next) == (2, 1, 0, False)
+    st = _eval([600.0, 601.0], healthy={order[0]: 600.5}, now=602.0, policy=p3, live=set(order) - wave2)
+    assert (st.needed, st.healthy, st.open_next) == (1, 1, True)
+    # one live new member: it is the one that must report
+    st = _eval([600.0, 601.0], healthy={order[0]: 600.5}, now=602.0, policy=p3,
+               live=set(order) - wave2 | {order[5]})
+    assert (st.needed, st.healthy, st.open_next) == (1, 0, False)
+    # an unseen fleet (nobody live) never opens wave after wave on no evidence
+    st = _eval([600.0], now=10_000.0, policy=p3, live=set())
     assert (st.needed, st.open_next) == (1, False)
 
 
@@ -199,10 +209,15 @@ def test_tiny_and_empty_fleets_do_not_stall() -> None:
     five = AGENTS[:5]
     st = evaluate(p, BUILD, agents=five, opened=[0.0], built_at=0.0, healthy={}, failed={}, now=1.0)
     assert (st.members, st.needed) == (1, 1)
-    st = evaluate(p, BUILD, agents=five, opened=[0.0, 1.0], built_at=0.0, healthy={}, failed={}, now=1.0)
-    # 10 % of 5 is the same one agent: wave 2 has no new member and passes at once
-    assert (st.members, st.needed, st.open_next) == (1, 0, True)
+    first = ranked(BUILD, five)[0]
+    st = evaluate(p, BUILD, agents=five, opened=[0.0, 1.0], built_at=0.0, healthy={first: 0.5}, failed={}, now=1.0)
+    # 10 % of 5 is the same one agent: wave 2 has no new member and passes on wave 1's report
+    assert (st.members, st.needed, st.healthy, st.open_next) == (1, 1, 1, True)
+    # no agent known: nothing to judge by; a person promotes
     st = evaluate(p, BUILD, agents=[], opened=[0.0], built_at=0.0, healthy={}, failed={}, now=1.0)
-    assert (st.fleet, st.members, st.open_next) == (0, 0, True)
-    assert evaluate(p, OTHER, agents=[], opened=[0.0, 0.0, 0.0], built_at=0.0, healthy={}, failed={},
+    assert (st.fleet, st.members, st.open_next) == (0, 0, False)
+    # min_healthy 0: the waves open on the settle time alone
+    p0 = RolloutPolicy(waves=(1, 10, 100), settle_seconds=0, min_healthy=0)
+    assert evaluate(p0, OTHER, agents=[], opened=[0.0], built_at=0.0, healthy={}, failed={}, now=1.0).open_next
+    assert evaluate(p0, OTHER, agents=[], opened=[0.0, 0.0, 0.0], built_at=0.0, healthy={}, failed={},
                     now=1.0).state == COMPLETE
