@@ -34,8 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("sync_tools.cli.agent:status", "Installed version, checksum and running state per subsystem."),
     "rollback": ("sync_tools.cli.agent:rollback", "Swap .bin/.previous back in and reload."),
     "demo": ("sync_tools.cli.demo:demo", "The whole loop on loopback, self-contained."),
-    "fleet": ("sync_tools.cli.fleet:fleet", "What runs where: builds per subsystem, rollouts, failed or silent agents."),
-    "rollout": ("sync_tools.cli.fleet:rollout", "status|promote|halt|resume NAME: a hand on a staged rollout."),
+    "fleet": ("sync_tools.cli.fleet:fleet", "What runs where: builds, rollouts, failed or silent agents."),
+    "rollout": ("sync_tools.cli.fleet:rollout", "status|promote|halt|resume a staged rollout."),
 }
 
 
