@@ -462,11 +462,14 @@ class FleetStore:
                         (name, asset.binary_sha256, platform, entry.version, m.serial, int(entry.rollout is not None)))
                     if entry.rollout is None:
                         continue
+                    # a first wave already due opens in the same transaction: no reader ever sees the
+                    # rollout of a build that may go out as "waiting"
+                    opened = [now] if built + entry.rollout.min_age_seconds <= now else []
                     cur = conn.execute(
                         "INSERT OR IGNORE INTO rollouts (subsystem, build, platform, version, policy, built, created, "
-                        "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        "opened, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (name, asset.binary_sha256, platform, entry.version,
-                         json.dumps(entry.rollout.to_json(), sort_keys=True), built, now, now))
+                         json.dumps(entry.rollout.to_json(), sort_keys=True), built, now, json.dumps(opened), now))
                     if cur.rowcount:
                         created.append((name, asset.binary_sha256))
         return [r for r in (self.rollout(s, b) for s, b in created) if r is not None]
@@ -704,8 +707,8 @@ class Fleet:
         created = self.store.record_manifest(m, self.now())
         self._changed()
         for r in created:
-            log.info("rollout of %s %s (%s, build %s) created: waves %s", r.subsystem, r.version, r.platform,
-                     r.build[:12], r.policy.waves)
+            log.warning("rollout of %s %s (%s, build %s) created: waves %s, %s", r.subsystem, r.version, r.platform,
+                        r.build[:12], r.policy.waves, "wave 1 open" if r.opened else "waiting for its minimum age")
         return created
 
     def record(self, report: Report) -> bool:
