@@ -297,6 +297,7 @@ class Subsystem(NamedTuple):
     # where the binary lives inside <name>/.bin (``bin/grafana-server``); empty: ``binary`` itself
     bin_path: str = ""
     line: int | None = None  # where the subsystem's section starts in its config file
+    rollout: Any = None  # sync_tools.rollout.RolloutPolicy: the staged rollout release writes into the manifest
 
     def require_upstream(self, config_path: Path) -> None:
         """ConfigError unless an upstream is set: an agent-only config may leave it out, but check,
@@ -401,7 +402,8 @@ class Config(NamedTuple):
 _TOP_KEYS = ("release", "platforms", "subsystems", "relay", "agent")
 _RELEASE_KEYS = ("repo", "store", "tag", "public_key", "expires_days")
 _SUB_KEYS = ("upstream", "strategy", "branch", "include", "exclude", "prereleases", "major", "current",
-             "binary", "build", "paths", "process", "health", "depends_on", "description", "version_var")
+             "binary", "build", "paths", "process", "health", "depends_on", "description", "version_var",
+             "rollout")
 _RELAY_KEYS = ("dispatch", "agents", "max_body", "max_attempts")
 _AGENT_KEYS = ("root", "source", "relay", "reload", "socket", "url", "command", "listen", "secret_env",
                "token_env", "public_key", "platform", "health_timeout", "supervisor_url", "restart", "id",
@@ -459,7 +461,14 @@ def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None, *, root: P
         version_pin=found.get("version_pin"),
         bin_path=bin_path,
         line=_line(sec.data, "upstream"),
+        rollout=_rollout(sec) if sec.raw("rollout") is not None else None,
     )
+
+
+def _rollout(sec: _Section) -> Any:
+    from sync_tools.rollout import POLICY_KEYS, policy_from_config  # only configs with one pay for the import
+
+    return policy_from_config(sec.section("rollout", POLICY_KEYS))
 
 
 def _taskfile_defaults(root: Path, name: str, pin: str | None, explicit_var: str | None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from sync_tools import signing
 from sync_tools.errors import ManifestError
+from sync_tools.rollout import RolloutPolicy
 
 SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
@@ -76,6 +77,7 @@ class Entry:
     built: str
     assets: Mapping[str, Asset] = field(default_factory=lambda: MappingProxyType({}))
     binary: str | None = None
+    rollout: RolloutPolicy | None = None  # a staged rollout (sync_tools.rollout); None: everyone at once
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -86,6 +88,8 @@ class Entry:
         }
         if self.binary:
             out["binary"] = self.binary
+        if self.rollout is not None:
+            out["rollout"] = self.rollout.to_json()
         return out
 
 
@@ -161,6 +165,7 @@ def _parse_entry(obj: Any, where: str) -> Entry:
         built=_expect(obj, "built", str, where),
         assets=MappingProxyType(assets),
         binary=binary,
+        rollout=None if obj.get("rollout") is None else RolloutPolicy.from_json(obj["rollout"], where=f"{where}.rollout"),
     )
     parse_time(entry.built, f"{where}.built")
     return entry

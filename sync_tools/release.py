@@ -180,7 +180,7 @@ def release_many(
             where = f" for {', '.join(wanted)}" if wanted else ""
             raise DataError(f"{name}: nothing packaged in {dist}{where}; run: sync-tools package --only {name}")
         packaged[name] = tuple(items)
-        entries[name] = entry_for(items, sub.binary)
+        entries[name] = dataclasses.replace(entry_for(items, sub.binary), rollout=sub.rollout)
     label = ",".join(entries)
     private, public = release_keys(config, signing_key)
     store = store or open_store(config)

@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rollback": ("sync_tools.cli.agent:rollback", "Swap .bin/.previous back in and reload."),
     "demo": ("sync_tools.cli.demo:demo", "The whole loop on loopback, self-contained."),
     "doctor": ("sync_tools.cli.doctor:doctor", "Check a workspace being adopted; each finding with its fix."),
+    "fleet": ("sync_tools.cli.fleet:fleet", "What runs where: builds, rollouts, failed or silent agents."),
+    "rollout": ("sync_tools.cli.fleet:rollout", "status|promote|halt|resume a staged rollout."),
 }
 
 

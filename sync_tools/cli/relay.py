@@ -8,9 +8,24 @@ from sync_tools.cli._common import config_option, echo_json, load
 from sync_tools.errors import ConfigError
 
 
-def _status(outbox) -> dict:  # type: ignore[no-untyped-def]
+def _halted(settings) -> list:  # type: ignore[no-untyped-def]
+    """The halted rollouts, from the fleet database beside the outbox (none when it does not exist)."""
+    from sync_tools.relay.fleet import Fleet, FleetStore
+
+    path = settings.fleet_db_path or settings.db_path.with_suffix(".fleet.db")
+    if not path.is_file():
+        return []
+    store = FleetStore(path)
+    try:
+        return Fleet(store, silent_after=settings.silent_after).halted()
+    finally:
+        store.close()
+
+
+def _status(outbox, settings=None) -> dict:  # type: ignore[no-untyped-def]
     st = outbox.stats()
     return {
+        "rollouts_halted": _halted(settings) if settings is not None else [],
         "queue_depth": st.queue_depth,
         "running": st.running,
         "done": st.done,
@@ -66,7 +81,7 @@ def relay(host: str, port: int, config_path: str | None, show_status: bool, retr
                     raise click.UsageError("--retry-dead takes a job id or 'all'")
                 click.echo(f"{n} job(s) put back in the queue", err=True)
             if show_status:
-                echo_json(_status(outbox))
+                echo_json(_status(outbox, settings))
         finally:
             outbox.close()
         return

@@ -87,6 +87,8 @@ class Relay:
     worker: Worker = field(init=False)
     refusals: _Throttled = field(default_factory=_Throttled)
     _public_key: Any = None
+    fleet: Any = None  # sync_tools.relay.fleet_views.FleetRelay: reports, rollouts, the fleet view
+    manifest_hooks: list[Callable[[bytes], None]] = field(default_factory=list)  # each verified manifest fanned out
 
     def __post_init__(self) -> None:
         self.worker = Worker(
@@ -123,6 +125,8 @@ class Relay:
         self.worker.stop()
         self.broker.stop()
         self.outbox.close()
+        if self.fleet is not None:
+            self.fleet.fleet.store.close()
 
     # --------------------------------------------------------------------------------- handlers
 
@@ -192,6 +196,8 @@ class Relay:
         previous = self.outbox.get_state(key)
         event, data = release_event(self.store_factory(), self.public_key(), tag,
                                     previous.encode() if previous is not None else None)
+        for hook in self.manifest_hooks if data is not None else ():
+            hook(data)  # rollouts are set up (a due first wave opened) before the event announces them
         if event is None:
             if data is not None:
                 self.outbox.set_state(key, data.decode())
@@ -463,8 +469,10 @@ def stream() -> Response:
         return _error(400, "Last-Event-ID must be an event id (a non-negative integer)")
     # the subscription is made by the stream when it starts (before it reads the log): a response that
     # is never iterated (HEAD) leaves no subscriber behind
-    resp = Response(relay.broker.stream(None, last, relay.settings.heartbeat), mimetype="text/event-stream",
-                    direct_passthrough=True)
+    body = relay.broker.stream(None, last, relay.settings.heartbeat)
+    if relay.fleet is not None:  # an agent with a stream open is not silent
+        body = relay.fleet.track(body)
+    resp = Response(body, mimetype="text/event-stream", direct_passthrough=True)
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"  # proxies must not buffer the stream
     return resp
@@ -493,6 +501,7 @@ def health_view() -> Response | tuple[Response, int]:
         done=st.done,
         connected_agents=relay.broker.connected,
         last_event_id=st.last_event_id,
+        rollouts_halted=relay.fleet.fleet.halted() if relay.fleet is not None else [],
     )
 
 
@@ -545,6 +554,9 @@ def create_app(config: Config, settings: Settings | None = None, *, now: Callabl
     app.register_blueprint(hooks)
     app.register_blueprint(events)
     app.register_blueprint(health)
+    from sync_tools.relay.fleet_views import install
+
+    install(app, relay)
 
     @app.errorhandler(404)
     def _not_found(e: Exception) -> Response:

@@ -5,7 +5,9 @@ Secrets are held as bytes and never appear in ``repr`` (so never in a log line o
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,10 @@ from sync_tools.errors import ConfigError
 WEBHOOK_SECRET_ENV = "SYNC_TOOLS_WEBHOOK_SECRET"
 NOTIFY_SECRET_ENV = "SYNC_TOOLS_NOTIFY_SECRET"
 AGENT_TOKENS_ENV = "SYNC_TOOLS_AGENT_TOKENS"
+AGENT_TOKENS_FILE_ENV = "SYNC_TOOLS_AGENT_TOKENS_FILE"
+OPERATOR_TOKEN_ENV = "SYNC_TOOLS_OPERATOR_TOKEN"
+AGENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # fullmatch
+MAX_TOKENS_FILE = 64 << 20
 DB_ENV = "SYNC_TOOLS_DB"
 DEFAULT_GITHUB_API = "https://api.github.com"
 STATE_DIR = ".sync-tools"
@@ -33,6 +39,14 @@ class Settings:
     github_api_url: str = DEFAULT_GITHUB_API
     agent_tokens: tuple[bytes, ...] = field(default=(), repr=False)
     agent_secrets: Mapping[str, str] = field(default_factory=dict, repr=False)  # secret_env -> value
+    # sha256(token) -> (agent id, token) for tokens bound to an agent id (``ID=TOKEN``): only those report
+    agent_ids: Mapping[bytes, tuple[str, bytes]] = field(default_factory=dict, repr=False)
+    operator_token: bytes | None = field(default=None, repr=False)
+    fleet_db_path: Path | None = None  # default: beside db_path (relay.db -> relay.fleet.db)
+    silent_after: float = 3600.0  # an agent with no report or stream connection this long is silent
+    report_burst: float = 30.0  # per-agent token bucket for POST /report and GET /rollout: burst ...
+    report_rate: float = 0.5  # ... and refill per second
+    max_report_rows: int = 200  # reports kept per agent (the newest)
     max_body: int = 25 * 1024 * 1024
     max_attempts: int = 8
     heartbeat: float = 15.0  # seconds between SSE comment heartbeats (Cloudflare cuts idle at ~100 s)
@@ -64,7 +78,10 @@ def load_settings(config: Config, environ: Mapping[str, str] | None = None, *, r
                           f"{config.release.repo or 'release.repo'})", path=config.path)
     state = config.root / STATE_DIR
     db = Path(env[DB_ENV]) if env.get(DB_ENV) else state / "relay.db"
-    tokens = tuple(t.strip().encode() for t in env.get(AGENT_TOKENS_ENV, "").split(",") if t.strip())
+    bare, bound = parse_agent_tokens(env.get(AGENT_TOKENS_ENV, ""), AGENT_TOKENS_ENV)
+    if env.get(AGENT_TOKENS_FILE_ENV):
+        bound += read_tokens_file(Path(env[AGENT_TOKENS_FILE_ENV]))
+    tokens = tuple(dict.fromkeys([*bare, *(t for _, t in bound)]))
     values: dict[str, object] = dict(
         webhook_secret=secret.encode(),
         notify_secret=(env.get(NOTIFY_SECRET_ENV) or secret).encode(),
@@ -73,9 +90,74 @@ def load_settings(config: Config, environ: Mapping[str, str] | None = None, *, r
         github_token=token,
         github_api_url=(env.get("GITHUB_API_URL") or DEFAULT_GITHUB_API).rstrip("/"),
         agent_tokens=tokens,
+        agent_ids=bind_tokens(bound),
+        operator_token=(env.get(OPERATOR_TOKEN_ENV) or "").strip().encode() or None,
         agent_secrets={a.secret_env: env[a.secret_env] for a in config.relay.agents if env.get(a.secret_env)},
         max_body=config.relay.max_body,
         max_attempts=max(1, config.relay.max_attempts),
     )
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def parse_agent_tokens(text: str, where: str) -> tuple[list[bytes], list[tuple[str, bytes]]]:
+    """``SYNC_TOOLS_AGENT_TOKENS``: comma-separated tokens, each bare or ``ID=TOKEN``. Returns the bare
+    tokens and the (id, token) pairs. An entry is ``ID=TOKEN`` when what comes before its first ``=``
+    is an agent id and what follows is a token that does not start with ``=`` (a bare base64 token
+    ending in ``==`` stays bare). Raises ConfigError for an empty token after ``ID=``."""
+    bare: list[bytes] = []
+    bound: list[tuple[str, bytes]] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        agent, sep, token = item.partition("=")
+        if sep and AGENT_ID_RE.fullmatch(agent) and not token.startswith("="):
+            if not token.strip():
+                raise ConfigError(f"{where}: agent {agent!r} has an empty token")
+            bound.append((agent, token.strip().encode()))
+        else:
+            bare.append(item.encode())
+    return bare, bound
+
+
+def read_tokens_file(path: Path) -> list[tuple[str, bytes]]:
+    """``SYNC_TOOLS_AGENT_TOKENS_FILE``: one ``ID=TOKEN`` per line; blank lines and ``#`` comments are
+    skipped. Raises ConfigError naming the file and line of anything else."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_TOKENS_FILE + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read the agent tokens file: {e.strerror or e}", path=path) from e
+    if len(raw) > MAX_TOKENS_FILE:
+        raise ConfigError(f"over {MAX_TOKENS_FILE >> 20} MiB: not a tokens file", path=path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("not UTF-8 text", path=path) from e
+    out: list[tuple[str, bytes]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        agent, sep, token = line.partition("=")
+        if not sep or not AGENT_ID_RE.fullmatch(agent.strip()) or not token.strip():
+            raise ConfigError("expected ID=TOKEN (an agent id of letters, digits and ._:@-, then its token)",
+                              path=path, line=n)
+        out.append((agent.strip(), token.strip().encode()))
+    return out
+
+
+def bind_tokens(pairs: list[tuple[str, bytes]]) -> dict[bytes, tuple[str, bytes]]:
+    """sha256(token) -> (id, token). Raises ConfigError when an id has two tokens or a token two ids
+    (a report could not say which agent sent it)."""
+    out: dict[bytes, tuple[str, bytes]] = {}
+    ids: set[str] = set()
+    for agent, token in pairs:
+        digest = hashlib.sha256(token).digest()
+        if digest in out and out[digest][0] != agent:
+            raise ConfigError(f"agents {out[digest][0]!r} and {agent!r} share a token; each agent needs its own")
+        if agent in ids and digest not in out:
+            raise ConfigError(f"agent {agent!r} is given two different tokens")
+        ids.add(agent)
+        out[digest] = (agent, token)
+    return out
