@@ -178,9 +178,10 @@ def release_many(
     Patches (issue #17): for each asset it replaces, patches from the binaries of up to *patch_from*
     earlier builds (the one the manifest names now, then the ones its patches start from) to the new
     binary are made, and each not over :data:`~sync_tools.patches.MAX_SHARE` of the full asset is
-    uploaded beside it and listed in the asset's ``patches``. The store keeps each build's asset as a
-    base (``<stem>.base-<sha>.tar.gz``) for the next release's patches; once the manifest is written,
-    patches and bases of the asset that the new entry no longer needs are deleted. A patch that cannot
+    uploaded beside it and listed in the asset's ``patches``. The asset being replaced stays in the
+    store as a base (``<stem>.base-<sha>.tar.gz``) while a listed patch starts from it, so the next
+    release can make patches from it too; once the manifest is written, patches and bases of the asset
+    that the new entry no longer lists are deleted. A patch that cannot
     be made is left out (logged): it never blocks a release.
 
     Raises what :func:`release` raises.
@@ -271,8 +272,8 @@ def release_many(
 
 def _publish_patches(store: Store, item: Packaged, prev: Asset | None, tmp: Path, keep: int
                      ) -> tuple[Patch, ...]:
-    """Upload *item*'s base copy and its patches from up to *keep* earlier builds; return the patches
-    to list. *prev* is the asset the manifest names now for the platform (None: a first release)."""
+    """Make and upload *item*'s patches from up to *keep* earlier builds (and the bases they start
+    from); return the patches to list. *prev* is the asset the manifest names now for the platform (None: a first release)."""
     from sync_tools.agent.extract import extract_binary
 
     if keep <= 0:
@@ -289,9 +290,10 @@ def _publish_patches(store: Store, item: Packaged, prev: Asset | None, tmp: Path
     out: list[Patch] = []
     for sha in froms:
         try:
-            old_bin = _base_binary(store, listing, item, prev, sha, work)
-            if old_bin is None:
+            base = _base_binary(store, listing, item, prev, sha, work)
+            if base is None:
                 continue
+            old_bin, archive, from_full = base
             pname = patches.patch_name(item.name, sha, item.binary_sha256)
             ppath = work / pname
             size = patches.make_patch(old_bin, new_bin, ppath)
@@ -303,10 +305,11 @@ def _publish_patches(store: Store, item: Packaged, prev: Asset | None, tmp: Path
             log.info("%s: the patch from %s is %.0f%% of the full asset; not published", item.name, sha[:12],
                      share * 100)
             continue
+        if from_full:  # the build being replaced: its asset stays in the store as a base for later patches
+            store.upload_asset(archive, patches.base_name(item.name, sha))
         store.upload_asset(ppath, pname)
         log.info("uploaded %s (%d bytes, %.1f%% of the full asset)", pname, size, share * 100)
         out.append(Patch(from_sha=sha, name=pname, size=size, sha256=sha256_file(ppath), format=patches.FORMAT))
-    store.upload_asset(item.path, patches.base_name(item.name, item.binary_sha256))
     return tuple(out)
 
 
@@ -314,10 +317,10 @@ _MAX_BASE_BYTES = 2 << 30
 
 
 def _base_binary(store: Store, listing: dict[str, int], item: Packaged, prev: Asset | None, sha: str,
-                 work: Path) -> Path | None:
-    """The binary whose sha256 is *sha*, from its base copy in the store or, for the build the manifest
-    names now, from its full asset (verified against the manifest, then kept as a base too); None when
-    the store has neither."""
+                 work: Path) -> tuple[Path, Path, bool] | None:
+    """The binary whose sha256 is *sha*, its archive, and whether that came from the full asset: from its
+    base copy in the store or, for the build the manifest names now, from its full asset (verified
+    against the manifest). None when the store has neither. Raises DataError, RemoteError, OSError."""
     from sync_tools.agent.extract import extract_binary
 
     name = patches.base_name(item.name, sha)
@@ -338,18 +341,15 @@ def _base_binary(store: Store, listing: dict[str, int], item: Packaged, prev: As
     if got != sha:
         old_bin.unlink(missing_ok=True)
         raise DataError(f"{name} holds a binary with sha256 {got}, not {sha}")
-    if from_full:
-        store.upload_asset(archive, patches.base_name(item.name, sha))
-    return old_bin
+    return old_bin, archive, from_full
 
 
 def _prune_patches(store: Store, asset: Asset | None, asset_name: str) -> None:
-    """Delete *asset_name*'s patches the manifest no longer lists and bases no later patch starts from
-    (the asset's own build and its patches' starting builds stay). Best effort: logged, never raised."""
+    """Delete *asset_name*'s patches the manifest no longer lists and the bases none of them starts from
+    (the next release makes its patches from those and from the current asset). Best effort: logged,
+    never raised."""
     listed = {p.name for p in asset.patches} if asset is not None else set()
-    keep_bases = set()
-    if asset is not None:
-        keep_bases = {patches.base_name(asset_name, s) for s in (asset.binary_sha256, *(p.from_sha for p in asset.patches))}
+    keep_bases = {patches.base_name(asset_name, p.from_sha) for p in asset.patches} if asset is not None else set()
     try:
         for name in store.list_assets():
             if (patches.is_patch_of(name, asset_name) and name not in listed) or \

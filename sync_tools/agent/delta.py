@@ -83,6 +83,8 @@ def stage_by_patch(fetcher: Fetcher, asset: Asset, *, installed: Path, staged: P
                                      f"{asset.binary_sha256}")
     except (SyncToolsError, OSError) as e:
         staged.unlink(missing_ok=True)
+        if not moved and part.is_file():  # the download itself failed: count what it received
+            moved = part.stat().st_size
         log.warning("%s: the patch did not work (%s); downloading the full asset", asset.name, e)
         return Fetched(moved)
     finally:
