@@ -29,6 +29,9 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ASSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\.tar\.gz$")
 _PLATFORM = re.compile(r"^[a-z0-9]+/[a-z0-9]+$")
 _SUBSYSTEM = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_PATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_PATCH_FORMAT = re.compile(r"^[a-z0-9][a-z0-9.-]{0,31}$")
+MAX_PATCHES = 16
 
 
 def utcnow() -> datetime:
@@ -58,14 +61,34 @@ def asset_name(binary: str, platform: str) -> str:
 
 
 @dataclass(frozen=True)
+class Patch:
+    """A patch asset that turns the binary whose sha256 is *from_sha* into the asset's binary."""
+
+    from_sha: str
+    name: str
+    size: int
+    sha256: str
+    format: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.from_sha, "name": self.name, "size": self.size, "sha256": self.sha256,
+                "format": self.format}
+
+
+@dataclass(frozen=True)
 class Asset:
     name: str
     size: int
     sha256: str
     binary_sha256: str
+    patches: tuple[Patch, ...] = ()  # optional; agents that do not know the key ignore it
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "size": self.size, "sha256": self.sha256, "binary_sha256": self.binary_sha256}
+        out: dict[str, Any] = {"name": self.name, "size": self.size, "sha256": self.sha256,
+                               "binary_sha256": self.binary_sha256}
+        if self.patches:
+            out["patches"] = [p.to_json() for p in self.patches]
+        return out
 
 
 @dataclass(frozen=True)
@@ -146,7 +169,30 @@ def _parse_asset(obj: Any, where: str) -> Asset:
         if not _HEX64.match(value):
             raise ManifestError(f"{where}.{key}: not a lower-case hex sha256")
         digests[key] = value
-    return Asset(name=name, size=size, **digests)
+    patches_raw = obj.get("patches", [])
+    if not isinstance(patches_raw, list) or len(patches_raw) > MAX_PATCHES:
+        raise ManifestError(f"{where}.patches: must be a list of at most {MAX_PATCHES}")
+    patches = tuple(_parse_patch(p, f"{where}.patches[{i}]") for i, p in enumerate(patches_raw))
+    return Asset(name=name, size=size, **digests, patches=patches)
+
+
+def _parse_patch(obj: Any, where: str) -> Patch:
+    name = _expect(obj, "name", str, where)
+    if not _PATCH_NAME.match(name) or name in (MANIFEST_NAME, SIGNATURE_NAME):
+        raise ManifestError(f"{where}.name: unsafe patch name {name!r}")
+    size = _expect(obj, "size", int, where)
+    if size < 0:
+        raise ManifestError(f"{where}.size: negative")
+    digests = {}
+    for key in ("from", "sha256"):
+        value = _expect(obj, key, str, where)
+        if not _HEX64.match(value):
+            raise ManifestError(f"{where}.{key}: not a lower-case hex sha256")
+        digests[key] = value
+    fmt = _expect(obj, "format", str, where)
+    if not _PATCH_FORMAT.match(fmt):
+        raise ManifestError(f"{where}.format: bad format name {fmt!r}")
+    return Patch(from_sha=digests["from"], name=name, size=size, sha256=digests["sha256"], format=fmt)
 
 
 def _parse_entry(obj: Any, where: str) -> Entry:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,12 +25,15 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sync_tools import signing
+from sync_tools import patches, signing
 from sync_tools.config import Config
-from sync_tools.errors import ConfigError, DataError, SignatureError
+from sync_tools.errors import ConfigError, DataError, RemoteError, SignatureError
+from sync_tools.fsutil import sha256_file
 from sync_tools.manifest import (
+    Asset,
     Entry,
     Manifest,
+    Patch,
     empty_manifest,
     parse_manifest,
     renewed,
@@ -54,13 +58,16 @@ class ReleaseResult:
     assets: tuple[Packaged, ...]
     attempts: int
     store: str
+    patches: dict[str, tuple[Patch, ...]] = dataclasses.field(default_factory=dict)  # platform -> published
 
     def to_json(self) -> dict[str, Any]:
         return {
             "subsystem": self.subsystem, "version": self.version, "commit": self.commit,
             "serial": self.serial, "attempts": self.attempts, "store": self.store,
             "assets": {p.platform: {"name": p.name, "size": p.size, "sha256": p.sha256,
-                                    "binary_sha256": p.binary_sha256} for p in self.assets},
+                                    "binary_sha256": p.binary_sha256,
+                                    "patches": [x.to_json() for x in self.patches.get(p.platform, ())]}
+                       for p in self.assets},
         }
 
 
@@ -128,6 +135,7 @@ def release(
     sleep: Callable[[float], None] = time.sleep,
     now: datetime | None = None,
     allow_downgrade: bool = False,
+    patch_from: int = patches.DEFAULT_FROM,
 ) -> ReleaseResult:
     """Release subsystem *name*: upload its packaged assets from *dist* (default ``.dist``), then put
     its entry into the signed manifest, leaving every other entry as it was.
@@ -136,10 +144,13 @@ def release(
     its sidecar, the store's manifest does not verify, the manifest already holds a newer version
     and *allow_downgrade* is not set), RemoteError (store I/O) and ManifestConflict when *attempts*
     read-modify-write rounds all lost a race.
+
+    Each asset it replaces also gets patches from the binaries of up to *patch_from* earlier builds
+    (0: none), see :func:`release_many`.
     """
     [result] = release_many(config, [name], store=store, dist=dist, platforms=platforms,
                             signing_key=signing_key, attempts=attempts, sleep=sleep, now=now,
-                            allow_downgrade=allow_downgrade)
+                            allow_downgrade=allow_downgrade, patch_from=patch_from)
     return result
 
 
@@ -155,6 +166,7 @@ def release_many(
     sleep: Callable[[float], None] = time.sleep,
     now: datetime | None = None,
     allow_downgrade: bool = False,
+    patch_from: int = patches.DEFAULT_FROM,
 ) -> list[ReleaseResult]:
     """Release several subsystems with one manifest write: every asset is uploaded first, then all
     their entries go into the manifest together (serial + 1 once, one signature), every other entry
@@ -162,6 +174,15 @@ def release_many(
 
     A build older than the one the manifest holds is refused unless *allow_downgrade* (a deliberate
     rollback): a late or stale release job must not take agents back a version.
+
+    Patches (issue #17): for each asset it replaces, patches from the binaries of up to *patch_from*
+    earlier builds (the one the manifest names now, then the ones its patches start from) to the new
+    binary are made, and each not over :data:`~sync_tools.patches.MAX_SHARE` of the full asset is
+    uploaded beside it and listed in the asset's ``patches``. The asset being replaced stays in the
+    store as a base (``<stem>.base-<sha>.tar.gz``) while a listed patch starts from it, so the next
+    release can make patches from it too; once the manifest is written, patches and bases of the asset
+    that the new entry no longer lists are deleted. A patch that cannot
+    be made is left out (logged): it never blocks a release.
 
     Raises what :func:`release` raises.
     """
@@ -204,6 +225,15 @@ def release_many(
     first, _ = _read_retrying(store, public, label=label, attempts=attempts, sleep=sleep)
     refuse_older(first)
     before = {name: first.subsystems.get(name) for name in entries}
+    made: dict[str, dict[str, tuple[Patch, ...]]] = {name: {} for name in entries}
+    with tempfile.TemporaryDirectory(prefix="sync-tools-patches-") as tmp:
+        for name, items in packaged.items():
+            for item in items:
+                prev = before[name].assets.get(item.platform) if before[name] is not None else None
+                made[name][item.platform] = _publish_patches(store, item, prev, Path(tmp), patch_from)
+    for name, by_platform in made.items():
+        assets = {p: dataclasses.replace(a, patches=by_platform.get(p, ())) for p, a in entries[name].assets.items()}
+        entries[name] = dataclasses.replace(entries[name], assets=MappingProxyType(assets))
     for items in packaged.values():
         for item in items:
             store.upload_asset(item.path, item.name)
@@ -232,9 +262,101 @@ def release_many(
 
     new, attempt = _write_manifest(store, public, private, change, label=label, attempts=attempts, sleep=sleep)
     log.info("released %s: manifest serial %d", label, new.serial)
+    for name, items in packaged.items():
+        for item in items:
+            _prune_patches(store, new.subsystems[name].assets.get(item.platform), item.name)
     return [ReleaseResult(subsystem=name, version=entry.version, commit=entry.commit, serial=new.serial,
-                          assets=packaged[name], attempts=attempt, store=repr(store))
+                          assets=packaged[name], attempts=attempt, store=repr(store), patches=made[name])
             for name, entry in entries.items()]
+
+
+def _publish_patches(store: Store, item: Packaged, prev: Asset | None, tmp: Path, keep: int
+                     ) -> tuple[Patch, ...]:
+    """Make and upload *item*'s patches from up to *keep* earlier builds (and the bases they start
+    from); return the patches to list. *prev* is the asset the manifest names now for the platform (None: a first release)."""
+    from sync_tools.agent.extract import extract_binary
+
+    if keep <= 0:
+        return ()
+    if prev is not None and prev.binary_sha256 == item.binary_sha256:
+        return prev.patches  # the same build again: its patches are in the store already
+    listing = store.list_assets()
+    wanted = [] if prev is None else [prev.binary_sha256, *(p.from_sha for p in prev.patches)]
+    froms = [sha for sha in dict.fromkeys(wanted) if sha != item.binary_sha256][:keep]
+    work = tmp / item.name
+    work.mkdir(parents=True, exist_ok=True)
+    new_bin = work / "new"
+    extract_binary(item.path, item.binary, new_bin, max_bytes=_MAX_BASE_BYTES)
+    out: list[Patch] = []
+    for sha in froms:
+        try:
+            base = _base_binary(store, listing, item, prev, sha, work)
+            if base is None:
+                continue
+            old_bin, archive, from_full = base
+            pname = patches.patch_name(item.name, sha, item.binary_sha256)
+            ppath = work / pname
+            size = patches.make_patch(old_bin, new_bin, ppath)
+        except (DataError, RemoteError, OSError) as e:
+            log.warning("%s: no patch from %s: %s", item.name, sha[:12], e)
+            continue
+        share = size / max(1, item.size)
+        if share > patches.MAX_SHARE:
+            log.info("%s: the patch from %s is %.0f%% of the full asset; not published", item.name, sha[:12],
+                     share * 100)
+            continue
+        if from_full:  # the build being replaced: its asset stays in the store as a base for later patches
+            store.upload_asset(archive, patches.base_name(item.name, sha))
+        store.upload_asset(ppath, pname)
+        log.info("uploaded %s (%d bytes, %.1f%% of the full asset)", pname, size, share * 100)
+        out.append(Patch(from_sha=sha, name=pname, size=size, sha256=sha256_file(ppath), format=patches.FORMAT))
+    return tuple(out)
+
+
+_MAX_BASE_BYTES = 2 << 30
+
+
+def _base_binary(store: Store, listing: dict[str, int], item: Packaged, prev: Asset | None, sha: str,
+                 work: Path) -> tuple[Path, Path, bool] | None:
+    """The binary whose sha256 is *sha*, its archive, and whether that came from the full asset: from its
+    base copy in the store or, for the build the manifest names now, from its full asset (verified
+    against the manifest). None when the store has neither. Raises DataError, RemoteError, OSError."""
+    from sync_tools.agent.extract import extract_binary
+
+    name = patches.base_name(item.name, sha)
+    from_full = name not in listing
+    if from_full:
+        if prev is None or prev.binary_sha256 != sha or prev.name not in listing:
+            log.info("%s: no base for %s in the store; no patch from it", item.name, sha[:12])
+            return None
+        name = prev.name
+    archive = work / f"{sha}.tar.gz"
+    with open(archive, "wb") as fh:
+        store.download_asset(name, fh, max_bytes=_MAX_BASE_BYTES)
+    if from_full and prev is not None and sha256_file(archive) != prev.sha256:
+        raise DataError(f"{name} in the store is not the asset the manifest names")
+    old_bin = work / sha
+    old_bin.unlink(missing_ok=True)
+    got = extract_binary(archive, item.binary, old_bin, max_bytes=_MAX_BASE_BYTES)
+    if got != sha:
+        old_bin.unlink(missing_ok=True)
+        raise DataError(f"{name} holds a binary with sha256 {got}, not {sha}")
+    return old_bin, archive, from_full
+
+
+def _prune_patches(store: Store, asset: Asset | None, asset_name: str) -> None:
+    """Delete *asset_name*'s patches the manifest no longer lists and the bases none of them starts from
+    (the next release makes its patches from those and from the current asset). Best effort: logged,
+    never raised."""
+    listed = {p.name for p in asset.patches} if asset is not None else set()
+    keep_bases = {patches.base_name(asset_name, p.from_sha) for p in asset.patches} if asset is not None else set()
+    try:
+        for name in store.list_assets():
+            if (patches.is_patch_of(name, asset_name) and name not in listed) or \
+                    (patches.is_base_of(name, asset_name) and name not in keep_bases):
+                store.delete_asset(name)
+    except (DataError, RemoteError, OSError) as e:
+        log.warning("%s: pruning old patches failed (the next release tries again): %s", asset_name, e)
 
 
 def next_serial(base: Manifest, now: datetime | None = None) -> int:

@@ -112,7 +112,8 @@ def reports_for(update: UpdateReport, *, agent: str, platform: str) -> list[Repo
 
 def _report(r: SubsystemResult, outcome: str, *, agent: str, platform: str, serial: int | None) -> Report:
     return Report(agent=agent, subsystem=r.name, platform=platform, outcome=outcome, from_sha=r.old_sha,
-                  to_sha=r.new_sha, version=r.version, serial=serial, error=r.error, times=dict(r.times))
+                  to_sha=r.new_sha, version=r.version, serial=serial, error=r.error, times=dict(r.times),
+                  patch=r.patch.to_json() if r.patch else None)
 
 
 def running_reports(agent: Agent, *, agent_name: str) -> list[Report]:

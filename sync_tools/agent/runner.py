@@ -43,7 +43,7 @@ from sync_tools.manifest import (
 from sync_tools.signing import load_public_key
 from sync_tools.versionfile import PREVIOUS_DIR, VersionInfo, read_version
 
-from . import install, subsystems
+from . import delta, install, subsystems
 from .events import AgentEvent
 from .extract import extract_binary
 from .fetch import Fetcher, ProgressFn, download, make_fetcher
@@ -101,6 +101,7 @@ class SubsystemResult:
     seconds: float = 0.0
     times: Mapping[str, float] = field(default_factory=dict)
     retry: bool = False
+    patch: delta.PatchUse | None = None  # the new binary came by patch (bytes, saved)
 
     @property
     def ok(self) -> bool:
@@ -109,7 +110,8 @@ class SubsystemResult:
     def to_json(self) -> dict[str, Any]:
         return {"action": self.action, "old_sha256": self.old_sha, "new_sha256": self.new_sha,
                 "version": self.version, "error": self.error, "bytes": self.bytes,
-                "seconds": round(self.seconds, 3), "times": dict(self.times)}
+                "seconds": round(self.seconds, 3), "times": dict(self.times),
+                "patch": self.patch.to_json() if self.patch else None}
 
 
 @dataclass(frozen=True)
@@ -367,10 +369,11 @@ class Agent:
         if not gate.allowed:
             return SubsystemResult(sub.name, "held", old_sha, asset.binary_sha256, entry.version, gate.reason,
                                    retry=gate.retry)
-        moved, times = 0, StepTimes()
+        moved, times, fetched = 0, StepTimes(), delta.Fetched(0)
         try:
             with times("download"):
-                moved = self._stage(sub, asset)
+                fetched = self._stage(sub, asset)
+                moved = fetched.moved
             with times("install"):
                 info = VersionInfo(commit=entry.commit, timestamp=entry.built, checksum=asset.binary_sha256,
                                    version=entry.version)
@@ -390,10 +393,11 @@ class Agent:
         with times("health"):  # restart, health check, settle window (and the restore when unhealthy)
             res = self._reload_and_check(sub, intent, started=started, moved=moved)
         return SubsystemResult(res.name, res.action, old_sha, res.new_sha, entry.version, res.error,
-                               moved, res.seconds, times.done())
+                               moved, res.seconds, times.done(), patch=fetched.patch)
 
-    def _stage(self, sub: Subsystem, asset: Asset) -> int:
-        """Download, check and extract *asset* into the staged path. Returns bytes moved.
+    def _stage(self, sub: Subsystem, asset: Asset) -> delta.Fetched:
+        """Patch the installed binary (:mod:`.delta`) or download, check and extract *asset* into the
+        staged path. Returns the bytes moved and the patch used.
 
         Raises DownloadError, DataError/ArchiveError or install.InstallError (a local write failed).
         """
@@ -404,9 +408,16 @@ class Agent:
             bin_dir.mkdir(parents=True, exist_ok=True)
             self.downloads.mkdir(parents=True, exist_ok=True)
             staged.unlink(missing_ok=True)
+            by_patch = delta.stage_by_patch(self.fetcher, asset, installed=bin_dir / sub.binary, staged=staged,
+                                            downloads=self.downloads, max_binary_bytes=self.max_binary_bytes,
+                                            progress=self.progress)
+            if by_patch.patch is not None:
+                install.crash_point("staged")
+                return by_patch
             with open(part, "w+b") as out:
-                moved = download(self.fetcher, asset.name, out, size=asset.size, sha256=asset.sha256,
-                                 max_bytes=self.max_asset_bytes, progress=self.progress)
+                moved = by_patch.moved + download(self.fetcher, asset.name, out, size=asset.size,
+                                                  sha256=asset.sha256, max_bytes=self.max_asset_bytes,
+                                                  progress=self.progress)
             install.crash_point("downloaded")
             sha = extract_binary(part, sub.binary, staged, max_bytes=self.max_binary_bytes)
             if sha != asset.binary_sha256:
@@ -414,7 +425,7 @@ class Agent:
                 raise DataError(f"{asset.name}: binary sha256 {sha} does not match the manifest's "
                                 f"binary_sha256 {asset.binary_sha256}")
             install.crash_point("staged")
-            return moved
+            return delta.Fetched(moved)
         except OSError as e:
             staged.unlink(missing_ok=True)
             raise install.InstallError(f"{sub.name}: cannot write {e.filename or bin_dir}: "

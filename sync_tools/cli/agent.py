@@ -60,6 +60,8 @@ def _print_report(report: Any, as_json: bool) -> None:
         line = f"  {r.name:<16} {r.action:<12} {(r.new_sha or '')[:12]}"
         if r.bytes:
             line += f"  {r.bytes} bytes"
+        if getattr(r, "patch", None):
+            line += f" by patch ({r.patch.saved} bytes saved)"
         if r.error:
             line += f"  ({r.error})"
         click.echo(line)

@@ -98,7 +98,8 @@ class StoreServer:
         self.httpd.server_close()
 
     def downloads(self, since: float) -> list[str]:
-        return [p for t, p in self.log if t >= since and p.endswith(".tar.gz")]
+        """Assets and patches (sync_tools.patches) fetched since *since*."""
+        return [p for t, p in self.log if t >= since and p.endswith((".tar.gz", ".hdiff"))]
 
     def first(self, suffix: str, since: float) -> float | None:
         return next((t for t, p in self.log if t >= since and p.endswith(suffix)), None)
@@ -452,9 +453,13 @@ def _run(tmp: Path, procs: Procs, say: Callable[[str], None]) -> DemoResult:
     for i, agent in enumerate(agents):
         h = health(agent.ports["nats"]) or {}
         bin_dir = agent.root / "nats" / ".bin"
+        nats_asset = json.loads((store / "manifest.json").read_bytes())["subsystems"]["nats"]["assets"][platform]
+        got = [p.lstrip("/") for p in servers[i].downloads(t0)]
+        saved = "".join(f" (a patch: {(store / p).stat().st_size} of the asset's {nats_asset['size']} bytes)"
+                        for p in got if p.endswith(".hdiff") and (store / p).is_file())
         steps.append((agent.name, [
-            Step("downloaded only nats", servers[i].first("nats-server-" + platform.replace("/", "-") + ".tar.gz", t0),
-                 ", ".join(p.lstrip("/") for p in servers[i].downloads(t0)) or "nothing"),
+            Step("downloaded only nats", min(filter(None, (servers[i].first(p, t0) for p in got)), default=None),
+                 (", ".join(got) or "nothing") + saved),
             Step("swapped", _mtime(bin_dir / ".version"), ".bin/.previous kept"),
             Step("reloaded", h.get("started"), f"supervisord restarted nats (pid {h.get('pid')})"),
             Step("healthy", healthy_at[agent.name], f"/health says {h.get('version')}"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from sync_tools.errors import RemoteError, SyncToolsError
 
@@ -64,6 +64,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_assets(self) -> dict[str, int]:
         """Asset name -> size in bytes."""
+
+    @abc.abstractmethod
+    def download_asset(self, name: str, out: BinaryIO, *, max_bytes: int) -> int:
+        """Write the bytes of asset *name* to *out*; return how many. Raises DataError when it is
+        over *max_bytes*, RemoteError when it is missing (status_code 404) or the store fails."""
+
+    @abc.abstractmethod
+    def delete_asset(self, name: str) -> None:
+        """Remove asset *name* (gone already is fine). Raises DataError for the manifest pair."""
 
     @abc.abstractmethod
     def asset_url(self, name: str) -> str:

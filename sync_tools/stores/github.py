@@ -50,7 +50,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import requests
 import urllib3
@@ -534,6 +534,37 @@ class GitHubStore(Store):
     def list_assets(self) -> dict[str, int]:
         """Asset name -> size, including manifest.json and its .sig, without temporaries."""
         return dict(sorted((a.name, a.size) for a in self._assets() if not _TMP.match(a.name)))
+
+    @_at_edge("download asset")
+    def download_asset(self, name: str, out: BinaryIO, *, max_bytes: int) -> int:
+        """Stream asset *name* to *out*. Raises RemoteError (404) when missing, DataError over *max_bytes*."""
+        found = [a for a in self._assets() if a.name == name]
+        if not found:
+            raise RemoteError(f"{self.repo}@{self.tag}: no asset {name}", status_code=404)
+        asset = found[0]
+        if asset.size > max_bytes:
+            raise DataError(f"{self.repo}@{self.tag}: {name} is {asset.size} bytes, over the {max_bytes} cap")
+        _, _, chunks = asset.download_asset(chunk_size=1 << 16)
+        done = 0
+        for chunk in chunks:
+            done += len(chunk)
+            if done > max_bytes:
+                raise DataError(f"{self.repo}@{self.tag}: {name} is over the {max_bytes} byte cap")
+            out.write(chunk)
+        return done
+
+    @_at_edge("delete asset")
+    def delete_asset(self, name: str) -> None:
+        """Delete every asset called *name* (none is fine). Raises DataError for the manifest pair."""
+        if name in (MANIFEST_NAME, SIGNATURE_NAME) or _TMP.match(name):
+            raise DataError(f"{name!r} is reserved; the manifest pair is written by write_manifest")
+        for asset in (a for a in self._assets() if a.name == name):
+            try:
+                asset.delete_asset()
+            except GithubException as e:
+                if e.status != 404:
+                    raise
+            log.info("deleted %s from %s@%s", name, self.repo, self.tag)
 
     @_at_edge("asset url")
     def asset_url(self, name: str) -> str:

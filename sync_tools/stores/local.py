@@ -23,8 +23,9 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-from sync_tools.errors import ConfigError, DataError
+from sync_tools.errors import ConfigError, DataError, RemoteError
 from sync_tools.fsutil import atomic_write_bytes, atomic_writer, read_capped, sha256_bytes
 from sync_tools.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATURE_NAME
 from sync_tools.stores.base import ManifestConflict, Snapshot, Store
@@ -140,6 +141,28 @@ class LocalStore(Store):
             if entry.is_file(follow_symlinks=False) and not entry.name.startswith("."):
                 out[entry.name] = entry.stat(follow_symlinks=False).st_size
         return dict(sorted(out.items()))
+
+    def download_asset(self, name: str, out: BinaryIO, *, max_bytes: int) -> int:
+        """Copy ``<tag>/<name>`` to *out*. Raises RemoteError (404) when missing, DataError over *max_bytes*."""
+        try:
+            src = open(self._path(name), "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError as e:
+            raise RemoteError(f"{self.dir / name}: no such asset", status_code=404) from e
+        done = 0
+        with src:
+            while chunk := src.read(1 << 20):
+                done += len(chunk)
+                if done > max_bytes:
+                    raise DataError(f"{self.dir / name}: over the {max_bytes}-byte cap")
+                out.write(chunk)
+        return done
+
+    def delete_asset(self, name: str) -> None:
+        """Remove ``<tag>/<name>``; a missing one is fine."""
+        if name in (MANIFEST_NAME, SIGNATURE_NAME):
+            raise DataError(f"{name!r} is reserved; the manifest pair is written by write_manifest")
+        self._path(name).unlink(missing_ok=True)
+        log.info("deleted %s", self.dir / name)
 
     def asset_url(self, name: str) -> str:
         """The asset's absolute path (agents read a local store directly)."""
