@@ -324,6 +324,7 @@ class ReleaseConfig(NamedTuple):
     tag: str = "latest"
     public_key: str | None = None
     expires_days: float = 30.0
+    patches: int = 3  # binary patches per replaced asset, from that many earlier builds (0: none)
 
     @property
     def backend(self) -> str:
@@ -400,7 +401,7 @@ class Config(NamedTuple):
 # ------------------------------------------------------------------------------------------ loading
 
 _TOP_KEYS = ("release", "platforms", "subsystems", "relay", "agent")
-_RELEASE_KEYS = ("repo", "store", "tag", "public_key", "expires_days")
+_RELEASE_KEYS = ("repo", "store", "tag", "public_key", "expires_days", "patches")
 _SUB_KEYS = ("upstream", "strategy", "branch", "include", "exclude", "prereleases", "major", "current",
              "binary", "build", "paths", "process", "health", "depends_on", "description", "version_var",
              "rollout")
@@ -564,6 +565,7 @@ def parse_config(path: Path, data: Any) -> Config:
         tag=rel.str("tag", "latest") or "latest",
         public_key=rel.str("public_key"),
         expires_days=_positive(rel, "expires_days", 30.0, maximum=MAX_EXPIRES_DAYS),
+        patches=int(rel.number("patches", 3, maximum=16)),
     )
     if release.repo and not _REPO_RE.fullmatch(release.repo):
         raise rel.error("repo", f"must be owner/name, not {release.repo!r}")

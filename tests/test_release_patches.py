@@ -156,3 +156,18 @@ def test_a_tampered_base_makes_no_patch_and_the_release_goes_on(world) -> None:
     r4 = do_release(world, "v4", v4)
     assert [p.from_sha for p in r4.patches[PLATFORM]] == [sha(v3)]  # only the one it could verify
     assert world.store.manifest().subsystems["nats"].version == "v4"
+
+
+def test_release_patches_in_config_sets_how_many(world, monkeypatch) -> None:
+    """`release.patches: 0` in sync-tools.yaml: the `release` command publishes no patch."""
+    v2, v3 = build(world, "v2"), build(world, "v3", edits=5)
+    do_release(world, "v2", v2)
+    world.config_path.write_text(world.config_path.read_text().replace("release:\n", "release:\n  patches: 0\n"))
+    assert world.config().release.patches == 0
+    key = world.store.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()).decode()
+    monkeypatch.setenv("SYNC_TOOLS_SIGNING_KEY", key)
+    result = CliRunner().invoke(cli, ["release", "--only", "nats", "--dist", str(package(world, "v3", v3)),
+                                      "--json", "--config", str(world.config_path)])
+    assert result.exit_code == 0, result.output
+    assert stored(world) == {ASSET}  # v3's asset, and neither a patch nor a base kept for one

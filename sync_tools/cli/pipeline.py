@@ -241,7 +241,8 @@ def release(only: tuple[str, ...], refresh: bool, platforms: tuple[str, ...], di
             click.echo(f"refreshed manifest.json: serial {m.serial}, expires {m.expires}")
         return
     results = releasing.release_many(config, split_names(only), dist=Path(dist) if dist else None,
-                                     platforms=split_names(platforms) or None, allow_downgrade=allow_downgrade)
+                                     platforms=split_names(platforms) or None, allow_downgrade=allow_downgrade,
+                                     patch_from=config.release.patches)
     if as_json:
         echo_json([r.to_json() for r in results])
         return
