@@ -1,4 +1,7 @@
-"""The GitHub test double against recorded real GitHub traffic (tests/fixtures/octokit/).
+"""GitHub's behaviour as recorded or documented: the test double against recorded real traffic, and
+our requests against GitHub's documented limits where no recording exists.
+
+Recordings (tests/fixtures/octokit/):
 
 For every recorded request that sync-tools makes (releases, release assets on both hosts, lists and
 their Link headers, a renamed repository), the double (tests/servers/github_api.py) is sent the same
@@ -7,20 +10,45 @@ status, the headers that matter (Content-Type, Location, Link, X-RateLimit-*, X-
 X-GitHub-Request-Id), a body of the same shape (every recorded member present with the same JSON
 type, lists of the same length) and the same values where values are the behaviour (names, labels,
 sizes, states, error members, every URL once GitHub's hosts and ids are mapped to the double's).
+
+Documented limits: repository_dispatch (event_type <= 100 characters, client_payload <= 10
+top-level keys and under 64 KB, from GitHub's REST description) and the agent pushes (the
+Standard Webhooks specification 1.0.0: headers, signature, idempotent id, status handling).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
+from standardwebhooks import Webhook
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
 
+from sync_tools.config import AgentTarget
+from sync_tools.errors import RemoteError
+from sync_tools.relay.dispatch import (
+    EVENT_TYPE,
+    MAX_EVENT_TYPE,
+    MAX_PAYLOAD_BYTES,
+    MAX_PAYLOAD_KEYS,
+    DispatchRefused,
+    GitHubDispatcher,
+    dispatch_body,
+)
+from sync_tools.relay.fanout import AgentEvent, AgentPusher
+from sync_tools.relay.webhook import UpstreamChange
 from sync_tools.stores.github import GitHubStore
 from tests.servers.github_api import (
+    SUBSET_PATH,
     GitHubAPIServer,
     github_api_fixture,  # noqa: F401 -- registers fixture `github_api`
 )
@@ -332,3 +360,153 @@ def test_the_store_follows_a_renamed_release_repository(github_api: GitHubAPISer
     assert store.list_assets() == {"a.tar.gz": 7}
     assert github_api.state.assets("o/new-name", "latest") == {"a.tar.gz": b"payload"}
     assert [r["status"] for r in github_api.requests_to("GET", r"^/repos/o/old-name$")] == [301]
+
+
+# ------------------------------------------- repository_dispatch: GitHub's documented limits
+# No recording of a repository_dispatch exists; its limits are those of GitHub's REST description
+# (the committed subset), and the double enforces the same ones.
+
+
+def _dispatch_schema() -> dict:
+    desc = json.loads(SUBSET_PATH.read_text())
+    op = desc["paths"]["/repos/{owner}/{repo}/dispatches"]["post"]
+    return op["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
+def _raw_dispatch(server: GitHubAPIServer, body: bytes) -> requests.Response:
+    return requests.post(f"{server.url}/repos/o/r/dispatches", data=body, headers={"Content-Type": "application/json"}, timeout=T)
+
+
+def test_our_dispatch_limits_are_githubs_documented_ones() -> None:
+    props = _dispatch_schema()
+    assert props["event_type"]["maxLength"] == MAX_EVENT_TYPE == 100
+    assert props["event_type"]["minLength"] == 1
+    assert props["client_payload"]["maxProperties"] == MAX_PAYLOAD_KEYS == 10
+    assert "less than 64KB" in props["client_payload"]["description"] and MAX_PAYLOAD_BYTES == 64 * 1024
+    assert 1 <= len(EVENT_TYPE) <= MAX_EVENT_TYPE
+    change = UpstreamChange(delivery="d" * 36, event="release", subsystem="nats", version="v2.10.25", commit="a" * 40,
+                            upstream="https://github.com/nats-io/nats-server")
+    assert len(change.client_payload()) == 5  # what the relay sends: half the limit
+
+
+def test_event_type_limit(github_api: GitHubAPIServer) -> None:
+    github_api.state.add_repo("o/r")
+    assert _raw_dispatch(github_api, dispatch_body("e" * 100, {})).status_code == 204  # at the limit
+    with pytest.raises(DispatchRefused, match="event_type must be 1 to 100 characters, not 101"):
+        dispatch_body("e" * 101, {})
+    assert _raw_dispatch(github_api, json.dumps({"event_type": "e" * 101}).encode()).status_code == 422  # GitHub too
+    with pytest.raises(DispatchRefused, match="not 0"):
+        dispatch_body("", {})
+
+
+def test_client_payload_key_limit(github_api: GitHubAPIServer) -> None:
+    github_api.state.add_repo("o/r")
+    dispatcher = GitHubDispatcher("o/r", github_api.url, None)
+    dispatcher.dispatch({f"k{i}": i for i in range(10)})  # at the limit
+    with pytest.raises(DispatchRefused, match="11 top-level keys; GitHub takes at most 10"):
+        dispatcher.dispatch({f"k{i}": i for i in range(11)})
+    assert [d["client_payload"] for d in github_api.state.dispatches] == [{f"k{i}": i for i in range(10)}]
+    assert len(github_api.requests_to("POST", r"/dispatches$")) == 1  # the refused one was never sent
+    over = json.dumps({"event_type": "x", "client_payload": {f"k{i}": i for i in range(11)}}).encode()
+    assert _raw_dispatch(github_api, over).status_code == 422  # GitHub refuses it too
+
+
+def test_client_payload_size_limit(github_api: GitHubAPIServer) -> None:
+    github_api.state.add_repo("o/r")
+    dispatcher = GitHubDispatcher("o/r", github_api.url, None)
+    frame = len(json.dumps({"v": ""}))  # measured as json.dumps writes it (the largest usual form)
+    dispatcher.dispatch({"v": "x" * (MAX_PAYLOAD_BYTES - 1 - frame)})  # one byte under 64 KiB of JSON
+    with pytest.raises(DispatchRefused, match="65536 bytes of JSON; GitHub takes less than 65536"):
+        dispatcher.dispatch({"v": "x" * (MAX_PAYLOAD_BYTES - frame)})
+    assert len(github_api.state.dispatches) == 1 and len(github_api.requests_to("POST", r"/dispatches$")) == 1
+
+
+# ----------------------------------- pushes to agents: the Standard Webhooks specification (1.0.0)
+
+
+class _Agent:
+    """A loopback agent endpoint: records each push, answers the statuses queued in ``answers``."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.answers: list[tuple[int, dict[str, str]]] = []
+        self.server = make_server("127.0.0.1", 0, self._app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def _app(self, environ: dict, start_response: Any) -> Any:
+        req = Request(environ)
+        status, headers = self.answers.pop(0) if self.answers else (204, {})
+        self.received.append((dict(req.headers.items()), req.get_data()))
+        return Response(status=status, headers=headers)(environ, start_response)
+
+    def __enter__(self) -> _Agent:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()  # the spec: 24 to 64 random bytes, base64, whsec_
+
+
+def _event(n: int = 3) -> dict[str, Any]:
+    return AgentEvent(release="acme/plat@latest", subsystems=tuple(f"subsystem-{i:03d}" for i in range(n)), serial=7,
+                      manifest="https://github.com/acme/plat/releases/download/latest/manifest.json").to_json()
+
+
+def test_agent_pushes_are_standard_webhooks() -> None:
+    # headers webhook-id / webhook-timestamp (integer seconds) / webhook-signature ("v1,<base64>",
+    # space-delimited), signed over "{id}.{timestamp}.{body}"; the id stays the same across
+    # retries (an idempotency key, without "."), the timestamp is each attempt's
+    clock = [time.time()]
+    with _Agent() as agent:
+        pusher = AgentPusher((AgentTarget(agent.url, "AGENT_SECRET"),), environ={"AGENT_SECRET": SECRET},
+                             now=lambda: clock[0])
+        agent.answers.append((503, {}))
+        with pytest.raises(RemoteError):
+            pusher.push(agent.url, 42, _event())
+        clock[0] += 5
+        pusher.push(agent.url, 42, _event())
+    (h1, b1), (h2, b2) = agent.received
+    for h, body in agent.received:
+        assert h["Content-Type"] == "application/json"
+        assert re.fullmatch(r"[0-9]+", h["Webhook-Timestamp"])
+        assert all(re.fullmatch(r"v1,[A-Za-z0-9+/]{43}=", sig) for sig in h["Webhook-Signature"].split(" "))
+        assert "." not in h["Webhook-Id"] and "." not in h["Webhook-Timestamp"]
+        Webhook(SECRET).verify(body, {k.lower(): v for k, v in h.items()})  # the reference library agrees
+        assert re.fullmatch(r"[a-zA-Z0-9_]+(\.[a-zA-Z0-9_]+)+", json.loads(body)["type"])  # hierarchical type
+    assert h1["Webhook-Id"] == h2["Webhook-Id"] == "evt_42" and b1 == b2
+    assert int(h2["Webhook-Timestamp"]) - int(h1["Webhook-Timestamp"]) == 5
+
+
+def test_agent_push_payload_stays_under_the_recommended_20kb() -> None:
+    # The spec recommends payloads under 20 KB; an event names subsystems, never their contents:
+    # 200 subsystems (the plat-telemetry repo has 9) stay far under it.
+    assert len(json.dumps(_event(200), sort_keys=True)) < 20 * 1024
+
+
+def test_agent_push_redirects_are_failures_not_followed() -> None:
+    # The spec: 3xx is a failure (update the URL instead). The signed event never goes elsewhere.
+    with _Agent() as agent, _Agent() as elsewhere:
+        pusher = AgentPusher((AgentTarget(agent.url, "AGENT_SECRET"),), environ={"AGENT_SECRET": SECRET})
+        agent.answers.append((307, {"Location": elsewhere.url}))
+        with pytest.raises(DispatchRefused, match="HTTP 307"):
+            pusher.push(agent.url, 1, _event())
+        assert len(agent.received) == 1 and elsewhere.received == []
+
+
+@pytest.mark.parametrize(("status", "retried"), [(429, True), (502, True), (504, True), (410, False), (404, False)])
+def test_agent_push_statuses_are_handled_as_the_spec_says(status: int, retried: bool) -> None:
+    # 429, 502 and 504: throttle and try again (RemoteError: the outbox retries with backoff);
+    # 410 Gone and other 4xx: a failure a retry will not fix (dead-lettered).
+    with _Agent() as agent:
+        pusher = AgentPusher((AgentTarget(agent.url, "AGENT_SECRET"),), environ={"AGENT_SECRET": SECRET})
+        agent.answers.append((status, {"Retry-After": "7"} if status == 429 else {}))
+        with pytest.raises(RemoteError if retried else DispatchRefused) as e:
+            pusher.push(agent.url, 1, _event())
+        assert e.value.status_code == status
+        if status == 429:
+            assert e.value.retry_after == 7.0
