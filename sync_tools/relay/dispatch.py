@@ -13,6 +13,7 @@ when the other side said how long to wait) and :class:`DispatchRefused` or
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import os
 import re
@@ -38,6 +39,13 @@ from sync_tools.relay.worker import Interrupted
 log = logging.getLogger(__name__)
 
 EVENT_TYPE = "upstream-release"
+# GitHub's limits of POST /repos/{owner}/{repo}/dispatches, from its REST description
+# (tests/fixtures/github-openapi/: event_type maxLength 100, client_payload maxProperties 10, "the
+# total size of the JSON payload must be less than 64KB"). A request over them is refused here,
+# before it is sent: GitHub would answer 422 and no retry would change that.
+MAX_EVENT_TYPE = 100
+MAX_PAYLOAD_KEYS = 10
+MAX_PAYLOAD_BYTES = 64 * 1024
 # Secrets of the relay itself never reach a build: the child gets the rest of the environment.
 _CHILD_ENV_DROP = ("SYNC_TOOLS_WEBHOOK_SECRET", "SYNC_TOOLS_NOTIFY_SECRET", "SYNC_TOOLS_AGENT_TOKENS")
 
@@ -152,6 +160,28 @@ def check_response(resp: requests.Response, what: str, now: float, body: bytes =
     raise DispatchRefused(message, status_code=resp.status_code)
 
 
+def dispatch_body(event_type: str, client_payload: Mapping[str, Any], *, repo: str = "") -> bytes:
+    """The JSON body of a repository_dispatch (compact, as measured). Raises DispatchRefused naming
+    the limit when *event_type* or *client_payload* is outside GitHub's documented limits."""
+    where = f"repository_dispatch to {repo}: " if repo else "repository_dispatch: "
+    if not isinstance(event_type, str) or not 1 <= len(event_type) <= MAX_EVENT_TYPE:
+        length = len(event_type) if isinstance(event_type, str) else "no"
+        raise DispatchRefused(f"{where}event_type must be 1 to {MAX_EVENT_TYPE} characters, not {length}")
+    if not isinstance(client_payload, Mapping):
+        raise DispatchRefused(f"{where}client_payload must be an object, not {type(client_payload).__name__}")
+    if len(client_payload) > MAX_PAYLOAD_KEYS:
+        raise DispatchRefused(f"{where}client_payload has {len(client_payload)} top-level keys; GitHub takes at "
+                              f"most {MAX_PAYLOAD_KEYS}")
+    payload = orjson.dumps(dict(client_payload))
+    # GitHub does not say how it measures; json.dumps' spaced, ASCII-escaped form is the largest of
+    # the usual encodings, so a payload under the limit by it is under by any of them
+    size = len(json.dumps(dict(client_payload)))
+    if size >= MAX_PAYLOAD_BYTES:
+        raise DispatchRefused(f"{where}client_payload is {size} bytes of JSON; GitHub takes less than "
+                              f"{MAX_PAYLOAD_BYTES}")
+    return b'{"event_type":' + orjson.dumps(event_type) + b',"client_payload":' + payload + b"}"
+
+
 class GitHubDispatcher:
     """``POST {api}/repos/{repo}/dispatches`` with event_type ``upstream-release``."""
 
@@ -170,14 +200,15 @@ class GitHubDispatcher:
         return f"GitHubDispatcher({self.url!r})"
 
     def dispatch(self, client_payload: dict[str, Any]) -> None:
-        """Send one repository_dispatch. Raises RemoteError or DispatchRefused."""
+        """Send one repository_dispatch. Raises RemoteError or DispatchRefused (also, without sending
+        anything, for a payload over GitHub's limits: see :func:`dispatch_body`)."""
+        body = dispatch_body(EVENT_TYPE, client_payload, repo=self.repo)
         headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28",
-                   "User-Agent": "sync-tools-relay"}
+                   "User-Agent": "sync-tools-relay", "Content-Type": "application/json"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
-        body = {"event_type": EVENT_TYPE, "client_payload": client_payload}
         what = f"repository_dispatch to {self.repo}"
-        resp, answer = post(self._session, self.url, json=body, headers=headers, timeout=self._timeout, what=what)
+        resp, answer = post(self._session, self.url, data=body, headers=headers, timeout=self._timeout, what=what)
         check_response(resp, what, self._now(), answer)
 
 

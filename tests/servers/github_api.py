@@ -8,6 +8,13 @@ validated against the response schema of the operation in GitHub's published Ope
 (the subset in ``tests/fixtures/github-openapi/``); violations are collected in ``schema_errors`` and
 the ``github_api`` fixture fails the test at teardown when there are any.
 
+Where GitHub's behaviour is recorded (real traffic, tests/fixtures/octokit/), the server follows the
+recording, and tests/test_github_recordings.py checks it does: the uploads host's answers carry no
+rate-limit headers and its 422 ``already_exists`` body holds ``request_id``; 204s carry
+``X-GitHub-Media-Type`` and no Content-Type; ``Link`` URLs name the repository by id
+(``/repositories/{id}/...``, which is served too); a renamed repository's old name answers 301 (GET)
+or 307 to ``/repositories/{id}`` (``state.rename_repo``).
+
 Use it as a fixture::
 
     from tests.servers.github_api import github_api_fixture  # noqa: F401 -- fixture `github_api`
@@ -70,6 +77,11 @@ SUBSET_PATH = Path(__file__).resolve().parent.parent / "fixtures/github-openapi/
 DOCS = "https://docs.github.com/rest"
 RATE_LIMIT = 5000
 _SCHEMA_URI = "urn:github-openapi-subset"
+
+
+def _request_id() -> str:
+    """An ``X-GitHub-Request-Id`` of GitHub's form (``0680:6A2B:1F51D12:39C6C95:62D635B4``)."""
+    return ":".join(secrets.token_hex(n).upper()[:w] for n, w in ((2, 4), (2, 4), (4, 7), (4, 7), (4, 8)))
 
 
 def _now() -> str:
@@ -182,6 +194,7 @@ class GitHubState:
         self.lock = threading.RLock()
         self._ids = 1000
         self._repos: dict[str, dict] = {}
+        self._renamed: dict[str, dict] = {}  # old full name (lower case) -> repository
         self._releases: dict[int, dict] = {}
         self._assets: dict[int, dict] = {}
         self.dispatches: list[dict] = []
@@ -209,7 +222,30 @@ class GitHubState:
                 return rel
         raise KeyError(f"no release {release_id_or_tag!r} in {repo}")
 
+    def _by_id(self, ident: int) -> dict | None:
+        return next((r for r in self._repos.values() if r["id"] == ident), None)
+
+    def _moved(self, full_name: str) -> dict | None:
+        """The repository once called *full_name*, when it has been renamed since (else None)."""
+        if full_name.lower() in self._repos:
+            return None
+        return self._renamed.get(full_name.lower())
+
     # -- helpers tests use
+    def rename_repo(self, full_name: str, new_name: str) -> dict:
+        """Rename repository *full_name* to *new_name* ("owner/name"): the old name then answers
+        301 (GET/HEAD) or 307 to ``/repositories/{id}``, as GitHub does. Returns the new representation."""
+        owner, _, name = new_name.partition("/")
+        if not owner or not name or "/" in name:
+            raise ValueError(f"repository must be 'owner/name', got {new_name!r}")
+        with self.lock:
+            r = self._repo(full_name)
+            del self._repos[full_name.lower()]
+            self._renamed[full_name.lower()] = r
+            r["owner"], r["name"] = owner, name
+            self._repos[new_name.lower()] = r
+            return self.render_repo(r)
+
     def add_repo(self, full_name: str, *, private: bool = False, default_branch: str = "main") -> dict:
         """Create repository *full_name* ("owner/name"); returns its GET /repos representation."""
         owner, _, name = full_name.partition("/")
@@ -550,6 +586,24 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return resp
 
 
+def _no_content() -> Response:
+    """204 as GitHub sends it: X-GitHub-Media-Type and no Content-Type (recorded)."""
+    resp = Response(status=204)
+    del resp.headers["Content-Type"]
+    resp.headers["X-GitHub-Media-Type"] = "github.v3; format=json"
+    return resp
+
+
+def _upload_error(request: Request, status: int, message: str, *, errors: list[dict] | None = None) -> Response:
+    """An error of the uploads host, as recorded: its request id in the body, GitHub's generic
+    documentation URL, no ``status`` member."""
+    body: dict[str, Any] = {"message": message, "request_id": request.environ.get("github.request_id", ""),
+                            "documentation_url": DOCS}
+    if errors is not None:
+        body["errors"] = errors
+    return _json(body, status)
+
+
 def _not_found(docs: str = DOCS) -> Response:
     return _error(404, "Not Found", docs=docs)
 
@@ -560,6 +614,9 @@ class _QuietHandler(WSGIRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
 
+
+# /repos/{owner}/{repo}[/rest] and /repositories/{id}[/rest]
+_REPO_PATH = re.compile(r"^/(?:repos/(?P<owner>[^/]+)/(?P<name>[^/]+)|repositories/(?P<id>[0-9]+))(?P<rest>/.*)?$")
 
 _ROUTES = [
     # (rule, methods, handler, OpenAPI path template or None)
@@ -694,7 +751,8 @@ class GitHubAPIServer:
 
     def _wsgi(self, environ: dict, start_response: Callable) -> Any:
         request = Request(environ)
-        request_id = f"{secrets.token_hex(2).upper()}:{secrets.token_hex(3).upper()}:{secrets.token_hex(4).upper()}"
+        request_id = _request_id()
+        environ["github.request_id"] = request_id
         headers = {k: v for k, v in request.headers.items()}
         auth = headers.get("Authorization")
         if auth is not None:
@@ -719,8 +777,10 @@ class GitHubAPIServer:
         entry["status"] = response.status_code
         self._run_hooks(entry)
         response.headers["X-GitHub-Request-Id"] = request_id
-        for k, v in self._rate_headers().items():
-            response.headers.setdefault(k, v)
+        # uploads.github.com sends no rate-limit headers (recorded), except on a rate-limit answer
+        if not request.path.startswith("/uploads/") or response.status_code in (403, 429):
+            for k, v in self._rate_headers().items():
+                response.headers.setdefault(k, v)
         return response(environ, start_response)
 
     def _run_hooks(self, entry: dict) -> None:
@@ -768,9 +828,20 @@ class GitHubAPIServer:
                 for k, v in (fault.headers or {}).items():
                     resp.headers[k] = v
                 return resp
+        path_info = request.path
+        m = _REPO_PATH.match(path_info)
+        if m is not None:
+            with self.state.lock:
+                if m.group("id") is not None:
+                    r = self.state._by_id(int(m.group("id")))
+                    if r is None:
+                        return _not_found()
+                    path_info = f"/repos/{r['owner']}/{r['name']}{m.group('rest') or ''}"
+                elif (moved := self.state._moved(f"{m.group('owner')}/{m.group('name')}")) is not None:
+                    return self._redirect(request, moved, m.group("rest") or "")
         adapter = self._map.bind_to_environ(request.environ)
         try:
-            (handler, spec_path), args = adapter.match()
+            (handler, spec_path), args = adapter.match(path_info=path_info)
         except HTTPException as e:
             if e.code == 405:
                 return _error(404, "Not Found")
@@ -780,19 +851,38 @@ class GitHubAPIServer:
             self.schema_errors.extend(self._checker.check(request.method, spec_path, response.status_code, response.json_body))
         return response
 
+    def _redirect(self, request: Request, r: dict, rest: str) -> Response:
+        """A renamed repository's old name, as recorded (rename-repository): 301 for GET/HEAD, 307
+        for other methods, to ``/repositories/{id}`` plus the rest of the path."""
+        spent = self._spend_rate()
+        if spent is not None:
+            return spent
+        location = f"{self.url}/repositories/{r['id']}{rest}"
+        if request.query_string:
+            location += "?" + request.query_string.decode()
+        body = {"message": "Moved Permanently", "url": location, "documentation_url": "https://docs.github.com/v3/#http-redirects"}
+        return _json(body, 301 if request.method in ("GET", "HEAD") else 307, headers={"Location": location})
+
+    def _spend_rate(self) -> Response | None:
+        """Count one request against the core limit; GitHub's 403 when it is spent."""
+        with self._rate_lock:
+            if self._rate_used >= self._rate_limit:
+                # GitHub's primary rate limit answer (403; X-RateLimit-Remaining: 0).
+                return _error(
+                    403,
+                    "API rate limit exceeded for 127.0.0.1. (But here's the good news: "
+                    "Authenticated requests get a higher rate limit. Check out the documentation "
+                    "for more details.)",
+                    docs="https://docs.github.com/rest/overview/resources-in-the-rest-api#rate-limiting",
+                )
+            self._rate_used += 1
+        return None
+
     def _answer(self, request: Request, entry: dict, handler: str, spec_path: str | None, args: dict) -> Response:
         if spec_path is not None and request.path != "/rate_limit":
-            with self._rate_lock:
-                if self._rate_used >= self._rate_limit:
-                    # GitHub's primary rate limit answer (403; X-RateLimit-Remaining: 0).
-                    return _error(
-                        403,
-                        "API rate limit exceeded for 127.0.0.1. (But here's the good news: "
-                        "Authenticated requests get a higher rate limit. Check out the documentation "
-                        "for more details.)",
-                        docs="https://docs.github.com/rest/overview/resources-in-the-rest-api#rate-limiting",
-                    )
-                self._rate_used += 1
+            spent = self._spend_rate()
+            if spent is not None:
+                return spent
         anonymous_ok = request.path == "/rate_limit" and "Authorization" not in request.headers
         if spec_path is not None and self.token is not None and not entry["authenticated"] and not anonymous_ok:
             return _error(401, "Bad credentials")
@@ -840,14 +930,18 @@ class GitHubAPIServer:
             raise _Answer(_error(400, "Body should be a JSON object"))
         return body
 
-    def _paginate(self, request: Request, items: list) -> tuple[list, dict[str, str]]:
-        """GitHub pagination: per_page (default 30, max 100), page (from 1) and a Link header."""
+    def _paginate(self, request: Request, items: list, repo: dict | None = None) -> tuple[list, dict[str, str]]:
+        """GitHub pagination: per_page (default 30, max 100), page (from 1) and a Link header whose
+        URLs name the repository by id (``/repositories/{id}/...``, recorded in paginate-issues)."""
         try:
             per_page = min(100, max(1, int(request.args.get("per_page", 30))))
             page = max(1, int(request.args.get("page", 1)))
         except ValueError:
             per_page, page = 30, 1
         last = max(1, -(-len(items) // per_page))
+        path = request.path
+        if repo is not None and (m := _REPO_PATH.match(path)):
+            path = f"/repositories/{repo['id']}{m.group('rest') or ''}"
         chunk = items[(page - 1) * per_page : page * per_page]
         links = []
 
@@ -855,7 +949,7 @@ class GitHubAPIServer:
             args = request.args.to_dict()
             args["per_page"] = str(per_page)
             args["page"] = str(p)
-            return f'<{self.url}{request.path}?{urlencode(args)}>; rel="{rel}"'
+            return f'<{self.url}{path}?{urlencode(args)}>; rel="{rel}"'
 
         if page > 1:
             links.append(link(page - 1, "prev"))
@@ -894,7 +988,7 @@ class GitHubAPIServer:
         with self.state.lock:
             r = self._repo_or_404(owner, repo)
             if request.method == "GET":
-                items, headers = self._paginate(request, self.state._sorted_releases(r))
+                items, headers = self._paginate(request, self.state._sorted_releases(r), r)
                 return _json([self.state.render_release(rel) for rel in items], headers=headers)
             body = self._json_body(request)
             tag = body.get("tag_name")
@@ -945,7 +1039,7 @@ class GitHubAPIServer:
                 for asset_id in list(rel["asset_ids"]):
                     self.state._delete_asset(self.state._assets[asset_id])
                 del self.state._releases[rel["id"]]
-                return Response(status=204)
+                return _no_content()
             body = self._json_body(request)
             if "tag_name" in body and body["tag_name"] != rel["tag_name"]:
                 if any(o["repo"] is r and o["tag_name"] == body["tag_name"] for o in self.state._releases.values()):
@@ -964,7 +1058,7 @@ class GitHubAPIServer:
         with self.state.lock:
             r = self._repo_or_404(owner, repo)
             rel = self._release_or_404(r, release_id)
-            items, headers = self._paginate(request, [self.state._assets[a] for a in rel["asset_ids"]])
+            items, headers = self._paginate(request, [self.state._assets[a] for a in rel["asset_ids"]], r)
             return _json([self.state.render_asset(a) for a in items], headers=headers)
 
     def _h_upload_asset(self, request: Request, owner: str, repo: str, release_id: int) -> Response:
@@ -974,16 +1068,13 @@ class GitHubAPIServer:
             r = self._repo_or_404(owner, repo)
             rel = self._release_or_404(r, release_id)
             if not name:
-                return _error(422, "Validation Failed", errors=[{"resource": "ReleaseAsset", "code": "missing_field", "field": "name"}])
+                return _upload_error(request, 422, "Validation Failed", errors=[{"resource": "ReleaseAsset", "code": "missing_field", "field": "name"}])
             if request.content_type is None:
-                return _error(422, "Validation Failed", errors=[{"resource": "ReleaseAsset", "code": "missing_field", "field": "content_type"}])
+                return _upload_error(request, 422, "Validation Failed", errors=[{"resource": "ReleaseAsset", "code": "missing_field", "field": "content_type"}])
             if any(self.state._assets[a]["name"] == name for a in rel["asset_ids"]):
-                return _error(
-                    422,
-                    "Validation Failed",
-                    errors=[{"resource": "ReleaseAsset", "code": "already_exists", "field": "name"}],
-                    docs="https://docs.github.com/rest/releases/assets#upload-a-release-asset",
-                )
+                # recorded (release-assets-conflict): exactly this body from uploads.github.com
+                return _upload_error(request, 422, "Validation Failed",
+                                     errors=[{"resource": "ReleaseAsset", "code": "already_exists", "field": "name"}])
             asset = self.state._create_asset(rel, name, data, request.content_type, request.args.get("label") or None)
             return _json(self.state.render_asset(asset), 201)
 
@@ -999,7 +1090,7 @@ class GitHubAPIServer:
                 return _json(self.state.render_asset(a))
             if request.method == "DELETE":
                 self.state._delete_asset(a)
-                return Response(status=204)
+                return _no_content()
             body = self._json_body(request)
             new_name = body.get("name")
             if new_name is not None and new_name != a["name"]:
@@ -1023,7 +1114,7 @@ class GitHubAPIServer:
     def _h_tags(self, request: Request, owner: str, repo: str) -> Response:
         with self.state.lock:
             r = self._repo_or_404(owner, repo)
-            items, headers = self._paginate(request, list(reversed(r["tags"])))
+            items, headers = self._paginate(request, list(reversed(r["tags"])), r)
             return _json([self.state.render_tag(r, t) for t in items], headers=headers)
 
     def _h_dispatch(self, request: Request, owner: str, repo: str) -> Response:
@@ -1050,7 +1141,7 @@ class GitHubAPIServer:
             self.state.dispatches.append(
                 {"repo": f"{r['owner']}/{r['name']}", "event_type": event_type, "client_payload": payload, "body": body}
             )
-        return Response(status=204)
+        return _no_content()
 
     def _h_browser_download(self, request: Request, owner: str, repo: str, tag: str, name: str) -> Response:
         with self.state.lock:
