@@ -15,7 +15,7 @@ Measured per N (default 10,000 and 50,000):
   (direct get at connect), and from the leaf's return (which adds the reconnect backoff's jitter).
 Then the SSE fan-out at 10,000 (bench/relay/run.py's own fan-out, gunicorn-gevent) in the same run.
 
-Usage: .venv/bin/python bench/nats/run.py [--n 10000,50000] [--leaves 5] [--catchup 1000] [--no-sse]
+Usage: .venv/bin/python bench/nats/run.py [--n 10000,50000] [--leaves 5] [--catchup 1000] [--raw 50000] [--no-sse]
 Prints a JSON line per measurement; appends them to bench/nats/results.jsonl.
 """
 
@@ -69,12 +69,46 @@ def busy() -> dict:
 # ------------------------------------------------------------------------------------ client process
 
 
-async def client_main(leaves: list[str], n: int, out: Path) -> None:
+RAW_CONNECT = (b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"protocol":1}\r\n'
+               b"SUB sync.release.latest 1\r\nPING\r\n")
+
+
+async def raw_subscriber(url: str, i: int, got: dict[int, float], connects: dict[int, list[float]],
+                         done: asyncio.Event, n: int, stop: asyncio.Event) -> None:
+    """A measuring instrument, not product code: the least a NATS subscriber can do (the wire protocol
+    by hand, a timestamp when a message arrives), as bench/relay's SSE clients are raw sockets. It
+    tells the servers' fan-out apart from the client library's cost per message."""
+    host, port = url.removeprefix("nats://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    await reader.readline()  # INFO
+    writer.write(RAW_CONNECT)
+    await writer.drain()
+    while (await reader.readline()).strip() != b"PONG":
+        pass
+    connects.setdefault(i, []).append(time.time())
+    while not stop.is_set():
+        line = await reader.readline()
+        if not line:
+            return
+        if line.startswith(b"PING"):
+            writer.write(b"PONG\r\n")
+        elif line.startswith((b"HMSG", b"MSG")):
+            size = int(line.split()[-1])
+            body = await reader.readexactly(size + 2)
+            if b'"serial": 2' in body and i not in got:
+                got[i] = time.time()
+                if len(got) == n:
+                    done.set()
+    writer.close()
+
+
+async def client_main(leaves: list[str], n: int, out: Path, raw: bool = False) -> None:
     got: dict[int, float] = {}
     connects: dict[int, list[float]] = {}
     done = asyncio.Event()
     subs: list[NatsSubscriber] = []
-    for i in range(n):
+    stop = asyncio.Event()
+    for i in range(n if not raw else 0):
         url = leaves[i % len(leaves)]
         cfg = NatsConfig(servers=(url,), domain=DOMAIN, catchup_seconds=0)
 
@@ -91,8 +125,10 @@ async def client_main(leaves: list[str], n: int, out: Path) -> None:
         subs.append(NatsSubscriber(cfg, "latest", on_event, options={"servers": [url]}, connect_timeout=30,
                                    request_timeout=30, on_connect=on_connect))
     tasks = []
-    for i, s in enumerate(subs):
-        tasks.append(asyncio.create_task(s.run_async()))
+    coros = ([raw_subscriber(leaves[i % len(leaves)], i, got, connects, done, n, stop) for i in range(n)] if raw
+             else [s.run_async() for s in subs])
+    for i, coro in enumerate(coros):
+        tasks.append(asyncio.create_task(coro))
         if i % 250 == 249:  # a ramp, as machines coming up over time would be
             await asyncio.sleep(0.05)
     while len(connects) < n:
@@ -110,8 +146,11 @@ async def client_main(leaves: list[str], n: int, out: Path) -> None:
         if waiter.done() and not stdin.done():
             print(f"DONE {len(got)}", flush=True)
             waiter = asyncio.ensure_future(asyncio.sleep(3600))
+    stop.set()
     for s in subs:
         s.stop()
+    for t in tasks if raw else ():
+        t.cancel()
     await asyncio.wait(tasks, timeout=60)
     out.write_text(json.dumps({"got": got, "connects": connects}))
 
@@ -119,9 +158,10 @@ async def client_main(leaves: list[str], n: int, out: Path) -> None:
 class Client:
     """A client process of *n* subscribers; ``ready``/``done`` come from its stdout."""
 
-    def __init__(self, tmp: Path, name: str, leaves: list[str], n: int):
+    def __init__(self, tmp: Path, name: str, leaves: list[str], n: int, raw: bool = False):
         self.out = tmp / f"{name}.json"
-        self.proc = subprocess.Popen([PY, __file__, "--client", ",".join(leaves), str(n), str(self.out)],
+        self.proc = subprocess.Popen([PY, __file__, "--raw-client" if raw else "--client", ",".join(leaves), str(n),
+                                      str(self.out)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      stderr=open(tmp / f"{name}.log", "w"))
         self.ready, self.done = threading.Event(), threading.Event()
@@ -161,10 +201,10 @@ def wait_all(events: list[threading.Event], timeout: float) -> bool:
 # ------------------------------------------------------------------------------------------ the run
 
 
-def bench_nats(tmp: Path, n: int, leaves_n: int, catchup_n: int) -> None:
+def bench_nats(tmp: Path, n: int, leaves_n: int, catchup_n: int, raw: bool = False) -> None:
     from sync_tools.relay.nats_publish import NatsPublisher
 
-    base = tmp / f"n{n}"
+    base = tmp / f"n{n}{'-raw' if raw else ''}"
     hub = NatsServer(base, "hub", hub=True).start()
     leaves = [NatsServer(base, f"leaf{i}", leaf_of=hub.leaf_url).start() for i in range(leaves_n)]
     cleaf = NatsServer(base, "leaf-catchup", leaf_of=hub.leaf_url).start() if catchup_n else None
@@ -189,7 +229,7 @@ def bench_nats(tmp: Path, n: int, leaves_n: int, catchup_n: int) -> None:
         procs = math.ceil(n / PER_PROCESS)
         urls = [s.url for s in leaves]
         for p in range(procs):
-            clients.append(Client(base, f"client{p}", urls, n // procs + (1 if p < n % procs else 0)))
+            clients.append(Client(base, f"client{p}", urls, n // procs + (1 if p < n % procs else 0), raw))
         catch = Client(base, "catchup", [cleaf.url], catchup_n) if cleaf else None
         if not wait_all([c.ready for c in clients] + ([catch.ready] if catch else []), 900):
             raise RuntimeError(f"not every subscriber connected; see {base}/client*.log")
@@ -210,7 +250,7 @@ def bench_nats(tmp: Path, n: int, leaves_n: int, catchup_n: int) -> None:
         lat = [t - t0 for r in results for t in r["got"].values()]
         probe.stop()
         server_kib = sum(after.values()) - sum(before.values())
-        record("nats.fanout", n=n, leaves=leaves_n, client_processes=procs, received=len(lat), complete=complete,
+        record("nats.fanout.raw-protocol" if raw else "nats.fanout", n=n, leaves=leaves_n, client_processes=procs, received=len(lat), complete=complete,
                probe_s=round(probe_got[0] - t0, 4) if probe_got else None, min_s=round(min(lat), 4) if lat else None,
                p50_s=pct(lat, 50), p99_s=pct(lat, 99), max_s=round(max(lat), 4) if lat else None,
                publish_ack_s=round(t_pub, 4), ramp_s=round(ramp, 1), leaf_connections=conns,
@@ -256,20 +296,23 @@ def bench_sse(tmp: Path, n: int) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+    if len(sys.argv) > 1 and sys.argv[1] in ("--client", "--raw-client"):
         leaves, n, out = sys.argv[2].split(","), int(sys.argv[3]), Path(sys.argv[4])
-        asyncio.run(client_main(leaves, n, out))
+        asyncio.run(client_main(leaves, n, out, raw=sys.argv[1] == "--raw-client"))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", default="10000,50000")
     ap.add_argument("--leaves", type=int, default=5)
     ap.add_argument("--catchup", type=int, default=1000)
     ap.add_argument("--no-sse", action="store_true")
+    ap.add_argument("--raw", default="50000", help="sizes to run again with raw-protocol subscribers ('' for none)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="nats-bench-"))
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for n in [int(x) for x in args.n.split(",")]:
         bench_nats(tmp, n, args.leaves, args.catchup)
+    for n in [int(x) for x in args.raw.split(",") if x]:
+        bench_nats(tmp, n, args.leaves, 0, raw=True)
     if not args.no_sse:
         bench_sse(tmp, 10_000)
     with open(OUT, "a") as fh:

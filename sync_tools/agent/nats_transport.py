@@ -52,7 +52,11 @@ SUBJECT_PREFIX = "sync.release."
 STREAM_SUBJECTS = SUBJECT_PREFIX + ">"
 CREDS_ENV = "SYNC_TOOLS_NATS_CREDS"
 MSG_ID = "Nats-Msg-Id"
-NATS_CONNECT_WAIT = 5.0  # serve: seconds to wait for the first connect before the start-up reconcile
+NATS_CONNECT_WAIT = 5.0
+# Reconnect backoff cap. Low, because an agent's server is its own machine's (or its site's) leaf node,
+# where a connect attempt costs next to nothing, and an agent must not sit out a minute after its leaf
+# is back; the full jitter still spreads a site's agents over these seconds (bench/nats: catch-up).
+BACKOFF_MAX = 5.0  # serve: seconds to wait for the first connect before the start-up reconcile
 _TAG_RE = re.compile(r"[A-Za-z0-9_.+-]{1,128}")
 
 
@@ -141,7 +145,7 @@ class NatsSubscriber:
 
     def __init__(self, cfg: NatsConfig, tag: str, on_event: Callable[[AgentEvent], None], *,
                  options: Mapping[str, Any], name: str | None = None, backoff_base: float = 1.0,
-                 backoff_max: float = 60.0, connect_timeout: float = 5.0, request_timeout: float = 5.0,
+                 backoff_max: float = BACKOFF_MAX, connect_timeout: float = 5.0, request_timeout: float = 5.0,
                  ping_interval: float = 60.0, rng: random.Random | None = None,
                  on_connect: Callable[[int], None] | None = None):
         self.cfg = cfg
@@ -201,7 +205,7 @@ class NatsSubscriber:
                 self._report(e, delay)
                 await self._sleep(delay)
                 continue
-            failures = 0
+            before = self.connects
             try:
                 await self._session(nc, closed)
             except Exception as e:  # noqa: BLE001 - a broken session is reconnected
@@ -211,8 +215,11 @@ class NatsSubscriber:
                 self.connected.clear()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(nc.close(), self.connect_timeout)
+            # a session that was up: come back soon (jittered, not all at once); one that failed before
+            # it subscribed counts as a failed attempt, so a server that keeps refusing is not hammered
+            failures = 0 if self.connects > before else failures + 1
             if not self._stopped.is_set():
-                await self._sleep(self.backoff(0))  # a lost connection: come back soon, not all at once
+                await self._sleep(self.backoff(failures))
 
     async def _sleep(self, seconds: float) -> None:
         assert self._wake is not None
