@@ -102,6 +102,15 @@ class NatsServer:
         except OSError:
             return 0
 
+    def leaf_interest(self, subject: str) -> bool:
+        """Whether a leaf node has told this hub of a subscription on *subject* (messages published at
+        the hub reach the leaf's subscribers from then on)."""
+        try:
+            leafs = self.monitor("leafz?subs=1").get("leafs") or []
+        except OSError:
+            return False
+        return any(subject in (lf.get("subscriptions_list") or []) for lf in leafs)
+
     def connections(self) -> int:
         return int(self.monitor("varz").get("connections", 0))
 

@@ -86,7 +86,7 @@ def test_a_live_event_reaches_an_agent_on_the_leaf_and_an_agent_offline_for_days
     online = Subscribed(tmp_path, [leaf.url])
     try:
         assert online.sub.connected.wait(10)
-        wait_for(lambda: hub.monitor("subsz?subs=1").get("num_subscriptions", 0) > 0, what="interest at the hub")
+        wait_for(lambda: hub.leaf_interest("sync.release.latest"), what="interest at the hub")
         pub.publish(subject_for("latest"), EVENT % 7, "latest:7:1")
         wait_for(lambda: online.serials() == [7], what="the live event")
         assert online.events[0] == AgentEvent(release="latest", subsystems=("nats",), serial=7, manifest="m",
@@ -113,7 +113,7 @@ def test_messages_that_are_not_events_are_logged_and_ignored(
     s = Subscribed(tmp_path, [leaf.url], catchup=0)
     try:
         assert s.sub.connected.wait(10)
-        wait_for(lambda: hub.monitor("subsz").get("num_subscriptions", 0) > 0, what="interest at the hub")
+        wait_for(lambda: hub.leaf_interest("sync.release.latest"), what="interest at the hub")
         bad = [b"not json", b"[1, 2]", b'{"subsystems": "nats"}', b'{"serial": "7"}', b"",
                b'{"serial": true}', b"\xff\xfe"]
         raw_publish(hub.url, "sync.release.latest", [*bad, EVENT % 9])
@@ -231,3 +231,23 @@ def test_nats_config_keys_and_credentials(tmp_path: Path) -> None:
     assert opts["user_credentials"] == str(tmp_path / "env.creds") and "tls" in opts
     with pytest.raises(ConfigError, match="cannot be a NATS subject"):
         subject_for("v1 *")
+
+
+def test_an_agent_that_connects_while_its_leaf_is_cut_off_asks_again_until_the_hub_answers(
+        tmp_path: Path, site: tuple[NatsServer, Link, NatsServer]) -> None:
+    """Catch-up only at connect (catchup_seconds: 0), and the connect's direct get finds no responders
+    (the leaf's own link to the hub is not up, as right after the site's nats-server restarted): the
+    agent asks again with backoff instead of waiting for a live message that went out already."""
+    hub, link, leaf = site
+    link.cut()
+    wait_for(lambda: hub.leafs() == 0, what="the cut")
+    publisher(tmp_path, hub).publish(subject_for("latest"), EVENT % 5, "latest:5:1")
+    s = Subscribed(tmp_path, [leaf.url], catchup=0)
+    try:
+        assert s.sub.connected.wait(10)
+        assert s.serials() == []  # nothing could answer yet
+        link.restore()
+        wait_for(lambda: s.serials() == [5], what="the catch-up once the hub answers")
+        assert s.sub.connects == 1  # the same connection: no reconnect was needed
+    finally:
+        s.close()

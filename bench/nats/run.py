@@ -272,6 +272,7 @@ def bench_nats(tmp: Path, n: int, leaves_n: int, catchup_n: int, raw: bool = Fal
             record("nats.catchup", n=catchup_n, received=len(after_reconnect), complete=ok,
                    down_s=round(t_back - t0, 2),
                    after_reconnect_p50_s=pct(after_reconnect, 50), after_reconnect_p99_s=pct(after_reconnect, 99),
+                   after_reconnect_max_s=round(max(after_reconnect), 3) if after_reconnect else None,
                    after_leaf_back_p50_s=pct(after_return, 50), after_leaf_back_p99_s=pct(after_return, 99),
                    after_leaf_back_max_s=round(max(after_return), 3) if after_return else None)
     finally:

@@ -275,15 +275,24 @@ class NatsSubscriber:
         if self.on_connect is not None:
             self.on_connect(self.connects)
         js = nc.jetstream(domain=self.cfg.domain, timeout=self.request_timeout)
+        unanswered = 0
         while True:
             self._wake.clear()  # set by stop() and by the connection's loss, whichever comes
-            await self.catch_up(js)
+            if await self.catch_up(js):
+                unanswered = 0
+                every = self.cfg.catchup_seconds
+                wait = every * self.rng.uniform(0.5, 1.5) if every > 0 else None
+            else:
+                # no answer (the leaf's own link to the hub not up yet after a restart, the hub away):
+                # ask again soon rather than at the next period, or never when catch-up is only at connect
+                wait = self.backoff(unanswered) + self.backoff_base / 2
+                unanswered += 1
             if self._stopped.is_set() or closed.is_set() or nc.is_closed:
                 return
-            every = self.cfg.catchup_seconds
-            wait = every * self.rng.uniform(0.5, 1.5) if every > 0 else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
+            if self._stopped.is_set() or closed.is_set() or nc.is_closed:
+                return
 
     async def catch_up(self, js: Any) -> bool:
         """One direct get of the subject's last message; hands it on when it is new. Returns whether
