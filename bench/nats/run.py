@@ -27,6 +27,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -310,12 +311,15 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="nats-bench-"))
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for n in [int(x) for x in args.n.split(",")]:
-        bench_nats(tmp, n, args.leaves, args.catchup)
-    for n in [int(x) for x in args.raw.split(",") if x]:
-        bench_nats(tmp, n, args.leaves, 0, raw=True)
-    if not args.no_sse:
-        bench_sse(tmp, 10_000)
+    try:
+        for n in [int(x) for x in args.n.split(",")]:
+            bench_nats(tmp, n, args.leaves, args.catchup)
+        for n in [int(x) for x in args.raw.split(",") if x]:
+            bench_nats(tmp, n, args.leaves, 0, raw=True)
+        if not args.no_sse:
+            bench_sse(tmp, 10_000)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     with open(OUT, "a") as fh:
         for row in RESULTS:
             fh.write(json.dumps({"run": started, **row}) + "\n")
