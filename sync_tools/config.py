@@ -342,11 +342,25 @@ class AgentTarget(NamedTuple):
     secret_env: str
 
 
+class NatsConfig(NamedTuple):
+    """``relay.nats`` / ``agent.nats`` (docs/nats.md). Secrets are files or environment variables, never inline."""
+
+    servers: tuple[str, ...] = ()
+    stream: str = "SYNC_RELEASES"
+    creds: str | None = None  # a .creds file (user JWT + NKey seed); else $SYNC_TOOLS_NATS_CREDS
+    nkey_seed: str | None = None  # a file holding an NKey seed
+    token_env: str = "SYNC_TOOLS_NATS_TOKEN"
+    tls_ca: str | None = None
+    domain: str | None = None  # the hub's JetStream domain, when the local leaf runs JetStream too
+    catchup_seconds: float = 120.0  # agent: ask for the newest release this often besides each (re)connect
+
+
 class RelayConfig(NamedTuple):
     dispatch: str = "github"
     agents: tuple[AgentTarget, ...] = ()
     max_body: int = 25 * 1024 * 1024
     max_attempts: int = 8
+    nats: NatsConfig | None = None
 
 
 class AgentConfig(NamedTuple):
@@ -367,6 +381,8 @@ class AgentConfig(NamedTuple):
     restart: str = "restart"  # process-compose: "restart", or "stop-start" (stop, wait until stopped, start)
     id: str | None = None  # this agent's name in reports and rollouts (None: the machine's hostname)
     settle_seconds: float = 10.0  # a new binary must stay healthy, not restarted, this long
+    transport: str = "sse"  # sse (agent.relay) | nats (agent.nats) | push (agent.listen)
+    nats: NatsConfig | None = None
 
 
 class Config(NamedTuple):
@@ -405,10 +421,11 @@ _RELEASE_KEYS = ("repo", "store", "tag", "public_key", "expires_days", "patches"
 _SUB_KEYS = ("upstream", "strategy", "branch", "include", "exclude", "prereleases", "major", "current",
              "binary", "build", "paths", "process", "health", "depends_on", "description", "version_var",
              "rollout")
-_RELAY_KEYS = ("dispatch", "agents", "max_body", "max_attempts")
+_RELAY_KEYS = ("dispatch", "agents", "max_body", "max_attempts", "nats")
+_NATS_KEYS = ("servers", "stream", "creds", "nkey_seed", "token_env", "tls_ca", "domain", "catchup_seconds")
 _AGENT_KEYS = ("root", "source", "relay", "reload", "socket", "url", "command", "listen", "secret_env",
                "token_env", "public_key", "platform", "health_timeout", "supervisor_url", "restart", "id",
-               "settle_seconds")
+               "settle_seconds", "transport", "nats")
 
 
 def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None, *, root: Path | None = None,
@@ -604,6 +621,7 @@ def parse_config(path: Path, data: Any) -> Config:
         agents=tuple(agents),
         max_body=int(rl.number("max_body", 25 * 1024 * 1024, maximum=MAX_BODY)),
         max_attempts=int(rl.number("max_attempts", 8, maximum=MAX_ATTEMPTS)),
+        nats=_nats(rl.section("nats", _NATS_KEYS)),
     )
 
     ag = top.section("agent", _AGENT_KEYS)
@@ -625,7 +643,11 @@ def parse_config(path: Path, data: Any) -> Config:
         restart=ag.choice("restart", ("restart", "stop-start"), "restart"),
         id=ag.str("id"),
         settle_seconds=ag.number("settle_seconds", 10.0, maximum=MAX_HEALTH_TIMEOUT),
+        transport=ag.choice("transport", ("sse", "nats", "push"), "sse"),
+        nats=_nats(ag.section("nats", _NATS_KEYS)),
     )
+    if agent.transport == "nats" and agent.nats is None:
+        raise ag.error("transport", "is 'nats' but agent.nats (servers) is not set")
     if agent.platform and not _PLATFORM_RE.fullmatch(agent.platform):
         raise ag.error("platform", f"bad platform {agent.platform!r} (expected os/arch)")
     if agent.id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}", agent.id):
@@ -641,6 +663,26 @@ def parse_config(path: Path, data: Any) -> Config:
         relay=relay,
         agent=agent,
     )
+
+
+def _nats(sec: _Section) -> NatsConfig | None:
+    if not sec.data:
+        return None
+    servers = sec.str_list("servers")
+    for url in servers:
+        scheme, _, rest = url.partition("://")
+        if scheme not in ("nats", "tls") or not rest or "@" in rest.split("/")[0]:
+            raise sec.error("servers", f"{url!r}: a nats:// or tls:// URL without credentials in it "
+                            "(they come from creds, nkey_seed or the token_env variable)")
+    if not servers:
+        raise sec.error("servers", "is required")
+    stream, domain = sec.str("stream", "SYNC_RELEASES") or "", sec.str("domain")
+    for key, value in (("stream", stream), ("domain", domain or "x")):
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+            raise sec.error(key, f"must be 1-64 letters, digits, _ or -, not {value!r}")
+    return NatsConfig(servers, stream, sec.str("creds"), sec.str("nkey_seed"),
+                      sec.str("token_env", "SYNC_TOOLS_NATS_TOKEN") or "SYNC_TOOLS_NATS_TOKEN", sec.str("tls_ca"),
+                      domain, sec.number("catchup_seconds", 120.0, maximum=86400.0))
 
 
 # ------------------------------------------------------------------- plat-telemetry's existing files

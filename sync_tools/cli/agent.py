@@ -82,6 +82,13 @@ def _serve(config: Config, agent: Any, listen: str | None, as_json: bool) -> Non
     ac = config.agent
     token = os.environ.get(ac.token_env) or None
     secret = os.environ.get(ac.secret_env) or None
+    if ac.transport == "nats":  # release events from NATS (docs/nats.md); pushes to agent.listen still taken
+        from sync_tools.agent.nats_transport import serve_nats
+
+        _stop_on_signals(agent.stop)
+        serve_nats(agent, listen=listen, secret=secret, on_report=lambda r: _print_report(r, as_json),
+                   on_ready=lambda info: click.echo(f"nats: {info['nats']} ({info['nats_subject']})", err=True))
+        return
     if ac.relay and not token:
         log.warning("agent.relay is set but $%s is empty: subscribing without a token", ac.token_env)
     if not ac.relay and not listen:

@@ -31,6 +31,8 @@ from sync_tools.relay import webhook as wh
 from sync_tools.relay.dispatch import GitHubDispatcher, LocalDispatcher, watch_session
 from sync_tools.relay.fanout import AgentPusher, Broker, release_event, state_key
 from sync_tools.relay.metrics import Metrics
+from sync_tools.relay.nats_publish import KIND as NATS_KIND
+from sync_tools.relay.nats_publish import NatsPublisher
 from sync_tools.relay.outbox import Job, NewJob, Outbox, OutboxError
 from sync_tools.relay.settings import Settings, load_settings
 from sync_tools.relay.worker import Backoff, Deferred, Worker
@@ -86,14 +88,18 @@ class Relay:
     store_factory: Callable[[], Store]
     worker: Worker = field(init=False)
     refusals: _Throttled = field(default_factory=_Throttled)
+    nats: NatsPublisher | None = None  # relay.nats: release events also go to NATS JetStream (docs/nats.md)
     _public_key: Any = None
     fleet: Any = None  # sync_tools.relay.fleet_views.FleetRelay: reports, rollouts, the fleet view
     manifest_hooks: list[Callable[[bytes], None]] = field(default_factory=list)  # each verified manifest fanned out
 
     def __post_init__(self) -> None:
+        if self.nats is None:
+            self.nats = NatsPublisher(self.config.relay.nats, root=self.config.root)
         self.worker = Worker(
             self.outbox,
-            {"dispatch": self._dispatch_job, "fanout": self._fanout_job, "push": self._push_job},
+            {"dispatch": self._dispatch_job, "fanout": self._fanout_job, "push": self._push_job,
+             NATS_KIND: self.nats.handle},
             max_attempts=self.settings.max_attempts,
             backoff=Backoff(base=self.settings.backoff_base, cap=self.settings.backoff_cap),
             threads=self.settings.workers,
@@ -204,7 +210,10 @@ class Relay:
             log.info("fan-out (%s): no changed subsystem in %s", job.payload.get("source"), tag)
             return []
         body = event.to_json()
-        event_id = self.outbox.append_event(event.type, body, jobs=lambda eid: self.pusher.jobs_for(eid, body),
+        nats = self.nats
+        assert nats is not None
+        event_id = self.outbox.append_event(event.type, body,
+                                            jobs=lambda eid: self.pusher.jobs_for(eid, body) + nats.jobs_for(eid, body),
                                             state={key: (data or b"").decode()})
         log.info("release event %d: serial %d, subsystems %s", event_id, event.serial, ",".join(event.subsystems))
         self.broker.notify()
@@ -547,6 +556,7 @@ def create_app(config: Config, settings: Settings | None = None, *, now: Callabl
         metrics=Metrics(outbox, lambda: broker.connected),
         dispatcher=dispatcher,
         store_factory=store_factory or (lambda: open_store(config)),
+        nats=NatsPublisher(config.relay.nats, root=config.root, environ=environ),
     )
     app = Flask("sync_tools.relay")
     app.extensions[EXTENSION] = relay

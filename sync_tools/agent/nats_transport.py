@@ -1,0 +1,371 @@
+"""Release events over NATS (``agent.transport: nats``): the agent's side of docs/nats.md.
+
+The relay publishes each release event to a JetStream stream on subject ``sync.release.<tag>``. An
+agent, typically connected to its own machine's nats-server (a leaf node of the hub), holds:
+
+- a core subscription on that subject for live events (no JetStream consumer: one durable consumer
+  per agent does not scale, nats-server#5609), and
+- a catch-up: on every (re)connect, and every ``catchup_seconds`` besides, one JetStream *direct get*
+  of the subject's last message (``allow_direct`` on the stream), so an agent that was offline for
+  days, or whose leaf node was cut off from the hub while a release went out, hears of the newest
+  release at once.
+
+Every message goes through :func:`~sync_tools.agent.events.parse_agent_event`, as an SSE message
+does; one that is not an event is logged and ignored. Events carry no trust either way: they only
+make the agent fetch and verify the signed manifest.
+
+The connection policy is the agent's own, not the client library's: a lost connection closes the
+client, and :class:`NatsSubscriber` connects anew after a full-jitter exponential backoff (so the
+agents of a restarted leaf node do not come back all at once), subscribes, and catches up. Refused
+credentials are one clear ERROR line, then retried with the same backoff (logged again only once it
+changes).
+
+:func:`connect_options` turns a :class:`~sync_tools.config.NatsConfig` into nats-py connect options; the
+relay's publisher (``sync_tools.relay.nats_publish``) uses it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import ssl
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sync_tools.errors import ConfigError, DataError
+
+from .events import MAX_EVENT_BYTES, AgentEvent, parse_agent_event
+
+if TYPE_CHECKING:
+    from sync_tools.config import NatsConfig
+
+log = logging.getLogger(__name__)
+
+SUBJECT_PREFIX = "sync.release."
+STREAM_SUBJECTS = SUBJECT_PREFIX + ">"
+CREDS_ENV = "SYNC_TOOLS_NATS_CREDS"
+MSG_ID = "Nats-Msg-Id"
+NATS_CONNECT_WAIT = 5.0
+# Reconnect backoff cap. Low, because an agent's server is its own machine's (or its site's) leaf node,
+# where a connect attempt costs next to nothing, and an agent must not sit out a minute after its leaf
+# is back; the full jitter still spreads a site's agents over these seconds (bench/nats: catch-up).
+BACKOFF_MAX = 5.0  # serve: seconds to wait for the first connect before the start-up reconcile
+_TAG_RE = re.compile(r"[A-Za-z0-9_.+-]{1,128}")
+
+
+def subject_for(tag: str) -> str:
+    """The subject a release tag's events go to. Raises ConfigError for a tag no subject can carry
+    (wildcards, spaces, empty tokens)."""
+    if not _TAG_RE.fullmatch(tag) or ".." in tag or tag.startswith(".") or tag.endswith("."):
+        raise ConfigError(f"release tag {tag!r} cannot be a NATS subject token (letters, digits, _ . + -)")
+    return SUBJECT_PREFIX + tag
+
+
+def event_key(tag: str, serial: Any, event_id: int) -> str:
+    """The event's ``Nats-Msg-Id``: the same for every retry of one publish (JetStream keeps one), and
+    never the same for two events, even from a relay whose database was made anew (its ids restart)."""
+    return f"{tag}:{serial}:{event_id}"
+
+
+def connect_options(cfg: NatsConfig, *, root: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """nats-py ``connect`` keywords for *cfg*: servers, and the credentials from files or the environment.
+
+    ``creds`` (or ``$SYNC_TOOLS_NATS_CREDS``) names a .creds file (user JWT + NKey seed), ``nkey_seed``
+    a file with an NKey seed, ``$<token_env>`` holds a token; ``tls_ca`` (or a ``tls://`` server) turns
+    TLS on. Relative paths are read from *root* (the config's folder). Raises ConfigError for a named
+    file that cannot be read.
+    """
+    env = os.environ if environ is None else environ
+    opts: dict[str, Any] = {"servers": list(cfg.servers)}
+
+    def readable(value: str, what: str) -> str:
+        path = (root / os.path.expanduser(value)).resolve()
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"the NATS {what} {path} cannot be read: {e.strerror or e}") from e
+        return str(path)
+
+    creds = cfg.creds or env.get(CREDS_ENV)
+    if creds:
+        opts["user_credentials"] = readable(creds, "credentials file")
+    elif cfg.nkey_seed:
+        opts["nkeys_seed"] = readable(cfg.nkey_seed, "NKey seed file")
+    token = env.get(cfg.token_env, "").strip()
+    if token:
+        opts["token"] = token
+    if cfg.tls_ca or any(s.startswith("tls://") for s in cfg.servers):
+        ca = readable(cfg.tls_ca, "TLS CA file") if cfg.tls_ca else None
+        opts["tls"] = ssl.create_default_context(cafile=ca)
+    return opts
+
+
+def describe_credentials(opts: Mapping[str, Any], cfg: NatsConfig) -> str:
+    """Which credentials were offered, for an error line (never the secret itself)."""
+    if "user_credentials" in opts:
+        return f"the credentials file {opts['user_credentials']}"
+    if "nkeys_seed" in opts:
+        return f"the NKey seed file {opts['nkeys_seed']}"
+    if "token" in opts:
+        return f"the token in ${cfg.token_env}"
+    return f"no credentials (set creds, nkey_seed, ${CREDS_ENV} or ${cfg.token_env})"
+
+
+def explain(e: BaseException) -> str:
+    """One line for a NATS failure; refused credentials are named as such."""
+    import nats.errors
+
+    if isinstance(e, nats.errors.AuthorizationError) or "authorization violation" in str(e).lower():
+        return "the server refused the credentials (Authorization Violation)"
+    if "authentication expired" in str(e).lower():
+        return "the server refused the credentials (authentication expired)"
+    text = str(e).strip() or type(e).__name__
+    return f"{type(e).__name__}: {text}" if text != type(e).__name__ else text
+
+
+def is_auth_error(e: BaseException) -> bool:
+    return explain(e).startswith("the server refused the credentials")
+
+
+class NatsSubscriber:
+    """One agent's subscription to ``sync.release.<tag>`` until :meth:`stop`.
+
+    *on_event* gets each valid event (from a live message or a catch-up), once per ``Nats-Msg-Id`` in
+    a row. Run it in a thread with :meth:`run`, or many in one event loop with :meth:`run_async`
+    (bench/nats). ``connected`` is set while a connection is up; ``connects`` counts them.
+    """
+
+    def __init__(self, cfg: NatsConfig, tag: str, on_event: Callable[[AgentEvent], None], *,
+                 options: Mapping[str, Any], name: str | None = None, backoff_base: float = 1.0,
+                 backoff_max: float = BACKOFF_MAX, connect_timeout: float = 5.0, request_timeout: float = 5.0,
+                 ping_interval: float = 60.0, rng: random.Random | None = None,
+                 on_connect: Callable[[int], None] | None = None):
+        self.cfg = cfg
+        self.subject = subject_for(tag)
+        self.on_event = on_event
+        self.on_connect = on_connect
+        self.options = dict(options)
+        self.name = name
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.ping_interval = ping_interval
+        self.rng = rng or random.Random()
+        self.connected = threading.Event()
+        self.connects = 0
+        self.failures = 0  # connect attempts that failed, in all
+        self.last_key: str | None = None  # the Nats-Msg-Id last handed to on_event
+        self.ignored = 0  # messages that were not events
+        self._stopped = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._last_error: str | None = None
+        self._catchup_failing = False
+
+    # ---------------------------------------------------------------------------------- control
+
+    def stop(self) -> None:
+        """Stop from any thread; :meth:`run` returns soon after."""
+        self._stopped.set()
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                loop.call_soon_threadsafe(wake.set)
+
+    def backoff(self, failures: int) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2**failures)]."""
+        return self.rng.uniform(0, min(self.backoff_max, self.backoff_base * (2 ** min(failures, 30))))
+
+    def run(self) -> None:
+        """Subscribe until :meth:`stop` in this thread's own event loop. Never raises."""
+        asyncio.run(self.run_async())
+
+    async def run_async(self) -> None:
+        """Subscribe until :meth:`stop`: connect, subscribe, catch up; on any loss, back off and again."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        failures = 0
+        while not self._stopped.is_set():
+            closed = asyncio.Event()
+            try:
+                nc = await self._connect(closed)
+            except Exception as e:  # noqa: BLE001 - every connect failure is retried
+                self.failures += 1
+                delay = self.backoff(failures)
+                failures += 1
+                self._report(e, delay)
+                await self._sleep(delay)
+                continue
+            before = self.connects
+            try:
+                await self._session(nc, closed)
+            except Exception as e:  # noqa: BLE001 - a broken session is reconnected
+                if not self._stopped.is_set():
+                    log.warning("NATS %s: %s; reconnecting", self.subject, explain(e))
+            finally:
+                self.connected.clear()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), self.connect_timeout)
+            # a session that was up: come back soon (jittered, not all at once); one that failed before
+            # it subscribed counts as a failed attempt, so a server that keeps refusing is not hammered
+            failures = 0 if self.connects > before else failures + 1
+            if not self._stopped.is_set():
+                await self._sleep(self.backoff(failures))
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._wake is not None
+        self._wake.clear()
+        if self._stopped.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    def _report(self, e: BaseException, delay: float) -> None:
+        why = explain(e)
+        if is_auth_error(e):
+            why += f"; offered {describe_credentials(self.options, self.cfg)}"
+        if why != self._last_error:
+            level = logging.ERROR if is_auth_error(e) else logging.WARNING
+            log.log(level, "NATS %s: cannot connect: %s; retrying with backoff (next in %.1f s)",
+                    ", ".join(self.cfg.servers), why, delay)
+            self._last_error = why
+        else:
+            log.debug("NATS %s: still cannot connect: %s; next try in %.1f s", ", ".join(self.cfg.servers), why,
+                      delay)
+
+    async def _connect(self, closed: asyncio.Event) -> Any:
+        import nats
+
+        async def quiet(e: Exception) -> None:  # the failure reaches run_async as an exception too
+            log.debug("NATS client: %s", explain(e))
+
+        async def on_closed() -> None:  # the connection was lost (or closed by stop)
+            closed.set()
+            if self._wake is not None:
+                self._wake.set()
+
+        # the client's own reconnect is off: this class reconnects, with jitter, and catches up each time
+        return await nats.connect(**self.options, name=self.name, allow_reconnect=False, max_reconnect_attempts=1,
+                                  reconnect_time_wait=0.1, connect_timeout=self.connect_timeout,
+                                  ping_interval=int(self.ping_interval), max_outstanding_pings=2, error_cb=quiet,
+                                  closed_cb=on_closed)
+
+    async def _session(self, nc: Any, closed: asyncio.Event) -> None:
+        assert self._wake is not None
+        async def on_msg(msg: Any) -> None:
+            self._handle(msg.data, msg.headers, "live")
+
+        await nc.subscribe(self.subject, cb=on_msg)
+        await nc.flush(timeout=self.request_timeout)  # the subscription is in place before the catch-up
+        self.connects += 1
+        self.connected.set()
+        if self._last_error is not None:
+            log.info("NATS %s: connected again (%s)", self.subject, nc.connected_url.netloc if nc.connected_url
+                     else "?")
+            self._last_error = None
+        if self.on_connect is not None:
+            self.on_connect(self.connects)
+        js = nc.jetstream(domain=self.cfg.domain, timeout=self.request_timeout)
+        unanswered = 0
+        while True:
+            self._wake.clear()  # set by stop() and by the connection's loss, whichever comes
+            if await self.catch_up(js):
+                unanswered = 0
+                every = self.cfg.catchup_seconds
+                wait = every * self.rng.uniform(0.5, 1.5) if every > 0 else None
+            else:
+                # no answer (the leaf's own link to the hub not up yet after a restart, the hub away):
+                # ask again soon rather than at the next period, or never when catch-up is only at connect
+                wait = self.backoff(unanswered) + self.backoff_base / 2
+                unanswered += 1
+            if self._stopped.is_set() or closed.is_set() or nc.is_closed:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+            if self._stopped.is_set() or closed.is_set() or nc.is_closed:
+                return
+
+    async def catch_up(self, js: Any) -> bool:
+        """One direct get of the subject's last message; hands it on when it is new. Returns whether
+        the stream answered (a missing message, no release yet, is an answer)."""
+        import nats.errors
+        import nats.js.errors
+
+        try:
+            msg = await js.get_last_msg(self.cfg.stream, self.subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            return True
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError) as e:
+            # the hub (or its link to this leaf) is away, or the stream has no allow_direct: the next
+            # catch-up, or a live message once the link is back, brings the release
+            log.log(logging.DEBUG if self._catchup_failing else logging.INFO,
+                    "NATS %s: no catch-up answer from stream %s (%s); trying again later", self.subject,
+                    self.cfg.stream, explain(e))
+            self._catchup_failing = True
+            return False
+        self._catchup_failing = False
+        self._handle(msg.data, msg.headers, "catch-up", seq=msg.seq)
+        return True
+
+    def _handle(self, data: bytes | None, headers: Mapping[str, str] | None, via: str,
+                seq: int | None = None) -> None:
+        key = (headers or {}).get(MSG_ID)
+        ident = key or (f"seq:{seq}" if seq else None)
+        if ident is not None and ident == self.last_key:
+            # the catch-up found what the live subscription already handed over (or the reverse), or
+            # the same message that was not an event: logged once, not at every catch-up
+            return
+        self.last_key = ident
+        try:
+            if not data or len(data) > MAX_EVENT_BYTES:
+                raise DataError(f"payload of {len(data or b'')} bytes (an event is 1 to {MAX_EVENT_BYTES})")
+            event = parse_agent_event(json.loads(data), event_id=key, source="nats")
+        except (ValueError, DataError) as e:
+            self.ignored += 1
+            log.warning("NATS %s: ignoring a %s message that is not a release event: %s", self.subject, via,
+                        str(e)[:200])
+            return
+        log.info("NATS %s: release event %s (%s)", self.subject, key or "-", via)
+        self.on_event(event)
+
+
+def serve_nats(agent: Any, *, environ: Mapping[str, str] | None = None, listen: str | None = None,
+               secret: str | None = None, on_report: Callable[[Any], None] | None = None,
+               on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """:func:`sync_tools.agent.runner.serve` with release events from NATS (``agent.nats``) instead of
+    the relay's SSE stream; pushes to *listen* are still taken when set. Subscribes before the start-up
+    reconcile (the catch-up at connect covers a release in between). Raises ConfigError when
+    ``agent.nats`` is not set or a credentials file cannot be read."""
+    from .runner import serve
+
+    config = agent.config
+    cfg = config.agent.nats
+    if cfg is None:
+        raise ConfigError("agent.transport is 'nats' but agent.nats is not set", path=config.path, key="agent.nats")
+    sub = NatsSubscriber(cfg, config.release.tag, agent.submit, name=config.agent.id,
+                         options=connect_options(cfg, root=config.root, environ=environ))
+    thread = threading.Thread(target=sub.run, name="agent-nats", daemon=True)
+    thread.start()
+    if not sub.connected.wait(NATS_CONNECT_WAIT):
+        log.warning("NATS %s not connected yet; reconciling anyway, it keeps retrying", ", ".join(cfg.servers))
+
+    def ready(info: dict[str, Any]) -> None:
+        info.update(nats=", ".join(cfg.servers), nats_subject=sub.subject, nats_connected=sub.connected,
+                    nats_subscriber=sub)
+        if on_ready is not None:
+            on_ready(info)
+
+    try:
+        serve(agent, listen=listen, secret=secret, on_report=on_report, on_ready=ready)
+    finally:
+        sub.stop()
+        thread.join(timeout=5)
