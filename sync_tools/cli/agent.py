@@ -258,7 +258,7 @@ def _dev_builder(config: Config) -> Any:
 
 @click.command()
 @config_option
-@click.option("--port", type=int, default=8080, show_default=True, help="Port for POST /webhook, GET /health.")
+@click.option("--port", type=int, default=9192, show_default=True, help="Port for POST /webhook, GET /health.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--mode", type=click.Choice(["auto", "dev", "user"]), default="auto", show_default=True,
               help="dev: build locally; user: act as the agent; auto: dev when a <subsystem>/.src/ exists.")
@@ -269,7 +269,7 @@ def watch(config_path: str | None, port: int, host: str, mode: str, root: str | 
 
     \b
     Example:
-      sync-tools watch --port 8080
+      sync-tools watch --port 9192
     """
     config = load(config_path)
     secret = os.environ.get(config.agent.secret_env)
