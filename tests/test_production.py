@@ -208,3 +208,30 @@ def test_a_pin_moves_only_when_its_release_succeeded(tmp_path: Path) -> None:
     LocalDispatcher(ws.config_path, tmp_path / "logs", env=ws.env(), timeout=300).dispatch(
         {"subsystem": "nats", "version": "v1.1.0", "delivery": "d-2"})
     assert load_config(ws.config_path).subsystems["nats"].current == "v1.1.0"
+
+
+# -------------------------------------------------------------------- an older version: 200 ignored
+
+
+def test_a_version_older_than_the_one_dispatched_is_answered_ignored(tmp_path: Path) -> None:
+    from tests.relay_support import running_relay
+    from tests.support import wait_for
+
+    with GitHubAPIServer() as api, running_relay(tmp_path, api) as server:
+        api.state.add_repo("acme/plat-telemetry")
+        d = delivery("create", tag_payload(tag="v2.10.26"))
+        assert requests.post(server.url + "/webhook", data=d.body, headers=d.headers, timeout=5).status_code == 202
+        from sync_tools.relay.app import get_relay
+
+        outbox = get_relay(server.app).outbox  # the job is done once the dispatched version is recorded
+        wait_for(lambda: outbox.get_state("dispatched:nats") == "v2.10.26", timeout=20, what="the dispatch")
+        old = delivery("create", tag_payload(tag="v2.10.25"))
+        r = requests.post(server.url + "/webhook", data=old.body, headers=old.headers, timeout=5)
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "ignored"
+        assert r.json()["reasons"] == ["nats v2.10.25 is older than v2.10.26, which was already dispatched"]
+        newer = delivery("create", tag_payload(tag="v2.10.27"))
+        assert requests.post(server.url + "/webhook", data=newer.body, headers=newer.headers,
+                             timeout=5).status_code == 202
+        wait_for(lambda: len(api.state.dispatches) == 2, timeout=20, what="the dispatch of v2.10.27")
+    assert [x["client_payload"]["version"] for x in api.state.dispatches] == ["v2.10.26", "v2.10.27"]
