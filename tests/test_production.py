@@ -235,3 +235,38 @@ def test_a_version_older_than_the_one_dispatched_is_answered_ignored(tmp_path: P
                              timeout=5).status_code == 202
         wait_for(lambda: len(api.state.dispatches) == 2, timeout=20, what="the dispatch of v2.10.27")
     assert [x["client_payload"]["version"] for x in api.state.dispatches] == ["v2.10.26", "v2.10.27"]
+
+
+# ------------------------------------------------------------------------------ sync-tools notify
+
+
+def test_notify_sends_the_signed_notification_after_a_release_by_hand(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from sync_tools.cli import cli
+    from sync_tools.relay.app import get_relay
+    from tests.relay_support import SECRET, publish, running_relay
+    from tests.support import wait_for
+
+    runner = CliRunner()
+    with GitHubAPIServer() as api, running_relay(tmp_path, api) as server:
+        config = load_config(tmp_path / "sync-tools.yaml")
+        publish(config, "nats", "v2.10.25")  # what `sync-tools release` by hand leaves in the store
+        args = ["notify", "--config", str(config.path), "--relay", server.url]
+        r = runner.invoke(cli, [*args, "--delivery", "by-hand-1"], env={"SYNC_TOOLS_NOTIFY_SECRET": SECRET})
+        assert r.exit_code == 0, r.output
+        assert r.output.strip() == "relay accepted: release latest (delivery by-hand-1)"
+        outbox = get_relay(server.app).outbox
+        wait_for(lambda: outbox.last_event_id() == 1, timeout=20, what="the release event")
+        assert [e.data["subsystems"] for e in outbox.events_since(0)] == [["nats"]]
+        # the same notification again acts once
+        r = runner.invoke(cli, [*args, "--delivery", "by-hand-1"], env={"SYNC_TOOLS_NOTIFY_SECRET": SECRET})
+        assert r.output.strip() == "relay duplicate: release latest (delivery by-hand-1)"
+        # a wrong secret: the relay's refusal, one line, exit 1
+        r = runner.invoke(cli, args, env={"SYNC_TOOLS_NOTIFY_SECRET": "wrong"})
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert r.output.startswith(f"Error: the relay at {server.url}/notify answered 401: ")
+        r = runner.invoke(cli, args, env={"SYNC_TOOLS_NOTIFY_SECRET": "", "SYNC_TOOLS_WEBHOOK_SECRET": ""})
+        assert r.exit_code == 1 and "SYNC_TOOLS_NOTIFY_SECRET is not set" in r.output
+    r = runner.invoke(cli, [*args], env={"SYNC_TOOLS_NOTIFY_SECRET": SECRET})  # the relay has stopped
+    assert r.exit_code == 1 and r.output == f"Error: cannot reach the relay at {server.url}/notify: ConnectionError\n"
