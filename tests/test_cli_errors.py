@@ -231,3 +231,33 @@ def test_the_running_executable_is_read_from_proc(tmp_path: Path) -> None:
     script.write_text("#!/bin/sh\nexec sleep 1\n")
     assert process_exe(os.getpid(), "0" * 64, installed=script)["is_installed"] is None  # type: ignore[index]
     assert process_exe(None, sha) is None
+
+
+# --------------------------------------------------------------------- file modes follow the umask
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_state_follows_the_umask_and_secrets_stay_private(tmp_path: Path, umask: int, expected: int) -> None:
+    import stat
+
+    from sync_tools.agent.state import AgentState, save_state, state_path
+    from sync_tools.fsutil import atomic_write_text
+    from sync_tools.versionfile import VERSION_FILE, VersionInfo, write_version
+
+    old = os.umask(umask)
+    try:
+        write_version(tmp_path / "nats" / ".bin", VersionInfo(commit="abc", timestamp="2026-01-01T00:00:00Z",
+                                                              checksum="0" * 64, version="v1"))
+        save_state(tmp_path, AgentState(serial=3))
+        atomic_write_text(tmp_path / "secret", "x", mode=0o600)
+        priv, pub = write_keypair(tmp_path / "keys")
+    finally:
+        os.umask(old)
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    assert mode(tmp_path / "nats" / ".bin" / VERSION_FILE) == expected
+    assert mode(state_path(tmp_path)) == expected
+    assert mode(tmp_path / "secret") == 0o600 and mode(Path(priv)) == 0o600
+    assert mode(Path(pub)) == 0o644
