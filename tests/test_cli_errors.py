@@ -261,3 +261,34 @@ def test_state_follows_the_umask_and_secrets_stay_private(tmp_path: Path, umask:
     assert mode(state_path(tmp_path)) == expected
     assert mode(tmp_path / "secret") == 0o600 and mode(Path(priv)) == 0o600
     assert mode(Path(pub)) == 0o644
+
+
+# ------------------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("body, expected", [
+    # a key indented one space short
+    ("subsystems:\n  nats:\n    upstream: x\n   binary: y\n",
+     "sync-tools.yaml:4: invalid YAML (column 4): expected <block end>, but found '<block mapping start>': check "
+     "the indentation of this line and the one above: the keys of one mapping start in the same column"),
+    # a regex in double quotes: \d is no YAML escape
+    ('subsystems:\n  nats:\n    upstream: x\n    include: "^v\\d+"\n',
+     "sync-tools.yaml:4: invalid YAML (column 18): found unknown escape character 'd': in \"double quotes\" a "
+     "backslash starts an escape: write a regex such as ^v\\d+ in 'single quotes' (or unquoted)"),
+    # ... and \b is one: a backspace, which would never match
+    ('subsystems:\n  nats:\n    upstream: x\n    include: "^v\\b"\n',
+     "sync-tools.yaml:4: subsystems.nats.include: regex '^v\\x08' holds a control character: write it in "
+     "'single quotes'"),
+    # a bad regex is shown as written, its backslashes not doubled
+    ("subsystems:\n  nats:\n    upstream: x\n    include: '^v(\\d+'\n",
+     "sync-tools.yaml:4: subsystems.nats.include: bad regex '^v(\\d+': missing ), unterminated subpattern at "
+     "position 2"),
+    ("subsystems:\n  nats:\n    upstream: x\n    include: [a\n",
+     "sync-tools.yaml:5: invalid YAML (column 1): expected ',' or ']', but got '<stream end>': a [ list is not "
+     "closed with ]"),
+])
+def test_config_errors_say_where_and_how_to_fix_them(tmp_path: Path, body: str, expected: str) -> None:
+    (tmp_path / "sync-tools.yaml").write_text(body)
+    proc = _run(tmp_path, "check")
+    assert proc.returncode == 1
+    assert _one_line(proc) == f"Error: {tmp_path}/{expected}"
