@@ -1,54 +1,5 @@
-"""gunicorn settings for the relay: ``gunicorn -c relay/gunicorn.conf.py relay.wsgi:app``.
+"""gunicorn settings for a source checkout (``gunicorn -c relay/gunicorn.conf.py relay.wsgi:app``):
+the packaged :mod:`sync_tools.relay.gunicorn_conf`, which ``sync-tools relay --production`` uses."""
 
-Worker model: ONE worker process running gevent. Every SSE subscriber is a long-lived request; with
-gevent each is a greenlet (a few KB), so one process holds ten thousand agents, and a release event
-reaches all of them in well under a second (numbers in bench/relay/RESULTS.md). One process, because
-the outbox worker threads and the SSE broker live in it; deliveries are cheap enough that one core
-answers far more webhooks than GitHub will ever send (bench/relay/RESULTS.md).
-
-Without gevent installed (``pip install 'sync-tools[prod]'`` brings it), or with RELAY_WORKER=gthread,
-the model is gthread with a thread per connection: RELAY_THREADS (default 1100) bounds the SSE subscribers plus in-flight
-webhooks, each thread costing real memory (also measured).
-"""
-
-from __future__ import annotations
-
-import os
-
-
-def _has_gevent() -> bool:
-    try:
-        import gevent  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-worker_class = os.environ.get("RELAY_WORKER") or ("gevent" if _has_gevent() else "gthread")
-if worker_class == "gevent":
-    worker_connections = int(os.environ.get("RELAY_CONNECTIONS", "20000"))
-else:
-    threads = int(os.environ.get("RELAY_THREADS", "1100"))
-    worker_connections = threads + 100
-
-bind = os.environ.get("RELAY_BIND", "127.0.0.1:8080")  # cloudflared connects here; never expose directly
-workers = int(os.environ.get("RELAY_WORKERS", "1"))
-preload_app = False  # the app (and its SQLite connections) is built in the worker, after the fork
-timeout = 60  # a silent worker is restarted; SSE streams write a heartbeat every 15 s
-graceful_timeout = 5  # SSE streams never finish on their own; agents reconnect with Last-Event-ID, and jobs
-# cut short stay in the outbox and are resumed by the next worker (at-least-once delivery)
-keepalive = 75  # longer than Cloudflare's idle keep-alive to the origin, so it never races a close
-backlog = 4096
-accesslog = None  # per-request lines add nothing /metrics does not have, and cost throughput
-errorlog = "-"
-loglevel = os.environ.get("RELAY_LOG_LEVEL", "info")
-limit_request_field_size = 16384
-
-
-def worker_exit(server, worker):  # type: ignore[no-untyped-def]
-    from sync_tools.relay.app import get_relay
-
-    try:
-        get_relay(worker.wsgi).stop()
-    except Exception:  # noqa: BLE001 - the process is going away; unfinished jobs stay in the outbox
-        server.log.exception("relay did not stop cleanly")
+from sync_tools.relay.gunicorn_conf import *  # noqa: F401,F403
+from sync_tools.relay.gunicorn_conf import on_starting, worker_exit  # noqa: F401 - hooks, named for clarity

@@ -147,10 +147,10 @@ def load_yaml(path: Path) -> Any:
     except RecursionError as e:
         raise ConfigError("invalid YAML: nested too deeply", path=path) from e
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"invalid YAML: {problem}", path=path, line=line) from e
+        from sync_tools.yamlhint import describe
+
+        message, line = describe(e)
+        raise ConfigError(message, path=path, line=line) from e
 
 
 def _load(text: str, loader: type, path: Path) -> Any:
@@ -247,10 +247,13 @@ class _Section:
         value = self.str(name)
         if value is None:
             return None
+        shown = f"'{value}'" if value.isprintable() else repr(value)  # as written, backslashes not doubled
+        if any(ord(c) < 32 for c in value):  # "\b" in double quotes is a backspace, not a word boundary
+            raise self.error(name, f"regex {shown} holds a control character: write it in 'single quotes'")
         try:
             return re.compile(value)
         except re.error as e:
-            raise self.error(name, f"bad regex {value!r}: {e}") from e
+            raise self.error(name, f"bad regex {shown}: {e}") from e
 
     def section(self, name: str, allowed: tuple[str, ...]) -> _Section:
         return _Section(self.path, self.data.get(name), self.key(name), allowed, line=_line(self.data, name))

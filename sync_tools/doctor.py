@@ -26,7 +26,7 @@ from sync_tools.sources.remote import RemoteRefs, is_local
 LEVELS = ("error", "warning", "info", "ok")
 PROCESS_COMPOSE = "process-compose.yaml"
 PC_DEFAULT_PORT = 8080  # process-compose's REST API without --port / -U (sync_tools.agent.reload's default too)
-RELAY_DEFAULT_PORT = 8080  # `sync-tools relay` without --port
+RELAY_DEFAULT_PORT = 9191  # `sync-tools relay` without --port (not process-compose's, nor plat-telemetry's 9090)
 VERSION_MANIFEST = ".version-manifest.json"  # what `check` writes in the workspace root
 _SHA = re.compile(r"[0-9a-f]{7,40}")
 
@@ -545,12 +545,12 @@ def _port_clashes(ctx: Context, procs: dict[str, Any]) -> list[Finding]:
         whose = f"which process-compose's API uses ({pc_where})" if pc_where == "agent.url" else \
             "which process-compose's API uses by default"
         if port == RELAY_DEFAULT_PORT:
-            whose += " (as do sync-tools relay and watch)"
+            whose += " (as does sync-tools relay)"
         fix_tail = ("or start process-compose with --port N (and set agent.url: http://127.0.0.1:N) or -U "
                     "(and set agent.socket)")
-    else:  # process-compose is on a socket: 8080 is still the relay's and watch's default
-        whose = f"which sync-tools relay and watch use by default (process-compose's API is on a unix socket: {pc_where})"
-        fix_tail = "or run sync-tools relay / watch with --port N"
+    else:  # process-compose is on a socket: the relay's default port is still taken
+        whose = f"which sync-tools relay uses by default (process-compose's API is on a unix socket: {pc_where})"
+        fix_tail = "or run sync-tools relay with --port N"
     mention = re.compile(rf"(?<![\w.]){port}(?![\w.])")
     by_process = {s.process: s.name for s in ctx.config.subsystems.values()}
     found: list[tuple[str | None, str, str]] = []  # (subsystem, who, where)

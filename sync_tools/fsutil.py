@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -36,7 +37,8 @@ def atomic_writer(path: str | os.PathLike[str], mode: int | None = None, *,
     The data goes to a temporary file in the same directory, is flushed and fsynced, then
     ``os.replace``-d over *path*; on any exception the temporary file is removed and *path* is
     untouched. With *exclusive*, an existing *path* is never replaced: the file is linked into place,
-    and FileExistsError is raised if something got there first.
+    and FileExistsError is raised if something got there first. Without *mode* the file gets what
+    ``open()`` would give it (0666 less the umask); secrets pass ``mode=0o600``.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -46,8 +48,7 @@ def atomic_writer(path: str | os.PathLike[str], mode: int | None = None, *,
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, default_mode() if mode is None else mode)
         if exclusive:
             os.link(tmp, target)
             os.unlink(tmp)
@@ -58,6 +59,25 @@ def atomic_writer(path: str | os.PathLike[str], mode: int | None = None, *,
             os.unlink(tmp)
         raise
     fsync_dir(target.parent)
+
+
+def default_mode() -> int:
+    """0666 less the process's umask: the mode ``open()`` gives a new file. Read from /proc (Linux),
+    since ``os.umask`` can only be read by setting it, which would race with other threads' files."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 def _create_temp(target: Path) -> tuple[int, str]:

@@ -77,8 +77,11 @@ def env(root: Path, **extra: str) -> dict[str, str]:
 def settings(config: Config, root: Path, **overrides: Any):  # type: ignore[no-untyped-def]
     values: dict[str, Any] = {"backoff_base": 0.02, "heartbeat": 0.3, "workers": 2}
     values.update(overrides)
-    return load_settings(config, env(root, GITHUB_API_URL=values.pop("github_api_url", "http://127.0.0.1:9")),
-                         **values)
+    extra = {"GITHUB_API_URL": values.pop("github_api_url", "http://127.0.0.1:9")}
+    key = config.root / "keys" / "release.key"  # dispatch: local needs what `release` signs with
+    if key.is_file():
+        extra["SYNC_TOOLS_SIGNING_KEY"] = str(key)
+    return load_settings(config, env(root, **extra), **values)
 
 
 def fixture(name: str) -> dict[str, Any]:

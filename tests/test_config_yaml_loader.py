@@ -45,10 +45,10 @@ def test_same_answer_as_the_pure_python_loader(tmp_path, name):
         except ConfigError as e:
             raise ConfigError(str(e).split(": ", 1)[-1], path=path, line=e.line) from e
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(f"invalid YAML: {problem}", path=path,
-                              line=mark.line + 1 if mark is not None else None) from e
+            from sync_tools.yamlhint import describe
+
+            message, line = describe(e)  # the pure loader's problem and mark, with the hint for it
+            raise ConfigError(message, path=path, line=line) from e
 
     assert outcome_of(lambda: load_yaml(path)) == outcome_of(pure)
 

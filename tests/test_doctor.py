@@ -509,17 +509,21 @@ def test_port_clash_with_process_compose_api(tmp_path: Path) -> None:
     f = doctor(clash.root, "--offline").one("arc", "port-clash")
     assert f["level"] == "warning"
     assert f["message"] == ("process arc uses port 8080 (arc/Taskfile.yml task health), which process-compose's "
-                            "API uses by default (as do sync-tools relay and watch)")
+                            "API uses by default")
     assert "--port N" in f["fix"] and "agent.url" in f["fix"]
-    # process-compose started on a unix socket (plat-telemetry's pc:run): 8080 is still relay's and watch's
-    clash.write("pc/Taskfile.yml", "version: '3'\nvars:\n  PC_BIN_PATH: '{{.TASKFILE_DIR}}/.bin/process-compose'\n"
-                "tasks:\n  run:fg:\n    cmds:\n      - '{{.PC_BIN_PATH}} up -U -u {{.TASKFILE_DIR}}/.pc.sock -t=false'\n")
-    clash.edit("Taskfile.yml", "  arc: ./arc\n", "  arc: ./arc\n  pc: ./pc\n")
-    f = doctor(clash.root, "--offline").one("arc", "port-clash")
-    assert f["message"] == ("process arc uses port 8080 (arc/Taskfile.yml task health), which sync-tools relay and "
-                            "watch use by default (process-compose's API is on a unix socket: pc/Taskfile.yml task "
+    # process-compose started on a unix socket (plat-telemetry's pc:run): 8080 is free, 9191 is still the relay's
+    pc_taskfile = ("version: '3'\nvars:\n  PC_BIN_PATH: '{{.TASKFILE_DIR}}/.bin/process-compose'\n"
+                   "tasks:\n  run:fg:\n    cmds:\n      - '{{.PC_BIN_PATH}} up -U -u {{.TASKFILE_DIR}}/.pc.sock -t=false'\n")
+    relay_port = Ws(tmp_path / "r", arc_port=9191)
+    for ws in (clash, relay_port):
+        ws.write("pc/Taskfile.yml", pc_taskfile)
+        ws.edit("Taskfile.yml", "  arc: ./arc\n", "  arc: ./arc\n  pc: ./pc\n")
+    assert not [x for x in doctor(clash.root, "--offline").findings if x["code"] == "port-clash"]
+    f = doctor(relay_port.root, "--offline").one("arc", "port-clash")
+    assert f["message"] == ("process arc uses port 9191 (arc/Taskfile.yml task health), which sync-tools relay "
+                            "uses by default (process-compose's API is on a unix socket: pc/Taskfile.yml task "
                             "run:fg runs it with -U)")
-    assert f["fix"] == "move process arc to another port, or run sync-tools relay / watch with --port N"
+    assert f["fix"] == "move process arc to another port, or run sync-tools relay with --port N"
     ok = Ws(tmp_path / "b", arc_port=18080)  # 8080 inside another number is no clash
     assert not [x for x in doctor(ok.root, "--offline").findings if x["code"] == "port-clash"]
 
@@ -536,11 +540,10 @@ def test_port_clash_of_the_agent_and_the_relay_with_a_sync_tools_yaml(tmp_path: 
         "  relay:\n    command: sync-tools relay --config sync-tools.yaml\n")
     run = doctor(root, "--offline", config="sync-tools.yaml")
     clashes = [f for f in run.findings if f["code"] == "port-clash"]
+    # the relay without --port listens on 9191, not on process-compose's 8080
     assert {(f["subsystem"], f["message"].split(" uses")[0]) for f in clashes} == {
         (None, "the agent (agent.listen 127.0.0.1:8080)"),
-        (None, "process relay"),
     }
-    assert "sync-tools relay without --port" in next(f for f in clashes if "relay" in f["message"])["message"]
     # process-compose's API moved to 9999 (agent.url): now web's PORT=9999 clashes, and 8080 is free
     cfg.write_text(cfg.read_text().replace("listen: 127.0.0.1:8080", "listen: 127.0.0.1:8080\n"
                                            "  url: http://127.0.0.1:9999"))
@@ -628,11 +631,12 @@ def test_doctor_on_plat_telemetry_as_it_stands(tmp_path: Path) -> None:
         for sub in ("nats", "liftbridge", "arc", "telegraf", "grafana"):
             assert run.of(sub, "status-guard"), sub
             assert run.one(sub, "binary-absent")["level"] == "info"
-        assert "unix socket: pc/Taskfile.yml task run:fg" in run.one("arc", "port-clash")["message"]
+        # arc's 8080 is free: process-compose is on a unix socket, and the relay's default is 9191
+        assert not run.of("arc", "port-clash")
         assert run.one(None, "gitignore")["level"] == "warning"
         # errors: liftbridge's pin, grafana's build; warnings: .gitignore, liftbridge's upstream and version
-        # default, arc's port, grafana's health
-        assert (run.data["errors"], run.data["warnings"]) == (2, 5)
+        # default, grafana's health
+        assert (run.data["errors"], run.data["warnings"]) == (2, 4)
         # the legacy one-line .version that bin:download writes
         binary = pt.binary("grafana")
         binary.parent.mkdir(parents=True)

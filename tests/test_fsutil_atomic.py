@@ -19,7 +19,9 @@ def test_write_replaces_whole_with_a_private_file_and_leaves_nothing(tmp_path):
     target = tmp_path / "sub" / "state.json"
     atomic_write_bytes(target, b"one")
     assert target.read_bytes() == b"one"
-    assert stat.S_IMODE(target.stat().st_mode) == 0o600  # private, as tempfile.mkstemp would make it
+    from sync_tools.fsutil import default_mode
+
+    assert stat.S_IMODE(target.stat().st_mode) == default_mode()  # as open() would make it (the umask's)
     with atomic_writer(target) as fh:
         seen = [p for p in target.parent.iterdir() if p.name.startswith(".state.json.") and p.name.endswith(".tmp")]
         assert len(seen) == 1 and stat.S_IMODE(seen[0].stat().st_mode) == 0o600

@@ -31,9 +31,9 @@ def _free_port() -> int:
 def test_process_compose_entry_probes_health() -> None:
     pc = yaml.safe_load((ROOT / "relay/process-compose.yaml").read_text())
     relay = pc["processes"]["relay"]
-    assert relay["command"] == "gunicorn -c relay/gunicorn.conf.py relay.wsgi:app"
+    assert relay["command"].startswith("sync-tools relay --production")  # tests/test_production.py
     probe = relay["readiness_probe"]["http_get"]
-    assert (probe["path"], probe["port"]) == ("/health", 8080)
+    assert (probe["path"], probe["port"]) == ("/health", 9191)
     assert pc["processes"]["tunnel"]["depends_on"]["relay"]["condition"] == "process_healthy"
     tunnel = yaml.safe_load((ROOT / "relay/cloudflared.yml").read_text())
     assert tunnel["ingress"][-1] == {"service": "http_status:404"}

@@ -125,7 +125,9 @@ class SSEClient:
                     break  # stop() closed the response under a blocked read
                 delay = self.backoff(failures)
                 failures += 1
-                log.warning("SSE %s: %s: %s; reconnecting in %.1fs", self.url, type(e).__name__, e, delay)
+                from sync_tools.errtext import describe
+
+                log.warning("SSE %s: %s; reconnecting in %.1fs", self.url, describe(e), delay)
             self.connected.clear()
             self._stop.wait(delay)
 

@@ -82,7 +82,11 @@ class Fetcher(abc.ABC):
         except (DownloadError, DataError):
             raise
         except (HTTPError, http.client.HTTPException, OSError, ValueError) as e:
-            raise DownloadError(f"{url_or_name}: {type(e).__name__}: {e}") from e
+            from sync_tools.errtext import describe
+
+            where = self.url(url_or_name) if isinstance(self, HTTPFetcher) else url_or_name
+            named = isinstance(e, OSError) and e.filename  # the text already names the file
+            raise DownloadError(describe(e) if named else f"{where}: {describe(e)}") from e
 
     def fetch_bytes(self, url_or_name: str, *, max_bytes: int, timeout: float | None = None) -> bytes:
         """The whole file in memory (for the manifest and its signature), within *timeout* seconds in

@@ -111,9 +111,11 @@ class Gate:
             finally:
                 resp.close()  # not returned to the pool: its body may not be read to the end
         except HTTPError as e:
-            log.warning("%s: the relay cannot be asked (%s: %s); held", what, type(e).__name__, e)
+            from sync_tools.errtext import describe
+
+            log.info("%s: the relay cannot be asked (%s); held", what, describe(e))
             return GateDecision(False, f"{what}: the relay at {self.relay} cannot be reached "
-                                       f"({type(e).__name__}); held until it can", retry=True)
+                                       f"({describe(e)}); held until it can", retry=True)
         if resp.status != 200:
             return GateDecision(False, f"{what}: the relay answered HTTP {resp.status}; held",
                                 retry=resp.status >= 500 or resp.status == 429)

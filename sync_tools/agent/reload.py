@@ -180,7 +180,9 @@ class ProcessComposeReloader(Reloader):
             resp = conn.getresponse()
             body = resp.read(1 << 20)
         except (OSError, http.client.HTTPException) as e:
-            raise ReloadError(f"process-compose at {self.target}: {method} {path}: {e}") from e
+            from sync_tools.errtext import describe
+
+            raise ReloadError(f"process-compose at {self.target}: {method} {path}: {describe(e)}") from e
         finally:
             conn.close()
         try:
@@ -276,7 +278,9 @@ class SupervisorReloader(Reloader):
         except (OSError, xmlrpc.client.Error, http.client.HTTPException, ExpatError, ValueError) as e:
             # xmlrpc.client.Error: a ProtocolError or a ResponseError; ExpatError/ValueError: an answer
             # that is not XML-RPC (a proxy's HTML page with status 200)
-            raise ReloadError(f"supervisor at {self.serverurl}: {method}: {type(e).__name__}: {e}") from e
+            from sync_tools.errtext import describe
+
+            raise ReloadError(f"supervisor at {self.serverurl}: {method}: {describe(e)}") from e
 
     def restart(self, process: str) -> None:
         """Stop (when running) and start *process*. An agent killed between the two leaves the program

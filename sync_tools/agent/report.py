@@ -218,7 +218,9 @@ class Reporter:
             finally:
                 resp.close()  # not returned to the pool: its body may not be read to the end
         except HTTPError as e:
-            return f"{type(e).__name__}: {e}"
+            from sync_tools.errtext import describe
+
+            return describe(e)
         if not 200 <= resp.status < 300:
             return f"HTTP {resp.status}"
         return None

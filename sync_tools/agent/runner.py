@@ -43,7 +43,7 @@ from sync_tools.manifest import (
 from sync_tools.signing import load_public_key
 from sync_tools.versionfile import PREVIOUS_DIR, VersionInfo, read_version
 
-from . import delta, install, subsystems
+from . import delta, install, pending, statusinfo, subsystems
 from .events import AgentEvent
 from .extract import extract_binary
 from .fetch import Fetcher, ProgressFn, download, make_fetcher
@@ -52,7 +52,7 @@ from .health import HealthResult
 from .reload import Reloader, ReloadError, make_reloader
 from .report import Reporter, StepTimes
 from .settle import wait_settled
-from .state import AgentState, load_state, save_state
+from .state import ROLLED_BACK, AgentState, load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class UpdateReport:
     manifest_bytes: int = 0
     seconds: float = 0.0
     retry: bool = False  # the manifest fetch failed transiently, or was older than the event said
+    refused: bool = False  # the error is the release's (signature, manifest), not the network's or the config's
 
     @property
     def ok(self) -> bool:
@@ -307,10 +308,11 @@ class Agent:
         self.reports.append(report)
         del self.reports[:-20]
         self.reporter.send_update(report)  # outside the locks; short timeouts, never raises
-        level = logging.INFO if report.ok else logging.ERROR
-        log.log(level, "reconcile (%s): serial %s, %s%s", event.source if event else "start", report.serial,
-                ", ".join(f"{r.name}={r.action}" for r in report.results) or "nothing configured",
-                f", error: {report.error}" if report.error else "")
+        # INFO: the caller shows the report (the CLI prints it), so a failure is on stderr once
+        log.info("reconcile (%s): serial %s, %s%s", event.source if event else "start", report.serial,
+                 ", ".join(f"{r.name}={r.action}" for r in report.results) or ("nothing done" if report.error
+                                                                              else "nothing configured"),
+                 f", error: {report.error}" if report.error else "")
         return report
 
     def _reconcile(self, started: float, event: AgentEvent | None = None) -> UpdateReport:
@@ -328,7 +330,7 @@ class Agent:
             if ahead:
                 log.warning("the manifest fetched does not verify (%s) but the event announced serial %s; "
                             "looking again", e, event.serial)
-            return UpdateReport(None, error=str(e), seconds=time.monotonic() - started, retry=ahead)
+            return UpdateReport(None, error=str(e), seconds=time.monotonic() - started, retry=ahead, refused=True)
         except SyncToolsError as e:
             return UpdateReport(None, error=str(e), seconds=time.monotonic() - started)
         stale = event is not None and event.serial is not None and manifest.serial < event.serial
@@ -358,11 +360,12 @@ class Agent:
         old_sha = sha256_file(target) if target.is_file() else None
         if old_sha == asset.binary_sha256:
             self.update_state(lambda st: st.with_held(sub.name, None))
-            return SubsystemResult(sub.name, "unchanged", old_sha, old_sha, entry.version)
+            finished = pending.finish_reload(self, sub, old_sha, entry.version)  # a restart owed since it failed
+            return finished or SubsystemResult(sub.name, "unchanged", old_sha, old_sha, entry.version)
         state = load_state(self.root)
         if state.failed.get(sub.name) == asset.binary_sha256:
             return SubsystemResult(sub.name, "skipped", old_sha, asset.binary_sha256, entry.version,
-                                   error="this build failed its health check before; waiting for a new one")
+                                   error=f"held back: this build {state.failed_because(sub.name)}; waiting for a new one")
         gate = self.gate.decide(sub.name, asset.binary_sha256, has_policy=has_rollout(entry))
         held = None if gate.allowed else asset.binary_sha256
         self.update_state(lambda st: st.with_held(sub.name, held, gate.reason))
@@ -498,10 +501,12 @@ class Agent:
         still rolls back and ends its intent."""
         try:
             self.reloader.restart(sub.process)
+            pending.note_reload(self, sub.name, None)
             if reloaded_step:
                 install.crash_point("reloaded")
             return self._health(sub)
         except ReloadError as e:
+            pending.note_reload(self, sub.name, str(e))
             return HealthResult(False, f"reload failed: {e}")
         except Exception as e:  # noqa: BLE001 - see the docstring
             log.exception("%s: restart or health check failed unexpectedly", sub.name)
@@ -542,7 +547,7 @@ class Agent:
         publishes a different one (the same mark as a build that failed its health check)."""
         if intent.old_sha is not None and intent.old_sha != intent.new_sha:
             old = intent.old_sha
-            self.update_state(lambda st: st.with_failed(sub.name, old))
+            self.update_state(lambda st: st.with_failed(sub.name, old, ROLLED_BACK))
 
     def rollback(self, name: str) -> SubsystemResult:
         """``sync-tools rollback NAME``: swap ``.previous`` and the current binary, restart, check
@@ -556,6 +561,9 @@ class Agent:
             # finish an install a crash interrupted first: otherwise the half-written state (a new
             # binary under the old .version) would be saved as .previous, and refused next time
             self._recover_locked()
+            if statusinfo.previous_is_current(sub.bin_dir(self.root), sub.binary):
+                raise install.InstallError(f"{name}: .previous is the build already installed (an automatic "
+                                           "rollback put it back): there is nothing to roll back to")
             intent, info, health = self._swap_previous_in(sub, "rollback")
             if health.ok:
                 self._hold_back(sub, intent)
@@ -606,6 +614,8 @@ class Agent:
                 "process": sub.process,
                 "running": running,
                 "held": held_info(self.root, sub.name, sha),
+                "exe": statusinfo.process_exe(running.get("pid"), sha, installed=target),
+                **statusinfo.bookkeeping(self.root, sub.name, sha),
             }
         return out
 

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "release": ("sync_tools.cli.pipeline:release", "Upload only NAME's assets; re-sign manifest.json."),
     "verify": ("sync_tools.cli.pipeline:verify", "Check every installed binary against its .version."),
     "keys": ("sync_tools.cli.pipeline:keys", "Release signing keys (ed25519)."),
+    "notify": ("sync_tools.cli.notify:notify", "Tell the relay the release changed (signed POST /notify)."),
     "relay": ("sync_tools.cli.relay:relay", "Run the webhook relay (verify, queue, dispatch, fan out)."),
     "watch": ("sync_tools.cli.agent:watch", "Webhook receiver on a DEV (build) or USER (agent) machine."),
     "agent": ("sync_tools.cli.agent:agent", "The USER agent: reconcile, then apply pushed events."),

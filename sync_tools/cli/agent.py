@@ -53,7 +53,9 @@ def _print_report(report: Any, as_json: bool) -> None:
         echo_json(report.to_json())
         return
     if report.error:
-        click.echo(f"release refused: {report.error}", err=True)
+        # "refused" only for a release that does not verify; a network fault or the config is not the release's
+        what = "release refused" if report.refused else "cannot fetch the release" if report.retry else "error"
+        click.echo(f"{what}: {report.error}", err=True)
         return
     click.echo(f"manifest serial {report.serial} ({report.seconds:.2f}s)")
     for r in report.results:
@@ -152,15 +154,17 @@ def status(config_path: str | None, root: str | None, as_json: bool) -> None:
       sync-tools status --json
     """
     config = load(config_path)
-    info = _agent(config, root).status()
+    ag = _agent(config, root)
+    if not ag.root.is_dir():
+        raise ConfigError(f"install root {ag.root} does not exist (--root, or agent.root in the config)")
+    info = ag.status()
     if as_json:
         echo_json(info)
         return
-    for name, s in info.items():
-        sha = (s["sha256"] or "-")[:12]
-        state = s["running"].get("status", "?")
-        drift = "  DRIFT (.version does not match the binary)" if s["drift"] else ""
-        click.echo(f"{name:<16} {s['version'] or '-':<14} {sha:<13} {state}{drift}")
+    from sync_tools.cli.status_text import status_lines
+
+    for line in status_lines(info):
+        click.echo(line)
 
 
 @click.command()
@@ -265,7 +269,7 @@ def _dev_builder(config: Config) -> Any:
 
 @click.command()
 @config_option
-@click.option("--port", type=int, default=8080, show_default=True, help="Port for POST /webhook, GET /health.")
+@click.option("--port", type=int, default=9192, show_default=True, help="Port for POST /webhook, GET /health.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--mode", type=click.Choice(["auto", "dev", "user"]), default="auto", show_default=True,
               help="dev: build locally; user: act as the agent; auto: dev when a <subsystem>/.src/ exists.")
@@ -276,7 +280,7 @@ def watch(config_path: str | None, port: int, host: str, mode: str, root: str | 
 
     \b
     Example:
-      sync-tools watch --port 8080
+      sync-tools watch --port 9192
     """
     config = load(config_path)
     secret = os.environ.get(config.agent.secret_env)

@@ -42,20 +42,26 @@ def _status(outbox, settings=None) -> dict:  # type: ignore[no-untyped-def]
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any).")
+@click.option("--port", default=9191, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any).")
 @config_option
+@click.option("--production", is_flag=True,
+              help="Run under gunicorn + gevent with the packaged settings (pip install 'sync-tools[prod]').")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="With --production: gunicorn worker processes (each holds thousands of SSE agents).")
 @click.option("--status", "show_status", is_flag=True, help="Print the outbox status (JSON) and exit.")
 @click.option("--retry-dead", metavar="ID|all", help="Put a dead-lettered job (or all of them) back in the queue.")
-def relay(host: str, port: int, config_path: str | None, show_status: bool, retry_dead: str | None) -> None:
+def relay(host: str, port: int, config_path: str | None, production: bool, workers: int, show_status: bool,
+          retry_dead: str | None) -> None:
     """Run the webhook relay: verify GitHub deliveries, queue them durably, dispatch, fan out.
 
     Needs SYNC_TOOLS_WEBHOOK_SECRET (the secret set on the GitHub webhook); GITHUB_TOKEN for
-    dispatch: github; SYNC_TOOLS_AGENT_TOKENS (comma-separated) for agents on GET /events;
-    SYNC_TOOLS_DB to put the database elsewhere than .sync-tools/relay.db.
+    dispatch: github; SYNC_TOOLS_SIGNING_KEY for dispatch: local (its builds end with `release`);
+    SYNC_TOOLS_AGENT_TOKENS (comma-separated) for agents on GET /events; SYNC_TOOLS_DB to put the
+    database elsewhere than .sync-tools/relay.db.
 
     \b
     Example:
-      SYNC_TOOLS_WEBHOOK_SECRET=... GITHUB_TOKEN=... sync-tools relay --port 8080
+      SYNC_TOOLS_WEBHOOK_SECRET=... GITHUB_TOKEN=... sync-tools relay --production --workers 1
       sync-tools relay --status            # queue depth, dead letters
       sync-tools relay --retry-dead all    # after fixing the cause
     """
@@ -86,6 +92,10 @@ def relay(host: str, port: int, config_path: str | None, show_status: bool, retr
             outbox.close()
         return
 
+    if production:
+        from sync_tools.relay.production import run
+
+        run(config, host, port, workers)
     from sync_tools.relay.app import create_app
     from sync_tools.relay.server import serve
 

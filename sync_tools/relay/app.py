@@ -253,6 +253,7 @@ class Relay:
             close = isinstance(e, (wh.TooLarge, wh.RequestTimeout, wh.UnreadableBody))
             return e.status, _error_body(str(e)), {"Connection": "close"} if close else {}
 
+        results = [self._not_older(r) for r in results]
         if any(isinstance(r, wh.Ping) for r in results):
             deliveries("ping").inc()
             return 200, {"status": "pong", "delivery": delivery}, {}
@@ -280,6 +281,24 @@ class Relay:
         log.info("accepted delivery %s (%s): %s", delivery, event, summary)
         return 202, {"status": "accepted", "delivery": delivery, "jobs": list(rec.jobs),
                      "coalesced": rec.coalesced}, {}
+
+    def _not_older(self, r: wh.Classification) -> wh.Classification:
+        """An upstream version older than the one already dispatched is ignored (200 with the reason):
+        accepted, it would only be dropped by the worker (:meth:`_dispatch_job`), unseen by whoever
+        looks at GitHub's "Recent Deliveries". Commits have no order of their own; they are left alone."""
+        if not isinstance(r, wh.UpstreamChange):
+            return r
+        tracked = self.config.subsystems.get(r.subsystem)
+        if tracked is None or tracked.strategy == "commits":
+            return r
+        try:
+            newest = self.outbox.get_state(f"dispatched:{r.subsystem}")
+        except OutboxError:
+            return r  # the worker still refuses to roll the build back
+        if newest is not None and later(newest, r.version):
+            return wh.Ignored(r.delivery, r.event,
+                              f"{r.subsystem} {r.version} is older than {newest}, which was already dispatched")
+        return r
 
     def jobs_for(self, results: list[wh.Classification]) -> list[NewJob]:
         jobs = []

@@ -274,7 +274,20 @@ class LocalDispatcher:
 
     def dispatch(self, client_payload: dict[str, Any]) -> None:
         """Run build (at the announced version), package and release for ``client_payload['subsystem']``, stopping at the first
-        failure. Raises BuildError naming the step, its exit code and the log file."""
+        failure. Raises BuildError naming the step, its exit code and the log file. The pin the build
+        moved is put back when a later step fails or is stopped: it names only released versions."""
+        from sync_tools.relay.pinback import put_back, saved_pins
+
+        sub = str(client_payload["subsystem"])
+        pinned = saved_pins(self.config_path, sub)
+        try:
+            self._build_package_release(client_payload)
+        except BaseException:
+            for moved in put_back(pinned):
+                log.warning("%s: pin put back (%s): its build was not released", sub, moved)
+            raise
+
+    def _build_package_release(self, client_payload: dict[str, Any]) -> None:
         from sync_tools.procs import TERM_GRACE, stop_group
 
         sub = str(client_payload["subsystem"])

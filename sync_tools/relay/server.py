@@ -46,7 +46,7 @@ class RelayServer:
     Raises ConfigError when the address cannot be bound.
     """
 
-    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 8080):
+    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 9191):
         self.app = app
         try:
             self.server = _Server(host, port, app, handler=_Handler)
@@ -84,7 +84,7 @@ class RelayServer:
         self.stop()
 
 
-def serve(app: Flask, host: str = "127.0.0.1", port: int = 8080, *, ready: threading.Event | None = None) -> None:
+def serve(app: Flask, host: str = "127.0.0.1", port: int = 9191, *, ready: threading.Event | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then stop cleanly (jobs not finished stay in the outbox and
     are resumed at the next start)."""
     # A delivery's answer waits for the committer thread, and the committer for the GIL: a shorter

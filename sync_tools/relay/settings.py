@@ -63,8 +63,9 @@ def load_settings(config: Config, environ: Mapping[str, str] | None = None, *, r
     """Read the relay settings from *environ* (default ``os.environ``) and *config*.
 
     Raises ConfigError when ``SYNC_TOOLS_WEBHOOK_SECRET`` is missing or empty (unless
-    *require_secret* is false, for the read-only ``--status`` views), or when ``github`` dispatch
-    is configured without ``GITHUB_TOKEN``.
+    *require_secret* is false, for the read-only ``--status`` views), when ``github`` dispatch
+    is configured without ``GITHUB_TOKEN``, or ``local`` dispatch without a signing key that
+    ``release`` can use (:func:`check_release_key`).
     """
     env = os.environ if environ is None else environ
     secret = env.get(WEBHOOK_SECRET_ENV, "")
@@ -76,6 +77,8 @@ def load_settings(config: Config, environ: Mapping[str, str] | None = None, *, r
         raise ConfigError("relay.dispatch is 'github' but GITHUB_TOKEN is not set "
                           "(it needs a token allowed to create repository_dispatch events on "
                           f"{config.release.repo or 'release.repo'})", path=config.path)
+    if require_secret and config.relay.dispatch == "local":
+        check_release_key(config, env)
     state = config.root / STATE_DIR
     db = Path(env[DB_ENV]) if env.get(DB_ENV) else state / "relay.db"
     bare, bound = parse_agent_tokens(env.get(AGENT_TOKENS_ENV, ""), AGENT_TOKENS_ENV)
@@ -98,6 +101,26 @@ def load_settings(config: Config, environ: Mapping[str, str] | None = None, *, r
     )
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def check_release_key(config: Config, env: Mapping[str, str]) -> None:
+    """``dispatch: local`` ends every build with ``sync-tools release``, which signs the manifest with
+    ``SYNC_TOOLS_SIGNING_KEY``: without it (or with a key agents do not pin) every job would build,
+    then fail, so the relay refuses to start instead. Raises ConfigError (as ``release`` would)."""
+    from sync_tools import signing  # not sync_tools.release: gunicorn's master must not import requests
+
+    key = env.get(signing.SIGNING_KEY_ENV, "")
+    if not key.strip():
+        raise ConfigError(f"relay.dispatch is 'local' but {signing.SIGNING_KEY_ENV} is not set: each local build "
+                          "ends with `sync-tools release`, which signs the manifest with it (set it to the key "
+                          "file's path or its PEM text)", path=config.path)
+    private = signing.load_private_key(key)
+    if config.release.public_key:
+        pub_path = config.resolve(config.release.public_key)
+        public = signing.load_public_key(str(pub_path))
+        if signing.public_key_pem(private) != signing.public_key_pem(public):
+            raise ConfigError(f"{signing.SIGNING_KEY_ENV} does not belong to release.public_key: every local "
+                              "release would be refused by the agents", path=pub_path)
 
 
 def parse_agent_tokens(text: str, where: str) -> tuple[list[bytes], list[tuple[str, bytes]]]:

@@ -1,0 +1,44 @@
+"""Restarts that failed: remembered in the agent state and finished by the next reconcile.
+
+A restart that fails (``reload failed``) leaves a binary in place that the process may not run: a
+first install has nothing to roll back to, and the next reconcile would find the binary already the
+manifest's and call it ``unchanged``. The failure is recorded per subsystem; the next reconcile
+restarts it again and checks its health before it says anything is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sync_tools.agent.state import load_state
+from sync_tools.config import Subsystem
+
+log = logging.getLogger(__name__)
+
+
+def note_reload(agent: Any, name: str, error: str | None) -> None:
+    """Record that *name*'s restart failed with *error*, or (None) that it succeeded. Never raises: a
+    state that cannot be written is logged, and the reload's own outcome still stands."""
+    try:
+        agent.update_state(lambda st: st.with_reload_failed(name, error))
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.exception("%s: cannot record the outcome of its restart in the agent state", name)
+
+
+def finish_reload(agent: Any, sub: Subsystem, sha: str, version: str | None) -> Any:
+    """When *sub*'s last restart failed: restart it again and check its health. Returns the
+    SubsystemResult (``recovered``, or ``failed`` with the reason), or None when no restart is owed."""
+    from sync_tools.agent.runner import SubsystemResult
+
+    error = load_state(agent.root).reload_failed.get(sub.name)
+    if error is None:
+        return None
+    log.warning("%s: its last restart failed (%s); restarting it again", sub.name, error)
+    health = agent._restart_and_check(sub)
+    if not health.ok:
+        return SubsystemResult(sub.name, "failed", sha, sha, version,
+                               error=f"the restart onto this build failed before and still does: {health.detail}")
+    # the build was never unhealthy, its restart was: it is no longer held back as a failed build
+    agent.update_state(lambda st: st.with_failed(sub.name, None) if st.failed.get(sub.name) == sha else st)
+    return SubsystemResult(sub.name, "recovered", sha, sha, version)

@@ -1,0 +1,79 @@
+"""``sync-tools relay --production``: the relay under gunicorn with the packaged settings
+(:mod:`sync_tools.relay.gunicorn_conf`), from any workspace once ``sync-tools[prod]`` is installed.
+
+The command checks the config and the secrets first, as the server's workers will, so a start-up
+error is one line on stderr and a non-zero exit; then it becomes the gunicorn master (``exec``), so
+a supervisor's SIGTERM reaches gunicorn itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Mapping
+from typing import NoReturn
+
+from sync_tools.config import CONFIG_ENV, Config
+from sync_tools.errors import ConfigError, SyncToolsError
+
+GUNICORN_CONF = "python:sync_tools.relay.gunicorn_conf"
+WSGI_APP = "sync_tools.relay.wsgi:app"
+DEFAULT_PORT = 9191  # not process-compose's 8080, nor the 9090 plat-telemetry's own sync service uses
+
+
+def check(config: Config, environ: Mapping[str, str] | None = None) -> None:
+    """Everything the relay checks before it serves, without opening its database. Raises ConfigError
+    (no webhook secret, github dispatch without GITHUB_TOKEN or release.repo, local dispatch without
+    what ``release`` needs, a database directory that cannot be made)."""
+    from sync_tools.relay.settings import load_settings
+
+    settings = load_settings(config, environ)
+    try:
+        settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot make the relay database's directory {settings.db_path.parent}: "
+                          f"{e.strerror or e}") from e
+    if config.relay.dispatch == "github" and not config.release.repo:
+        raise ConfigError("relay.dispatch is 'github' but release.repo is not set", path=config.path)
+
+
+def preflight() -> None:
+    """gunicorn's ``on_starting`` hook: :func:`check` the config the workers will load; on an error,
+    one line on stderr and exit 1 before any worker is forked."""
+    from sync_tools.config import load_config
+
+    try:
+        check(load_config())
+    except SyncToolsError as e:
+        print(f"sync-tools relay: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def gunicorn_command(config: Config, host: str, port: int, workers: int,
+                     environ: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run the relay under gunicorn for *config*."""
+    env = dict(os.environ if environ is None else environ)
+    if config.path is not None:
+        env[CONFIG_ENV] = str(config.path)
+    env["RELAY_BIND"] = bind_address(host, port)
+    env["RELAY_WORKERS"] = str(workers)
+    return [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, WSGI_APP], env
+
+
+def run(config: Config, host: str, port: int, workers: int) -> NoReturn:
+    """Check, then replace this process with the gunicorn master. Raises ConfigError when the
+    config or the secrets are wrong, or gunicorn is not installed."""
+    if importlib.util.find_spec("gunicorn") is None:
+        raise ConfigError("the production server needs gunicorn: pip install 'sync-tools[prod]'")
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    check(config)
+    argv, env = gunicorn_command(config, host, port, workers)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)
