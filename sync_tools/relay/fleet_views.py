@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from sync_tools.manifest import MANIFEST_NAME, parse_manifest
 from sync_tools.relay import webhook as wh
+from sync_tools.relay.app import _error  # the relay's one JSON error shape
 from sync_tools.relay.fanout import AgentEvent
 from sync_tools.relay.fleet import BadReport, Fleet, FleetStore, TokenBuckets, parse_report
 from sync_tools.relay.outbox import Job, NewJob, OutboxError
@@ -185,12 +186,6 @@ def _fr() -> FleetRelay:
     return current_app.extensions[EXTENSION]
 
 
-def _error(status: int, message: str, **headers: str) -> Response:
-    resp = jsonify(status="error", error=message)
-    resp.status_code = status
-    for k, v in headers.items():
-        resp.headers[k.replace("_", "-")] = v
-    return resp
 
 
 def _unauthorized(message: str, *, basic: bool = False) -> Response:
