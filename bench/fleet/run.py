@@ -19,7 +19,7 @@ Measured, per release:
 Runs are interleaved (``--repeats`` rounds, each in a rotated order) on the same fleet. Rows go to
 ``bench/fleet/results.jsonl``, a plot of the rollouts over time to ``docs/img/fleet-rollout.png``.
 
-Usage: .venv/bin/python bench/fleet/run.py [--agents 1000] [--hosts 4] [--repeats 3] [--settle 5]
+Usage: .venv/bin/python bench/fleet/run.py [--agents 1000] [--hosts 20] [--repeats 3] [--settle 5]
 (needs the ``bench`` extra for the plot: ``python3 run.py bench`` installs it).
 """
 
@@ -55,11 +55,20 @@ from tests.relay_process import RelayProcess, agent_token, clean_env, write_rela
 BINARY = "nats-server"
 ASSET = asset_name(BINARY, PLATFORM)
 OUT = Path(__file__).resolve().parent / "results.jsonl"
+SECTION = Path(__file__).resolve().parent / "section.md"  # bench/run puts it in docs/benchmarks.md
 IMG = ROOT / "docs" / "img" / "fleet-rollout.png"
 #: A bad build fails its health check for this long, then is rolled back. Not shorter: with 1,000 agents
 #: on 2 cores, a good build's health command (a fork and exec of sh) can take seconds to answer.
 HEALTH_TIMEOUT = 10.0
 TERMINAL = ("updated", "rolled_back", "failed")
+
+
+class Store(StoreServer):
+    """The tests' store server with a listen backlog for a thousand agents asking at once (the default 5
+    would make most of them wait out TCP's SYN retries, 1 s, 3 s, 7 s ..., which a CDN never does)."""
+
+    class _Server(StoreServer._Server):
+        request_queue_size = 4096
 
 
 def agent_ids(n: int) -> list[str]:
@@ -79,8 +88,9 @@ def policy(settle: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------------- agent host process
 
 
-def host(base: Path, first: int, count: int) -> int:
-    """Run agents first..first+count-1 until stdin closes; one JSON line on stdout per reconcile."""
+def host(base: Path, roots: Path, first: int, count: int) -> int:
+    """Run agents first..first+count-1 (install roots under *roots*) until stdin closes; one JSON line on
+    stdout per reconcile."""
     from sync_tools.agent.gate import Gate
     from sync_tools.agent.report import Reporter
     from sync_tools.agent.runner import Agent, serve
@@ -94,7 +104,7 @@ def host(base: Path, first: int, count: int) -> int:
     agents: list[Agent] = []
     threads = []
     for aid in agent_ids(first + count)[first:]:
-        root = base / "agents" / aid
+        root = roots / aid
         bin_dir = root / "nats" / ".bin"
         bin_dir.mkdir(parents=True, exist_ok=True)
         (bin_dir / BINARY).write_bytes(v1)
@@ -175,25 +185,43 @@ def quantile_times(times: list[float], n: int) -> dict[str, float | None]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--agents", type=int, default=1000)
-    ap.add_argument("--hosts", type=int, default=4, help="processes the agents are spread over")
+    ap.add_argument("--hosts", type=int, default=20, help="processes the agents are spread over (few agents per "
+                    "process: hundreds of threads under one GIL queue behind each other at every I/O call)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--settle", type=float, default=5.0, help="the policy's settle_seconds between waves")
     ap.add_argument("--timeout", type=float, default=600.0, help="upper bound for one release")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--host", nargs=3, metavar=("BASE", "FIRST", "COUNT"), help=argparse.SUPPRESS)
+    ap.add_argument("--note", default="", help="what else ran on the machine meanwhile (goes into the doc)")
+    ap.add_argument("--roots", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None,
+                    help="where the agents' install roots go (default: /dev/shm: 1,000 agents sharing one disk "
+                         "would measure its fsyncs, not the rollout; each real agent has its own disk)")
+    ap.add_argument("--from-results", action="store_true",
+                    help="only redo the plot and bench/fleet/section.md from bench/fleet/results.jsonl")
+    ap.add_argument("--host", nargs=4, metavar=("BASE", "ROOTS", "FIRST", "COUNT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.host:
-        return host(Path(args.host[0]), int(args.host[1]), int(args.host[2]))
+        return host(Path(args.host[0]), Path(args.host[1]), int(args.host[2]), int(args.host[3]))
+    if args.from_results:
+        meta, *rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
+        meta.setdefault("note", args.note)
+        meta["note"] = args.note or meta["note"]
+        summary(rows, meta)
+        if not args.no_plot:
+            plot(rows, meta["agents"])
+        SECTION.write_text(section(rows, meta))
+        print(f"wrote {SECTION.relative_to(ROOT)}")
+        return 0
 
     base = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    roots = Path(tempfile.mkdtemp(prefix="bench-fleet-roots-", dir=args.roots))
     ids = agent_ids(args.agents)
     store = ReleaseStore(base / "store", Ed25519PrivateKey.generate())
     ws = base / "relay"
     write_relay_workspace(ws, store.store, store.public_pem(), ids, {"nats": BINARY})
     store.publish("nats", BINARY, binary("v1"), "v1")
     relay = RelayProcess(ws)
-    server = StoreServer(store.dir).__enter__()
+    server = Store(store.dir).__enter__()
     (base / "agent.yaml").write_text(
         f"release:\n  tag: latest\n  public_key: {ws / 'keys' / 'release.pub'}\n"
         f"subsystems:\n  nats:\n    binary: {BINARY}\n    health: nats/.bin/{BINARY}\n"
@@ -210,7 +238,7 @@ def main() -> int:
         per = -(-args.agents // args.hosts)
         for h in range(args.hosts):
             first, count = h * per, min(per, args.agents - h * per)
-            p = subprocess.Popen([sys.executable, __file__, "--host", str(base), str(first), str(count)],
+            p = subprocess.Popen([sys.executable, __file__, "--host", str(base), str(roots), str(first), str(count)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  stderr=open(base / f"host{h}.log", "w"), env=clean_env())  # noqa: SIM115
             hosts.append(p)
@@ -289,21 +317,25 @@ def main() -> int:
                 p.send_signal(signal.SIGKILL)
         relay.stop()
         server.__exit__(None, None, None)
+        shutil.rmtree(roots, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
         else:
             print(f"kept: {base}", file=sys.stderr)
     meta = {"bench": "fleet.meta", "agents": args.agents, "hosts": args.hosts, "repeats": args.repeats,
+            "roots": str(args.roots),
             "settle_s": args.settle, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "wall_s": round(time.time() - started, 1), "load1_start": round(load_before[0], 2),
             "load1_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "commit": _commit()}
+            "commit": _commit(), "note": args.note}
     with OUT.open("w") as f:
         for r in [meta, *rows]:
             f.write(json.dumps(r) + "\n")
     summary(rows, meta)
     if not args.no_plot:
         plot(rows, args.agents)
+    SECTION.write_text(section(rows, meta))
+    print(f"wrote {SECTION.relative_to(ROOT)}")
     return 0
 
 
@@ -325,6 +357,62 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     if bad:
         ran = [r["ran_bad_build"] for r in bad]
         print(f"  bad      agents that ran it: {min(ran)}-{max(ran)} (first wave: {bad[0]['first_wave']})")
+
+
+def _range(xs: list[float], unit: str = " s") -> str:
+    if not xs:
+        return "-"
+    return f"{min(xs):.1f}{unit}" if min(xs) == max(xs) else f"{min(xs):.1f}-{max(xs):.1f}{unit}"
+
+
+def section(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The docs/benchmarks.md section for this run."""
+    n = meta["agents"]
+    waves = [r for r in rows if r["bench"] == "fleet.waves"]
+    plain = [r for r in rows if r["bench"] == "fleet.nowaves"]
+    bad = [r for r in rows if r["bench"] == "fleet.bad"]
+    t_w = [r["t100_s"] for r in waves if r.get("t100_s") is not None]
+    t_p = [r["t100_s"] for r in plain if r.get("t100_s") is not None]
+    lines = [
+        f"## 4. Fleet: staged rollouts with {n:,} agents", "",
+        f"`bench/fleet/run.py`: {n:,} real agents (`Agent` + `serve`: SSE, the wave gate, reports) in "
+        f"{meta['hosts']} processes, each with its own install root (on tmpfs: one shared disk would measure "
+        "its fsyncs), no service (`reload: none`; the health check runs the installed binary, a script that "
+        f"exits 0, or 1 for the bad build; health timeout {HEALTH_TIMEOUT:g} s); the relay as `sync-tools relay` "
+        f"with the {n:,} agents in its tokens file; the store on a threaded HTTP server; loopback. "
+        f"{meta['repeats']} rounds, the three kinds of release interleaved in a rotated order on the same fleet. "
+        f"Policy: waves 1/10/50/100 %, min_healthy 1, settle_seconds {meta['settle_s']:g}, max_failures 1. "
+        f"Run {meta['started']} at commit {meta['commit']}, {meta['wall_s']:.0f} s; 1-minute load average "
+        f"{meta['load1_start']} at the start, {meta['load1_end']} at the end "
+        "(it counts runnable threads: the agents' own threads are most of it).", "",
+    ]
+    if meta.get("note"):
+        lines += [f"Also running on the machine meanwhile: {meta['note']}", ""]
+    lines += [
+        f"| release | time to 100 % of {n:,} (range over rounds) |", "|---|---|",
+        f"| good build, no rollout policy | {_range(t_p)} |",
+        f"| good build, waves 1/10/50/100 % | {_range(t_w)} |",
+        "| cost of the waves (difference of the means) | "
+        + (f"{sum(t_w) / len(t_w) - sum(t_p) / len(t_p):.1f} s |" if t_w and t_p else "- |"),
+        f"| bad build: agents that ever ran it | {_range([r['ran_bad_build'] for r in bad], '')} of {n:,} "
+        f"(target: at most the first wave, {-(-n // 100)}) |",
+        f"| bad build: agents that downloaded it | {_range([r['downloads'] for r in bad], '')} |", "",
+        "Every run:", "",
+        "| release | round | t1 % | t10 % | t50 % | t90 % | t100 % | downloads | healthy reports the relay got "
+        "| waves opened at (s) |", "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kind = r["bench"].split(".", 1)[1]
+        if kind == "bad":
+            lines.append(f"| bad | {r['round']} | ran it: {r['ran_bad_build']} | held: {r['held']} | | | "
+                         f"halted by {r['halted_s']} | {r['downloads']} | | |")
+            continue
+        lines.append(f"| {kind} | {r['round']} | {r['t1_s']} | {r['t10_s']} | {r['t50_s']} | {r['t90_s']} | "
+                     f"{r['t100_s']} | {r['downloads']} | {r['relay_healthy_reports']} | "
+                     f"{', '.join(str(x) for x in r.get('opened_s', [])) or '-'} |")
+    lines += ["", f"![agents on the new build against time since the release, with and without waves; "
+              f"agents that ran the bad build]({IMG.relative_to(ROOT / 'docs').as_posix()})", ""]
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], n: int) -> None:

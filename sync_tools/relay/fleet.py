@@ -380,10 +380,14 @@ class FleetStore:
 
     # --------------------------------------------------------------------------------- reports
 
-    def record_report(self, r: Report, now: float, *, known: bool) -> None:
+    def record_report(self, r: Report, now: float, *, known: bool) -> bool:
         """Durably record *r* (on disk when this returns). *known*: its ``to`` build is one a verified
-        manifest named for its subsystem; only then does it count for a rollout."""
+        manifest named for its subsystem; only then does it count for a rollout. Returns whether it may
+        change a rollout's judgement: a healthy or failed outcome counted, or an agent new to the fleet
+        or now on another platform (a ``held`` report from a known agent changes none)."""
         with self._tx() as conn:
+            row = conn.execute("SELECT platform FROM agents WHERE id = ?", (r.agent,)).fetchone()
+            fleet_changed = row is None or (r.platform is not None and row[0] != r.platform)
             conn.execute(
                 "INSERT INTO reports (agent, received, subsystem, platform, from_sha, to_sha, version, serial, "
                 "outcome, error, times, known) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -410,6 +414,8 @@ class FleetStore:
                         "healthy_at = COALESCE(healthy_at, excluded.healthy_at), "
                         "failed_at = COALESCE(failed_at, excluded.failed_at)",
                         (r.subsystem, r.to_sha, r.agent, healthy, failed))
+                    return True
+            return fleet_changed
 
     def reports(self, agent: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         cols = ("id", "agent", "received", "subsystem", "platform", "from", "to", "version", "serial", "outcome",
@@ -715,8 +721,11 @@ class Fleet:
         """Durably record *report*; returns whether it names a build a verified manifest named (only
         those count for a rollout)."""
         known = report.to_sha is not None and self.store.build(report.subsystem, report.to_sha) is not None
-        self.store.record_report(report, self.now(), known=known)
-        self._changed()
+        # only a report that can change a judgement drops the cached ones: when a wave opens, the whole
+        # fleet asks and the held agents report "held" at once, and re-judging the rollout (the fleet
+        # ranked again) for each of those 1,000 asks choked the relay (bench/fleet)
+        if self.store.record_report(report, self.now(), known=known):
+            self._changed()
         return known
 
     def advance(self, subsystem: str, build: str) -> tuple[Judged | None, int]:
