@@ -58,6 +58,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SUBSYSTEM = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _PLATFORM = re.compile(r"[a-z0-9]{1,32}/[a-z0-9]{1,32}")
 _AGENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+SEEN_EVERY = 30.0  # seconds between two last-seen writes for one agent's asks (silent_after is an hour)
 CACHE_SECONDS = 2.0  # a rollout's judgement is reused this long (other processes' writes show after it)
 
 _SCHEMA = """
@@ -622,6 +623,7 @@ class Fleet:
         self._lock = threading.Lock()
         self._gen = 0  # bumped by every write of this process that changes a judgement
         self._cache: dict[tuple[str, str], tuple[int, float, Judged]] = {}
+        self._seen: dict[str, float] = {}  # agent id -> when seen() last wrote its last-seen time
 
     def _changed(self) -> None:
         with self._lock:
@@ -645,7 +647,16 @@ class Fleet:
         self.store.touch(agent, self.now())
 
     def seen(self, agent: str) -> None:
-        if self.store.touch(agent, self.now()):
+        """*agent* asked something. Its last-seen time is written at most every SEEN_EVERY seconds: when
+        a wave opens, the whole fleet asks at once, and a write per ask queued the asks behind the
+        reports' fsyncs on the write lock (bench/fleet)."""
+        now = self.now()
+        with self._lock:
+            last = self._seen.get(agent)
+            if last is not None and 0 <= now - last < SEEN_EVERY:
+                return
+            self._seen[agent] = now
+        if self.store.touch(agent, now):
             self._changed()
 
     def live(self, agents: Iterable[AgentRecord] | None = None) -> set[str]:
