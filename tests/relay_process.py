@@ -59,10 +59,10 @@ def write_relay_workspace(ws: Path, store: Path, public_pem: bytes, agents: Iter
 class RelayProcess:
     """``sync-tools relay`` in its own process on 127.0.0.1; its database and logs under the workspace."""
 
-    def __init__(self, ws: Path, *, log: Path | None = None):
+    def __init__(self, ws: Path, *, log: Path | None = None, port: int | None = None):
         self.ws = ws
         self.log = log or ws / "relay.log"
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.session = requests.Session()

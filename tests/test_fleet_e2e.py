@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,7 +36,6 @@ from sync_tools.rollout import ranked, wave_size
 from sync_tools.versionfile import VersionInfo, write_version
 from tests.agent_support import PLATFORM, SERVICE_PY, ReleaseStore, StoreServer, Supervisord, service_binary
 from tests.relay_process import RelayProcess, agent_token, clean_env, write_relay_workspace
-from tests.support import free_port
 
 N_AGENTS = 22
 AGENTS = [f"agent-{i:02d}" for i in range(N_AGENTS)]
@@ -103,6 +103,16 @@ class Fleet:
         self.relay.notify()
         return hashlib.sha256(data).hexdigest()
 
+    def silent_services(self) -> str:
+        """The agents whose service does not answer, with supervisord's word on it (for a failure)."""
+        out = []
+        for a in self.agents:
+            if not a.answers():
+                with contextlib.suppress(Exception):
+                    info = self.supervisor.info(f"svc-{a.id}")
+                    out.append(f"{a.id} port {a.port}: {info['statename']} {info['description']}")
+        return "; ".join(out)
+
     def wait(self, what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
         """Poll *check* until truthy; fails naming *what* (or an agent process that exited)."""
         deadline = time.monotonic() + timeout
@@ -116,7 +126,8 @@ class Fleet:
                 if value:
                     return value
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; rollouts: "
+                raise AssertionError(f"timed out waiting for {what}; services not answering: "
+                                     f"{self.silent_services() or 'none'}; rollouts: "
                                      f"{self.relay.operator('GET', '/rollout/nats').text[:3000]}")
             time.sleep(0.1)
 
@@ -164,10 +175,15 @@ def running_fleet(base: Path) -> Iterator[Fleet]:
     ws = base / "relay"
     write_relay_workspace(ws, store.store, store.public_pem(), AGENTS, {"nats": BINARY})
     pub = ws / "keys" / "release.pub"
-    agents = [FleetAgent(a, base / "agents" / a, free_port(), StoreServer(store.dir)) for a in AGENTS]
+    # the store servers hold their ports first, so no service or relay port chosen below can be one of them
+    servers = [StoreServer(store.dir) for _ in AGENTS]
+    relay_port, *ports = _free_ports(N_AGENTS + 1)
+    agents = [FleetAgent(a, base / "agents" / a, port, server) for a, port, server in zip(AGENTS, ports, servers,
+                                                                                            strict=True)]
     programs = [(f"svc-{a.id}", str(a.binary), {"PORT": str(a.port)}) for a in agents]
     supervisor = Supervisord(programs, autorestart=tuple(name for name, _, _ in programs))
-    fleet = Fleet(base, store, service_py, RelayProcess(ws, log=base / "logs" / "relay.log"), supervisor, agents)
+    fleet = Fleet(base, store, service_py, RelayProcess(ws, log=base / "logs" / "relay.log", port=relay_port),
+                  supervisor, agents)
     with contextlib.ExitStack() as stack:
         for a in agents:
             stack.enter_context(a.server)
@@ -201,6 +217,19 @@ def running_fleet(base: Path) -> Iterator[Fleet]:
                    lambda: len({a for a, rs in fleet.reports(v1_sha).items() if ("running" in {o for _, o in rs})})
                    == N_AGENTS)
         yield fleet
+
+
+def _free_ports(n: int) -> list[int]:
+    """*n* distinct loopback ports free right now (all held open together while they are chosen: one
+    at a time, the kernel may hand out the same port twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _stop_agents(agents: list[FleetAgent]) -> None:
