@@ -50,6 +50,7 @@ from sync_tools.manifest import (
     sign_manifest,
     with_entry,
 )
+from sync_tools.rollout import RolloutPolicy
 from sync_tools.signing import public_key_pem
 from sync_tools.versionfile import VersionInfo, write_version
 from tests.support import free_port
@@ -62,9 +63,12 @@ import http.server, os, sys
 version, mode = sys.argv[1], sys.argv[2]
 if mode == "crash":
     sys.exit(3)
+if mode.startswith("dies:"):  # healthy at first, then the process exits (status 1) after that many seconds
+    import threading
+    threading.Timer(float(mode[5:]), lambda: os._exit(1)).start()
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        code = 200 if mode == "ok" else 500
+        code = 500 if mode == "unhealthy" else 200
         body = f"{version} {os.getpid()}".encode()
         self.send_response(code)
         self.send_header("Content-Length", str(len(body)))
@@ -77,7 +81,8 @@ http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever(
 
 
 def service_binary(service_py: Path, version: str, *, mode: str = "ok", size: int = 0) -> bytes:
-    """A runnable "binary": sh exec-s the health server with *version*; *mode* ok | unhealthy | crash."""
+    """A runnable "binary": sh exec-s the health server with *version*; *mode* ok | unhealthy | crash |
+    ``dies:<seconds>`` (answers 200, then exits after that many seconds: passes a first health check)."""
     head = f'#!/bin/sh\nexec "{sys.executable}" "{service_py}" "{version}" "{mode}"\n'.encode()
     if size > len(head):
         # incompressible padding, so a 20 MB binary is a 20 MB download
@@ -141,15 +146,17 @@ class ReleaseStore:
 
     def publish_archive(self, name: str, binary: str, archive: bytes, binary_sha256: str, version: str,
                         *, platform: str = PLATFORM, asset_sha256: str | None = None,
-                        now: datetime | None = None) -> Manifest:
-        """Upload *archive* as name's asset and re-sign the manifest (serial + 1)."""
+                        now: datetime | None = None, rollout: dict | None = None) -> Manifest:
+        """Upload *archive* as name's asset and re-sign the manifest (serial + 1); *rollout*: the entry's
+        rollout policy (issue 15), as the manifest's JSON has it."""
         aname = asset_name(binary, platform)
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.dir / aname, archive)
         asset = Asset(aname, len(archive), asset_sha256 or hashlib.sha256(archive).hexdigest(), binary_sha256)
         entry = Entry(version=version, commit=hashlib.sha1(version.encode()).hexdigest(),
                       built=format_time(now or datetime.now(UTC)),
-                      assets=MappingProxyType({platform: asset}), binary=binary)
+                      assets=MappingProxyType({platform: asset}), binary=binary,
+                      rollout=None if rollout is None else RolloutPolicy.from_json(rollout))
         base = self.manifest() or Manifest(serial=0, created=format_time(datetime.now(UTC)),
                                            expires=format_time(datetime.now(UTC)))
         m = with_entry(base, name, entry, now=now, expires_days=self.expires_days)

@@ -59,3 +59,33 @@ def test_demo_rebuilds_releases_and_reloads_only_nats(tmp_path: Path) -> None:
 
     result = json.loads((work / "demo-result.json").read_text())
     assert result["ok"] is True
+
+
+@pytest.mark.slow
+def test_fleet_demo_rolls_out_wave_by_wave_and_halts_a_bad_build_in_wave_one(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "sync_tools", "demo", "--fleet", "--dir", str(work)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((work / "demo-result.json").read_text())
+    assert result["ok"] is True
+    good, bad = result["builds"]["v1.1.0"], result["builds"]["v1.2.0"]
+
+    # the relay's own records: the good build's three waves opened and it completed; the bad one halted
+    # in wave 1 with exactly one failure, and the other three agents were only ever told to wait
+    conn = sqlite3.connect(work / "workspace" / "relay.fleet.db")
+    opened = {b: json.loads(o) for b, o in conn.execute("SELECT build, opened FROM rollouts")}
+    halted = dict(conn.execute("SELECT build, halted_at FROM rollouts"))
+    reports = conn.execute("SELECT agent, outcome FROM reports WHERE to_sha = ?", (bad,)).fetchall()
+    conn.close()
+    assert len(opened[good]) == 3 and halted[good] is None
+    assert len(opened[bad]) == 1 and halted[bad] is not None
+    rolled_back = {a for a, o in reports if o == "rolled_back"}
+    assert len(rolled_back) == 1
+    assert {a for a, o in reports if o == "held"} == {"agent-1", "agent-2", "agent-3", "agent-4"} - rolled_back
+
+    for agent in ("agent-1", "agent-2", "agent-3", "agent-4"):
+        assert sha256_file(work / agent / "nats/.bin/nats-server") == good
+    # supervisord's log in wave 1's root: the bad build was started, crashed and the good one came back
+    log = (work / rolled_back.pop() / "logs/supervisord.log").read_text()
+    assert "exit status 1" in log

@@ -20,11 +20,13 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 STARTED = time.time()
 NAME = {name!r}
 VERSION = {version!r}
+CRASH_AFTER = {crash_after!r}  # a bad build: healthy at first, then the process exits this many seconds in
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -45,6 +47,8 @@ def main():
     port = int(os.environ.get("PORT", "0"))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if CRASH_AFTER is not None:
+        threading.Timer(CRASH_AFTER, lambda: os._exit(1)).start()
     server.serve_forever()
 
 
@@ -59,9 +63,11 @@ def _commit(repo_path: Path, message: str) -> bytes:
     return porcelain.commit(str(repo_path), message=message.encode(), author=_AUTHOR, committer=_AUTHOR)
 
 
-def write_version(repo_path: Path, name: str, version: str) -> bytes:
-    """Write the service source at *version* and commit it; returns the commit sha (hex bytes)."""
-    (repo_path / "service.py").write_text(SERVICE_SOURCE.format(name=name, version=version))
+def write_version(repo_path: Path, name: str, version: str, *, crash_after: float | None = None) -> bytes:
+    """Write the service source at *version* (one that exits *crash_after* seconds after it starts, if
+    given) and commit it; returns the commit sha (hex bytes)."""
+    (repo_path / "service.py").write_text(SERVICE_SOURCE.format(name=name, version=version,
+                                                                crash_after=crash_after))
     (repo_path / "VERSION").write_text(version + "\n")
     porcelain.add(str(repo_path), paths=[str(repo_path / "service.py"), str(repo_path / "VERSION")])
     return _commit(repo_path, f"{name} {version}")
@@ -83,8 +89,9 @@ def tag(repo_path: Path, version: str) -> None:
                          tag_time=int(time.time()))
 
 
-def release(repo_path: Path, name: str, version: str) -> str:
-    """Commit *version* and tag it: an upstream release. Returns the commit sha (hex str)."""
-    sha = write_version(repo_path, name, version)
+def release(repo_path: Path, name: str, version: str, *, crash_after: float | None = None) -> str:
+    """Commit *version* and tag it: an upstream release (a bad one with *crash_after*). Returns the
+    commit sha (hex str)."""
+    sha = write_version(repo_path, name, version, crash_after=crash_after)
     tag(repo_path, version)
     return sha.decode()

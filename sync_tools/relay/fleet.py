@@ -58,6 +58,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SUBSYSTEM = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _PLATFORM = re.compile(r"[a-z0-9]{1,32}/[a-z0-9]{1,32}")
 _AGENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+SEEN_EVERY = 30.0  # seconds between two last-seen writes for one agent's asks (silent_after is an hour)
 CACHE_SECONDS = 2.0  # a rollout's judgement is reused this long (other processes' writes show after it)
 
 _SCHEMA = """
@@ -380,10 +381,14 @@ class FleetStore:
 
     # --------------------------------------------------------------------------------- reports
 
-    def record_report(self, r: Report, now: float, *, known: bool) -> None:
+    def record_report(self, r: Report, now: float, *, known: bool) -> bool:
         """Durably record *r* (on disk when this returns). *known*: its ``to`` build is one a verified
-        manifest named for its subsystem; only then does it count for a rollout."""
+        manifest named for its subsystem; only then does it count for a rollout. Returns whether it may
+        change a rollout's judgement: a healthy or failed outcome counted, or an agent new to the fleet
+        or now on another platform (a ``held`` report from a known agent changes none)."""
         with self._tx() as conn:
+            row = conn.execute("SELECT platform FROM agents WHERE id = ?", (r.agent,)).fetchone()
+            fleet_changed = row is None or (r.platform is not None and row[0] != r.platform)
             conn.execute(
                 "INSERT INTO reports (agent, received, subsystem, platform, from_sha, to_sha, version, serial, "
                 "outcome, error, times, known) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -410,6 +415,8 @@ class FleetStore:
                         "healthy_at = COALESCE(healthy_at, excluded.healthy_at), "
                         "failed_at = COALESCE(failed_at, excluded.failed_at)",
                         (r.subsystem, r.to_sha, r.agent, healthy, failed))
+                    return True
+            return fleet_changed
 
     def reports(self, agent: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         cols = ("id", "agent", "received", "subsystem", "platform", "from", "to", "version", "serial", "outcome",
@@ -616,6 +623,7 @@ class Fleet:
         self._lock = threading.Lock()
         self._gen = 0  # bumped by every write of this process that changes a judgement
         self._cache: dict[tuple[str, str], tuple[int, float, Judged]] = {}
+        self._seen: dict[str, float] = {}  # agent id -> when seen() last wrote its last-seen time
 
     def _changed(self) -> None:
         with self._lock:
@@ -639,7 +647,16 @@ class Fleet:
         self.store.touch(agent, self.now())
 
     def seen(self, agent: str) -> None:
-        if self.store.touch(agent, self.now()):
+        """*agent* asked something. Its last-seen time is written at most every SEEN_EVERY seconds: when
+        a wave opens, the whole fleet asks at once, and a write per ask queued the asks behind the
+        reports' fsyncs on the write lock (bench/fleet)."""
+        now = self.now()
+        with self._lock:
+            last = self._seen.get(agent)
+            if last is not None and 0 <= now - last < SEEN_EVERY:
+                return
+            self._seen[agent] = now
+        if self.store.touch(agent, now):
             self._changed()
 
     def live(self, agents: Iterable[AgentRecord] | None = None) -> set[str]:
@@ -715,8 +732,11 @@ class Fleet:
         """Durably record *report*; returns whether it names a build a verified manifest named (only
         those count for a rollout)."""
         known = report.to_sha is not None and self.store.build(report.subsystem, report.to_sha) is not None
-        self.store.record_report(report, self.now(), known=known)
-        self._changed()
+        # only a report that can change a judgement drops the cached ones: when a wave opens, the whole
+        # fleet asks and the held agents report "held" at once, and re-judging the rollout (the fleet
+        # ranked again) for each of those 1,000 asks choked the relay (bench/fleet)
+        if self.store.record_report(report, self.now(), known=known):
+            self._changed()
         return known
 
     def advance(self, subsystem: str, build: str) -> tuple[Judged | None, int]:
