@@ -56,7 +56,11 @@ def main(argv: list[str]) -> int:
         cmd = [str(BIN / "sync-tools"), "demo", *rest]
     elif job == "test":
         ensure_venv("test,prod")
-        cmd = [str(BIN / "python"), "-m", "pytest", *rest]
+        # test files run side by side in three workers (pytest-xdist), each file whole in one worker so
+        # its module fixtures are made once; `python3 run.py test -n 0` runs them one after another
+        workers = [] if any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in rest) else \
+            ["-n", "3", "--dist", "loadfile"]
+        cmd = [str(BIN / "python"), "-m", "pytest", *workers, *rest]
     elif job == "bench":
         ensure_venv("test,prod,bench")
         cmd = [str(BIN / "python"), str(ROOT / "bench" / "run"), *rest]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sync_tools.relay.webhook import sign
 from tests.support import free_port
@@ -43,11 +44,20 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def write_relay_workspace(ws: Path, store: Path, public_pem: bytes, agents: Iterable[str],
-                          subsystems: dict[str, str]) -> Path:
+                          subsystems: dict[str, str], *, signing_key: Ed25519PrivateKey | None = None) -> Path:
     """``ws/sync-tools.yaml`` for a relay announcing ``<store>/latest`` (verified with *public_pem*),
-    and ``ws/agent-tokens`` (``ID=TOKEN`` per agent). Returns the config path."""
+    and ``ws/agent-tokens`` (``ID=TOKEN`` per agent). Returns the config path. Local dispatch, so no
+    GitHub is needed; the relay then wants the release key (*signing_key*, written to keys/release.key
+    and handed to it as SYNC_TOOLS_SIGNING_KEY) even though only /notify is used."""
     (ws / "keys").mkdir(parents=True, exist_ok=True)
     (ws / "keys" / "release.pub").write_bytes(public_pem)
+    if signing_key is not None:
+        from cryptography.hazmat.primitives import serialization
+
+        key_file = ws / "keys" / "release.key"
+        key_file.write_bytes(signing_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+        key_file.chmod(0o600)
     subs = "\n".join(f"  {n}:\n    upstream: /dev/null\n    binary: {b}" for n, b in subsystems.items())
     config = ws / "sync-tools.yaml"
     config.write_text(f"release:\n  store: {store}\n  tag: latest\n  public_key: keys/release.pub\n"
@@ -76,6 +86,8 @@ class RelayProcess:
         env = clean_env(SYNC_TOOLS_WEBHOOK_SECRET=SECRET, SYNC_TOOLS_DB=str(self.ws / "relay.db"),
                         SYNC_TOOLS_AGENT_TOKENS_FILE=str(self.ws / "agent-tokens"),
                         SYNC_TOOLS_OPERATOR_TOKEN=OPERATOR)
+        if (self.ws / "keys" / "release.key").exists():
+            env["SYNC_TOOLS_SIGNING_KEY"] = str(self.ws / "keys" / "release.key")
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sync_tools", "relay", "--config", str(self.ws / "sync-tools.yaml"),

@@ -173,7 +173,7 @@ def running_fleet(base: Path) -> Iterator[Fleet]:
     service_py = base / "service.py"
     service_py.write_text(SERVICE_PY)
     ws = base / "relay"
-    write_relay_workspace(ws, store.store, store.public_pem(), AGENTS, {"nats": BINARY})
+    write_relay_workspace(ws, store.store, store.public_pem(), AGENTS, {"nats": BINARY}, signing_key=store.key)
     pub = ws / "keys" / "release.pub"
     # the store servers hold their ports first, so no service or relay port chosen below can be one of them
     servers = [StoreServer(store.dir) for _ in AGENTS]

@@ -218,7 +218,7 @@ def main() -> int:
     ids = agent_ids(args.agents)
     store = ReleaseStore(base / "store", Ed25519PrivateKey.generate())
     ws = base / "relay"
-    write_relay_workspace(ws, store.store, store.public_pem(), ids, {"nats": BINARY})
+    write_relay_workspace(ws, store.store, store.public_pem(), ids, {"nats": BINARY}, signing_key=store.key)
     store.publish("nats", BINARY, binary("v1"), "v1")
     relay = RelayProcess(ws)
     server = Store(store.dir).__enter__()

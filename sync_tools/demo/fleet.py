@@ -297,8 +297,9 @@ def _run(tmp: Path, procs: Procs, servers: list[StoreServer], say: Callable[[str
     say(f"  {time.time() - t0:+7.2f}s  relay    rollout halted: {st['reason']}")
     reported = relay.outcomes_reported(bad)
     _, failed = relay.outcomes(bad)
-    asset = f"{BINARY}-{platform.replace('/', '-')}.tar.gz"
-    downloaded = [a.name for a, s in zip(agents, servers, strict=True) if any(asset in p for p in s.downloads(t_bad))]
+    # the asset or a patch to it (<asset stem>.<from>-<to>.hdiff): either way the build's bytes
+    stem = f"{BINARY}-{platform.replace('/', '-')}"
+    downloaded = [a.name for a, s in zip(agents, servers, strict=True) if any(stem in p for p in s.downloads(t_bad))]
     steps.append((BAD, [Step("wave 1 opened", (relay.opened(bad) or [None])[0])]
                   + [Step(f"{a} rolled back", failed.get(a)) for a in first]))
     checks += [
