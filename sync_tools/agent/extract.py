@@ -62,8 +62,8 @@ def extract_binary(archive: Path, binary: str, dest: Path, *, max_bytes: int) ->
             if member is None:
                 raise ArchiveError("empty archive")
             _check_member(member, binary, max_bytes)
-            try:
-                tarfile.data_filter(member, str(dest.parent))
+            try:  # against the name written (the binary's own path may be a link the swap replaces)
+                tarfile.data_filter(member.replace(name=dest.name, deep=False), str(dest.parent))
             except tarfile.FilterError as e:
                 raise ArchiveError(f"refused by tarfile's data filter: {e}") from e
             digest = _write_member(tf, member, dest)

@@ -286,9 +286,7 @@ class Agent:
             results.append(res)
         for sub in subsystems.installed(self.config, self.root):
             install.clean_stale(sub.bin_dir(self.root), sub.binary, self.journal, sub.name)
-        if self.downloads.is_dir():  # downloads a crash left behind; none is running (we hold the lock)
-            for p in self.downloads.iterdir():
-                p.unlink(missing_ok=True)
+        install.clean_downloads(self.downloads)  # a crash left them; none is running (we hold the lock)
         return results
 
     def reconcile(self, event: AgentEvent | None = None) -> UpdateReport:
@@ -403,10 +401,9 @@ class Agent:
         """
         bin_dir = sub.bin_dir(self.root)
         staged = install.staged_path(bin_dir, sub.binary)
-        part = self.downloads / asset.name  # named as the asset so archive errors name it
+        part = install.own_dir(self.downloads) / asset.name  # named as the asset so archive errors name it
         try:
             bin_dir.mkdir(parents=True, exist_ok=True)
-            self.downloads.mkdir(parents=True, exist_ok=True)
             staged.unlink(missing_ok=True)
             by_patch = delta.stage_by_patch(self.fetcher, asset, installed=bin_dir / sub.binary, staged=staged,
                                             downloads=self.downloads, max_binary_bytes=self.max_binary_bytes,

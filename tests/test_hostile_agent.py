@@ -1,0 +1,125 @@
+"""The agent against a hostile world (issue #20): an install root's state that is not what the agent made
+(a stray subdirectory, a ``downloads`` that is a link out of the root), an installed binary that is a link,
+a source serving oversized manifests or signatures, and signed assets whose tar metadata headers would
+take all the memory. Real parts: signed stores on disk or over loopback HTTP, real ``agent --once``
+processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from sync_tools.agent.runner import Agent
+from sync_tools.config import load_config
+from tests.agent_support import ReleaseStore
+
+V1 = b"#!/bin/sh\n# good v1\n"
+V2 = b"#!/bin/sh\n# good v2\n"
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+class Root:
+    """An install root with one subsystem ``nats`` and a signed store on disk (reload: none)."""
+
+    def __init__(self, base: Path, *, source: str = "store"):
+        self.base = base
+        self.store = ReleaseStore(base / "store", Ed25519PrivateKey.generate())
+        (base / "release.pub").write_bytes(self.store.public_pem())
+        self.config_path = base / "sync-tools.yaml"
+        self.config_path.write_text(
+            "release:\n  store: store\n  tag: latest\n  public_key: release.pub\n"
+            "subsystems:\n  nats:\n    upstream: /dev/null\n    binary: nats-server\n"
+            "    health: \"grep -q good nats/.bin/nats-server\"\n"
+            f"agent:\n  root: .\n  source: {source}\n  reload: none\n  platform: linux/amd64\n"
+            "  health_timeout: 1\n  settle_seconds: 0\n")
+        self.bin_dir = base / "nats" / ".bin"
+        self.binary = self.bin_dir / "nats-server"
+        self.downloads = base / ".sync-tools" / "downloads"
+
+    def agent(self, **kw: object) -> Agent:
+        return Agent(load_config(self.config_path), **kw)  # type: ignore[arg-type]
+
+    def once(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sync_tools", "agent", "--once", "--config",
+                               str(self.config_path)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Root:
+    return Root(tmp_path)
+
+
+# ------------------------------------------------------------- 8. start-up cleanup of .sync-tools/downloads
+
+
+def test_a_stray_subdirectory_in_downloads_is_left_alone_and_the_update_goes_on(root: Root) -> None:
+    """Before: the cleanup unlinked every entry, a directory raised IsADirectoryError and ``agent --once``
+    exited with a traceback, never updating."""
+    root.store.publish("nats", "nats-server", V1, "v1")
+    (root.downloads / "someone-elses").mkdir(parents=True)
+    (root.downloads / "someone-elses" / "keep.txt").write_text("mine")
+    (root.downloads / "nats-server-linux-amd64.tar.gz").write_bytes(b"partial download a crash left")
+    done = root.once()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert "did not create" in done.stderr and "someone-elses" in done.stderr
+    assert root.binary.read_bytes() == V1
+    assert (root.downloads / "someone-elses" / "keep.txt").read_text() == "mine"
+    assert not (root.downloads / "nats-server-linux-amd64.tar.gz").exists()  # the agent's own leftover
+
+
+def test_a_downloads_that_is_a_symlink_is_never_cleaned_or_written_through(root: Root, tmp_path: Path) -> None:
+    """Before: every file in the link's target was deleted at start, and each download was written into
+    the target and then deleted there (a file named as the asset was lost)."""
+    root.store.publish("nats", "nats-server", V1, "v1")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.db").write_bytes(b"data")
+    (outside / "nats-server-linux-amd64.tar.gz").write_bytes(b"someone's own file of that name")
+    root.downloads.parent.mkdir(parents=True)
+    root.downloads.symlink_to(outside)
+    done = root.once()
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert f"{root.downloads} is a symlink" in done.stderr
+    assert sorted(p.name for p in outside.iterdir()) == ["nats-server-linux-amd64.tar.gz", "precious.db"]
+    assert (outside / "precious.db").read_bytes() == b"data"
+    assert (outside / "nats-server-linux-amd64.tar.gz").read_bytes() == b"someone's own file of that name"
+    assert not root.binary.exists()
+    # the operator removes the link: the agent makes its own directory and updates
+    root.downloads.unlink()
+    again = root.once()
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert root.binary.read_bytes() == V1 and not root.downloads.is_symlink()
+
+
+# ------------------------------------------------------------- 9. an installed binary that is a symlink
+
+
+def test_an_installed_binary_that_is_a_symlink_is_updated(root: Root, tmp_path: Path) -> None:
+    """Before: tarfile's data filter was checked against ``<bin>/<binary>`` through the link (outside the
+    bin directory) while extraction went to the staged name; every update was refused, blaming the
+    archive. Now the swap replaces the link by the verified binary; the link's target is untouched."""
+    elsewhere = tmp_path / "opt" / "nats-server"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(V1)
+    root.bin_dir.mkdir(parents=True)
+    root.binary.symlink_to(elsewhere)
+    root.store.publish("nats", "nats-server", V2, "v2")
+    report = root.agent().reconcile()
+    res = report.result("nats")
+    assert res is not None and res.action == "updated", (res, report.error)
+    assert res.old_sha == _sha(V1) and res.new_sha == _sha(V2)
+    assert not root.binary.is_symlink() and root.binary.read_bytes() == V2
+    assert os.access(root.binary, os.X_OK)
+    assert elsewhere.read_bytes() == V1
+    assert (root.bin_dir / ".previous" / "nats-server").read_bytes() == V1
