@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sync_tools.agent.runner import Agent
+from sync_tools.agent.events import AgentEvent
+from sync_tools.agent.runner import Agent, UpdateReport
 from sync_tools.config import load_config
-from tests.agent_support import ReleaseStore
+from tests.agent_support import ReleaseStore, StoreServer
 
 V1 = b"#!/bin/sh\n# good v1\n"
 V2 = b"#!/bin/sh\n# good v2\n"
@@ -123,3 +124,42 @@ def test_an_installed_binary_that_is_a_symlink_is_updated(root: Root, tmp_path: 
     assert os.access(root.binary, os.X_OK)
     assert elsewhere.read_bytes() == V1
     assert (root.bin_dir / ".previous" / "nats-server").read_bytes() == V1
+
+
+# ------------------------------------------------------------- 10. an oversized manifest or signature
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "manifest.json.sig"])
+def test_an_oversized_manifest_or_signature_is_refused_once_not_refetched_until_a_newer_release(
+        root: Root, name: str) -> None:
+    """Before: SizeCapError was a DownloadError, so the reconcile asked for a retry and the retry loop
+    fetched up to 4 MiB again and again, forever. Now the refusal is final until an event announces a
+    newer serial than the one refused."""
+    root.store.publish("nats", "nats-server", V1, "v1")
+    good = (root.store.dir / name).read_bytes()
+    (root.store.dir / name).write_bytes(b"x" * (5 << 20))
+    with StoreServer(root.store.dir) as server:
+        agent = Agent(load_config(root.config_path), source=server.url)
+        agent.retry_base = agent.retry_max = 0.05
+        reports: list[UpdateReport] = []
+
+        def on_report(report: UpdateReport) -> None:
+            reports.append(report)
+            if len(reports) >= 3:  # a loop that retries forever is stopped here and fails below
+                agent.stop()
+
+        agent._reconcile_with_retries(AgentEvent(serial=1), on_report)  # the loop a daemon runs
+        assert len(reports) == 1 and not reports[0].retry, reports
+        assert "cap" in (reports[0].error or "") and "refused" in (reports[0].error or "")
+        asked = [n for n, _ in server.requests].count(name)
+        assert asked == 1
+        # the same release announced again (another event, an SSE replay): no fetch at all
+        again = agent.reconcile(AgentEvent(serial=1))
+        assert again.error == reports[0].error and not again.retry
+        assert [n for n, _ in server.requests].count(name) == asked
+        # a newer release is fetched and installed
+        (root.store.dir / name).write_bytes(good)
+        root.store.publish("nats", "nats-server", V2, "v2")
+        newer = agent.reconcile(AgentEvent(serial=2))
+        assert newer.ok and newer.result("nats").action == "updated", newer
+        assert root.binary.read_bytes() == V2

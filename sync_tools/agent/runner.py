@@ -46,7 +46,7 @@ from sync_tools.versionfile import PREVIOUS_DIR, VersionInfo, read_version
 from . import delta, install, subsystems
 from .events import AgentEvent
 from .extract import extract_binary
-from .fetch import Fetcher, ProgressFn, download, make_fetcher
+from .fetch import Fetcher, ProgressFn, Refusal, TooLargeError, download, make_fetcher
 from .gate import Gate, has_rollout, held_info
 from .health import HealthResult
 from .reload import Reloader, ReloadError, make_reloader
@@ -217,6 +217,7 @@ class Agent:
         self.last_report: UpdateReport | None = None
         self.updating = False
         self.reports: list[UpdateReport] = []
+        self.refusal: Refusal | None = None  # the last release refused for its size
 
     @property
     def fetcher(self) -> Fetcher:
@@ -261,7 +262,8 @@ class Agent:
     def fetch_manifest(self, state: AgentState) -> tuple[Manifest, int]:
         """Fetch manifest.json and its .sig (size-capped) and verify them against the pinned key.
 
-        Raises DownloadError, SignatureError or ManifestError (expired, serial below the last applied).
+        Raises DownloadError, TooLargeError (over a cap: a refusal), SignatureError or ManifestError
+        (expired, serial below the last applied).
         """
         data = self.fetcher.fetch_bytes(MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES)
         sig = self.fetcher.fetch_bytes(SIGNATURE_NAME, max_bytes=MAX_SIG_BYTES)
@@ -313,9 +315,14 @@ class Agent:
 
     def _reconcile(self, started: float, event: AgentEvent | None = None) -> UpdateReport:
         state: AgentState | None = None
+        if self.refusal is not None and self.refusal.covers(event.serial if event else None):
+            return UpdateReport(None, error=self.refusal.error, seconds=time.monotonic() - started)
         try:
             state = load_state(self.root)
             manifest, mbytes = self.fetch_manifest(state)
+        except TooLargeError as e:  # final: the same bytes would come again, however often it is asked
+            self.refusal = Refusal(str(e), event.serial if event else None)
+            return UpdateReport(None, error=str(e), seconds=time.monotonic() - started)
         except RemoteError as e:  # a network fault or an HTTP 5xx: the same fetch may work later
             return UpdateReport(None, error=str(e), seconds=time.monotonic() - started, retry=True)
         except (SignatureError, ManifestError) as e:
