@@ -6,10 +6,14 @@ processes."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
+import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -163,3 +167,80 @@ def test_an_oversized_manifest_or_signature_is_refused_once_not_refetched_until_
         newer = agent.reconcile(AgentEvent(serial=2))
         assert newer.ok and newer.result("nats").action == "updated", newer
         assert root.binary.read_bytes() == V2
+
+
+# ------------------------------------------------------------- 11. tar metadata headers read whole
+
+_RSS_CHILD = r'''
+import json, resource, sys
+from sync_tools.agent.runner import Agent
+from sync_tools.config import load_config
+res = Agent(load_config(sys.argv[1])).reconcile().result("nats")
+print(json.dumps({"action": res.action, "error": res.error,
+                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+
+def _huge_header_asset(kind: str, size: int, binary: bytes) -> bytes:
+    """A tar.gz whose first header is a *kind* metadata header of *size* bytes (compressing to little),
+    followed by the binary itself: tarfile would read the whole header into memory."""
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) as gz:
+        meta = tarfile.TarInfo("././@PaxHeader" if kind == "pax" else "././@LongLink")
+        meta.type = tarfile.XHDTYPE if kind == "pax" else tarfile.GNUTYPE_LONGNAME
+        meta.size = size
+        gz.write(meta.tobuf(format=tarfile.USTAR_FORMAT))
+        if kind == "pax":  # one record "<len> comment=aaa...\n", <len> counting itself
+            head = f"{size} comment=".encode()
+            body = [head, None, b"\n"]
+            filler = size - len(head) - 1
+        else:  # the long name: the binary's name after a run of "./" (it still resolves to the binary)
+            body = [None, b"nats-server\0"]
+            filler = size - len(body[1])
+        for part in body:
+            if part is not None:
+                gz.write(part)
+                continue
+            unit = b"a" if kind == "pax" else b"./"
+            chunk = unit * ((1 << 20) // len(unit))
+            left = filler
+            while left > 0:
+                gz.write(chunk[:left])
+                left -= min(left, len(chunk))
+        gz.write(b"\0" * (-size % 512))
+        member = tarfile.TarInfo("nats-server")
+        member.size, member.mode = len(binary), 0o755
+        gz.write(member.tobuf(format=tarfile.USTAR_FORMAT))
+        gz.write(binary + b"\0" * (-len(binary) % 512) + b"\0" * 1024)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["pax", "gnu-longname"])
+def test_a_huge_tar_metadata_header_is_refused_before_it_is_read(root: Root, kind: str) -> None:
+    """Before: tarfile read the header whole (a 1 MiB signed asset took the agent to 1,074 MiB). The
+    asset here is signed (the attack needs the key: this is defence in depth) and its header is 128 MiB;
+    the agent's peak RSS, measured in its own process, stays far below that and the asset is refused."""
+    size = 128 << 20
+    asset = _huge_header_asset(kind, size, V1)
+    assert len(asset) < 2 << 20
+    root.store.publish_archive("nats", "nats-server", asset, _sha(V1), "v1")
+    done = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(root.config_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["action"] == "failed" and "metadata headers over the cap" in out["error"], out
+    assert out["rss_mib"] < 100, out  # the header alone is 128 MiB
+    assert not root.binary.exists()
+
+
+def test_small_metadata_headers_still_pass(root: Root) -> None:
+    """A pax header as tar writes it for a long mtime or a user name (well under the cap) is fine."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("nats-server")
+        info.size, info.mode, info.uname = len(V1), 0o755, "ü" * 200  # non-ASCII: forces a pax header
+        tf.addfile(info, io.BytesIO(V1))
+    root.store.publish_archive("nats", "nats-server", buf.getvalue(), _sha(V1), "v1")
+    res = root.agent().reconcile().result("nats")
+    assert res is not None and res.action == "updated", res
+    assert root.binary.read_bytes() == V1
