@@ -486,6 +486,10 @@ health = Blueprint("health", __name__)
 @health.get("/health")
 def health_view() -> Response | tuple[Response, int]:
     relay = get_relay()
+    problem = relay.outbox.problem()  # healthy means a delivery can be committed now
+    if problem is not None:
+        relay.refusals.warning("health: deliveries cannot be recorded: %s", problem)
+        return jsonify(status="error", error=f"deliveries cannot be recorded: {problem}"), 503
     try:
         st = relay.outbox.stats()
     except Exception as e:  # noqa: BLE001 - health must answer, and say what is wrong

@@ -28,6 +28,7 @@ import queue
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ except ImportError:  # Windows
 log = logging.getLogger(__name__)
 
 PENDING, RUNNING, DONE, DEAD = "pending", "running", "done", "dead"
+PROBE_INTERVAL = 1.0  # seconds between two write probes of /health (Outbox.problem)
+MIN_FREE = 256 * 1024  # bytes free under which /health says the disk is full (a commit may still fit)
 COALESCE_WINDOW = 3600.0  # a second delivery naming the same subsystem+version within this is not re-dispatched
 
 _SCHEMA = """
@@ -195,8 +198,15 @@ def owner_alive(owner: str | None) -> bool:
     return True
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+def _identity(path: Path) -> tuple[tuple[int, int], ...]:
+    """(device, inode) of the database and its WAL. Raises OSError when either is missing."""
+    return tuple((st.st_dev, st.st_ino) for st in (os.stat(path), os.stat(f"{path}-wal")))
+
+
+def _connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
+    # a connection opened after the file was removed must not create an empty database in its place
+    target = path if create else f"file:{urllib.parse.quote(str(path))}?mode=rw"
+    conn = sqlite3.connect(target, timeout=30.0, isolation_level=None, check_same_thread=False, uri=not create)
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA synchronous = FULL")  # in WAL mode, FULL fsyncs the log at every commit
     conn.execute("PRAGMA foreign_keys = ON")
@@ -225,8 +235,13 @@ class Outbox:
             self._fast.execute("PRAGMA synchronous = NORMAL")
             # writers' queue across processes (see _tx); Windows has no flock and keeps SQLite's
             self._lockfile = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600) if fcntl else None
+            # the files this process writes: a commit is only acknowledged while they are still the
+            # ones at the path (a restart reads the path, not our open descriptors)
+            self._files = _identity(self.path)
         except (sqlite3.Error, OSError) as e:
             raise OutboxError(f"cannot open the relay database {self.path}: {e}") from e
+        self._probe_lock = threading.Lock()
+        self._probed: tuple[float, str | None] = (-PROBE_INTERVAL, None)
         self._wlock = threading.RLock()
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all: list[sqlite3.Connection] = [self._w, self._fast]
@@ -244,13 +259,48 @@ class Outbox:
         try:
             conn = self._readers.get_nowait()
         except queue.Empty:
-            conn = _connect(self.path)
+            conn = _connect(self.path, create=False)
             with self._wlock:
                 self._all.append(conn)
         try:
             yield conn
         finally:
             self._readers.put(conn)
+
+    def check_files(self) -> None:
+        """Raise OutboxError unless the database and its WAL at the path are still the files this
+        process opened: removed or replaced, a commit would land in a file no restart reads."""
+        try:
+            now = _identity(self.path)
+        except OSError as e:
+            raise OutboxError(f"the relay database {self.path} (or its -wal) is gone: {e.strerror or e}; "
+                              "restart the relay") from e
+        if now != self._files:
+            raise OutboxError(f"the relay database {self.path} was replaced while the relay ran; restart it")
+
+    def problem(self) -> str | None:
+        """Why a delivery could not be committed now (None: it could): the files were removed or
+        replaced, the disk has less than MIN_FREE bytes free, or a real write (read-only database,
+        unwritable directory) fails. The
+        probe writes at most once per PROBE_INTERVAL seconds; its answer is kept in between."""
+        with self._probe_lock:
+            at, found = self._probed
+            if time.monotonic() - at < PROBE_INTERVAL:
+                return found
+            try:
+                self.check_files()
+                fs = os.statvfs(self.path.parent)
+                if fs.f_bavail * fs.f_frsize < MIN_FREE:
+                    raise OutboxError(f"the disk holding {self.path} is full "
+                                      f"({fs.f_bavail * fs.f_frsize} bytes free)")
+                with self._tx(durable=False) as conn:  # not fsynced: the probe must not slow the commits
+                    conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('health_probe', ?)",
+                                 (str(self.now()),))
+                found = None
+            except (OutboxError, sqlite3.Error, OSError) as e:
+                found = str(e)
+            self._probed = (time.monotonic(), found)
+            return found
 
     @contextmanager
     def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
@@ -265,6 +315,8 @@ class Outbox:
         with self._writer() as conn:
             if not durable:
                 conn = self._fast
+            else:
+                self.check_files()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn

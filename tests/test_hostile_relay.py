@@ -1,0 +1,160 @@
+"""The relay against a hostile world (issue #20): its database removed, replaced or out of room while it
+runs, truncated bodies, corrupt databases at boot, payloads that name the upstream in only some of their
+fields, small volumes, and more connections than file descriptors. Real parts: the relay under a real
+server on loopback (``sync-tools relay``'s and gunicorn's), real SQLite files, real tmpfs mounts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from sync_tools.relay.app import create_app, get_relay
+from sync_tools.relay.server import RelayServer
+from tests.relay_support import RELEASE_REPO, delivery, settings, tag_payload, write_config
+from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
+from tests.support import wait_for
+
+
+@contextlib.contextmanager
+def _relay(root: Path, github_api: GitHubAPIServer, db: Path | None = None,  # noqa: F811
+           **overrides: object) -> Iterator[RelayServer]:
+    github_api.state.add_repo(RELEASE_REPO)
+    cfg = write_config(root)
+    st = settings(cfg, root, github_api_url=github_api.url, **overrides)
+    if db is not None:
+        st = type(st)(**{**st.__dict__, "db_path": db})
+    server = RelayServer(create_app(cfg, st), "127.0.0.1", 0).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _post(server: RelayServer, tag: str, delivery_id: str | None = None) -> int:
+    d = delivery("create", tag_payload(tag=tag), delivery_id=delivery_id)
+    return requests.post(server.url + "/webhook", data=d.body, headers=d.headers, timeout=15).status_code
+
+
+def _health(server: RelayServer) -> tuple[int, dict]:
+    r = requests.get(server.url + "/health", timeout=15)
+    return r.status_code, r.json()
+
+
+def _files(db: Path) -> list[Path]:
+    return [db, Path(f"{db}-wal"), Path(f"{db}-shm")]
+
+
+# ---------------------------------------------------- 1, 3. a 202 means a restart will read the delivery
+
+
+def test_a_deleted_database_answers_503_and_unhealthy_never_a_lost_202(tmp_path: Path,
+                                                                       github_api: GitHubAPIServer) -> None:  # noqa: F811
+    """Before: with the database files removed the relay went on committing to the unlinked files,
+    answered 202 and /health "ok", and a restart found none of those deliveries."""
+    db = tmp_path / "relay.db"
+    with _relay(tmp_path, github_api) as server:
+        assert _post(server, "v2.10.1") == 202
+        assert _health(server)[0] == 200
+        for f in _files(db):
+            f.unlink()
+        acknowledged = []
+        for i in range(3):
+            delivery_id = f"after-delete-{i}"
+            code = _post(server, f"v2.11.{i}", delivery_id)
+            assert code == 503, code
+            if code == 202:
+                acknowledged.append(delivery_id)
+        wait_for(lambda: _health(server)[0] == 503, what="/health to say the database is gone")
+        assert "gone" in _health(server)[1]["error"]
+    with _relay(tmp_path, github_api) as server:  # a restart reads the path: every 202 must be there
+        outbox = get_relay(server.app).outbox
+        assert [d for d in acknowledged if not outbox.has_delivery(d)] == []
+        assert _post(server, "v2.12.0") == 202 and _health(server)[0] == 200
+
+
+def test_a_replaced_database_answers_503_until_the_original_is_back(tmp_path: Path,
+                                                                    github_api: GitHubAPIServer) -> None:  # noqa: F811
+    db = tmp_path / "relay.db"
+    with _relay(tmp_path, github_api) as server:
+        assert _post(server, "v2.10.1") == 202
+        os.rename(db, tmp_path / "aside.db")
+        shutil.copy2(tmp_path / "aside.db", db)  # a restore from a copy: another inode
+        assert _post(server, "v2.10.2") == 503
+        wait_for(lambda: _health(server)[0] == 503, what="/health to say the database was replaced")
+        assert "replaced" in _health(server)[1]["error"]
+        os.replace(tmp_path / "aside.db", db)  # the file the relay holds is back at the path
+        wait_for(lambda: _health(server)[0] == 200, what="/health to recover")
+        assert _post(server, "v2.10.3") == 202
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs mounted under the test's directory (the tests run as root)."""
+    mnt = tmp_path / "vol"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def _fill(directory: Path) -> Path:
+    """Write a file in *directory* until the volume is full; returns it."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_health_says_error_while_the_disk_is_full_and_ok_once_space_returns(
+        tmp_path: Path, small_volume: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    with _relay(tmp_path, github_api, db=small_volume / "relay.db") as server:
+        assert _post(server, "v2.10.1") == 202
+        assert _health(server)[0] == 200
+        filler = _fill(small_volume)
+        wait_for(lambda: _health(server)[0] == 503, what="/health to see the full disk")
+        assert "full" in _health(server)[1]["error"]
+        filler.unlink()
+        wait_for(lambda: _health(server)[0] == 200, what="/health to see the space back")
+        assert _post(server, "v2.10.2") == 202
+
+
+def test_health_says_error_when_the_database_is_read_only(tmp_path: Path,
+                                                          github_api: GitHubAPIServer) -> None:  # noqa: F811
+    """A read-only database in a writable directory: reads work (the old /health only read), writes
+    fail. As root a file mode does not stop writes, so the file is made immutable (chattr +i)."""
+    db = tmp_path / "relay.db"
+    with _relay(tmp_path, github_api) as server:
+        assert _post(server, "v2.10.1") == 202
+    with _immutable(db), _relay(tmp_path, github_api) as server:
+        assert _post(server, "v2.10.2") == 503
+        wait_for(lambda: _health(server)[0] == 503, what="/health to see the read-only database")
+        assert "readonly" in _health(server)[1]["error"]
+
+
+@contextlib.contextmanager
+def _immutable(path: Path) -> Iterator[None]:
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True, timeout=30)
+
+
