@@ -8,18 +8,22 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
+from sync_tools.relay import server as relay_server
 from sync_tools.relay.app import create_app, get_relay
 from sync_tools.relay.server import RelayServer
-from tests.relay_support import RELEASE_REPO, delivery, settings, tag_payload, write_config
+from tests.relay_support import RELEASE_REPO, delivery, env, settings, tag_payload, write_config
 from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
-from tests.support import wait_for
+from tests.support import free_port, wait_for
 
 
 @contextlib.contextmanager
@@ -158,3 +162,93 @@ def _immutable(path: Path) -> Iterator[None]:
         subprocess.run(["chattr", "-i", str(path)], capture_output=True, timeout=30)
 
 
+
+
+# ---------------------------------------------------- 5. a body shorter than its Content-Length
+
+ROOT = Path(__file__).resolve().parents[1]
+GUNICORN = Path(sys.executable).with_name("gunicorn")
+
+
+@contextlib.contextmanager
+def _gunicorn(root: Path, github_api: GitHubAPIServer, **extra_env: str) -> Iterator[str]:  # noqa: F811
+    """The production server: gunicorn with relay/gunicorn.conf.py on a free loopback port; yields its URL."""
+    if not GUNICORN.exists():
+        pytest.skip("gunicorn is not installed (pip install 'sync-tools[prod]')")
+    github_api.state.add_repo(RELEASE_REPO)
+    config = write_config(root)
+    port = free_port()
+    e = {**os.environ, **env(root), "GITHUB_API_URL": github_api.url, "SYNC_TOOLS_CONFIG": str(config.path),
+         "RELAY_BIND": f"127.0.0.1:{port}", **extra_env}
+    proc = subprocess.Popen([str(GUNICORN), "-c", str(ROOT / "relay/gunicorn.conf.py"), "--chdir", str(ROOT),
+                             "relay.wsgi:app"], env=e, cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, "gunicorn exited"
+            with contextlib.suppress(requests.RequestException):
+                return requests.get(url + "/health", timeout=1).status_code == 200
+            return False
+
+        wait_for(up, what="gunicorn to serve /health")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+@pytest.fixture(params=["sync-tools relay", "gunicorn"])
+def any_server(request: pytest.FixtureRequest, tmp_path: Path, github_api: GitHubAPIServer,  # noqa: F811
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The relay's URL under each server it ships with, both with a 2 s socket timeout."""
+    if request.param == "gunicorn":
+        with _gunicorn(tmp_path, github_api, RELAY_SOCKET_TIMEOUT="2") as url:
+            yield url
+    else:
+        monkeypatch.setattr(relay_server._Handler, "timeout", 2)
+        with _relay(tmp_path, github_api) as server:
+            yield server.url
+
+
+def _raw(url: str, head: bytes, body: bytes, *, half_close: bool) -> int:
+    """Send *head* and *body* on one connection (half-closing after it when asked); the status answered."""
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head + body)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]) if answer else 0
+
+
+def _truncated(declared_extra: int) -> tuple[bytes, bytes]:
+    """A delivery signed over the bytes actually sent, whose Content-Length claims more."""
+    d = delivery("create", tag_payload(tag="v2.10.30"))
+    head = (f"POST /webhook HTTP/1.1\r\nHost: relay\r\nContent-Length: {len(d.body) + declared_extra}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in d.headers.items()) + "\r\n").encode()
+    return head, d.body
+
+
+def test_a_body_shorter_than_its_content_length_is_400_under_every_server(any_server: str) -> None:
+    """Before: gunicorn's reader ended quietly at the half-close, so a delivery signed over the bytes
+    sent was answered 202 (and one signed over the full body a misleading 401)."""
+    head, body = _truncated(100)
+    assert _raw(any_server, head, body, half_close=True) == 400
+    assert requests.get(any_server + "/health", timeout=10).status_code == 200
+
+
+def test_a_body_that_stops_arriving_is_408_under_every_server(any_server: str) -> None:
+    """Before: ``sync-tools relay`` answered 400 (werkzeug folds the socket timeout into
+    ClientDisconnected), though docs/decisions.md promises 408."""
+    head, body = _truncated(100)
+    assert _raw(any_server, head, body, half_close=False) == 408

@@ -304,8 +304,8 @@ def _error(status: int, message: str, **headers: str) -> Response:
 def read_capped(stream: IO[bytes], length: int | None, max_body: int) -> bytes:
     """The raw request body from *stream*, refusing (TooLarge) from Content-Length before reading and
     while reading a chunked body, so an oversized body is never held in memory. A body that stops
-    arriving until the server's socket times out is a RequestTimeout (408); one cut short or badly
-    chunked is a BadRequest (400)."""
+    arriving until the server's socket times out is a RequestTimeout (408); one cut short (shorter than
+    its Content-Length, under every server) or badly chunked is a BadRequest (400)."""
     if length is not None and length > max_body:
         raise wh.TooLarge(f"body of {length} bytes is over the {max_body}-byte cap")
     parts: list[bytes] = []
@@ -315,7 +315,11 @@ def read_capped(stream: IO[bytes], length: int | None, max_body: int) -> bytes:
             chunk = stream.read(_CHUNK)
         except TimeoutError as e:  # the server's socket timeout: a client that stopped sending
             raise wh.RequestTimeout("the request body stopped arriving") from e
-        except (ClientDisconnected, OSError, ValueError) as e:
+        except ClientDisconnected as e:
+            if isinstance(e.__context__, TimeoutError):  # werkzeug's stream hides the timeout in here
+                raise wh.RequestTimeout("the request body stopped arriving") from e
+            raise wh.UnreadableBody(f"the request body could not be read: {type(e).__name__}") from e
+        except (OSError, ValueError) as e:
             # werkzeug's server: a body shorter than its Content-Length (ClientDisconnected), a bad
             # chunk header (OSError, ValueError); the connection is unusable, the client at fault
             raise wh.UnreadableBody(f"the request body could not be read: {type(e).__name__}") from e
@@ -325,6 +329,10 @@ def read_capped(stream: IO[bytes], length: int | None, max_body: int) -> bytes:
         if total > max_body:
             raise wh.TooLarge(f"body is over the {max_body}-byte cap")
         parts.append(chunk)
+    # gunicorn's reader ends quietly at a half-closed connection: a body shorter than its
+    # Content-Length is truncated, whatever the bytes that did arrive are signed over
+    if length is not None and total != length:
+        raise wh.UnreadableBody(f"the request body ended after {total} of its {length} bytes")
     return b"".join(parts)
 
 
