@@ -46,9 +46,12 @@ limit_request_field_size = 16384
 
 
 def worker_exit(server, worker):  # type: ignore[no-untyped-def]
-    from sync_tools.relay.app import get_relay
+    from sync_tools.relay.app import EXTENSION, get_relay
 
+    app = getattr(worker, "wsgi", None)
+    if EXTENSION not in getattr(app, "extensions", {}):
+        return  # the app never loaded (a boot failure already said why): nothing was started
     try:
-        get_relay(worker.wsgi).stop()
+        get_relay(app).stop()
     except Exception:  # noqa: BLE001 - the process is going away; unfinished jobs stay in the outbox
         server.log.exception("relay did not stop cleanly")

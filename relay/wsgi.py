@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from sync_tools.config import load_config
+from sync_tools.errors import SyncToolsError
 from sync_tools.relay.app import create_app, get_relay
 from sync_tools.relay.server import SWITCH_INTERVAL
 
@@ -42,6 +43,10 @@ class SocketTimeout:
 
 
 sys.setswitchinterval(SWITCH_INTERVAL)  # see sync_tools.relay.server.serve
-app = create_app(load_config())
+try:
+    app = create_app(load_config())
+except SyncToolsError as e:  # one clear line, and gunicorn's "App failed to load" exit (4), no traceback
+    print(f"relay: {e}", file=sys.stderr, flush=True)
+    sys.exit(4)
 app.wsgi_app = SocketTimeout(app.wsgi_app, SOCKET_TIMEOUT)  # type: ignore[method-assign]
 get_relay(app).start()

@@ -20,6 +20,7 @@ import requests
 
 from sync_tools.relay import server as relay_server
 from sync_tools.relay.app import create_app, get_relay
+from sync_tools.relay.outbox import NewJob, Outbox
 from sync_tools.relay.server import RelayServer
 from tests.relay_support import RELEASE_REPO, delivery, env, settings, tag_payload, write_config
 from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
@@ -252,3 +253,41 @@ def test_a_body_that_stops_arriving_is_408_under_every_server(any_server: str) -
     ClientDisconnected), though docs/decisions.md promises 408."""
     head, body = _truncated(100)
     assert _raw(any_server, head, body, half_close=False) == 408
+
+
+# ---------------------------------------------------- 6. boot failures: one clear line, non-zero exit
+
+
+def _corrupt_database(db: Path) -> None:
+    """A real relay database with deliveries, then every page after the first overwritten in part:
+    it opens (the schema is on page 1) and fails at the first read of a table."""
+    outbox = Outbox(db)
+    for i in range(50):
+        outbox.record(f"d{i}", "create", "x", [NewJob("dispatch", {"pad": "b" * 500})])
+    outbox.close()
+    data = bytearray(db.read_bytes())
+    for off in range(4096, len(data), 4096):
+        data[off:off + 100] = b"\xff" * 100
+    db.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("server", ["sync-tools relay", "gunicorn"])
+def test_a_corrupt_database_stops_the_boot_with_one_clear_line(tmp_path: Path, server: str) -> None:
+    """Before: ``sync-tools relay`` printed a raw traceback from the broker's start, and gunicorn's
+    worker_exit hook raised an AttributeError on top of the boot failure."""
+    if server == "gunicorn" and not GUNICORN.exists():
+        pytest.skip("gunicorn is not installed")
+    config = write_config(tmp_path)
+    db = tmp_path / "relay.db"
+    _corrupt_database(db)
+    e = {**os.environ, **env(tmp_path), "SYNC_TOOLS_CONFIG": str(config.path),
+         "RELAY_BIND": f"127.0.0.1:{free_port()}"}
+    cmd = ([sys.executable, "-m", "sync_tools", "relay", "--config", str(config.path), "--port", "0"]
+           if server == "sync-tools relay" else
+           [str(GUNICORN), "-c", str(ROOT / "relay/gunicorn.conf.py"), "--chdir", str(ROOT), "relay.wsgi:app"])
+    done = subprocess.run(cmd, env=e, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr and "AttributeError" not in done.stderr, done.stderr[-3000:]
+    lines = [ln for ln in done.stderr.splitlines() if f"{db} is corrupt" in ln]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert "move it aside" in lines[0]

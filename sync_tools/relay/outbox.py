@@ -229,6 +229,11 @@ class Outbox:
             if mode.lower() != "wal":
                 raise OutboxError(f"{self.path}: SQLite would not switch to WAL (got {mode})")
             self._w.executescript(_SCHEMA)
+            # a damaged page would otherwise surface later, as a traceback from a start-up thread
+            check = [" ".join(str(r[0]).split()) for r in self._w.execute("PRAGMA quick_check(3)")]
+            if check != ["ok"]:
+                raise OutboxError(f"the relay database {self.path} is corrupt ({'; '.join(check)}); "
+                                  "move it aside (or restore a backup) and start again")
             # bookkeeping writes (claims, outcomes) skip the fsync: their own connection, so no
             # transaction has to switch ``synchronous`` back and forth
             self._fast = _connect(self.path)
@@ -239,7 +244,8 @@ class Outbox:
             # ones at the path (a restart reads the path, not our open descriptors)
             self._files = _identity(self.path)
         except (sqlite3.Error, OSError) as e:
-            raise OutboxError(f"cannot open the relay database {self.path}: {e}") from e
+            raise OutboxError(f"cannot open the relay database {self.path}: {e}; if it is corrupt, move it "
+                              "aside (or restore a backup) and start again") from e
         self._probe_lock = threading.Lock()
         self._probed: tuple[float, str | None] = (-PROBE_INTERVAL, None)
         self._wlock = threading.RLock()
