@@ -6,6 +6,7 @@ server on loopback (``sync-tools relay``'s and gunicorn's), real SQLite files, r
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ from sync_tools.relay import server as relay_server
 from sync_tools.relay.app import create_app, get_relay
 from sync_tools.relay.outbox import NewJob, Outbox
 from sync_tools.relay.server import RelayServer
-from tests.relay_support import RELEASE_REPO, delivery, env, settings, tag_payload, write_config
+from tests.relay_support import RELEASE_REPO, Delivery, delivery, env, settings, tag_payload, write_config
 from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
 from tests.support import free_port, wait_for
 
@@ -291,3 +292,55 @@ def test_a_corrupt_database_stops_the_boot_with_one_clear_line(tmp_path: Path, s
     lines = [ln for ln in done.stderr.splitlines() if f"{db} is corrupt" in ln]
     assert len(lines) == 1, done.stderr[-3000:]
     assert "move it aside" in lines[0]
+
+
+# ---------------------------------------------------- 7. every repository field must name the upstream
+
+
+def _tag_delivery(**repo_fields: str) -> Delivery:
+    p = tag_payload(tag="v2.10.40")  # nats-io/nats-server, a tracked upstream
+    p["repository"].update(repo_fields)
+    return delivery("create", p)
+
+
+@pytest.mark.parametrize("fields", [
+    {"full_name": "mallory/nats-server"},  # another owner, next to the upstream's URLs
+    {"html_url": "https://github.com/mallory/nats-server", "svn_url": "https://github.com/mallory/nats-server",
+     "git_url": "git://github.com/mallory/nats-server.git", "ssh_url": "git@github.com:mallory/nats-server.git",
+     "full_name": "mallory/nats-server"},  # only clone_url names the upstream
+    {"full_name": "nats-io/nats-server "},  # a trailing space
+    {"full_name": "nats-io/nats-server", "html_url": "https://github.com/nats-io/nats-server\u212a"},  # Kelvin
+    {"full_name": "nats-io/nats-server\u212a"},
+    {"html_url": "https://evil.example/nats-io/nats-server"},  # another host in one field
+])
+def test_a_payload_whose_repository_fields_disagree_is_never_dispatched(
+        tmp_path: Path, github_api: GitHubAPIServer, fields: dict[str, str]) -> None:  # noqa: F811
+    """Before: one field naming the upstream was enough, so each of these was dispatched."""
+    with _relay(tmp_path, github_api) as server:
+        d = _tag_delivery(**fields)
+        r = requests.post(server.url + "/webhook", data=d.body, headers=d.headers, timeout=15)
+        assert r.status_code == 200 and r.json()["status"] == "ignored", r.text
+        assert get_relay(server.app).outbox.stats().queue_depth == 0
+        # the same payload with every field agreeing is dispatched
+        good = _tag_delivery()
+        assert requests.post(server.url + "/webhook", data=good.body, headers=good.headers,
+                             timeout=15).status_code == 202
+
+
+def test_a_repeated_delivery_id_with_another_body_is_warned_about(tmp_path: Path, github_api: GitHubAPIServer,  # noqa: F811
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    with _relay(tmp_path, github_api) as server:
+        first = delivery("create", tag_payload(tag="v2.10.41"), delivery_id="same-id")
+        assert requests.post(server.url + "/webhook", data=first.body, headers=first.headers,
+                             timeout=15).status_code == 202
+        with caplog.at_level(logging.INFO, logger="sync_tools.relay.app"):
+            again = requests.post(server.url + "/webhook", data=first.body, headers=first.headers, timeout=15)
+            assert again.json()["status"] == "duplicate"
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # GitHub's redelivery
+            other = delivery("create", tag_payload(tag="v9.9.9"), delivery_id="same-id")
+            r = requests.post(server.url + "/webhook", data=other.body, headers=other.headers, timeout=15)
+            assert r.status_code == 200 and r.json()["status"] == "duplicate"
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "same-id repeated with a different body" in warned[0], warned
+        jobs = get_relay(server.app).outbox.jobs()
+        assert [j.payload.get("version") for j in jobs] == ["v2.10.41"]  # v9.9.9 was not acted on

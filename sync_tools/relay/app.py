@@ -8,6 +8,7 @@ drive the request logic alone.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
@@ -255,8 +256,9 @@ class Relay:
             return 200, {"status": "ignored", "delivery": delivery, "reasons": reasons}, {}
         summary = "; ".join(f"{j.kind} {j.payload.get('subsystem', '')} {j.payload.get('version', '')}".strip()
                             for j in jobs)
+        digest = hashlib.sha256(raw).hexdigest()
         try:
-            rec = self.outbox.record(delivery, event, summary, jobs)
+            rec = self.outbox.record(delivery, event, summary, jobs, digest=digest)
         except OutboxError as e:
             deliveries("error").inc()
             log.error("cannot record delivery %s: %s", delivery, e)
@@ -264,7 +266,11 @@ class Relay:
             return 503, _error_body("the relay cannot record deliveries right now"), {}
         if rec.duplicate:
             deliveries("duplicate").inc()
-            log.info("delivery %s already recorded; not acting on it again", delivery)
+            if rec.digest is not None and rec.digest != digest:  # a redelivery repeats its body exactly
+                log.warning("delivery %s repeated with a different body (sha256 %s, first %s); "
+                            "not acting on it", delivery, digest[:12], rec.digest[:12])
+            else:
+                log.info("delivery %s already recorded; not acting on it again", delivery)
             return 200, {"status": "duplicate", "delivery": delivery}, {}
         deliveries("accepted").inc()
         self.worker.wake(lanes=[j.lane for j in jobs])

@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     delivery TEXT PRIMARY KEY,
     event TEXT NOT NULL,
     received REAL NOT NULL,
-    summary TEXT NOT NULL
+    summary TEXT NOT NULL,
+    digest TEXT
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -125,6 +126,7 @@ class Recorded:
     duplicate: bool
     jobs: tuple[int, ...] = ()
     coalesced: int = 0
+    digest: str | None = None  # a duplicate's: the body digest recorded the first time (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ class _Pending:
     event: str
     summary: str
     jobs: list[NewJob]
+    digest: str | None
     # held until the committer has filled in result/error: a bare lock is the cheapest one-shot
     # signal between two threads (threading.Event builds a Condition, and a waiter lock per wait)
     done: threading.Lock = field(default_factory=_held_lock)
@@ -229,6 +232,8 @@ class Outbox:
             if mode.lower() != "wal":
                 raise OutboxError(f"{self.path}: SQLite would not switch to WAL (got {mode})")
             self._w.executescript(_SCHEMA)
+            if "digest" not in {r[1] for r in self._w.execute("PRAGMA table_info(deliveries)")}:
+                self._w.execute("ALTER TABLE deliveries ADD COLUMN digest TEXT")  # databases from before it
             # a damaged page would otherwise surface later, as a traceback from a start-up thread
             check = [" ".join(str(r[0]).split()) for r in self._w.execute("PRAGMA quick_check(3)")]
             if check != ["ok"]:
@@ -366,14 +371,15 @@ class Outbox:
     # ------------------------------------------------------------------------------------ ingest
 
     def record(self, delivery: str, event: str, summary: str, jobs: list[NewJob],
-               timeout: float = 8.0) -> Recorded:
-        """Durably record a delivery and its jobs; returns once the commit is on disk.
+               timeout: float = 8.0, digest: str | None = None) -> Recorded:
+        """Durably record a delivery, its body's *digest* and its jobs; returns once the commit is on disk.
 
-        A known delivery id writes nothing and returns ``duplicate=True``. Raises OutboxError if
-        the write fails or does not finish within *timeout* seconds (GitHub waits 10 s).
+        A known delivery id writes nothing and returns ``duplicate=True`` with the digest recorded the
+        first time. Raises OutboxError if the write fails or does not finish within *timeout* seconds
+        (GitHub waits 10 s).
         """
         self._ensure_committer()
-        item = _Pending(delivery, event, summary, jobs)
+        item = _Pending(delivery, event, summary, jobs, digest)
         self._inbox.put(item)
         if not item.done.acquire(timeout=timeout):
             raise OutboxError(f"the outbox did not commit delivery {delivery} within {timeout:.0f} s")
@@ -423,10 +429,11 @@ class Outbox:
 
     def _insert(self, conn: sqlite3.Connection, it: _Pending) -> Recorded:
         now = self.now()
-        cur = conn.execute("INSERT OR IGNORE INTO deliveries (delivery, event, received, summary) "
-                           "VALUES (?, ?, ?, ?)", (it.delivery, it.event, now, it.summary))
+        cur = conn.execute("INSERT OR IGNORE INTO deliveries (delivery, event, received, summary, digest) "
+                           "VALUES (?, ?, ?, ?, ?)", (it.delivery, it.event, now, it.summary, it.digest))
         if cur.rowcount == 0:
-            return Recorded(duplicate=True)
+            row = conn.execute("SELECT digest FROM deliveries WHERE delivery = ?", (it.delivery,)).fetchone()
+            return Recorded(duplicate=True, digest=row[0] if row else None)
         ids, coalesced = self._add_jobs(conn, it.jobs, it.delivery, now)
         return Recorded(duplicate=False, jobs=tuple(ids), coalesced=coalesced)
 
