@@ -13,16 +13,20 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
+from sync_tools.errors import ConfigError
+from sync_tools.relay import outbox as outbox_module
 from sync_tools.relay import server as relay_server
 from sync_tools.relay.app import create_app, get_relay
 from sync_tools.relay.outbox import NewJob, Outbox
 from sync_tools.relay.server import RelayServer
+from sync_tools.relay.settings import load_settings
 from tests.relay_support import RELEASE_REPO, Delivery, delivery, env, settings, tag_payload, write_config
 from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
 from tests.support import free_port, wait_for
@@ -30,9 +34,9 @@ from tests.support import free_port, wait_for
 
 @contextlib.contextmanager
 def _relay(root: Path, github_api: GitHubAPIServer, db: Path | None = None,  # noqa: F811
-           **overrides: object) -> Iterator[RelayServer]:
+           max_attempts: int = 4, **overrides: object) -> Iterator[RelayServer]:
     github_api.state.add_repo(RELEASE_REPO)
-    cfg = write_config(root)
+    cfg = write_config(root, max_attempts=max_attempts)
     st = settings(cfg, root, github_api_url=github_api.url, **overrides)
     if db is not None:
         st = type(st)(**{**st.__dict__, "db_path": db})
@@ -344,3 +348,82 @@ def test_a_repeated_delivery_id_with_another_body_is_warned_about(tmp_path: Path
         assert len(warned) == 1 and "same-id repeated with a different body" in warned[0], warned
         jobs = get_relay(server.app).outbox.jobs()
         assert [j.payload.get("version") for j in jobs] == ["v2.10.41"]  # v9.9.9 was not acted on
+
+
+# ---------------------------------------------------- 4. small volumes: WAL, pruning, a full disk
+
+
+def test_the_wal_stays_bounded_on_a_2_mib_volume(tmp_path: Path, small_volume: Path,
+                                                 github_api: GitHubAPIServer) -> None:  # noqa: F811
+    """Before: the WAL grew ~50 KB per delivery and was checkpointed only at ~4 MiB, never truncated:
+    a 2 MiB volume was full after ~40 deliveries."""
+    db = small_volume / "relay.db"
+    with _relay(tmp_path, github_api, db=db) as server:
+        codes = [_post(server, f"v3.0.{i}") for i in range(150)]
+        assert codes == [202] * 150
+        wal = Path(f"{db}-wal").stat().st_size
+        assert wal <= outbox_module.WAL_LIMIT + 256 * 1024, wal
+        wait_for(lambda: len(github_api.state.dispatches) == 150, what="every delivery dispatched")
+
+
+def test_finished_rows_are_pruned_on_the_operators_schedule(tmp_path: Path) -> None:
+    clock = [1_000_000.0]
+    outbox = Outbox(tmp_path / "relay.db", now=lambda: clock[0], retention=3600.0, prune_every=0.0)
+    try:
+        outbox.record("old", "create", "x", [NewJob("dispatch", {"n": 1})])
+        outbox.record("stuck", "create", "x", [NewJob("dispatch", {"n": 2})])
+        outbox.append_event("release", {"serial": 1})
+        outbox.append_event("release", {"serial": 2})
+        done = outbox.claim()
+        assert done is not None
+        outbox.complete(done.id)
+        clock[0] += 7200.0
+        outbox.record("new", "create", "x", [NewJob("dispatch", {"n": 3})])
+        outbox.maintain_if_due()  # prune_every 0: now
+        left = {j.payload["n"]: j.status for j in outbox.jobs()}
+        assert left == {2: "pending", 3: "pending"}  # the done one went; unfinished ones never do
+        assert not outbox.has_delivery("old") and outbox.has_delivery("stuck") and outbox.has_delivery("new")
+        assert [e.data["serial"] for e in outbox.events_since(0)] == [2]  # the newest event stays
+        assert Path(f"{tmp_path / 'relay.db'}-wal").stat().st_size == 0  # checkpointed and truncated
+    finally:
+        outbox.close()
+
+
+def test_the_schedule_comes_from_the_environment(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    st = load_settings(cfg, env(tmp_path, SYNC_TOOLS_RETENTION_DAYS="0.5", SYNC_TOOLS_PRUNE_EVERY="60"))
+    assert (st.retention, st.prune_every) == (43200.0, 60.0)
+    with pytest.raises(ConfigError, match="SYNC_TOOLS_PRUNE_EVERY"):
+        load_settings(cfg, env(tmp_path, SYNC_TOOLS_PRUNE_EVERY="soon"))
+
+
+def test_a_full_disk_is_logged_once_per_interval_and_every_accepted_job_finishes_once_space_returns(
+        tmp_path: Path, small_volume: Path, github_api: GitHubAPIServer,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Before: the workers logged ~80 tracebacks a second (a due job that could not be claimed was
+    retried every 50 ms), and accepted jobs stayed queued after the space came back."""
+    db = small_volume / "relay.db"
+    github_api.inject("POST", "/dispatches$", status=502, times=1000)  # the jobs stay queued for now
+    with _relay(tmp_path, github_api, db=db, max_attempts=1000, backoff_base=0.2, backoff_cap=0.5) as server:
+        accepted = sum(_post(server, f"v4.0.{i}") == 202 for i in range(10))
+        assert accepted == 10
+        filler = _fill(small_volume)
+        before = len(caplog.records)
+        with caplog.at_level(logging.WARNING, logger="sync_tools.relay"):
+            refused = [_post(server, f"v4.1.{i}") for i in range(5)]
+            assert set(refused) == {503}
+            github_api.clear_faults()
+            deadline = time.monotonic() + 3.0  # three seconds of a full disk with due jobs
+            while time.monotonic() < deadline:
+                time.sleep(0.1)
+        noisy = [r for r in caplog.records[before:] if r.name.startswith("sync_tools.relay")
+                 and "retrying in" not in r.getMessage()]  # GitHub's 502s, one line per attempt
+        assert len(noisy) <= 6, [r.getMessage() for r in noisy][:20]
+        assert not [r for r in noisy if r.exc_info]  # no tracebacks
+        filler.unlink()
+        outbox = get_relay(server.app).outbox
+        wait_for(lambda: {j.status for j in outbox.jobs()} == {"done"}, timeout=60,
+                 what="every accepted job done once space returned")
+        assert len(outbox.jobs()) == 10
+        # older tags of one subsystem are coalesced into the newest; that one went out
+        assert "v4.0.9" in {d["client_payload"]["version"] for d in github_api.state.dispatches}

@@ -261,7 +261,7 @@ class Relay:
             rec = self.outbox.record(delivery, event, summary, jobs, digest=digest)
         except OutboxError as e:
             deliveries("error").inc()
-            log.error("cannot record delivery %s: %s", delivery, e)
+            self.refusals.warning("cannot record delivery %s: %s", delivery, e)  # a full disk: once in a while
             # 503: GitHub shows the failure and a person can redeliver; nothing was accepted
             return 503, _error_body("the relay cannot record deliveries right now"), {}
         if rec.duplicate:
@@ -543,7 +543,7 @@ def create_app(config: Config, settings: Settings | None = None, *, now: Callabl
     if not settings.webhook_secret:
         raise ConfigError("the webhook secret is empty; the relay refuses to start without one")
     session = watch_session(http or requests.Session())
-    outbox = Outbox(settings.db_path, now=now)
+    outbox = Outbox(settings.db_path, now=now, retention=settings.retention, prune_every=settings.prune_every)
     if dispatcher is None:
         if config.relay.dispatch == "github":
             if not config.release.repo:

@@ -46,6 +46,14 @@ log = logging.getLogger(__name__)
 
 PENDING, RUNNING, DONE, DEAD = "pending", "running", "done", "dead"
 PROBE_INTERVAL = 1.0  # seconds between two write probes of /health (Outbox.problem)
+#: The WAL is checkpointed into the database every WAL_PAGES pages (SQLite's default, 1000, let it grow to
+#: ~4 MiB) and truncated back to WAL_LIMIT bytes when it restarts (by default it never shrinks).
+WAL_PAGES = 128
+WAL_LIMIT = 512 * 1024
+#: Finished rows (done jobs, their deliveries, events) older than RETENTION seconds are pruned every
+#: PRUNE_EVERY seconds (SYNC_TOOLS_RETENTION_DAYS, SYNC_TOOLS_PRUNE_EVERY for the relay).
+RETENTION = 7 * 86400.0
+PRUNE_EVERY = 600.0
 MIN_FREE = 256 * 1024  # bytes free under which /health says the disk is full (a commit may still fit)
 COALESCE_WINDOW = 3600.0  # a second delivery naming the same subsystem+version within this is not re-dispatched
 
@@ -213,6 +221,8 @@ def _connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA synchronous = FULL")  # in WAL mode, FULL fsyncs the log at every commit
     conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
     return conn
 
 
@@ -220,9 +230,12 @@ class Outbox:
     """The SQLite outbox. Thread-safe; several processes may share the file (writes take
     ``BEGIN IMMEDIATE``). Raises OutboxError when the database cannot be opened."""
 
-    def __init__(self, path: Path, *, now: Callable[[], float] = time.time, batch: int = 512):
+    def __init__(self, path: Path, *, now: Callable[[], float] = time.time, batch: int = 512,
+                 retention: float = RETENTION, prune_every: float = PRUNE_EVERY):
         self.path = Path(path)
         self.now = now
+        self.retention, self.prune_every = retention, prune_every
+        self._pruned = time.monotonic()
         self.owner = process_id()
         self._batch = batch
         try:
@@ -635,6 +648,38 @@ class Outbox:
         return Stats(queue_depth=counts.get(PENDING, 0) + counts.get(RUNNING, 0), running=counts.get(RUNNING, 0),
                      dead=counts.get(DEAD, 0), done=counts.get(DONE, 0),
                      oldest_pending_age=None if oldest is None else max(0.0, now - oldest), last_event_id=last)
+
+    # ------------------------------------------------------------------------------- maintenance
+
+    def maintain(self) -> tuple[int, int, int]:
+        """Delete finished rows older than ``retention`` seconds (done jobs; deliveries none of whose
+        jobs is left; events but the newest) and checkpoint the WAL down to nothing. Pending, running
+        and dead jobs are never touched. Returns how many jobs, deliveries and events went.
+        Raises OutboxError (a full disk: the next call tries again)."""
+        cutoff = self.now() - self.retention
+        try:
+            with self._tx(durable=False) as conn:
+                jobs = conn.execute("DELETE FROM jobs WHERE status = 'done' AND updated < ?", (cutoff,)).rowcount
+                deliveries = conn.execute(
+                    "DELETE FROM deliveries WHERE received < ? AND NOT EXISTS "
+                    "(SELECT 1 FROM jobs WHERE jobs.delivery = deliveries.delivery)", (cutoff,)).rowcount
+                events = conn.execute("DELETE FROM events WHERE created < ? AND id < (SELECT MAX(id) FROM events)",
+                                      (cutoff,)).rowcount
+            with self._writer():
+                self._fast.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            raise OutboxError(f"cannot prune the relay database: {e}") from e
+        self._pruned = time.monotonic()
+        if jobs or deliveries or events:
+            log.info("pruned %d done job(s), %d deliver(ies), %d event(s) older than %.0f s",
+                     jobs, deliveries, events, self.retention)
+        return jobs, deliveries, events
+
+    def maintain_if_due(self) -> None:
+        """:meth:`maintain` when ``prune_every`` seconds have passed since the last one."""
+        if time.monotonic() - self._pruned >= self.prune_every:
+            self._pruned = time.monotonic()  # a failure waits for the next turn too
+            self.maintain()
 
     # ------------------------------------------------------------------------------ events, state
 
