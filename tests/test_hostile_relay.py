@@ -8,11 +8,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -427,3 +429,106 @@ def test_a_full_disk_is_logged_once_per_interval_and_every_accepted_job_finishes
         assert len(outbox.jobs()) == 10
         # older tags of one subsystem are coalesced into the newest; that one went out
         assert "v4.0.9" in {d["client_payload"]["version"] for d in github_api.state.dispatches}
+
+
+# ---------------------------------------------------- 2. connections at a 1024 open-files limit
+
+
+def _limit_1024() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+
+class _Attack:
+    """*idle* connections that send nothing and *tricklers* that send a request's headers a byte a
+    second, all to 127.0.0.1:*port*; a cut connection is opened again (the pressure stays)."""
+
+    def __init__(self, port: int, idle: int, tricklers: int):
+        self.port = port
+        self.idle = [self._open() for _ in range(idle)]
+        self.tricklers = [self._open(b"POST /webhook HTTP/1.1\r\nHost: relay\r\n") for _ in range(tricklers)]
+        self.reopened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _open(self, first: bytes = b"") -> socket.socket | None:
+        try:
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            s.setblocking(False)
+            if first:
+                s.send(first)
+            return s
+        except OSError:
+            return None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            for group, first in ((self.tricklers, b"X"), (self.idle, None)):
+                for i, s in enumerate(group):
+                    try:
+                        if s is None:
+                            raise OSError
+                        if first:
+                            s.send(first)
+                        elif s.recv(1, socket.MSG_PEEK) == b"":
+                            raise OSError  # the server closed it
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        if s is not None:
+                            s.close()
+                        group[i] = self._open(b"POST /webhook HTTP/1.1\r\n" if first else b"")
+                        self.reopened += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for s in self.idle + self.tricklers:
+            if s is not None:
+                s.close()
+
+
+def test_deliveries_get_202_through_1100_tricklers_and_1000_idle_connections_at_a_1024_limit(
+        tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    """Before: connections were bounded only by the open-files limit and slow requests never cut: with
+    1,024 descriptors, 2,100 hostile connections left no room to accept a delivery."""
+    github_api.state.add_repo(RELEASE_REPO)
+    config = write_config(tmp_path)
+    port = free_port()
+    e = {**os.environ, **env(tmp_path), "GITHUB_API_URL": github_api.url}
+    proc = subprocess.Popen([sys.executable, "-m", "sync_tools", "relay", "--config", str(config.path), "--host",
+                             "127.0.0.1", "--port", str(port)], env=e, cwd=tmp_path, preexec_fn=_limit_1024,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    attack = None
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, "the relay exited"
+            with contextlib.suppress(requests.RequestException):
+                return requests.get(url + "/health", timeout=1).status_code == 200
+            return False
+
+        wait_for(up, what="the relay to serve /health")
+        attack = _Attack(port, idle=1000, tricklers=1100)
+        latencies = []
+        for i in range(20):
+            d = delivery("create", tag_payload(tag=f"v5.0.{i}"))
+            started = time.monotonic()
+            r = requests.post(url + "/webhook", data=d.body, headers=d.headers, timeout=10)
+            latencies.append(time.monotonic() - started)
+            assert r.status_code == 202, r.text
+            assert requests.get(url + "/health", timeout=10).status_code == 200
+            time.sleep(0.5)  # over ten seconds of attack, the attacker reconnecting what is cut
+        print(f"deliveries under attack: max {max(latencies):.3f} s, median {sorted(latencies)[10]:.3f} s, "
+              f"attacker reconnects {attack.reopened}")
+        wait_for(lambda: attack.reopened > 0, what="the relay to cut hostile connections to make room")
+    finally:
+        if attack is not None:
+            attack.close()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate(timeout=5)
+    assert b"Traceback" not in err, err.decode()[-3000:]
