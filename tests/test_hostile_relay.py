@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -532,3 +532,49 @@ def test_deliveries_get_202_through_1100_tricklers_and_1000_idle_connections_at_
             os.killpg(proc.pid, signal.SIGKILL)
             _, err = proc.communicate(timeout=5)
     assert b"Traceback" not in err, err.decode()[-3000:]
+
+
+def _nofile(limit: int) -> Callable[[], None]:
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
+@pytest.mark.skipif(not GUNICORN.exists(), reason="gunicorn is not installed")
+@pytest.mark.parametrize("server", ["sync-tools relay", "gunicorn"])
+def test_an_open_files_limit_too_small_for_the_relay_stops_it_with_one_line(tmp_path: Path, server: str) -> None:
+    config = write_config(tmp_path)
+    e = {**os.environ, **env(tmp_path), "SYNC_TOOLS_CONFIG": str(config.path),
+         "RELAY_BIND": f"127.0.0.1:{free_port()}"}
+    cmd = ([sys.executable, "-m", "sync_tools", "relay", "--config", str(config.path), "--port", "0"]
+           if server == "sync-tools relay" else
+           [str(GUNICORN), "-c", str(ROOT / "relay/gunicorn.conf.py"), "--chdir", str(ROOT), "relay.wsgi:app"])
+    done = subprocess.run(cmd, env=e, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          preexec_fn=_nofile(200))
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "open-files limit (200, hard 200)" in done.stderr and "ulimit -n" in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(not GUNICORN.exists(), reason="gunicorn is not installed")
+def test_gunicorn_fits_its_connections_to_a_1024_limit(tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    """Before: gevent took up to 20,000 connections with 1,024 descriptors, and accept() failed with
+    EMFILE once they were used; now it takes what the limit allows and the rest wait in the backlog."""
+    github_api.state.add_repo(RELEASE_REPO)
+    config = write_config(tmp_path)
+    port = free_port()
+    e = {**os.environ, **env(tmp_path), "GITHUB_API_URL": github_api.url, "SYNC_TOOLS_CONFIG": str(config.path),
+         "RELAY_BIND": f"127.0.0.1:{port}"}
+    proc = subprocess.Popen([str(GUNICORN), "-c", str(ROOT / "relay/gunicorn.conf.py"), "--chdir", str(ROOT),
+                             "relay.wsgi:app"], env=e, cwd=tmp_path, preexec_fn=_nofile(1024),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, "gunicorn exited"
+            with contextlib.suppress(requests.RequestException):
+                return requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+            return False
+
+        wait_for(up, what="gunicorn to serve /health")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert b"allows 896 connections, not 20000" in err, err.decode()[-3000:]
