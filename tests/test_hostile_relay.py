@@ -23,13 +23,23 @@ import pytest
 import requests
 
 from sync_tools.errors import ConfigError
+from sync_tools.relay import connections
 from sync_tools.relay import outbox as outbox_module
 from sync_tools.relay import server as relay_server
 from sync_tools.relay.app import create_app, get_relay
 from sync_tools.relay.outbox import NewJob, Outbox
 from sync_tools.relay.server import RelayServer
 from sync_tools.relay.settings import load_settings
-from tests.relay_support import RELEASE_REPO, Delivery, delivery, env, settings, tag_payload, write_config
+from tests.relay_support import (
+    RELEASE_REPO,
+    TOKEN,
+    Delivery,
+    delivery,
+    env,
+    settings,
+    tag_payload,
+    write_config,
+)
 from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
 from tests.support import free_port, wait_for
 
@@ -578,3 +588,31 @@ def test_gunicorn_fits_its_connections_to_a_1024_limit(tmp_path: Path, github_ap
         os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert b"allows 896 connections, not 20000" in err, err.decode()[-3000:]
+
+
+def test_sse_streams_leave_room_for_health_and_deliveries(tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    """Streams may take all connections but RESERVE (64): the next stream is 503 while /health and a
+    delivery still get through, and an ended stream frees its slot."""
+    github_api.state.add_repo(RELEASE_REPO)
+    cfg = write_config(tmp_path)
+    app = create_app(cfg, settings(cfg, tmp_path, github_api_url=github_api.url))
+    server = RelayServer(app, "127.0.0.1", 0, max_connections=140).start()
+    streams: list[requests.Response] = []
+    try:
+        allowed = 140 - connections.RESERVE
+        for _ in range(allowed):
+            r = requests.get(server.url + "/events", headers={"Authorization": f"Bearer {TOKEN}"}, stream=True,
+                             timeout=10)
+            assert r.status_code == 200
+            streams.append(r)
+        extra = requests.get(server.url + "/events", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+        assert extra.status_code == 503 and "too many event streams" in extra.text
+        assert _health(server)[0] == 200
+        assert _post(server, "v6.0.0") == 202
+        streams.pop().close()
+        wait_for(lambda: requests.get(server.url + "/events", headers={"Authorization": f"Bearer {TOKEN}"},
+                                      stream=True, timeout=10).status_code == 200, what="a freed stream slot")
+    finally:
+        for r in streams:
+            r.close()
+        server.stop()
