@@ -171,13 +171,15 @@ def test_an_oversized_manifest_or_signature_is_refused_once_not_refetched_until_
 
 # ------------------------------------------------------------- 11. tar metadata headers read whole
 
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec
+# (a large pytest process would be measured), while VmHWM belongs to this process's own memory
 _RSS_CHILD = r'''
-import json, resource, sys
+import json, sys
 from sync_tools.agent.runner import Agent
 from sync_tools.config import load_config
 res = Agent(load_config(sys.argv[1])).reconcile().result("nats")
-print(json.dumps({"action": res.action, "error": res.error,
-                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"action": res.action, "error": res.error, "rss_mib": hwm / 1024}))
 '''
 
 
