@@ -186,6 +186,10 @@ def test_watch_in_dev_mode_builds_the_named_subsystem_and_an_upstream_release_ne
                 payload = fixture("release.published.0.json")
                 payload["release"]["tag_name"] = tag
                 payload["repository"]["clone_url"] = f"file://{ws.upstreams['nats']}.git"
+                # every repository field must name the upstream (issue #20), not only clone_url
+                payload["repository"]["full_name"] = "local/nats"
+                for k in ("html_url", "git_url", "ssh_url", "svn_url"):
+                    payload["repository"].pop(k, None)
                 body = json.dumps(payload).encode()
             sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
             return requests.post(f"http://127.0.0.1:{port}/webhook", data=body, timeout=5, headers={

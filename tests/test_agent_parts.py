@@ -26,7 +26,7 @@ from sync_tools.agent import events as agent_events
 from sync_tools.agent import install
 from sync_tools.agent.events import AgentEvent, SSEClient, WebhookVerifier, create_receiver, parse_agent_event
 from sync_tools.agent.extract import extract_binary
-from sync_tools.agent.fetch import HTTPFetcher, LocalFetcher, download, make_fetcher
+from sync_tools.agent.fetch import HTTPFetcher, LocalFetcher, TooLargeError, download, make_fetcher
 from sync_tools.agent.health import check_once, wait_healthy
 from sync_tools.agent.reload import CommandReloader, ProcessComposeReloader, ReloadError, make_reloader
 from sync_tools.agent.state import AgentState, load_state, save_state
@@ -58,7 +58,7 @@ def test_local_fetcher_reads_the_store_and_refuses_paths(tmp_path: Path) -> None
     f = make_fetcher(str(tmp_path), tag="latest")
     assert isinstance(f, LocalFetcher)
     assert b"".join(f.fetch("a.tar.gz", max_bytes=10, offset=4)) == b"456789"
-    with pytest.raises(DownloadError, match="cap"):
+    with pytest.raises(TooLargeError, match="cap"):  # a refusal, not a network fault (issue #20)
         f.fetch_bytes("a.tar.gz", max_bytes=9)
     with pytest.raises(DownloadError, match="plain file name"):
         f.fetch_bytes("../latest/a.tar.gz", max_bytes=100)

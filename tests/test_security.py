@@ -285,7 +285,7 @@ def test_the_relay_requests_no_url_taken_from_a_payload(tmp_path: Path, canary: 
         relay = get_relay(server.app)
         try:
             world.publish("nats", "v2")
-            release = canaried(release_payload(RELEASE_REPO), canary.url)
+            release = canaried(release_payload(RELEASE_REPO), canary.url, keep=REPO_IDENTITY)
             release["release"]["body"] = f"see {canary.url}/notes and [x]({canary.url}/md)"
             release["release"]["assets"] = [{"browser_download_url": f"{canary.url}/manifest.json",
                                              "url": f"{canary.url}/asset", "name": "manifest.json"}]

@@ -2,9 +2,9 @@
 
 An asset ``<binary>-<os>-<arch>.tar.gz`` must hold exactly one member: a regular file named as the
 binary, at the archive root. Anything else (links, devices, directories, absolute paths, ``..``, a
-second member, a size over the cap) is refused with :class:`~sync_tools.errors.ArchiveError` before a
-byte of it is written. The member is also passed through tarfile's ``data`` filter, so the standard
-library's own rules apply on top of ours.
+second member, a size over the cap, metadata headers over :data:`MAX_META_BYTES`) is refused with
+:class:`~sync_tools.errors.ArchiveError` before a byte of it is written. The member is also passed
+through tarfile's ``data`` filter, so the standard library's own rules apply on top of ours.
 """
 
 from __future__ import annotations
@@ -18,6 +18,31 @@ from pathlib import Path
 from sync_tools.errors import ArchiveError
 
 CHUNK = 256 * 1024
+#: tarfile reads a metadata header (pax, GNU long name or link) whole into memory before any check of
+#: ours can run: a signed asset could make the agent allocate gigabytes. The binary's name and a few pax
+#: records need far less than this, in all and per archive.
+MAX_META_BYTES = 64 * 1024
+#: ... and in at most this many headers (a chain of them also recurses inside tarfile).
+MAX_META_HEADERS = 8
+_META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+               tarfile.SOLARIS_XHDTYPE)
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses a metadata header over the caps before tarfile reads it, and GNU sparse
+    members (their maps are read whole too; a release binary is never sparse)."""
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise ArchiveError(f"sparse member {self.name!r} in archive")
+        if self.type in _META_TYPES:
+            count, total = getattr(tf, "_meta_seen", (0, 0))
+            count, total = count + 1, total + self.size
+            if count > MAX_META_HEADERS or total > MAX_META_BYTES:
+                raise ArchiveError(f"tar metadata headers over the cap ({count} headers, {total} bytes; "
+                                   f"at most {MAX_META_HEADERS} and {MAX_META_BYTES})")
+            tf._meta_seen = (count, total)  # type: ignore[attr-defined]
+        return super()._proc_member(tf)  # type: ignore[misc]
 
 
 def _check_member(member: tarfile.TarInfo, binary: str, max_bytes: int) -> None:
@@ -53,7 +78,9 @@ def extract_binary(archive: Path, binary: str, dest: Path, *, max_bytes: int) ->
         # changes how the rest reads). Python's gzip module skips this check; zlib's makes it.
         if len(head) == 4 and head[:3] == b"\x1f\x8b\x08" and head[3] & 0xE0:
             raise tarfile.ReadError("gzip header has reserved flag bits set")
-        tf = tarfile.open(archive, mode="r:gz")
+        tf = tarfile.open(archive, mode="r:gz", tarinfo=_CappedTarInfo)  # reads the first header
+    except ArchiveError as e:
+        raise ArchiveError(f"{archive.name}: {e}") from e
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise ArchiveError(f"{archive.name}: not a readable tar.gz: {e}") from e
     with tf:
@@ -62,8 +89,8 @@ def extract_binary(archive: Path, binary: str, dest: Path, *, max_bytes: int) ->
             if member is None:
                 raise ArchiveError("empty archive")
             _check_member(member, binary, max_bytes)
-            try:
-                tarfile.data_filter(member, str(dest.parent))
+            try:  # against the name written (the binary's own path may be a link the swap replaces)
+                tarfile.data_filter(member.replace(name=dest.name, deep=False), str(dest.parent))
             except tarfile.FilterError as e:
                 raise ArchiveError(f"refused by tarfile's data filter: {e}") from e
             digest = _write_member(tf, member, dest)

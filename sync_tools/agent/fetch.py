@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -41,6 +42,24 @@ ProgressFn = Callable[[str, int, int | None], None]
 
 class SizeCapError(DownloadError):
     """The source sent more bytes than the cap allowed."""
+
+
+class TooLargeError(DataError):
+    """A small file (the manifest, its signature) is over its cap: a refusal, not a network fault (the
+    same source would send the same bytes again); see :class:`Refusal`."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A release refused for its size, and the serial the event that fetched it announced (None: not
+    known). Fetching again is pointless until an event announces a newer release."""
+
+    error: str
+    serial: int | None
+
+    def covers(self, serial: int | None) -> bool:
+        """True when an event announcing *serial* can only be about the release already refused."""
+        return self.serial is not None and serial is not None and serial <= self.serial
 
 
 class DeadlineError(DownloadError):
@@ -90,9 +109,13 @@ class Fetcher(abc.ABC):
 
     def fetch_bytes(self, url_or_name: str, *, max_bytes: int, timeout: float | None = None) -> bytes:
         """The whole file in memory (for the manifest and its signature), within *timeout* seconds in
-        all (default SMALL_FILE_DEADLINE). Raises DownloadError (DeadlineError when it took too long)."""
+        all (default SMALL_FILE_DEADLINE). Raises DownloadError (DeadlineError when it took too long),
+        TooLargeError (a DataError) when it is larger than *max_bytes*."""
         limit = SMALL_FILE_DEADLINE if timeout is None else timeout
-        return b"".join(self.fetch(url_or_name, max_bytes=max_bytes, deadline=time.monotonic() + limit))
+        try:
+            return b"".join(self.fetch(url_or_name, max_bytes=max_bytes, deadline=time.monotonic() + limit))
+        except SizeCapError as e:
+            raise TooLargeError(f"{e}; refused until a newer release") from e
 
     @abc.abstractmethod
     def _fetch(self, url_or_name: str, offset: int) -> Iterator[bytes]:

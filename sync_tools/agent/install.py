@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -379,3 +380,49 @@ def clean_stale(bin_dir: Path, binary: str, journal: Journal, subsystem: str) ->
     if not journal.path(subsystem).exists():
         staged_path(bin_dir, binary).unlink(missing_ok=True)
         (bin_dir / PREVIOUS_DIR / f".{binary}.tmp").unlink(missing_ok=True)
+
+
+def own_dir(path: Path) -> Path:
+    """Make sure *path*, a directory of the install root's own state, is a real directory (created when
+    missing) and not a symlink or something else put there: the agent never writes or deletes through a
+    link out of its state. Returns *path*; raises InstallError naming what is in the way."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        modes = [(p, os.lstat(p).st_mode) for p in (path.parent, path)]
+    except OSError as e:
+        raise InstallError(f"cannot make {path}: {e.strerror or e}") from e
+    for p, mode in modes:
+        if not stat.S_ISDIR(mode):
+            what = "a symlink" if stat.S_ISLNK(mode) else "not a directory"
+            raise InstallError(f"{p} is {what}; the agent keeps its state only in a directory of its own "
+                               f"(remove it and the agent recreates it)")
+    return path
+
+
+def clean_downloads(downloads: Path) -> list[str]:
+    """Delete the partial downloads a crash left in *downloads*: regular files only, never through a link.
+    What the agent did not create (a subdirectory, a link, a *downloads* that is itself a link or a file)
+    is left alone, logged and returned."""
+    try:
+        st = os.lstat(downloads)
+    except FileNotFoundError:
+        return []
+    if not stat.S_ISDIR(st.st_mode):
+        log.warning("%s is not a directory the agent made (a symlink or a file); leaving it and what it "
+                    "points to alone", downloads)
+        return [str(downloads)]
+    skipped = []
+    try:
+        with os.scandir(downloads) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                else:
+                    skipped.append(entry.path)
+    except OSError as e:
+        log.warning("cannot clean %s: %s", downloads, e.strerror or e)
+        return [str(downloads)]
+    if skipped:
+        log.warning("left in %s what the agent did not create: %s", downloads, ", ".join(sorted(skipped)))
+    return skipped

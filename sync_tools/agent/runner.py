@@ -46,7 +46,7 @@ from sync_tools.versionfile import PREVIOUS_DIR, VersionInfo, read_version
 from . import delta, install, pending, statusinfo, subsystems
 from .events import AgentEvent
 from .extract import extract_binary
-from .fetch import Fetcher, ProgressFn, download, make_fetcher
+from .fetch import Fetcher, ProgressFn, Refusal, TooLargeError, download, make_fetcher
 from .gate import Gate, has_rollout, held_info
 from .health import HealthResult
 from .reload import Reloader, ReloadError, make_reloader
@@ -218,6 +218,7 @@ class Agent:
         self.last_report: UpdateReport | None = None
         self.updating = False
         self.reports: list[UpdateReport] = []
+        self.refusal: Refusal | None = None  # the last release refused for its size
 
     @property
     def fetcher(self) -> Fetcher:
@@ -262,7 +263,8 @@ class Agent:
     def fetch_manifest(self, state: AgentState) -> tuple[Manifest, int]:
         """Fetch manifest.json and its .sig (size-capped) and verify them against the pinned key.
 
-        Raises DownloadError, SignatureError or ManifestError (expired, serial below the last applied).
+        Raises DownloadError, TooLargeError (over a cap: a refusal), SignatureError or ManifestError
+        (expired, serial below the last applied).
         """
         data = self.fetcher.fetch_bytes(MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES)
         sig = self.fetcher.fetch_bytes(SIGNATURE_NAME, max_bytes=MAX_SIG_BYTES)
@@ -287,9 +289,7 @@ class Agent:
             results.append(res)
         for sub in subsystems.installed(self.config, self.root):
             install.clean_stale(sub.bin_dir(self.root), sub.binary, self.journal, sub.name)
-        if self.downloads.is_dir():  # downloads a crash left behind; none is running (we hold the lock)
-            for p in self.downloads.iterdir():
-                p.unlink(missing_ok=True)
+        install.clean_downloads(self.downloads)  # a crash left them; none is running (we hold the lock)
         return results
 
     def reconcile(self, event: AgentEvent | None = None) -> UpdateReport:
@@ -317,9 +317,14 @@ class Agent:
 
     def _reconcile(self, started: float, event: AgentEvent | None = None) -> UpdateReport:
         state: AgentState | None = None
+        if self.refusal is not None and self.refusal.covers(event.serial if event else None):
+            return UpdateReport(None, error=self.refusal.error, seconds=time.monotonic() - started)
         try:
             state = load_state(self.root)
             manifest, mbytes = self.fetch_manifest(state)
+        except TooLargeError as e:  # final: the same bytes would come again, however often it is asked
+            self.refusal = Refusal(str(e), event.serial if event else None)
+            return UpdateReport(None, error=str(e), seconds=time.monotonic() - started)
         except RemoteError as e:  # a network fault or an HTTP 5xx: the same fetch may work later
             return UpdateReport(None, error=str(e), seconds=time.monotonic() - started, retry=True)
         except (SignatureError, ManifestError) as e:
@@ -406,10 +411,9 @@ class Agent:
         """
         bin_dir = sub.bin_dir(self.root)
         staged = install.staged_path(bin_dir, sub.binary)
-        part = self.downloads / asset.name  # named as the asset so archive errors name it
+        part = install.own_dir(self.downloads) / asset.name  # named as the asset so archive errors name it
         try:
             bin_dir.mkdir(parents=True, exist_ok=True)
-            self.downloads.mkdir(parents=True, exist_ok=True)
             staged.unlink(missing_ok=True)
             by_patch = delta.stage_by_patch(self.fetcher, asset, installed=bin_dir / sub.binary, staged=staged,
                                             downloads=self.downloads, max_binary_bytes=self.max_binary_bytes,

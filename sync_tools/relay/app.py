@@ -8,6 +8,7 @@ drive the request logic alone.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
@@ -265,16 +266,21 @@ class Relay:
             return 200, {"status": "ignored", "delivery": delivery, "reasons": reasons}, {}
         summary = "; ".join(f"{j.kind} {j.payload.get('subsystem', '')} {j.payload.get('version', '')}".strip()
                             for j in jobs)
+        digest = hashlib.sha256(raw).hexdigest()
         try:
-            rec = self.outbox.record(delivery, event, summary, jobs)
+            rec = self.outbox.record(delivery, event, summary, jobs, digest=digest)
         except OutboxError as e:
             deliveries("error").inc()
-            log.error("cannot record delivery %s: %s", delivery, e)
+            self.refusals.warning("cannot record delivery %s: %s", delivery, e)  # a full disk: once in a while
             # 503: GitHub shows the failure and a person can redeliver; nothing was accepted
             return 503, _error_body("the relay cannot record deliveries right now"), {}
         if rec.duplicate:
             deliveries("duplicate").inc()
-            log.info("delivery %s already recorded; not acting on it again", delivery)
+            if rec.digest is not None and rec.digest != digest:  # a redelivery repeats its body exactly
+                log.warning("delivery %s repeated with a different body (sha256 %s, first %s); "
+                            "not acting on it", delivery, digest[:12], rec.digest[:12])
+            else:
+                log.info("delivery %s already recorded; not acting on it again", delivery)
             return 200, {"status": "duplicate", "delivery": delivery}, {}
         deliveries("accepted").inc()
         self.worker.wake(lanes=[j.lane for j in jobs])
@@ -332,8 +338,8 @@ def _error(status: int, message: str, **headers: str) -> Response:
 def read_capped(stream: IO[bytes], length: int | None, max_body: int) -> bytes:
     """The raw request body from *stream*, refusing (TooLarge) from Content-Length before reading and
     while reading a chunked body, so an oversized body is never held in memory. A body that stops
-    arriving until the server's socket times out is a RequestTimeout (408); one cut short or badly
-    chunked is a BadRequest (400)."""
+    arriving until the server's socket times out is a RequestTimeout (408); one cut short (shorter than
+    its Content-Length, under every server) or badly chunked is a BadRequest (400)."""
     if length is not None and length > max_body:
         raise wh.TooLarge(f"body of {length} bytes is over the {max_body}-byte cap")
     parts: list[bytes] = []
@@ -343,7 +349,11 @@ def read_capped(stream: IO[bytes], length: int | None, max_body: int) -> bytes:
             chunk = stream.read(_CHUNK)
         except TimeoutError as e:  # the server's socket timeout: a client that stopped sending
             raise wh.RequestTimeout("the request body stopped arriving") from e
-        except (ClientDisconnected, OSError, ValueError) as e:
+        except ClientDisconnected as e:
+            if isinstance(e.__context__, TimeoutError):  # werkzeug's stream hides the timeout in here
+                raise wh.RequestTimeout("the request body stopped arriving") from e
+            raise wh.UnreadableBody(f"the request body could not be read: {type(e).__name__}") from e
+        except (OSError, ValueError) as e:
             # werkzeug's server: a body shorter than its Content-Length (ClientDisconnected), a bad
             # chunk header (OSError, ValueError); the connection is unusable, the client at fault
             raise wh.UnreadableBody(f"the request body could not be read: {type(e).__name__}") from e
@@ -353,6 +363,10 @@ def read_capped(stream: IO[bytes], length: int | None, max_body: int) -> bytes:
         if total > max_body:
             raise wh.TooLarge(f"body is over the {max_body}-byte cap")
         parts.append(chunk)
+    # gunicorn's reader ends quietly at a half-closed connection: a body shorter than its
+    # Content-Length is truncated, whatever the bytes that did arrive are signed over
+    if length is not None and total != length:
+        raise wh.UnreadableBody(f"the request body ended after {total} of its {length} bytes")
     return b"".join(parts)
 
 
@@ -514,6 +528,10 @@ health = Blueprint("health", __name__)
 @health.get("/health")
 def health_view() -> Response | tuple[Response, int]:
     relay = get_relay()
+    problem = relay.outbox.problem()  # healthy means a delivery can be committed now
+    if problem is not None:
+        relay.refusals.warning("health: deliveries cannot be recorded: %s", problem)
+        return jsonify(status="error", error=f"deliveries cannot be recorded: {problem}"), 503
     try:
         st = relay.outbox.stats()
     except Exception as e:  # noqa: BLE001 - health must answer, and say what is wrong
@@ -553,7 +571,7 @@ def create_app(config: Config, settings: Settings | None = None, *, now: Callabl
     if not settings.webhook_secret:
         raise ConfigError("the webhook secret is empty; the relay refuses to start without one")
     session = watch_session(http or requests.Session())
-    outbox = Outbox(settings.db_path, now=now)
+    outbox = Outbox(settings.db_path, now=now, retention=settings.retention, prune_every=settings.prune_every)
     if dispatcher is None:
         if config.relay.dispatch == "github":
             if not config.release.repo:

@@ -33,6 +33,24 @@ else:
     threads = int(os.environ.get("RELAY_THREADS", "1100"))
     worker_connections = threads + 100
 
+
+
+def _fit_open_files(connections: int) -> int:
+    """Raise the soft open-files limit to what *connections* need and return how many fit (gevent
+    then queues the rest in the backlog instead of failing accept() with EMFILE); stop, saying why,
+    when too few fit. Inherited by the workers."""
+    from sync_tools.errors import ConfigError
+    from sync_tools.relay.connections import raise_nofile
+
+    try:
+        return raise_nofile(connections)
+    except ConfigError as e:
+        raise SystemExit(f"relay: {e}") from None
+
+
+worker_connections = _fit_open_files(worker_connections)
+if worker_class != "gevent":
+    threads = min(threads, max(1, worker_connections - 100))
 bind = os.environ.get("RELAY_BIND", "127.0.0.1:9191")  # cloudflared connects here; never expose directly
 workers = int(os.environ.get("RELAY_WORKERS", "1"))
 preload_app = False  # the app (and its SQLite connections) is built in the worker, after the fork

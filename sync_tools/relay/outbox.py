@@ -28,6 +28,7 @@ import queue
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,16 @@ except ImportError:  # Windows
 log = logging.getLogger(__name__)
 
 PENDING, RUNNING, DONE, DEAD = "pending", "running", "done", "dead"
+PROBE_INTERVAL = 1.0  # seconds between two write probes of /health (Outbox.problem)
+#: The WAL is checkpointed into the database every WAL_PAGES pages (SQLite's default, 1000, let it grow to
+#: ~4 MiB) and truncated back to WAL_LIMIT bytes when it restarts (by default it never shrinks).
+WAL_PAGES = 128
+WAL_LIMIT = 512 * 1024
+#: Finished rows (done jobs, their deliveries, events) older than RETENTION seconds are pruned every
+#: PRUNE_EVERY seconds (SYNC_TOOLS_RETENTION_DAYS, SYNC_TOOLS_PRUNE_EVERY for the relay).
+RETENTION = 7 * 86400.0
+PRUNE_EVERY = 600.0
+MIN_FREE = 256 * 1024  # bytes free under which /health says the disk is full (a commit may still fit)
 COALESCE_WINDOW = 3600.0  # a second delivery naming the same subsystem+version within this is not re-dispatched
 
 _SCHEMA = """
@@ -51,7 +62,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     delivery TEXT PRIMARY KEY,
     event TEXT NOT NULL,
     received REAL NOT NULL,
-    summary TEXT NOT NULL
+    summary TEXT NOT NULL,
+    digest TEXT
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -122,6 +134,7 @@ class Recorded:
     duplicate: bool
     jobs: tuple[int, ...] = ()
     coalesced: int = 0
+    digest: str | None = None  # a duplicate's: the body digest recorded the first time (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -154,6 +167,7 @@ class _Pending:
     event: str
     summary: str
     jobs: list[NewJob]
+    digest: str | None
     # held until the committer has filled in result/error: a bare lock is the cheapest one-shot
     # signal between two threads (threading.Event builds a Condition, and a waiter lock per wait)
     done: threading.Lock = field(default_factory=_held_lock)
@@ -195,11 +209,20 @@ def owner_alive(owner: str | None) -> bool:
     return True
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+def _identity(path: Path) -> tuple[tuple[int, int], ...]:
+    """(device, inode) of the database and its WAL. Raises OSError when either is missing."""
+    return tuple((st.st_dev, st.st_ino) for st in (os.stat(path), os.stat(f"{path}-wal")))
+
+
+def _connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
+    # a connection opened after the file was removed must not create an empty database in its place
+    target = path if create else f"file:{urllib.parse.quote(str(path))}?mode=rw"
+    conn = sqlite3.connect(target, timeout=30.0, isolation_level=None, check_same_thread=False, uri=not create)
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA synchronous = FULL")  # in WAL mode, FULL fsyncs the log at every commit
     conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
     return conn
 
 
@@ -207,9 +230,12 @@ class Outbox:
     """The SQLite outbox. Thread-safe; several processes may share the file (writes take
     ``BEGIN IMMEDIATE``). Raises OutboxError when the database cannot be opened."""
 
-    def __init__(self, path: Path, *, now: Callable[[], float] = time.time, batch: int = 512):
+    def __init__(self, path: Path, *, now: Callable[[], float] = time.time, batch: int = 512,
+                 retention: float = RETENTION, prune_every: float = PRUNE_EVERY):
         self.path = Path(path)
         self.now = now
+        self.retention, self.prune_every = retention, prune_every
+        self._pruned = time.monotonic()
         self.owner = process_id()
         self._batch = batch
         try:
@@ -219,14 +245,27 @@ class Outbox:
             if mode.lower() != "wal":
                 raise OutboxError(f"{self.path}: SQLite would not switch to WAL (got {mode})")
             self._w.executescript(_SCHEMA)
+            if "digest" not in {r[1] for r in self._w.execute("PRAGMA table_info(deliveries)")}:
+                self._w.execute("ALTER TABLE deliveries ADD COLUMN digest TEXT")  # databases from before it
+            # a damaged page would otherwise surface later, as a traceback from a start-up thread
+            check = [" ".join(str(r[0]).split()) for r in self._w.execute("PRAGMA quick_check(3)")]
+            if check != ["ok"]:
+                raise OutboxError(f"the relay database {self.path} is corrupt ({'; '.join(check)}); "
+                                  "move it aside (or restore a backup) and start again")
             # bookkeeping writes (claims, outcomes) skip the fsync: their own connection, so no
             # transaction has to switch ``synchronous`` back and forth
             self._fast = _connect(self.path)
             self._fast.execute("PRAGMA synchronous = NORMAL")
             # writers' queue across processes (see _tx); Windows has no flock and keeps SQLite's
             self._lockfile = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600) if fcntl else None
+            # the files this process writes: a commit is only acknowledged while they are still the
+            # ones at the path (a restart reads the path, not our open descriptors)
+            self._files = _identity(self.path)
         except (sqlite3.Error, OSError) as e:
-            raise OutboxError(f"cannot open the relay database {self.path}: {e}") from e
+            raise OutboxError(f"cannot open the relay database {self.path}: {e}; if it is corrupt, move it "
+                              "aside (or restore a backup) and start again") from e
+        self._probe_lock = threading.Lock()
+        self._probed: tuple[float, str | None] = (-PROBE_INTERVAL, None)
         self._wlock = threading.RLock()
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all: list[sqlite3.Connection] = [self._w, self._fast]
@@ -244,13 +283,48 @@ class Outbox:
         try:
             conn = self._readers.get_nowait()
         except queue.Empty:
-            conn = _connect(self.path)
+            conn = _connect(self.path, create=False)
             with self._wlock:
                 self._all.append(conn)
         try:
             yield conn
         finally:
             self._readers.put(conn)
+
+    def check_files(self) -> None:
+        """Raise OutboxError unless the database and its WAL at the path are still the files this
+        process opened: removed or replaced, a commit would land in a file no restart reads."""
+        try:
+            now = _identity(self.path)
+        except OSError as e:
+            raise OutboxError(f"the relay database {self.path} (or its -wal) is gone: {e.strerror or e}; "
+                              "restart the relay") from e
+        if now != self._files:
+            raise OutboxError(f"the relay database {self.path} was replaced while the relay ran; restart it")
+
+    def problem(self) -> str | None:
+        """Why a delivery could not be committed now (None: it could): the files were removed or
+        replaced, the disk has less than MIN_FREE bytes free, or a real write (read-only database,
+        unwritable directory) fails. The
+        probe writes at most once per PROBE_INTERVAL seconds; its answer is kept in between."""
+        with self._probe_lock:
+            at, found = self._probed
+            if time.monotonic() - at < PROBE_INTERVAL:
+                return found
+            try:
+                self.check_files()
+                fs = os.statvfs(self.path.parent)
+                if fs.f_bavail * fs.f_frsize < MIN_FREE:
+                    raise OutboxError(f"the disk holding {self.path} is full "
+                                      f"({fs.f_bavail * fs.f_frsize} bytes free)")
+                with self._tx(durable=False) as conn:  # not fsynced: the probe must not slow the commits
+                    conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('health_probe', ?)",
+                                 (str(self.now()),))
+                found = None
+            except (OutboxError, sqlite3.Error, OSError) as e:
+                found = str(e)
+            self._probed = (time.monotonic(), found)
+            return found
 
     @contextmanager
     def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
@@ -265,6 +339,8 @@ class Outbox:
         with self._writer() as conn:
             if not durable:
                 conn = self._fast
+            else:
+                self.check_files()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -308,14 +384,15 @@ class Outbox:
     # ------------------------------------------------------------------------------------ ingest
 
     def record(self, delivery: str, event: str, summary: str, jobs: list[NewJob],
-               timeout: float = 8.0) -> Recorded:
-        """Durably record a delivery and its jobs; returns once the commit is on disk.
+               timeout: float = 8.0, digest: str | None = None) -> Recorded:
+        """Durably record a delivery, its body's *digest* and its jobs; returns once the commit is on disk.
 
-        A known delivery id writes nothing and returns ``duplicate=True``. Raises OutboxError if
-        the write fails or does not finish within *timeout* seconds (GitHub waits 10 s).
+        A known delivery id writes nothing and returns ``duplicate=True`` with the digest recorded the
+        first time. Raises OutboxError if the write fails or does not finish within *timeout* seconds
+        (GitHub waits 10 s).
         """
         self._ensure_committer()
-        item = _Pending(delivery, event, summary, jobs)
+        item = _Pending(delivery, event, summary, jobs, digest)
         self._inbox.put(item)
         if not item.done.acquire(timeout=timeout):
             raise OutboxError(f"the outbox did not commit delivery {delivery} within {timeout:.0f} s")
@@ -365,10 +442,11 @@ class Outbox:
 
     def _insert(self, conn: sqlite3.Connection, it: _Pending) -> Recorded:
         now = self.now()
-        cur = conn.execute("INSERT OR IGNORE INTO deliveries (delivery, event, received, summary) "
-                           "VALUES (?, ?, ?, ?)", (it.delivery, it.event, now, it.summary))
+        cur = conn.execute("INSERT OR IGNORE INTO deliveries (delivery, event, received, summary, digest) "
+                           "VALUES (?, ?, ?, ?, ?)", (it.delivery, it.event, now, it.summary, it.digest))
         if cur.rowcount == 0:
-            return Recorded(duplicate=True)
+            row = conn.execute("SELECT digest FROM deliveries WHERE delivery = ?", (it.delivery,)).fetchone()
+            return Recorded(duplicate=True, digest=row[0] if row else None)
         ids, coalesced = self._add_jobs(conn, it.jobs, it.delivery, now)
         return Recorded(duplicate=False, jobs=tuple(ids), coalesced=coalesced)
 
@@ -570,6 +648,38 @@ class Outbox:
         return Stats(queue_depth=counts.get(PENDING, 0) + counts.get(RUNNING, 0), running=counts.get(RUNNING, 0),
                      dead=counts.get(DEAD, 0), done=counts.get(DONE, 0),
                      oldest_pending_age=None if oldest is None else max(0.0, now - oldest), last_event_id=last)
+
+    # ------------------------------------------------------------------------------- maintenance
+
+    def maintain(self) -> tuple[int, int, int]:
+        """Delete finished rows older than ``retention`` seconds (done jobs; deliveries none of whose
+        jobs is left; events but the newest) and checkpoint the WAL down to nothing. Pending, running
+        and dead jobs are never touched. Returns how many jobs, deliveries and events went.
+        Raises OutboxError (a full disk: the next call tries again)."""
+        cutoff = self.now() - self.retention
+        try:
+            with self._tx(durable=False) as conn:
+                jobs = conn.execute("DELETE FROM jobs WHERE status = 'done' AND updated < ?", (cutoff,)).rowcount
+                deliveries = conn.execute(
+                    "DELETE FROM deliveries WHERE received < ? AND NOT EXISTS "
+                    "(SELECT 1 FROM jobs WHERE jobs.delivery = deliveries.delivery)", (cutoff,)).rowcount
+                events = conn.execute("DELETE FROM events WHERE created < ? AND id < (SELECT MAX(id) FROM events)",
+                                      (cutoff,)).rowcount
+            with self._writer():
+                self._fast.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            raise OutboxError(f"cannot prune the relay database: {e}") from e
+        self._pruned = time.monotonic()
+        if jobs or deliveries or events:
+            log.info("pruned %d done job(s), %d deliver(ies), %d event(s) older than %.0f s",
+                     jobs, deliveries, events, self.retention)
+        return jobs, deliveries, events
+
+    def maintain_if_due(self) -> None:
+        """:meth:`maintain` when ``prune_every`` seconds have passed since the last one."""
+        if time.monotonic() - self._pruned >= self.prune_every:
+            self._pruned = time.monotonic()  # a failure waits for the next turn too
+            self.maintain()
 
     # ------------------------------------------------------------------------------ events, state
 

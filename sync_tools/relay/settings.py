@@ -55,6 +55,8 @@ class Settings:
     workers: int = 4  # delivery threads (local builds of different subsystems run side by side)
     http_timeout: tuple[float, float] = (5.0, 30.0)  # connect, read
     build_timeout: float = 3600.0
+    retention: float = 7 * 86400.0  # SYNC_TOOLS_RETENTION_DAYS: finished rows older than this are pruned ...
+    prune_every: float = 600.0  # ... every SYNC_TOOLS_PRUNE_EVERY seconds (relay/outbox.py Outbox.maintain)
     subscriber_queue: int = 1000  # events buffered for one slow SSE client before it is cut off
 
 
@@ -98,6 +100,8 @@ def load_settings(config: Config, environ: Mapping[str, str] | None = None, *, r
         agent_secrets={a.secret_env: env[a.secret_env] for a in config.relay.agents if env.get(a.secret_env)},
         max_body=config.relay.max_body,
         max_attempts=max(1, config.relay.max_attempts),
+        retention=_seconds(env, "SYNC_TOOLS_RETENTION_DAYS", 7.0) * 86400.0,
+        prune_every=_seconds(env, "SYNC_TOOLS_PRUNE_EVERY", 600.0),
     )
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -121,6 +125,20 @@ def check_release_key(config: Config, env: Mapping[str, str]) -> None:
         if signing.public_key_pem(private) != signing.public_key_pem(public):
             raise ConfigError(f"{signing.SIGNING_KEY_ENV} does not belong to release.public_key: every local "
                               "release would be refused by the agents", path=pub_path)
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    """A non-negative number from *env* (*default* when unset). Raises ConfigError."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{name}={raw!r}: expected a number of at least 0")
+    return value
 
 
 def parse_agent_tokens(text: str, where: str) -> tuple[list[bytes], list[tuple[str, bytes]]]:

@@ -159,16 +159,43 @@ def repo_key(value: str) -> tuple[str | None, str] | None:
     return (host.lower() if host else None), path.lower()
 
 
+_REPO_FIELDS = ("html_url", "clone_url", "git_url", "ssh_url", "svn_url", "full_name")
+
+
 def payload_repo_keys(repo: dict[str, Any]) -> list[tuple[str | None, str]]:
-    """Every way the payload's ``repository`` object names itself."""
+    """Every way the payload's ``repository`` object names itself; empty (it names no repository)
+    unless every field given is plain ASCII without surrounding space, names a repository, and all of
+    them name the same one. One field matching the upstream is not enough: a ``full_name`` of another
+    owner next to the upstream's ``clone_url``, or a Kelvin sign that lower-cases to ``k``, is not it."""
     keys = []
-    for field_name in ("html_url", "clone_url", "git_url", "ssh_url", "svn_url", "full_name"):
+    for field_name in _REPO_FIELDS:
         value = repo.get(field_name)
-        if isinstance(value, str):
-            k = repo_key(value)
-            if k is not None:
-                keys.append(k)
-    return keys
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.isascii() or value != value.strip():
+            return []  # GitHub's names are ASCII, and it sends them without padding
+        k = repo_key(value)
+        if k is None:
+            return []
+        keys.append(k)
+    return keys if _agree(keys) else []
+
+
+def _agree(keys: list[tuple[str | None, str]]) -> bool:
+    """Whether the keys name one repository: every hosted key the same, every local path the same,
+    never both, and a bare ``owner/name`` equal to their path (or, for a local path, its name)."""
+    hosted = {k for k in keys if k[0] not in (None, "file")}
+    local = {k for k in keys if k[0] == "file"}
+    slugs = {path for host, path in keys if host is None}
+    if len(hosted) > 1 or len(local) > 1 or (hosted and local) or len(slugs) > 1:
+        return False
+    if not slugs:
+        return True
+    (slug,) = slugs
+    if hosted:
+        return next(iter(hosted))[1] == slug
+    # a local path (the demo's, the tests') has no owner on any host: its name must agree
+    return not local or next(iter(local))[1].rsplit("/", 1)[-1] == slug.rsplit("/", 1)[-1]
 
 
 class _Names:

@@ -30,6 +30,7 @@ MIN_WAIT = 0.05
 RESUME_EVERY = 30.0  # seconds between looks for jobs left running by a process that died meanwhile
 TAKE_BACK_DELAY = 1.0  # a job taken back again waits this long, doubling up to TAKE_BACK_CAP
 TAKE_BACK_CAP = 60.0
+DB_LOG_EVERY = 60.0  # seconds between two log lines about a failing database (a full disk)
 
 
 class Interrupted(RemoteError):
@@ -89,6 +90,7 @@ class Worker:
         self._resumed = time.monotonic()  # start() resumes; then every RESUME_EVERY seconds
         self._taken_back: dict[int, int] = {}  # job id: times in a row its outcome could not be recorded
         self._taken_back_lock = threading.Lock()
+        self._db_logged, self._db_errors = -DB_LOG_EVERY, 0
 
     def start(self) -> None:
         if self._threads:
@@ -126,18 +128,34 @@ class Worker:
         with self._wake:
             self._wake.notify()
 
-    def _idle_wait(self) -> None:
+    def _db_trouble(self, what: str, e: BaseException) -> None:
+        """Log a database failure (a full disk, a locked file) once per DB_LOG_EVERY seconds, with a
+        count of the rest: a worker polling a full disk must not fill the log too."""
+        now = time.monotonic()
+        with self._taken_back_lock:
+            self._db_errors += 1
+            if now < self._db_logged + DB_LOG_EVERY:
+                return
+            self._db_logged, n, self._db_errors = now, self._db_errors, 0
+        log.error("%s: %s: %s (%d database failure(s) in the last %.0f s)", what, type(e).__name__, e, n,
+                  DB_LOG_EVERY)
+
+    def _idle_wait(self, failed: bool = False) -> None:
         now = time.monotonic()
         if now - self._resumed >= RESUME_EVERY:
             self._resumed = now
             try:
                 self.outbox.resume(own=False)
-            except Exception:  # noqa: BLE001 - keep polling through a database hiccup
-                log.exception("cannot take back the jobs of dead processes")
+            except Exception as e:  # noqa: BLE001 - keep polling through a database hiccup
+                self._db_trouble("cannot take back the jobs of dead processes", e)
         try:
-            due = self.outbox.next_due()
-        except (OutboxError, Exception):  # noqa: BLE001 - keep polling through a database hiccup
-            log.exception("cannot read the outbox")
+            self.outbox.maintain_if_due()
+        except Exception as e:  # noqa: BLE001 - pruning waits for its next turn
+            self._db_trouble("cannot prune the outbox", e)
+        try:
+            due = None if failed else self.outbox.next_due()
+        except (OutboxError, Exception) as e:  # noqa: BLE001 - keep polling through a database hiccup
+            self._db_trouble("cannot read the outbox", e)
             due = None
         # Never less than MIN_WAIT: a due job that could not be claimed (its lane is busy, or another
         # process took it) must not turn this loop into a spin, which under gevent would starve
@@ -151,9 +169,10 @@ class Worker:
         while not self._stop.is_set():
             try:
                 job = self.outbox.claim()
-            except Exception:  # noqa: BLE001 - a locked or failing DB must not kill the thread
-                log.exception("cannot claim a job")
-                job = None
+            except Exception as e:  # noqa: BLE001 - a locked or failing DB must not kill the thread
+                self._db_trouble("cannot claim a job", e)
+                self._idle_wait(failed=True)  # a full POLL: a due job that cannot be claimed is no spin
+                continue
             if job is None:
                 self._idle_wait()
                 continue
@@ -161,7 +180,8 @@ class Worker:
             try:
                 self.run_one(job)
             except Exception as e:  # noqa: BLE001 - its outcome was not recorded: never strand the job
-                log.exception("job %d (%s): its outcome could not be recorded; back to the queue", job.id, job.kind)
+                self._db_trouble(f"job {job.id} ({job.kind}): its outcome could not be recorded; back to the queue",
+                                 e)
                 self._take_back(job, f"outcome not recorded: {type(e).__name__}: {e}")
 
     def _take_back(self, job: Job, error: str) -> None:
@@ -182,8 +202,8 @@ class Worker:
                 self.outbox.requeue(job.id, error, retry_at=retry_at)
                 self.wake()
                 return
-            except Exception:  # noqa: BLE001
-                log.exception("job %d: cannot put it back yet", job.id)
+            except Exception as e:  # noqa: BLE001
+                self._db_trouble(f"job {job.id}: cannot put it back yet", e)
             if self._stop.wait(1.0):
                 return
 
