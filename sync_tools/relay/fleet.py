@@ -36,7 +36,7 @@ from typing import Any
 
 from sync_tools.errors import DataError
 from sync_tools.manifest import Manifest, parse_time
-from sync_tools.relay.outbox import OutboxError
+from sync_tools.relay.outbox import OutboxError, open_wal
 from sync_tools.rollout import (
     COMPLETE,
     FAILED_OUTCOMES,
@@ -267,12 +267,7 @@ class FleetStore:
         self.path = Path(path)
         self.max_report_rows = max(1, max_report_rows)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._w = _connect(self.path)
-            mode = self._w.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise OutboxError(f"{self.path}: SQLite would not switch to WAL (got {mode})")
-            self._w.executescript(_SCHEMA)
+            self._w = open_wal(self.path, _SCHEMA)
         except (sqlite3.Error, OSError) as e:
             raise OutboxError(f"cannot open the fleet database {self.path}: {e}") from e
         self._wlock = threading.RLock()

@@ -226,6 +226,19 @@ def _connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
     return conn
 
 
+def open_wal(path: Path, schema: str) -> sqlite3.Connection:
+    """The writer connection to the database at *path* (made, with its folder, when missing), in WAL
+    mode with *schema* applied. Raises sqlite3.Error / OSError; OutboxError when WAL is refused."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = _connect(path)
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        conn.close()
+        raise OutboxError(f"{path}: SQLite would not switch to WAL (got {mode})")
+    conn.executescript(schema)
+    return conn
+
+
 class Outbox:
     """The SQLite outbox. Thread-safe; several processes may share the file (writes take
     ``BEGIN IMMEDIATE``). Raises OutboxError when the database cannot be opened."""
@@ -239,12 +252,7 @@ class Outbox:
         self.owner = process_id()
         self._batch = batch
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._w = _connect(self.path)
-            mode = self._w.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise OutboxError(f"{self.path}: SQLite would not switch to WAL (got {mode})")
-            self._w.executescript(_SCHEMA)
+            self._w = open_wal(self.path, _SCHEMA)
             if "digest" not in {r[1] for r in self._w.execute("PRAGMA table_info(deliveries)")}:
                 self._w.execute("ALTER TABLE deliveries ADD COLUMN digest TEXT")  # databases from before it
             # a damaged page would otherwise surface later, as a traceback from a start-up thread
