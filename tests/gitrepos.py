@@ -73,6 +73,12 @@ class GitRepo:
             contents["CHANGES"] = contents.get("CHANGES", b"") + f"{message}\n".encode()
         else:
             contents.update(files)
+        c = self._new_commit(contents, parent, message)
+        self.repo.refs[ref] = c.id
+        return c.id.decode()
+
+    def _new_commit(self, contents: Mapping[str, bytes], parent: bytes | None, message: str) -> Commit:
+        """A commit of *contents* on *parent*, stored (no ref moved), one fixed-clock minute later."""
         c = Commit()
         c.tree = self._write_tree(contents)
         c.parents = [parent] if parent else []
@@ -83,8 +89,7 @@ class GitRepo:
         c.encoding = b"UTF-8"
         c.message = message.encode() + b"\n"
         self.repo.object_store.add_object(c)
-        self.repo.refs[ref] = c.id
-        return c.id.decode()
+        return c
 
     def commit_chain(self, changes: Iterable[tuple[str, Mapping[str, bytes]]],
                      branch: str | None = None) -> list[str]:
@@ -98,16 +103,7 @@ class GitRepo:
         shas: list[str] = []
         for message, files in changes:
             contents.update(files)
-            c = Commit()
-            c.tree = self._write_tree(contents)
-            c.parents = [parent] if parent else []
-            c.author = c.committer = _AUTHOR
-            self._clock += 60
-            c.author_time = c.commit_time = self._clock
-            c.author_timezone = c.commit_timezone = 0
-            c.encoding = b"UTF-8"
-            c.message = message.encode() + b"\n"
-            self.repo.object_store.add_object(c)
+            c = self._new_commit(contents, parent, message)
             parent = c.id
             shas.append(c.id.decode())
         if parent is not None:
