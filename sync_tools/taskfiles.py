@@ -18,6 +18,7 @@ Everything here is pure reading; errors in a Taskfile are ConfigErrors naming it
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
@@ -71,9 +72,21 @@ class Taskfile(NamedTuple):
 
 
 def read(path: Path) -> Taskfile | None:
-    """The Taskfile at *path*, or None when there is none. Raises ConfigError for a broken one."""
+    """The Taskfile at *path*, or None when there is none. Raises ConfigError for a broken one.
+
+    Parsed once per version of the file: loading a config reads the root Taskfile for every
+    subsystem (its vars, its includes, discovery), and every command loads the config."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
     if not path.is_file():
         return None
+    return _read(path, st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@functools.lru_cache(maxsize=256)
+def _read(path: Path, mtime_ns: int, size: int, inode: int) -> Taskfile:
     data = load_yaml(path)
     if data is None:
         data = {}
