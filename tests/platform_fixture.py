@@ -893,8 +893,9 @@ class PlatTelemetry:
         env = {**os.environ, **GIT_IDENTITY, "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0",
                "GIT_CONFIG_GLOBAL": str(self.tool_bin.parent / "gitconfig")}
         env["PATH"] = os.pathsep.join([str(self.tool_bin), str(VENV_BIN), env.get("PATH", "")])
-        for k in ("GOOS", "GOARCH"):
+        for k in ("GOOS", "GOARCH", "FORCE_COLOR", "CLICOLOR_FORCE"):
             env.pop(k, None)
+        env["NO_COLOR"] = "1"  # task colours its listings when CI sets FORCE_COLOR; tests read them
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
