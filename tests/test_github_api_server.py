@@ -385,7 +385,7 @@ def test_fixture_fails_the_test_at_teardown_on_a_schema_violation(tmp_path: Path
     )
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(root), str(test_file)],
+        [sys.executable, "-m", "pytest", "-q", "--color=no", "-p", "no:cacheprovider", "--rootdir", str(root), str(test_file)],
         cwd=root,
         capture_output=True,
         text=True,

@@ -535,8 +535,13 @@ def health_view() -> Response | tuple[Response, int]:
     try:
         st = relay.outbox.stats()
     except Exception as e:  # noqa: BLE001 - health must answer, and say what is wrong
-        log.error("health: cannot read the outbox: %s", e)
-        return jsonify(status="error", error="cannot read the relay database"), 503
+        why = str(e)
+        try:
+            relay.outbox.check_files()  # removed or replaced says more than "unable to open"
+        except OutboxError as gone:
+            why = str(gone)
+        relay.refusals.warning("health: cannot read the outbox: %s", why)
+        return jsonify(status="error", error=f"cannot read the relay database: {why}"), 503
     return jsonify(
         status="ok",
         dispatch=relay.config.relay.dispatch,
@@ -612,6 +617,11 @@ def create_app(config: Config, settings: Settings | None = None, *, now: Callabl
     @app.errorhandler(405)
     def _bad_method(e: Exception) -> Response:
         return _error(405, "method not allowed")
+
+    @app.errorhandler(OutboxError)
+    def _database(e: OutboxError) -> Response:
+        relay.refusals.warning("cannot read the relay database: %s", e)
+        return _error(503, "the relay database cannot be read right now")
 
     return app
 

@@ -291,7 +291,10 @@ class Outbox:
         try:
             conn = self._readers.get_nowait()
         except queue.Empty:
-            conn = _connect(self.path, create=False)
+            try:
+                conn = _connect(self.path, create=False)
+            except sqlite3.Error as e:  # removed or unreadable: the caller answers 503, not 500
+                raise OutboxError(f"cannot open the relay database {self.path}: {e}") from e
             with self._wlock:
                 self._all.append(conn)
         try:
