@@ -152,7 +152,15 @@ def test_process_compose_runs_the_production_command_on_its_own_port() -> None:
     for probe in ("readiness_probe", "liveness_probe"):
         assert relay[probe]["http_get"]["port"] == 9191
     tunnel = yaml.safe_load((ROOT / "relay/cloudflared.yml").read_text())
-    assert {r["service"] for r in tunnel["ingress"] if r["service"].startswith("http:")} == {"http://127.0.0.1:9191"}
+    services = {r["service"] for r in tunnel["ingress"] if r["service"].startswith("http:")}
+    assert services == {"http://127.0.0.1:9191", "http://127.0.0.1:9193"}  # 9193: the ingest server
+    ingest = shlex.split(pc["processes"]["relay-ingest"]["command"])
+    ctx = command.make_context("relay", ingest[2:])
+    assert ctx.params["production"] and ctx.params["ingest"]
+    assert ctx.get_parameter_source("port").name == "DEFAULT"  # so: 9193 (INGEST_PORT)
+    from sync_tools.relay.production import INGEST_PORT
+
+    assert pc["processes"]["relay-ingest"]["readiness_probe"]["http_get"]["port"] == INGEST_PORT == 9193
 
 
 # ------------------------------------------------------------------------------------ default ports

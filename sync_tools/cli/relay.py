@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from sync_tools.cli._common import config_option, echo_json, load
 from sync_tools.errors import ConfigError
@@ -42,16 +43,20 @@ def _status(outbox, settings=None) -> dict:  # type: ignore[no-untyped-def]
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=9191, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any).")
+@click.option("--port", default=9191, show_default=True, type=click.IntRange(0, 65535),
+              help="Port (0: any). With --ingest the default is 9193.")
 @config_option
 @click.option("--production", is_flag=True,
               help="Run under gunicorn + gevent with the packaged settings (pip install 'sync-tools[prod]').")
+@click.option("--ingest", is_flag=True,
+              help="With --production: run the ingest server instead (POST /webhook only, on granian), beside the "
+                   "relay and on its database; route /webhook to it (docs/relay.md).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="With --production: gunicorn worker processes (each holds thousands of SSE agents).")
+              help="With --production: worker processes (gunicorn's hold thousands of SSE agents each).")
 @click.option("--status", "show_status", is_flag=True, help="Print the outbox status (JSON) and exit.")
 @click.option("--retry-dead", metavar="ID|all", help="Put a dead-lettered job (or all of them) back in the queue.")
-def relay(host: str, port: int, config_path: str | None, production: bool, workers: int, show_status: bool,
-          retry_dead: str | None) -> None:
+def relay(host: str, port: int, config_path: str | None, production: bool, ingest: bool, workers: int,
+          show_status: bool, retry_dead: str | None) -> None:
     """Run the webhook relay: verify GitHub deliveries, queue them durably, dispatch, fan out.
 
     Needs SYNC_TOOLS_WEBHOOK_SECRET (the secret set on the GitHub webhook); GITHUB_TOKEN for
@@ -62,6 +67,7 @@ def relay(host: str, port: int, config_path: str | None, production: bool, worke
     \b
     Example:
       SYNC_TOOLS_WEBHOOK_SECRET=... GITHUB_TOKEN=... sync-tools relay --production --workers 1
+      SYNC_TOOLS_WEBHOOK_SECRET=... sync-tools relay --production --ingest   # POST /webhook, port 9193
       sync-tools relay --status            # queue depth, dead letters
       sync-tools relay --retry-dead all    # after fixing the cause
     """
@@ -92,9 +98,14 @@ def relay(host: str, port: int, config_path: str | None, production: bool, worke
             outbox.close()
         return
 
+    if ingest and not production:
+        raise click.UsageError("--ingest runs with --production (the ingest server sits beside the production relay)")
     if production:
-        from sync_tools.relay.production import run
+        from sync_tools.relay.production import INGEST_PORT, run, run_ingest
 
+        if ingest:
+            given = click.get_current_context().get_parameter_source("port") != ParameterSource.DEFAULT
+            run_ingest(config, host, port if given else INGEST_PORT, workers)
         run(config, host, port, workers)
     from sync_tools.relay.app import create_app
     from sync_tools.relay.server import serve

@@ -30,11 +30,12 @@ from sync_tools.config import Config
 from sync_tools.errors import ConfigError
 from sync_tools.relay import webhook as wh
 from sync_tools.relay.dispatch import GitHubDispatcher, LocalDispatcher, watch_session
+from sync_tools.relay.doorbell import Listener
 from sync_tools.relay.fanout import AgentPusher, Broker, release_event, state_key
 from sync_tools.relay.metrics import Metrics
 from sync_tools.relay.nats_publish import KIND as NATS_KIND
 from sync_tools.relay.nats_publish import NatsPublisher
-from sync_tools.relay.outbox import Job, NewJob, Outbox, OutboxError
+from sync_tools.relay.outbox import Job, NewJob, Outbox, OutboxError, Recorded
 from sync_tools.relay.settings import Settings, load_settings
 from sync_tools.relay.worker import Backoff, Deferred, Worker
 from sync_tools.signing import load_public_key
@@ -75,6 +76,21 @@ class _Throttled:
         log.warning(msg, *args)
 
 
+DISPATCHED_TTL = 0.5  # seconds a delivery's "older than dispatched" check may trust an earlier read
+Answer = tuple[int, dict[str, Any], dict[str, str]]  # HTTP status, JSON body, extra headers
+
+
+@dataclass(frozen=True)
+class ToRecord:
+    """A verified delivery with jobs, between :meth:`Relay.prepare` and its commit."""
+
+    delivery: str
+    event: str
+    summary: str
+    jobs: list[NewJob]
+    digest: str
+
+
 @dataclass
 class Relay:
     """The running parts of one relay. Build with :func:`create_app`."""
@@ -91,8 +107,11 @@ class Relay:
     refusals: _Throttled = field(default_factory=_Throttled)
     nats: NatsPublisher | None = None  # relay.nats: release events also go to NATS JetStream (docs/nats.md)
     _public_key: Any = None
+    _doorbell: Listener | None = None
+    _dispatched_seen: dict[str, tuple[float, str | None]] = field(default_factory=dict)
     fleet: Any = None  # sync_tools.relay.fleet_views.FleetRelay: reports, rollouts, the fleet view
     manifest_hooks: list[Callable[[bytes], None]] = field(default_factory=list)  # each verified manifest fanned out
+    on_accepted: list[Callable[[], None]] = field(default_factory=list)  # after a delivery's jobs are committed
 
     def __post_init__(self) -> None:
         if self.nats is None:
@@ -120,6 +139,9 @@ class Relay:
             start()  # a dispatcher stopped by an earlier stop() runs builds again
         self.broker.start()
         self.worker.start()
+        if self._doorbell is None:  # the ingest server (relay/ingest.py) rings it after each commit
+            self._doorbell = Listener(self.outbox.path, self.worker.wake)
+            self._doorbell.start()
 
     def stop(self) -> None:
         """Stop the worker and broker threads and close the outbox. A local build still running is
@@ -131,6 +153,9 @@ class Relay:
             stop()
         self.worker.stop()
         self.broker.stop()
+        if self._doorbell is not None:
+            self._doorbell.stop()
+            self._doorbell = None
         self.outbox.close()
         if self.fleet is not None:
             self.fleet.fleet.store.close()
@@ -175,6 +200,7 @@ class Relay:
         self.dispatcher.dispatch(job.payload)
         if ordered and (newest is None or later(version, newest)):
             self.outbox.set_state(key, version)
+            self._dispatched_seen.pop(str(sub), None)
         return self._dispatched(job)
 
     def _dispatched(self, job: Job) -> list[NewJob]:
@@ -230,11 +256,28 @@ class Relay:
 
     def accept(self, *, event: str | None, delivery: str | None, signature: str | None,
                signature_sha1: str | None, content_type: str | None, body: Callable[[], bytes],
-               subsystem: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
+               subsystem: str | None) -> Answer:
         """One ``POST /webhook[/<subsystem>]``: verify, classify, record durably. Returns the HTTP
         status, the JSON answer and extra headers. *body* reads the raw body (and may raise
         TooLarge); nothing is parsed before the signature over those bytes is checked, and 202
         comes only after the delivery's commit is on disk."""
+        step = self.prepare(event=event, delivery=delivery, signature=signature, signature_sha1=signature_sha1,
+                            content_type=content_type, body=body, subsystem=subsystem)
+        if not isinstance(step, ToRecord):
+            return step
+        try:
+            rec: Recorded | OutboxError = self.outbox.record(step.delivery, step.event, step.summary, step.jobs,
+                                                             digest=step.digest)
+        except OutboxError as e:
+            rec = e
+        return self.recorded(step, rec)
+
+    def prepare(self, *, event: str | None, delivery: str | None, signature: str | None,
+                signature_sha1: str | None, content_type: str | None, body: Callable[[], bytes],
+                subsystem: str | None) -> Answer | ToRecord:
+        """The CPU part of :meth:`accept`, before the commit: the final answer of a delivery that is
+        refused, a ping or ignored, or what to record. An asynchronous front awaits the commit
+        (:meth:`Outbox.submit`) and then answers with :meth:`recorded`."""
         deliveries = self.metrics.delivery
         try:
             raw = body()
@@ -266,10 +309,15 @@ class Relay:
             return 200, {"status": "ignored", "delivery": delivery, "reasons": reasons}, {}
         summary = "; ".join(f"{j.kind} {j.payload.get('subsystem', '')} {j.payload.get('version', '')}".strip()
                             for j in jobs)
-        digest = hashlib.sha256(raw).hexdigest()
-        try:
-            rec = self.outbox.record(delivery, event, summary, jobs, digest=digest)
-        except OutboxError as e:
+        assert event is not None  # checked above, with the delivery id
+        return ToRecord(delivery, event, summary, jobs, hashlib.sha256(raw).hexdigest())
+
+    def recorded(self, step: ToRecord, rec: Recorded | OutboxError) -> Answer:
+        """The answer to a delivery whose commit finished (*rec*) or failed."""
+        deliveries = self.metrics.delivery
+        delivery, event, digest, jobs, summary = step.delivery, step.event, step.digest, step.jobs, step.summary
+        if isinstance(rec, OutboxError):
+            e = rec
             deliveries("error").inc()
             self.refusals.warning("cannot record delivery %s: %s", delivery, e)  # a full disk: once in a while
             # 503: GitHub shows the failure and a person can redeliver; nothing was accepted
@@ -284,6 +332,8 @@ class Relay:
             return 200, {"status": "duplicate", "delivery": delivery}, {}
         deliveries("accepted").inc()
         self.worker.wake(lanes=[j.lane for j in jobs])
+        for ring in self.on_accepted:
+            ring()
         log.info("accepted delivery %s (%s): %s", delivery, event, summary)
         return 202, {"status": "accepted", "delivery": delivery, "jobs": list(rec.jobs),
                      "coalesced": rec.coalesced}, {}
@@ -298,13 +348,25 @@ class Relay:
         if tracked is None or tracked.strategy == "commits":
             return r
         try:
-            newest = self.outbox.get_state(f"dispatched:{r.subsystem}")
+            newest = self._newest_dispatched(r.subsystem)
         except OutboxError:
             return r  # the worker still refuses to roll the build back
         if newest is not None and later(newest, r.version):
             return wh.Ignored(r.delivery, r.event,
                               f"{r.subsystem} {r.version} is older than {newest}, which was already dispatched")
         return r
+
+    def _newest_dispatched(self, subsystem: str) -> str | None:
+        """The newest version of *subsystem* dispatched, as of at most DISPATCHED_TTL seconds ago: a
+        burst of deliveries reads it once, not once each (the worker of another process moves it).
+        Stale, it only lets an older version through to the worker, which drops it."""
+        now = time.monotonic()
+        hit = self._dispatched_seen.get(subsystem)
+        if hit is not None and now - hit[0] < DISPATCHED_TTL:
+            return hit[1]
+        newest = self.outbox.get_state(f"dispatched:{subsystem}")
+        self._dispatched_seen[subsystem] = (now, newest)
+        return newest
 
     def jobs_for(self, results: list[wh.Classification]) -> list[NewJob]:
         jobs = []

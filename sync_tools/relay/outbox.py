@@ -173,6 +173,16 @@ class _Pending:
     done: threading.Lock = field(default_factory=_held_lock)
     result: Recorded | None = None
     error: BaseException | None = None
+    notify: Callable[[], None] | None = None  # called by the committer instead of releasing *done*
+
+    def outcome(self) -> Recorded | OutboxError:
+        """What the commit gave, once it finished."""
+        if self.error is not None:
+            failure = OutboxError(f"cannot record delivery {self.delivery}: {self.error}")
+            failure.__cause__ = self.error
+            return failure
+        assert self.result is not None
+        return self.result
 
 
 def _start_time(pid: int) -> str | None:
@@ -412,6 +422,17 @@ class Outbox:
         assert item.result is not None
         return item.result
 
+    def submit(self, delivery: str, event: str, summary: str, jobs: list[NewJob], *, digest: str | None,
+               notify: Callable[[], None]) -> _Pending:
+        """:meth:`record` for an event loop: queue the delivery for the next group commit and return at
+        once; the committer thread calls *notify* (which must be thread-safe and quick, e.g. a
+        ``loop.call_soon_threadsafe``) when the commit finished, and the item's :meth:`_Pending.outcome`
+        then says how."""
+        self._ensure_committer()
+        item = _Pending(delivery, event, summary, jobs, digest, notify=notify)
+        self._inbox.put(item)
+        return item
+
     def _ensure_committer(self) -> None:
         if self._committer is not None:
             return
@@ -440,16 +461,22 @@ class Outbox:
                     break
                 items.append(nxt)
             try:
-                with self._tx() as conn:
-                    for it in items:
-                        it.result = self._insert(conn, it)
+                self._write_batch(items)
             except BaseException as e:  # noqa: BLE001 - handed to every waiting request
                 for it in items:
                     it.result, it.error = None, e
             for it in items:
-                it.done.release()
+                if it.notify is not None:
+                    it.notify()
+                else:
+                    it.done.release()
             if stop:
                 return
+
+    def _write_batch(self, items: list[_Pending]) -> None:
+        with self._tx() as conn:
+            for it in items:
+                it.result = self._insert(conn, it)
 
     def _insert(self, conn: sqlite3.Connection, it: _Pending) -> Recorded:
         now = self.now()

@@ -1,5 +1,6 @@
 """``sync-tools relay --production``: the relay under gunicorn with the packaged settings
-(:mod:`sync_tools.relay.gunicorn_conf`), from any workspace once ``sync-tools[prod]`` is installed.
+(:mod:`sync_tools.relay.gunicorn_conf`), from any workspace once ``sync-tools[prod]`` is installed;
+``--production --ingest``: the ingest server beside it (:mod:`sync_tools.relay.ingest`, under granian).
 
 The command checks the config and the secrets first, as the server's workers will, so a start-up
 error is one line on stderr and a non-zero exit; then it becomes the gunicorn master (``exec``), so
@@ -19,7 +20,10 @@ from sync_tools.errors import ConfigError, SyncToolsError
 
 GUNICORN_CONF = "python:sync_tools.relay.gunicorn_conf"
 WSGI_APP = "sync_tools.relay.wsgi:app"
+INGEST_APP = "sync_tools.relay.ingest:build"
 DEFAULT_PORT = 9191  # not process-compose's 8080, nor the 9090 plat-telemetry's own sync service uses
+INGEST_PORT = 9193  # the ingest server beside it (9192 is `watch`)
+HEADER_TIMEOUT_MS = 10_000  # the ingest server cuts a request whose headers take longer (GitHub sends at once)
 
 
 def check(config: Config, environ: Mapping[str, str] | None = None) -> None:
@@ -74,6 +78,29 @@ def run(config: Config, host: str, port: int, workers: int) -> NoReturn:
         raise ConfigError("--workers must be at least 1")
     check(config)
     argv, env = gunicorn_command(config, host, port, workers)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)
+
+
+def ingest_command(config: Config, host: str, port: int, workers: int,
+                   environ: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run the ingest server (:mod:`sync_tools.relay.ingest`) under granian."""
+    env = dict(os.environ if environ is None else environ)
+    if config.path is not None:
+        env[CONFIG_ENV] = str(config.path)
+    return [sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--host", host, "--port", str(port),
+            "--workers", str(workers), "--no-ws", "--log-level", "warning",
+            "--http1-header-read-timeout", str(HEADER_TIMEOUT_MS), INGEST_APP], env
+
+
+def run_ingest(config: Config, host: str, port: int, workers: int) -> NoReturn:
+    """Check, then replace this process with granian serving the ingest server. Raises ConfigError
+    when the config or the secrets are wrong, or granian is not installed."""
+    if importlib.util.find_spec("granian") is None:
+        raise ConfigError("the ingest server needs granian: pip install 'sync-tools[prod]'")
+    check(config)
+    argv, env = ingest_command(config, host, port, workers)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)

@@ -1,0 +1,241 @@
+"""The relay's ingest server (``sync-tools relay --production --ingest``: POST /webhook on granian) beside
+the relay, on one outbox. Real parts: granian running the ASGI app in its own process group, the relay
+under a real server, real SQLite, the GitHub API double, an SSE subscriber, the doorbell's real socket."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from sync_tools.relay import doorbell, worker
+from tests.relay_support import (
+    RELEASE_REPO,
+    TOKEN,
+    delivery,
+    env,
+    publish,
+    release_payload,
+    running_relay,
+    tag_payload,
+    write_config,
+)
+from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
+from tests.support import free_port, wait_for
+
+pytestmark = pytest.mark.skipif(not Path(sys.executable).with_name("granian").exists(),
+                                reason="granian is not installed (pip install 'sync-tools[prod]')")
+
+
+@contextlib.contextmanager
+def ingest_server(root: Path, github_api_url: str, **extra: str) -> Iterator[str]:
+    """``sync-tools relay --production --ingest`` for the workspace at *root* (its relay.db); yields its URL."""
+    port = free_port()
+    e = {**os.environ, **env(root, **extra), "GITHUB_API_URL": github_api_url,
+         "SYNC_TOOLS_CONFIG": str(root / "sync-tools.yaml")}
+    proc = subprocess.Popen([sys.executable, "-m", "sync_tools", "relay", "--production", "--ingest", "--port",
+                             str(port), "--host", "127.0.0.1"], env=e, cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, f"the ingest server exited: {proc.stderr.read().decode()[-2000:]}"  # type: ignore[union-attr]
+            with contextlib.suppress(requests.RequestException):
+                return requests.get(url + "/health", timeout=1).status_code == 200
+            return False
+
+        wait_for(up, timeout=30, what="the ingest server to serve /health")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate(timeout=5)
+        assert b"Traceback" not in err, err.decode()[-3000:]
+
+
+def _post(url: str, d, path: str = "/webhook") -> requests.Response:  # type: ignore[no-untyped-def]
+    return requests.post(url + path, data=d.body, headers=d.headers, timeout=10)
+
+
+def test_a_delivery_to_the_ingest_server_is_dispatched_by_the_relays_worker_at_the_ring(
+        tmp_path: Path, github_api: GitHubAPIServer, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The ingest process commits and rings; the relay process's worker, which would otherwise look
+    at the queue only every POLL seconds (a minute here), dispatches at once."""
+    monkeypatch.setattr(worker, "POLL", 60.0)
+    with running_relay(tmp_path, github_api) as relay, ingest_server(tmp_path, github_api.url) as ingest:
+        time.sleep(0.5)  # the relay's workers are in their minute-long wait
+        d = delivery("create", tag_payload(tag="v2.10.26"))
+        r = _post(ingest, d)
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "accepted" and len(r.json()["jobs"]) == 1
+        sent = wait_for(lambda: github_api.state.dispatches, timeout=10, what="the relay to dispatch")
+        assert sent[0]["client_payload"]["version"] == "v2.10.26"
+        assert sent[0]["repo"] == RELEASE_REPO
+        # the same delivery again, to either server: recorded once
+        assert _post(ingest, d).json()["status"] == "duplicate"
+        assert _post(relay.url, d).json()["status"] == "duplicate"
+        # a version already dispatched: 200 ignored with the reason, from the ingest server too
+        wait_for(lambda: requests.get(relay.url + "/health", timeout=5).json()["queue_depth"] == 0,
+                 what="the dispatch to finish")
+        time.sleep(0.6)  # past the ingest process's read of "dispatched" (DISPATCHED_TTL)
+        old = _post(ingest, delivery("create", tag_payload(tag="v2.10.20")))
+        assert old.status_code == 200 and old.json()["status"] == "ignored", old.text
+        assert "older than v2.10.26" in old.json()["reasons"][0]
+    assert len(github_api.state.dispatches) == 1
+
+
+def test_an_own_release_through_the_ingest_server_reaches_sse_agents_of_the_relay(
+        tmp_path: Path, github_api: GitHubAPIServer, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    monkeypatch.setattr(worker, "POLL", 60.0)
+    with running_relay(tmp_path, github_api) as relay, ingest_server(tmp_path, github_api.url) as ingest:
+        config_path = tmp_path / "sync-tools.yaml"
+        from sync_tools.config import load_config
+
+        publish(load_config(config_path), "nats", "v2.10.25")
+        sse = requests.get(relay.url + "/events", headers={"Authorization": f"Bearer {TOKEN}"}, stream=True,
+                           timeout=(5, 15))
+        assert sse.status_code == 200
+        got: list[bytes] = []
+
+        def read() -> None:
+            buf = b""
+            for chunk in sse.iter_content(chunk_size=None):
+                buf += chunk
+                if b"\ndata: " in buf:
+                    got.append(buf)
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        wait_for(lambda: requests.get(relay.url + "/health", timeout=5).json()["connected_agents"] == 1,
+                 what="the subscriber to be connected")
+        r = _post(ingest, delivery("release", release_payload()))
+        assert r.status_code == 202, r.text
+        reader.join(timeout=15)
+        sse.close()
+        assert got and b'"subsystems": ["nats"]' in got[0]
+
+
+def test_the_ingest_server_refuses_what_the_relay_refuses(tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    github_api.state.add_repo(RELEASE_REPO)
+    write_config(tmp_path, max_body=16384)
+    with ingest_server(tmp_path, github_api.url) as ingest:
+        good = delivery("create", tag_payload(tag="v2.10.30"))
+        bad_sig = delivery("create", tag_payload(tag="v2.10.31"), secret="not-the-secret")
+        r = _post(ingest, bad_sig)
+        assert r.status_code == 401 and r.json()["status"] == "error"
+        big = delivery("create", {"padding": "x" * 20_000})
+        assert _post(ingest, big).status_code == 413
+        no_event = delivery("create", tag_payload(tag="v2.10.32"))
+        del no_event.headers["X-GitHub-Event"]
+        assert _post(ingest, no_event).status_code == 400
+        ping = _post(ingest, delivery("ping", {"zen": "Keep it logically awesome.", "hook_id": 1,
+                                                "repository": tag_payload()["repository"]}))
+        assert ping.status_code == 200 and ping.json()["status"] == "pong"
+        assert requests.get(ingest + "/webhook", timeout=5).status_code == 405
+        other = requests.get(ingest + "/events", timeout=5)
+        assert other.status_code == 404 and "ingest server" in other.json()["error"]
+        assert _post(ingest, good).status_code == 202
+        # a body cut short of its Content-Length, and one that stops arriving: never a 202, and the
+        # server goes on answering
+        host, port = ingest.removeprefix("http://").split(":")
+        head = (f"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-GitHub-Event: create\r\n"
+                f"X-GitHub-Delivery: cut-1\r\nX-Hub-Signature-256: {good.headers['X-Hub-Signature-256']}\r\n"
+                f"Content-Length: {len(good.body)}\r\n\r\n").encode()
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(head + good.body[:100])
+            s.shutdown(socket.SHUT_WR)
+            answer = s.recv(4096)
+        assert b" 202 " not in answer.split(b"\r\n", 1)[0]
+        assert _post(ingest, delivery("create", tag_payload(tag="v2.10.33"))).status_code == 202
+    with sqlite3.connect(tmp_path / "relay.db") as db:
+        recorded = {row[0] for row in db.execute("SELECT delivery FROM deliveries")}
+    assert good.headers["X-GitHub-Delivery"] in recorded and "cut-1" not in recorded
+
+
+def test_a_trickled_body_is_cut_at_the_deadline(tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    github_api.state.add_repo(RELEASE_REPO)
+    write_config(tmp_path)
+    with ingest_server(tmp_path, github_api.url) as ingest:
+        host, port = ingest.removeprefix("http://").split(":")
+        good = delivery("create", tag_payload(tag="v2.10.40"))
+        head = (f"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-GitHub-Event: create\r\n"
+                f"X-GitHub-Delivery: trickle-1\r\nX-Hub-Signature-256: {good.headers['X-Hub-Signature-256']}\r\n"
+                f"Content-Length: {len(good.body)}\r\n\r\n").encode()
+        started = time.monotonic()
+        answer = b""
+        with socket.create_connection((host, int(port)), timeout=60) as s:
+            s.sendall(head)
+            for byte in good.body:  # a byte every 0.1 s: each resets any read timeout, never the deadline
+                try:
+                    s.sendall(bytes([byte]))
+                except OSError:
+                    break
+                s.settimeout(0.1)
+                try:
+                    answer = s.recv(4096)
+                    if answer:
+                        break
+                except TimeoutError:
+                    pass
+                if time.monotonic() - started > 40:
+                    break
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert 10 <= time.monotonic() - started < 40
+        assert _post(ingest, good).status_code == 202  # the same delivery sent whole is taken
+
+
+def test_the_doorbell_wakes_its_listener_and_a_ring_nobody_hears_is_no_error(tmp_path: Path) -> None:
+    rang = threading.Event()
+    bell = doorbell.Bell(tmp_path / "relay.db")
+    bell.ring()  # nobody listens yet: nothing happens, nothing raises
+    listener = doorbell.Listener(tmp_path / "relay.db", rang.set)
+    assert listener.start()
+    second = doorbell.Listener(tmp_path / "relay.db", rang.set)
+    assert not second.start()  # one listener per outbox; the other process keeps its own look
+    try:
+        bell.ring()
+        assert rang.wait(5)
+        other = doorbell.Listener(tmp_path / "other.db", lambda: None)
+        assert other.start() and other.address != listener.address
+        other.stop()
+    finally:
+        listener.stop()
+        bell.close()
+
+
+def test_deployment_files_route_webhooks_to_the_ingest_server() -> None:
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    tunnel = yaml.safe_load((root / "relay/cloudflared.yml").read_text())
+    rules = [r for r in tunnel["ingress"] if "path" in r]
+
+    def origin(path: str) -> str:
+        return next(r["service"] for r in rules if re.search(r["path"], path))
+
+    assert origin("/webhook") == origin("/webhook/nats") == "http://127.0.0.1:9193"
+    for path in ("/events", "/notify", "/report", "/rollout/nats", "/rollout/nats/" + "a" * 64):
+        assert origin(path) == "http://127.0.0.1:9191", path
+    pc = yaml.safe_load((root / "relay/process-compose.yaml").read_text())["processes"]
+    assert pc["relay-ingest"]["command"].startswith("sync-tools relay --production --ingest")
+    assert pc["relay-ingest"]["readiness_probe"]["http_get"]["port"] == 9193
+    assert pc["relay-ingest"]["environment"] == pc["relay"]["environment"]  # one database
+    assert json.dumps(pc["tunnel"]["depends_on"]["relay-ingest"]) == json.dumps({"condition": "process_healthy"})
