@@ -19,6 +19,7 @@ Prints a JSON line per measurement and a summary table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -361,12 +363,116 @@ def bench_fanout(tmp: Path, sizes: list[int]) -> None:
                            kib_per_agent=round((loaded - base) / n, 1))
 
 
+# ------------------------------------------------------------------------------- production
+
+@contextmanager
+def webhook_peer(tmp: Path) -> Iterator[str]:
+    """Debian's webhook 2.8.0 checking the same HMAC (hooks.json runs /bin/true); yields its URL."""
+    hooks = tmp / "hooks.json"
+    hooks.write_text(json.dumps([{
+        "id": "relay", "execute-command": "/bin/true", "command-working-directory": str(tmp),
+        "trigger-rule-mismatch-http-response-code": 401,
+        "trigger-rule": {"match": {"type": "payload-hmac-sha256", "secret": SECRET,
+                                   "parameter": {"source": "header", "name": "X-Hub-Signature-256"}}},
+    }]))
+    wport = free_port()
+    wurl = f"http://127.0.0.1:{wport}"
+    with process(["webhook", "-hooks", str(hooks), "-ip", "127.0.0.1", "-port", str(wport)], dict(os.environ),
+                 tmp, wurl + "/"):
+        yield wurl
+
+
+def _count(db: Path, sql: str) -> int:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
+        return int(conn.execute(sql).fetchone()[0])
+
+
+def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_workers: int) -> None:
+    """The documented production setup, as relay/process-compose.yaml runs it: the relay under
+    gunicorn + gevent (SSE, worker, everything but /webhook) and the ingest server under granian
+    (POST /webhook) on one outbox. Each round measures webhook, then the relay with *n* SSE agents
+    connected while wrk posts deliveries to the ingest server for *seconds*; halfway through, a release
+    of the platform's own repo goes to the ingest server and the time until every agent has the event
+    is taken, on one clock. Every delivery carries a version of its own, so each is committed (none is
+    "ignored" as older than one already dispatched), and the relay's worker dispatches them to a
+    loopback sink all along."""
+    from sync_tools.config import load_config
+    from sync_tools.relay.production import ingest_command
+
+    sink_port = free_port()
+    reqfile = requests_file(tmp, count=max(2000, seconds * 6000))
+    with process([PY, "-c", SINK, str(sink_port)], dict(os.environ), tmp, f"http://127.0.0.1:{sink_port}/"):
+        for rnd in range(1, rounds + 1):
+            with webhook_peer(tmp) as wurl:
+                r = wrk(wurl, reqfile, seconds=2, conns=4, path="/hooks/relay")
+                assert r["non2xx"] == 0, f"webhook refused valid deliveries: {r}"
+                peer = wrk(wurl, reqfile, seconds=seconds, conns=32, path="/hooks/relay")
+                record("production.webhook-2.8.0", round=rnd, **peer)
+            ws = tmp / f"prod-{rnd}"
+            cfg, env = workspace(ws, f"http://127.0.0.1:{sink_port}")
+            publish(load_config(cfg), "nats", "v2.10.25")
+            db = ws / "relay.db"
+            env["SYNC_TOOLS_DB"] = str(db)
+            port, iport = free_port(), free_port()
+            url, iurl = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{iport}"
+            iargv, ienv = ingest_command(load_config(cfg), "127.0.0.1", iport, ingest_workers, environ=env)
+            with process(server_argv("gunicorn-gevent", port, cfg, env), env, ws, url + "/health"), \
+                    process(iargv, ienv, ws, iurl + "/health"):
+                warm = wrk(iurl, reqfile, seconds=1, conns=4)
+                assert warm["non2xx"] == 0, f"the ingest server refused valid deliveries: {warm}"
+                out = ws / "got.json"
+                client = subprocess.Popen([PY, "-c", CLIENT, "127.0.0.1", str(port), str(n), TOKEN, str(out)],
+                                          stdout=subprocess.PIPE, text=True)
+                try:
+                    assert client.stdout is not None
+                    if "READY" not in client.stdout.readline():
+                        raise RuntimeError("subscribers did not all connect")
+                    deadline = time.monotonic() + 60
+                    while requests.get(url + "/health", timeout=10).json()["connected_agents"] < n:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the relay does not see every subscriber")
+                        time.sleep(0.1)
+                    before = _count(db, "SELECT COUNT(*) FROM deliveries")
+                    result: dict = {}
+                    load = threading.Thread(target=lambda result=result, iurl=iurl: result.update(
+                        wrk(iurl, reqfile, seconds=seconds, conns=32)))
+                    load.start()
+                    time.sleep(seconds / 2)
+                    body = json.dumps(release_payload("acme/plat-telemetry")).encode()
+                    headers = {"X-GitHub-Event": "release", "X-GitHub-Delivery": f"prod-release-{rnd}",
+                               "Content-Type": "application/json", "X-Hub-Signature-256": sign(SECRET.encode(), body)}
+                    t0 = time.time()
+                    answer = requests.post(iurl + "/webhook", data=body, headers=headers, timeout=10)
+                    assert answer.status_code == 202, answer.text
+                    load.join()
+                    client.wait(150)
+                finally:
+                    if client.poll() is None:
+                        client.kill()
+                committed = _count(db, "SELECT COUNT(*) FROM deliveries") - before - 1
+                dispatched = _count(db, "SELECT COUNT(*) FROM jobs WHERE kind = 'dispatch' AND status = 'done'")
+            lat = sorted(t - t0 for t in json.loads(out.read_text()).values())
+
+            def pct(p: float, lat: list[float] = lat) -> float | None:
+                return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))], 4) if lat else None
+
+            record("production.relay", round=rnd, ingest_workers=ingest_workers, committed=committed,
+                   dispatched=dispatched, agents=n, received=len(lat), fanout_p50_s=pct(50), fanout_p99_s=pct(99),
+                   fanout_max_s=round(lat[-1], 4) if lat else None, ratio=round(result["rps"] / peer["rps"], 3),
+                   **result)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", nargs="*", default=["ingest", "fanout"])
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--n", default="1000,10000")
     ap.add_argument("--servers", help="comma-separated subset of: " + ", ".join(FANOUT_SERVERS))
+    ap.add_argument("--rounds", type=int, default=3, help="production: rounds of webhook then the relay")
+    ap.add_argument("--agents", type=int, default=10000, help="production: SSE agents held during the load")
+    ap.add_argument("--ingest-workers", type=int, default=1, help="production: granian worker processes")
     args = ap.parse_args()
     if args.servers:
         chosen = args.servers.split(",")
@@ -380,6 +486,8 @@ def main() -> None:
             bench_ingest(tmp, args.seconds)
         if "fanout" in args.what:
             bench_fanout(tmp, [int(x) for x in args.n.split(",")])
+        if "production" in args.what:
+            bench_production(tmp, args.seconds, args.agents, args.rounds, args.ingest_workers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("\nsummary:")

@@ -109,6 +109,7 @@ class Relay:
     _public_key: Any = None
     _doorbell: Listener | None = None
     _dispatched_seen: dict[str, tuple[float, str | None]] = field(default_factory=dict)
+    _last_dispatch: float = float("-inf")  # time.monotonic() of the last repository_dispatch sent
     fleet: Any = None  # sync_tools.relay.fleet_views.FleetRelay: reports, rollouts, the fleet view
     manifest_hooks: list[Callable[[bytes], None]] = field(default_factory=list)  # each verified manifest fanned out
     on_accepted: list[Callable[[], None]] = field(default_factory=list)  # after a delivery's jobs are committed
@@ -187,6 +188,7 @@ class Relay:
                 log.info("dispatch of %s %s (delivery %s) skipped: a push that arrived after it went out "
                          "first", sub, version, job.delivery)
                 return []
+            self._pace()
             self.dispatcher.dispatch(job.payload)
             self.outbox.set_state(arrival_key, str(job.id))
             return self._dispatched(job)
@@ -197,11 +199,26 @@ class Relay:
             log.info("dispatch of %s %s (delivery %s) skipped: %s went out after it", sub, version, job.delivery,
                      newest)
             return []
+        self._pace()
         self.dispatcher.dispatch(job.payload)
         if ordered and (newest is None or later(version, newest)):
             self.outbox.set_state(key, version)
             self._dispatched_seen.pop(str(sub), None)
         return self._dispatched(job)
+
+    def _pace(self) -> None:
+        """GitHub asks integrators to leave a second between mutative requests (its REST API best
+        practices; secondary rate limits otherwise): a dispatch due sooner goes back to the queue,
+        due when the interval is over, holding no thread. The lane keeps one dispatch in flight, and
+        newer versions replace a pending one (:meth:`jobs_for`), so the wait never builds a backlog."""
+        if not isinstance(self.dispatcher, GitHubDispatcher) or self.settings.dispatch_interval <= 0:
+            return
+        now = time.monotonic()
+        wait = self._last_dispatch + self.settings.dispatch_interval - now
+        if wait > 0:
+            raise Deferred(f"{wait:.2f} s to go before the next repository_dispatch", until=self.outbox.now() + wait,
+                           quiet=True)
+        self._last_dispatch = now
 
     def _dispatched(self, job: Job) -> list[NewJob]:
         log.info("dispatched %s %s (delivery %s) via %s", job.payload.get("subsystem"),
@@ -375,8 +392,14 @@ class Relay:
                 # one dispatch in flight at a time: a SIGKILL between GitHub's 204 and the job's
                 # completion then repeats at most one dispatch (a workflow run), not one per thread
                 lane = f"local:{r.subsystem}" if isinstance(self.dispatcher, LocalDispatcher) else "dispatch"
+                tracked = self.config.subsystems.get(r.subsystem)
+                ordered = tracked is not None and tracked.strategy != "commits"
+                # versions have an order: one pending dispatch per subsystem, of the newest version (a
+                # build of an older one would be replaced at once); pushes go out one by one, in order
                 jobs.append(NewJob(kind="dispatch", payload=r.client_payload(), lane=lane,
-                                   dedupe=f"dispatch:{r.subsystem}:{r.version}"))
+                                   dedupe=f"dispatch:{r.subsystem}:{r.version}",
+                                   supersedes=f"dispatch:{r.subsystem}:" if ordered else None,
+                                   newer=_newer_than(r.version) if ordered else None))
             elif isinstance(r, wh.OwnRelease):
                 jobs.append(self.fanout_job(f"release {r.action} {r.tag}"))
         return jobs
@@ -387,6 +410,14 @@ def get_relay(app: Flask | None = None) -> Relay:
 
 
 # --------------------------------------------------------------------------------------- helpers
+
+
+def _newer_than(version: str) -> Callable[[dict[str, Any]], bool]:
+    """Whether *version* is later than a pending dispatch's (a payload without one is replaced)."""
+    def newer(pending: dict[str, Any]) -> bool:
+        held = pending.get("version")
+        return not isinstance(held, str) or later(version, held)
+    return newer
 
 
 def _error(status: int, message: str, **headers: str) -> Response:

@@ -85,6 +85,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 DROP INDEX IF EXISTS jobs_due;
 CREATE INDEX IF NOT EXISTS jobs_lane_due ON jobs (status, lane, next_attempt);
 CREATE INDEX IF NOT EXISTS jobs_dedupe ON jobs (dedupe);
+CREATE INDEX IF NOT EXISTS jobs_pending_dedupe ON jobs (dedupe) WHERE status = 'pending';
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     type TEXT NOT NULL,
@@ -104,12 +105,19 @@ class OutboxError(SyncToolsError):
 
 @dataclass(frozen=True)
 class NewJob:
-    """A job to create with a delivery (or on its own)."""
+    """A job to create with a delivery (or on its own).
+
+    *supersedes*: a dedupe prefix naming a slot that holds at most one pending job (``dispatch:nats:``).
+    When a pending job is in the slot, this one takes its place if ``newer(pending payload)`` says it
+    is newer, and is dropped (counted as coalesced) otherwise: a burst of versions queues one
+    dispatch of the newest, not one per version. Running jobs are never touched."""
 
     kind: str
     payload: dict[str, Any]
     lane: str | None = None
     dedupe: str | None = None
+    supersedes: str | None = None
+    newer: Callable[[dict[str, Any]], bool] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -500,6 +508,20 @@ class Outbox:
                     (job.dedupe, now - COALESCE_WINDOW)).fetchone()
                 if hit is not None:
                     coalesced += 1
+                    continue
+            if job.supersedes is not None and job.newer is not None:
+                # the slot's pending job, through the partial index of pending jobs (done ones are many)
+                slot = job.supersedes
+                held = conn.execute("SELECT id, payload FROM jobs WHERE status = 'pending' AND dedupe >= ? "
+                                    "AND dedupe < ? ORDER BY id LIMIT 1",
+                                    (slot, slot[:-1] + chr(ord(slot[-1]) + 1))).fetchone()
+                if held is not None:
+                    if job.newer(json.loads(held[1])):
+                        conn.execute("UPDATE jobs SET payload = ?, dedupe = ?, delivery = ?, updated = ? WHERE id = ?",
+                                     (json.dumps(job.payload, sort_keys=True), job.dedupe, delivery, now, held[0]))
+                        ids.append(int(held[0]))
+                    else:
+                        coalesced += 1
                     continue
             cur = conn.execute(
                 "INSERT INTO jobs (delivery, kind, lane, dedupe, payload, status, attempts, next_attempt, "

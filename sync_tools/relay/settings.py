@@ -53,6 +53,9 @@ class Settings:
     backoff_base: float = 2.0  # first retry delay; doubles per attempt, with jitter
     backoff_cap: float = 600.0
     workers: int = 4  # delivery threads (local builds of different subsystems run side by side)
+    # SYNC_TOOLS_DISPATCH_INTERVAL: seconds between two repository_dispatch calls; GitHub asks for at least
+    # one between mutative requests ("best practices for using the REST API": secondary rate limits)
+    dispatch_interval: float = 1.0
     http_timeout: tuple[float, float] = (5.0, 30.0)  # connect, read
     build_timeout: float = 3600.0
     retention: float = 7 * 86400.0  # SYNC_TOOLS_RETENTION_DAYS: finished rows older than this are pruned ...
@@ -102,6 +105,7 @@ def load_settings(config: Config, environ: Mapping[str, str] | None = None, *, r
         max_attempts=max(1, config.relay.max_attempts),
         retention=_seconds(env, "SYNC_TOOLS_RETENTION_DAYS", 7.0) * 86400.0,
         prune_every=_seconds(env, "SYNC_TOOLS_PRUNE_EVERY", 600.0),
+        dispatch_interval=_seconds(env, "SYNC_TOOLS_DISPATCH_INTERVAL", 1.0),
     )
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -43,8 +43,9 @@ class Deferred(RemoteError):
     """The job must wait for another one (an earlier push of the same branch in its backoff): it goes
     back to the queue due at *until* (a time of the outbox clock), without counting an attempt."""
 
-    def __init__(self, message: str, *, until: float):
+    def __init__(self, message: str, *, until: float, quiet: bool = False):
         self.until = until
+        self.quiet = quiet  # routine (a pace kept): logged at DEBUG, not INFO
         super().__init__(message)
 
 
@@ -220,7 +221,7 @@ class Worker:
                 raise SyncToolsError(f"no handler for job kind {job.kind!r}")
             follow = handler(job)
         except Deferred as e:
-            log.info("job %d (%s) deferred: %s", job.id, job.kind, e)
+            log.log(logging.DEBUG if e.quiet else logging.INFO, "job %d (%s) deferred: %s", job.id, job.kind, e)
             self.outbox.requeue(job.id, f"deferred: {e}", retry_at=e.until)
             outcome = "deferred"
         except Interrupted as e:

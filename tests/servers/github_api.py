@@ -765,6 +765,7 @@ class GitHubAPIServer:
             "authenticated": self._authenticated(auth),
             "status": None,
             "request_id": request_id,
+            "at": time.monotonic(),
         }
         self.requests.append(entry)
         try:

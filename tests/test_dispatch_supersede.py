@@ -1,0 +1,65 @@
+"""One pending dispatch per subsystem, of its newest version, and a second between two
+repository_dispatch calls (GitHub's REST API best practices: secondary rate limits). Real parts: the
+outbox on real SQLite, the relay under a real server, the GitHub API double."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import requests
+
+from sync_tools.relay.app import get_relay
+from sync_tools.relay.outbox import NewJob, Outbox
+from sync_tools.versions import later
+from tests.relay_support import delivery, running_relay, tag_payload
+from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
+from tests.support import wait_for
+
+
+def _job(version: str, sub: str = "nats") -> NewJob:
+    return NewJob("dispatch", {"subsystem": sub, "version": version}, lane="dispatch",
+                  dedupe=f"dispatch:{sub}:{version}", supersedes=f"dispatch:{sub}:",
+                  newer=lambda held: later(version, held["version"]))
+
+
+def test_a_newer_version_replaces_the_pending_dispatch_and_an_older_one_is_dropped(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "relay.db")
+    try:
+        first = outbox.record("d1", "create", "x", [_job("v1.0.0")])
+        newer = outbox.record("d2", "create", "x", [_job("v1.2.0")])
+        assert newer.jobs == first.jobs and newer.coalesced == 0  # the same job, now of v1.2.0
+        older = outbox.record("d3", "create", "x", [_job("v1.1.0")])
+        assert older.jobs == () and older.coalesced == 1
+        other = outbox.record("d4", "create", "x", [_job("v9.0.0", sub="arc")])  # its own slot
+        assert other.jobs != first.jobs
+        pending = {j.payload["subsystem"]: j.payload["version"] for j in outbox.jobs("pending")}
+        assert pending == {"nats": "v1.2.0", "arc": "v9.0.0"}
+        assert all(outbox.has_delivery(d) for d in ("d1", "d2", "d3", "d4"))  # every delivery recorded
+
+        running = outbox.claim()  # the nats dispatch is running: a newer version queues behind it
+        assert running is not None and running.payload["version"] == "v1.2.0"
+        behind = outbox.record("d5", "create", "x", [_job("v1.3.0")])
+        assert behind.jobs and behind.jobs != first.jobs
+        again = outbox.record("d6", "create", "x", [_job("v1.4.0")])
+        assert again.jobs == behind.jobs  # that one is the slot's pending job now
+        assert running.id not in {j.id for j in outbox.jobs("pending")}
+        assert outbox.jobs("running")[0].payload["version"] == "v1.2.0"  # untouched
+    finally:
+        outbox.close()
+
+
+def test_a_burst_of_versions_dispatches_the_newest_a_second_apart(tmp_path: Path,
+                                                                  github_api: GitHubAPIServer) -> None:  # noqa: F811
+    with running_relay(tmp_path, github_api) as server:
+        relay = get_relay(server.app)
+        assert relay.settings.dispatch_interval == 1.0
+        for i in range(40):
+            d = delivery("create", tag_payload(tag=f"v3.1.{i}"))
+            assert requests.post(server.url + "/webhook", data=d.body, headers=d.headers, timeout=10).status_code == 202
+        wait_for(lambda: relay.outbox.stats().queue_depth == 0 and github_api.state.dispatches
+                 and github_api.state.dispatches[-1]["client_payload"]["version"] == "v3.1.39",
+                 what="the newest version dispatched")
+        versions = [int(d["client_payload"]["version"].rsplit(".", 1)[1]) for d in github_api.state.dispatches]
+        assert versions == sorted(set(versions)) and len(versions) < 40
+        times = [r["at"] for r in github_api.requests_to("POST", "/dispatches$")]
+        assert all(b - a >= 0.95 for a, b in zip(times, times[1:], strict=False)), times
