@@ -33,7 +33,10 @@ def _shutdown(sock: Any) -> None:
     """Shut *sock* down under gevent's feet: its greenlet's read then ends (b"") or its write fails with
     EPIPE, which gunicorn takes as a client gone. (gevent's own ``shutdown`` wakes the greenlet with
     EBADF, which gunicorn logs as a socket error with a traceback.)"""
-    raw = _RealSocket(fileno=sock.fileno())
+    fd = sock.fileno()
+    if fd < 0:  # already closed by its greenlet
+        return
+    raw = _RealSocket(fileno=fd)
     try:
         raw.shutdown(socket.SHUT_RDWR)
     finally:
