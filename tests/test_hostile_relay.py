@@ -510,16 +510,22 @@ class _Attack:
                 s.close()
 
 
+@pytest.mark.parametrize("server", ["sync-tools relay", "sync-tools relay --production"])
 def test_deliveries_get_202_through_1100_tricklers_and_1000_idle_connections_at_a_1024_limit(
-        tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+        tmp_path: Path, github_api: GitHubAPIServer, server: str) -> None:  # noqa: F811
     """Before: connections were bounded only by the open-files limit and slow requests never cut: with
-    1,024 descriptors, 2,100 hostile connections left no room to accept a delivery."""
+    1,024 descriptors, 2,100 hostile connections left no room to accept a delivery (under gunicorn, its
+    gevent pool stopped accepting once the tricklers held every slot)."""
+    production = server.endswith("--production")
+    if production and not GUNICORN.exists():
+        pytest.skip("gunicorn is not installed (pip install 'sync-tools[prod]')")
     github_api.state.add_repo(RELEASE_REPO)
     config = write_config(tmp_path)
     port = free_port()
     e = {**os.environ, **env(tmp_path), "GITHUB_API_URL": github_api.url}
     proc = subprocess.Popen([sys.executable, "-m", "sync_tools", "relay", "--config", str(config.path), "--host",
-                             "127.0.0.1", "--port", str(port)], env=e, cwd=tmp_path, preexec_fn=_limit_1024,
+                             "127.0.0.1", "--port", str(port), *(["--production"] if production else [])],
+                            env=e, cwd=tmp_path, preexec_fn=_limit_1024,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     attack = None
@@ -541,7 +547,7 @@ def test_deliveries_get_202_through_1100_tricklers_and_1000_idle_connections_at_
             assert r.status_code == 202, r.text
             assert requests.get(url + "/health", timeout=10).status_code == 200
             time.sleep(0.5)  # over ten seconds of attack, the attacker reconnecting what is cut
-        print(f"deliveries under attack: max {max(latencies):.3f} s, median {sorted(latencies)[10]:.3f} s, "
+        print(f"{server}: deliveries under attack: max {max(latencies):.3f} s, median {sorted(latencies)[10]:.3f} s, "
               f"attacker reconnects {attack.reopened}")
         wait_for(lambda: attack.reopened > 0, what="the relay to cut hostile connections to make room")
     finally:
@@ -602,29 +608,124 @@ def test_gunicorn_fits_its_connections_to_a_1024_limit(tmp_path: Path, github_ap
     assert b"allows 896 connections, not 20000" in err, err.decode()[-3000:]
 
 
-def test_sse_streams_leave_room_for_health_and_deliveries(tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
-    """Streams may take all connections but RESERVE (64): the next stream is 503 while /health and a
-    delivery still get through, and an ended stream frees its slot."""
+@contextlib.contextmanager
+def _server_with(server: str, root: Path, github_api: GitHubAPIServer,  # noqa: F811
+                 max_connections: int) -> Iterator[str]:
+    """``sync-tools relay``'s server or gunicorn's, taking *max_connections* connections; yields its URL."""
+    if server == "gunicorn":
+        with _gunicorn(root, github_api, RELAY_CONNECTIONS=str(max_connections)) as url:
+            yield url
+        return
     github_api.state.add_repo(RELEASE_REPO)
-    cfg = write_config(tmp_path)
-    app = create_app(cfg, settings(cfg, tmp_path, github_api_url=github_api.url))
-    server = RelayServer(app, "127.0.0.1", 0, max_connections=140).start()
-    streams: list[requests.Response] = []
+    cfg = write_config(root)
+    app = create_app(cfg, settings(cfg, root, github_api_url=github_api.url))
+    relay = RelayServer(app, "127.0.0.1", 0, max_connections=max_connections).start()
     try:
-        allowed = 140 - connections.RESERVE
-        for _ in range(allowed):
-            r = requests.get(server.url + "/events", headers={"Authorization": f"Bearer {TOKEN}"}, stream=True,
-                             timeout=10)
-            assert r.status_code == 200
-            streams.append(r)
-        extra = requests.get(server.url + "/events", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
-        assert extra.status_code == 503 and "too many event streams" in extra.text
-        assert _health(server)[0] == 200
-        assert _post(server, "v6.0.0") == 202
-        streams.pop().close()
-        wait_for(lambda: requests.get(server.url + "/events", headers={"Authorization": f"Bearer {TOKEN}"},
-                                      stream=True, timeout=10).status_code == 200, what="a freed stream slot")
+        yield relay.url
     finally:
-        for r in streams:
-            r.close()
-        server.stop()
+        relay.stop()
+
+
+@pytest.mark.parametrize("server", ["sync-tools relay", "gunicorn"])
+def test_sse_streams_leave_room_for_health_and_deliveries(tmp_path: Path, github_api: GitHubAPIServer,  # noqa: F811
+                                                          server: str) -> None:
+    """Streams may take all connections but RESERVE (64): the next stream is 503 while /health and a
+    delivery still get through, and an ended stream frees its slot. (Before, under gunicorn: streams
+    could take every slot of gevent's pool, which then stopped accepting.)"""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    streams: list[requests.Response] = []
+    with _server_with(server, tmp_path, github_api, 140) as url:
+        try:
+            for _ in range(140 - connections.RESERVE):
+                r = requests.get(url + "/events", headers=auth, stream=True, timeout=10)
+                assert r.status_code == 200
+                streams.append(r)
+            extra = requests.get(url + "/events", headers=auth, timeout=10)
+            assert extra.status_code == 503 and "too many event streams" in extra.text
+            assert requests.get(url + "/health", timeout=15).status_code == 200
+            d = delivery("create", tag_payload(tag="v6.0.0"))
+            assert requests.post(url + "/webhook", data=d.body, headers=d.headers, timeout=15).status_code == 202
+            streams.pop().close()
+            # the server sees the close at its next heartbeat's write (gunicorn's relay: every 15 s)
+            wait_for(lambda: requests.get(url + "/events", headers=auth, stream=True, timeout=10).status_code == 200,
+                     timeout=60, what="a freed stream slot")
+        finally:
+            for r in streams:
+                r.close()
+
+
+def _closed(s: socket.socket) -> bool:
+    """Whether the server has closed *s*, reading what it sent meanwhile (an answer must not be a success)."""
+    s.setblocking(False)
+    while True:
+        try:
+            data = s.recv(4096)
+        except BlockingIOError:
+            return False
+        except ConnectionError:
+            return True
+        if not data:
+            return True
+        assert not data.startswith(b"HTTP/1.1 2"), data
+
+
+@pytest.mark.skipif(not GUNICORN.exists(), reason="gunicorn is not installed")
+def test_gunicorn_cuts_trickled_headers_and_bodies_at_the_deadline_but_not_event_streams(
+        tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    """Before: each trickled byte restarted gunicorn's read timeout, so a body sent a few bytes a second
+    was never cut (and headers only after keepalive, 75 s). With a 2 s deadline both are cut long before
+    their 200 bytes are in, while an SSE stream opened before them outlives it."""
+    with _gunicorn(tmp_path, github_api, RELAY_REQUEST_DEADLINE="2") as url:
+        port = int(url.rsplit(":", 1)[1])
+        stream = socket.create_connection(("127.0.0.1", port), timeout=10)
+        stream.sendall(f"GET /events HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = stream.recv(4096)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200"), head
+        d = delivery("create", tag_payload(tag="v6.1.0"))
+        headers = socket.create_connection(("127.0.0.1", port), timeout=10)
+        headers.sendall(b"POST /webhook HTTP/1.1\r\nHost: relay\r\nX-Pad: ")
+        body = socket.create_connection(("127.0.0.1", port), timeout=10)
+        body.sendall((f"POST /webhook HTTP/1.1\r\nHost: relay\r\nContent-Length: {len(d.body)}\r\n"
+                      + "".join(f"{k}: {v}\r\n" for k, v in d.headers.items()) + "\r\n").encode())
+        assert len(d.body) > 200
+        sent = {"headers": 0, "body": 0}
+        try:
+            while sent["headers"] < 200 or sent["body"] < 200:
+                for name, s, byte in (("headers", headers, b"a"), ("body", body, d.body[sent["body"]:][:1])):
+                    if sent[name] < 200 and not _closed(s):
+                        with contextlib.suppress(OSError):  # cut between the check and the send
+                            s.send(byte)
+                        sent[name] += 1
+                    elif sent[name] < 200:
+                        sent[name] = 1000 + sent[name]  # cut after sent[name] bytes
+                time.sleep(0.25)
+            assert sent["headers"] >= 1000 and sent["body"] >= 1000, f"not cut: {sent}"
+            assert not _closed(stream), "the event stream was cut"
+            assert requests.post(url + "/webhook", data=d.body, headers=d.headers, timeout=15).status_code == 202
+        finally:
+            for s in (stream, headers, body):
+                s.close()
+
+
+def test_the_request_deadline_comes_from_the_environment() -> None:
+    assert connections.deadline_from({}) == connections.DEADLINE
+    assert connections.deadline_from({"RELAY_REQUEST_DEADLINE": "2.5"}) == 2.5
+    for bad in ("abc", "0", "-3", "nan", "1e9"):
+        with pytest.raises(ConfigError, match="RELAY_REQUEST_DEADLINE"):
+            connections.deadline_from({"RELAY_REQUEST_DEADLINE": bad})
+
+
+@pytest.mark.skipif(not GUNICORN.exists(), reason="gunicorn is not installed")
+def test_gunicorn_refuses_a_bad_request_deadline_with_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    e = {**os.environ, **env(tmp_path), "SYNC_TOOLS_CONFIG": str(config.path),
+         "RELAY_BIND": f"127.0.0.1:{free_port()}", "RELAY_REQUEST_DEADLINE": "soon"}
+    done = subprocess.run([str(GUNICORN), "-c", str(ROOT / "relay/gunicorn.conf.py"), "--chdir", str(ROOT),
+                           "relay.wsgi:app"], env=e, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "RELAY_REQUEST_DEADLINE='soon'" in done.stderr, done.stderr

@@ -90,7 +90,7 @@ def test_production_command_serves_from_a_workspace_outside_the_source_tree(tmp_
         finally:
             code, err = _stop(proc)
     assert code == 0, err[-2000:]
-    assert "Using worker: gevent" in err and err.count("Booting worker") == 2
+    assert "Using worker: sync_tools.relay.gevent_worker.RelayGeventWorker" in err and err.count("Booting worker") == 2
     # nothing imported requests/ssl in the master before gevent patched them; no traceback on the way out
     assert "Traceback" not in err and "MonkeyPatchWarning" not in err, err[-3000:]
 

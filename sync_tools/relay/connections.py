@@ -12,7 +12,8 @@ are never read. :class:`ConnectionTable` keeps every connection's state, and
 - SSE streams may hold at most ``limit - reserve`` of them (``503`` beyond), keeping room for
   ``/health`` and deliveries.
 
-:func:`raise_nofile` raises the soft open-files limit to what ``limit`` needs, or refuses.
+:func:`raise_nofile` raises the soft open-files limit to what ``limit`` needs, or refuses. gunicorn's
+worker (:mod:`.gevent_worker`) keeps its connections in the same table.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import resource
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,21 @@ DEADLINE = 15.0
 RESERVE = 64
 #: Descriptors the process needs besides connections (the database, logs, outgoing HTTP, builds).
 SPARE_FDS = 128
+
+
+def deadline_from(environ: Mapping[str, str]) -> float:
+    """``RELAY_REQUEST_DEADLINE`` (seconds, default DEADLINE) from *environ*; ConfigError when it is not
+    a number from 1 to 3600."""
+    raw = environ.get("RELAY_REQUEST_DEADLINE", "").strip()
+    if not raw:
+        return DEADLINE
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 1.0 <= value <= 3600.0:
+        raise ConfigError(f"RELAY_REQUEST_DEADLINE={raw!r}: expected seconds from 1 to 3600")
+    return value
 
 
 @dataclass
@@ -72,8 +88,10 @@ class ConnectionTable:
     """The open connections of one server; thread-safe."""
 
     def __init__(self, limit: int, *, deadline: float = DEADLINE, reserve: int = RESERVE,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 shutdown: Callable[[socket.socket], None] = lambda s: s.shutdown(socket.SHUT_RDWR)):
         self.limit, self.deadline, self.reserve, self.clock = limit, deadline, reserve, clock
+        self.shutdown = shutdown  # how a connection is cut: its reader or writer must see the end, not an error
         self._conns: dict[socket.socket, _Conn] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -131,7 +149,7 @@ class ConnectionTable:
     def _shut(self, sock: socket.socket) -> None:
         self.cut += 1
         try:
-            sock.shutdown(socket.SHUT_RDWR)  # its thread's read or write fails now; the thread closes it
+            self.shutdown(sock)  # its thread's read or write fails now; the thread closes it
         except OSError:
             pass
 
@@ -150,14 +168,14 @@ class ConnectionTable:
 
 
 class StreamLimit:
-    """WSGI middleware: a ``GET /events`` is marked as a stream (exempt from the deadline) or, with
-    the streams' share of the connections taken, answered 503."""
+    """WSGI middleware (werkzeug's server or gunicorn's): a ``GET /events`` is marked as a stream
+    (exempt from the deadline) or, with the streams' share of the connections taken, answered 503."""
 
     def __init__(self, app: WSGIApplication, table: ConnectionTable):
         self.app, self.table = app, table
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        sock: Any = environ.get("werkzeug.socket")
+        sock: Any = environ.get("werkzeug.socket") or environ.get("gunicorn.socket")
         if environ.get("PATH_INFO") == "/events" and sock is not None and not self.table.start_stream(sock):
             body = b'{"error": "too many event streams; try again later", "status": "error"}\n'
             start_response("503 Service Unavailable", [("Content-Type", "application/json"),

@@ -6,7 +6,10 @@ Worker model: ONE worker process running gevent. Every SSE subscriber is a long-
 gevent each is a greenlet (a few KB), so one process holds ten thousand agents, and a release event
 reaches all of them in well under a second (numbers in bench/relay/RESULTS.md). One process, because
 the outbox worker threads and the SSE broker live in it; deliveries are cheap enough that one core
-answers far more webhooks than GitHub will ever send (bench/relay/RESULTS.md).
+answers far more webhooks than GitHub will ever send (bench/relay/RESULTS.md). The worker is gunicorn's
+gevent worker with the relay's connection bounds (:mod:`sync_tools.relay.gevent_worker`): a request
+deadline (``RELAY_REQUEST_DEADLINE``, 15 s), the oldest connection cut at ``worker_connections``, and
+room kept from SSE streams.
 
 Without gevent installed (``pip install 'sync-tools[prod]'`` brings it), or with RELAY_WORKER=gthread,
 the model is gthread with a thread per connection: RELAY_THREADS (default 1100) bounds the SSE subscribers plus in-flight
@@ -26,8 +29,12 @@ def _has_gevent() -> bool:
     return True
 
 
+#: gunicorn's gevent worker with the relay's connection bounds (a request deadline, room made at the limit)
+GEVENT_WORKER = "sync_tools.relay.gevent_worker.RelayGeventWorker"
 worker_class = os.environ.get("RELAY_WORKER") or ("gevent" if _has_gevent() else "gthread")
 if worker_class == "gevent":
+    worker_class = GEVENT_WORKER
+if worker_class == GEVENT_WORKER:
     worker_connections = int(os.environ.get("RELAY_CONNECTIONS", "20000"))
 else:
     threads = int(os.environ.get("RELAY_THREADS", "1100"))
@@ -48,8 +55,19 @@ def _fit_open_files(connections: int) -> int:
         raise SystemExit(f"relay: {e}") from None
 
 
+def _check_deadline() -> None:
+    from sync_tools.errors import ConfigError
+    from sync_tools.relay.connections import deadline_from
+
+    try:
+        deadline_from(os.environ)
+    except ConfigError as e:
+        raise SystemExit(f"relay: {e}") from None
+
+
 worker_connections = _fit_open_files(worker_connections)
-if worker_class != "gevent":
+_check_deadline()
+if worker_class != GEVENT_WORKER:
     threads = min(threads, max(1, worker_connections - 100))
 bind = os.environ.get("RELAY_BIND", "127.0.0.1:9191")  # cloudflared connects here; never expose directly
 workers = int(os.environ.get("RELAY_WORKERS", "1"))
@@ -81,7 +99,10 @@ def worker_exit(server, worker):  # type: ignore[no-untyped-def]
     if app is None:  # the worker never loaded the app (its error is already on stderr): nothing to stop
         return
     from sync_tools.relay.app import get_relay
+    from sync_tools.relay.connections import StreamLimit
 
+    if isinstance(app, StreamLimit):  # the gevent worker's wrapper
+        app = app.app
     try:
         get_relay(app).stop()
     except Exception:  # noqa: BLE001 - the process is going away; unfinished jobs stay in the outbox
