@@ -27,7 +27,8 @@ def test_a_newer_version_replaces_the_pending_dispatch_and_an_older_one_is_dropp
     try:
         first = outbox.record("d1", "create", "x", [_job("v1.0.0")])
         newer = outbox.record("d2", "create", "x", [_job("v1.2.0")])
-        assert newer.jobs == first.jobs and newer.coalesced == 0  # the same job, now of v1.2.0
+        assert newer.jobs == first.jobs and newer.coalesced == 0 and newer.replaced == 1  # the same job, now v1.2.0
+        assert first.replaced == 0
         older = outbox.record("d3", "create", "x", [_job("v1.1.0")])
         assert older.jobs == () and older.coalesced == 1
         other = outbox.record("d4", "create", "x", [_job("v9.0.0", sub="arc")])  # its own slot

@@ -39,6 +39,9 @@ pytestmark = pytest.mark.skipif(not Path(sys.executable).with_name("granian").ex
                                 reason="granian is not installed (pip install 'sync-tools[prod]')")
 
 
+PIDS: dict[str, int] = {}  # ingest server URL -> its pid
+
+
 @contextlib.contextmanager
 def ingest_server(root: Path, github_api_url: str, **extra: str) -> Iterator[str]:
     """``sync-tools relay --production --ingest`` for the workspace at *root* (its relay.db); yields its URL."""
@@ -57,6 +60,7 @@ def ingest_server(root: Path, github_api_url: str, **extra: str) -> Iterator[str
             return False
 
         wait_for(up, timeout=30, what="the ingest server to serve /health")
+        PIDS[url] = proc.pid
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -239,3 +243,22 @@ def test_deployment_files_route_webhooks_to_the_ingest_server() -> None:
     assert pc["relay-ingest"]["readiness_probe"]["http_get"]["port"] == 9193
     assert pc["relay-ingest"]["environment"] == pc["relay"]["environment"]  # one database
     assert json.dumps(pc["tunnel"]["depends_on"]["relay-ingest"]) == json.dumps({"condition": "process_healthy"})
+
+
+def test_the_ingest_server_runs_below_the_relays_cpu_priority(tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    """Every thread of granian inherits nice 10 (set before the exec): a fan-out to the relay's SSE
+    agents gets the CPU first when both are busy. A bad RELAY_INGEST_NICE stops the start in one line."""
+    github_api.state.add_repo(RELEASE_REPO)
+    write_config(tmp_path)
+    base = os.nice(0)
+    with ingest_server(tmp_path, github_api.url) as ingest:
+        pid = PIDS[ingest]
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
+        nices = {int(Path(t, "stat").read_text().rsplit(")", 1)[1].split()[16]) for t in threads}
+        assert nices == {base + 10}, nices
+    e = {**os.environ, **env(tmp_path), "SYNC_TOOLS_CONFIG": str(tmp_path / "sync-tools.yaml"),
+         "RELAY_INGEST_NICE": "lots"}
+    proc = subprocess.run([sys.executable, "-m", "sync_tools", "relay", "--production", "--ingest", "--port",
+                           str(free_port())], env=e, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and "RELAY_INGEST_NICE='lots'" in proc.stderr, proc.stderr

@@ -348,9 +348,10 @@ class Relay:
                 log.info("delivery %s already recorded; not acting on it again", delivery)
             return 200, {"status": "duplicate", "delivery": delivery}, {}
         deliveries("accepted").inc()
-        self.worker.wake(lanes=[j.lane for j in jobs])
-        for ring in self.on_accepted:
-            ring()
+        if len(rec.jobs) > rec.replaced:  # new work; a job that only took a pending one's place is known
+            self.worker.wake(lanes=[j.lane for j in jobs])
+            for ring in self.on_accepted:
+                ring()
         log.info("accepted delivery %s (%s): %s", delivery, event, summary)
         return 202, {"status": "accepted", "delivery": delivery, "jobs": list(rec.jobs),
                      "coalesced": rec.coalesced}, {}

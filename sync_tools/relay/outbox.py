@@ -143,6 +143,7 @@ class Recorded:
     jobs: tuple[int, ...] = ()
     coalesced: int = 0
     digest: str | None = None  # a duplicate's: the body digest recorded the first time (None: unknown)
+    replaced: int = 0  # of ``jobs``, how many took a pending job's place (NewJob.supersedes): no new work
 
 
 @dataclass(frozen=True)
@@ -493,13 +494,14 @@ class Outbox:
         if cur.rowcount == 0:
             row = conn.execute("SELECT digest FROM deliveries WHERE delivery = ?", (it.delivery,)).fetchone()
             return Recorded(duplicate=True, digest=row[0] if row else None)
-        ids, coalesced = self._add_jobs(conn, it.jobs, it.delivery, now)
-        return Recorded(duplicate=False, jobs=tuple(ids), coalesced=coalesced)
+        ids, coalesced, replaced = self._add_jobs(conn, it.jobs, it.delivery, now)
+        return Recorded(duplicate=False, jobs=tuple(ids), coalesced=coalesced, replaced=replaced)
 
     def _add_jobs(self, conn: sqlite3.Connection, jobs: list[NewJob], delivery: str | None,
-                  now: float) -> tuple[list[int], int]:
+                  now: float) -> tuple[list[int], int, int]:
+        """Insert *jobs*; returns their ids, how many were coalesced, how many replaced a pending job."""
         ids: list[int] = []
-        coalesced = 0
+        coalesced = replaced = 0
         for job in jobs:
             if job.dedupe is not None:
                 hit = conn.execute(
@@ -520,6 +522,7 @@ class Outbox:
                         conn.execute("UPDATE jobs SET payload = ?, dedupe = ?, delivery = ?, updated = ? WHERE id = ?",
                                      (json.dumps(job.payload, sort_keys=True), job.dedupe, delivery, now, held[0]))
                         ids.append(int(held[0]))
+                        replaced += 1
                     else:
                         coalesced += 1
                     continue
@@ -529,7 +532,7 @@ class Outbox:
                 (delivery, job.kind, job.lane, job.dedupe, json.dumps(job.payload, sort_keys=True), now, now,
                  now))
             ids.append(int(cur.lastrowid or 0))
-        return ids, coalesced
+        return ids, coalesced, replaced
 
     def add_jobs(self, jobs: list[NewJob], delivery: str | None = None) -> list[int]:
         """Create jobs outside a delivery (a fan-out after a local release). Raises OutboxError."""

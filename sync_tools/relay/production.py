@@ -9,10 +9,12 @@ a supervisor's SIGTERM reaches gunicorn itself.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import NoReturn
 
 from sync_tools.config import CONFIG_ENV, Config
@@ -23,6 +25,7 @@ WSGI_APP = "sync_tools.relay.wsgi:app"
 INGEST_APP = "sync_tools.relay.ingest:build"
 DEFAULT_PORT = 9191  # not process-compose's 8080, nor the 9090 plat-telemetry's own sync service uses
 INGEST_PORT = 9193  # the ingest server beside it (9192 is `watch`)
+INGEST_NICE = 10
 HEADER_TIMEOUT_MS = 10_000  # the ingest server cuts a request whose headers take longer (GitHub sends at once)
 
 
@@ -94,6 +97,26 @@ def ingest_command(config: Config, host: str, port: int, workers: int,
             "--http1-header-read-timeout", str(HEADER_TIMEOUT_MS), INGEST_APP], env
 
 
+def lower_priority(environ: Mapping[str, str]) -> None:
+    """Run the ingest server below the relay's CPU priority (``nice`` + RELAY_INGEST_NICE, default
+    10), every thread of it (set before the exec, so granian's threads inherit it): when both are
+    busy, a release reaches the SSE agents first. A delivery has 10 s for its answer; a fan-out is a
+    second's burst, and the deliveries it holds up wait milliseconds."""
+    raw = environ.get("RELAY_INGEST_NICE", str(INGEST_NICE)).strip()
+    try:
+        step = int(raw)
+    except ValueError:
+        raise ConfigError(f"RELAY_INGEST_NICE={raw!r}: expected a whole number") from None
+    if step > 0:
+        os.nice(step)
+        if os.getsid(0) == os.getpid():
+            # with autogroup scheduling (most desktop and many server kernels) a session competes with
+            # other sessions as one group whatever its processes' nice; a session of its own gets the
+            # step through the group's own nice
+            with contextlib.suppress(OSError):
+                Path("/proc/self/autogroup").write_text(f"{step}\n")
+
+
 def run_ingest(config: Config, host: str, port: int, workers: int) -> NoReturn:
     """Check, then replace this process with granian serving the ingest server. Raises ConfigError
     when the config or the secrets are wrong, or granian is not installed."""
@@ -101,6 +124,7 @@ def run_ingest(config: Config, host: str, port: int, workers: int) -> NoReturn:
         raise ConfigError("the ingest server needs granian: pip install 'sync-tools[prod]'")
     check(config)
     argv, env = ingest_command(config, host, port, workers)
+    lower_priority(env)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
