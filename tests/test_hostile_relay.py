@@ -510,21 +510,32 @@ class _Attack:
                 s.close()
 
 
-@pytest.mark.parametrize("server", ["sync-tools relay", "sync-tools relay --production"])
+@pytest.mark.parametrize("server", [
+    "sync-tools relay", "sync-tools relay --production",
+    # measured 2026-12-06: the 20 deliveries timed out connecting. granian keeps a connection that never
+    # sends a byte (its header timeout starts at the first byte) and has no bound of its own, so at a hard
+    # limit of 1,024 the idle ones fill it; not run (it takes minutes to fail). docs/decisions.md, #20
+    pytest.param("sync-tools relay --production --ingest", marks=pytest.mark.xfail(
+        run=False, reason="granian holds idle connections that never send a byte: the ingest server has no "
+                          "bound but the open-files limit (raised to the hard limit at start)")),
+])
 def test_deliveries_get_202_through_1100_tricklers_and_1000_idle_connections_at_a_1024_limit(
         tmp_path: Path, github_api: GitHubAPIServer, server: str) -> None:  # noqa: F811
     """Before: connections were bounded only by the open-files limit and slow requests never cut: with
     1,024 descriptors, 2,100 hostile connections left no room to accept a delivery (under gunicorn, its
-    gevent pool stopped accepting once the tricklers held every slot)."""
-    production = server.endswith("--production")
-    if production and not GUNICORN.exists():
+    gevent pool stopped accepting once the tricklers held every slot). The ingest server (granian) is
+    held to the same."""
+    flags = server.split()[2:]
+    if "--production" in flags and not GUNICORN.exists():
         pytest.skip("gunicorn is not installed (pip install 'sync-tools[prod]')")
+    if "--ingest" in flags and not GUNICORN.with_name("granian").exists():
+        pytest.skip("granian is not installed (pip install 'sync-tools[prod]')")
     github_api.state.add_repo(RELEASE_REPO)
     config = write_config(tmp_path)
     port = free_port()
     e = {**os.environ, **env(tmp_path), "GITHUB_API_URL": github_api.url}
     proc = subprocess.Popen([sys.executable, "-m", "sync_tools", "relay", "--config", str(config.path), "--host",
-                             "127.0.0.1", "--port", str(port), *(["--production"] if production else [])],
+                             "127.0.0.1", "--port", str(port), *flags],
                             env=e, cwd=tmp_path, preexec_fn=_limit_1024,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -26,6 +26,7 @@ INGEST_APP = "sync_tools.relay.ingest:build"
 DEFAULT_PORT = 9191  # not process-compose's 8080, nor the 9090 plat-telemetry's own sync service uses
 INGEST_PORT = 9193  # the ingest server beside it (9192 is `watch`)
 INGEST_NICE = 10
+INGEST_CONNECTIONS = 20_000  # as the relay's gunicorn (RELAY_CONNECTIONS): the soft limit is raised toward it
 HEADER_TIMEOUT_MS = 10_000  # the ingest server cuts a request whose headers take longer (GitHub sends at once)
 
 
@@ -125,6 +126,11 @@ def run_ingest(config: Config, host: str, port: int, workers: int) -> NoReturn:
     check(config)
     argv, env = ingest_command(config, host, port, workers)
     lower_priority(env)
+    from sync_tools.relay.connections import raise_nofile
+
+    # granian keeps a connection that never sends a byte (its header timeout starts at the first byte):
+    # the open-files limit is the ingest server's only bound on idle connections, so take all of it
+    raise_nofile(INGEST_CONNECTIONS)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
