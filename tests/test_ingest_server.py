@@ -5,7 +5,6 @@ under a real server, real SQLite, the GitHub API double, an SSE subscriber, the 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -223,7 +222,9 @@ def test_the_doorbell_wakes_its_listener_and_a_ring_nobody_hears_is_no_error(tmp
         bell.close()
 
 
-def test_deployment_files_route_webhooks_to_the_ingest_server() -> None:
+def test_deployment_files_keep_the_ingest_server_optional_and_route_agents_to_the_relay() -> None:
+    """The ingest server is in relay/process-compose.yaml, disabled (enabling it is three edits the
+    file names); the tunnel sends /webhook, /notify and the agents' /report and /rollout to the relay."""
     import re
 
     import yaml
@@ -235,14 +236,17 @@ def test_deployment_files_route_webhooks_to_the_ingest_server() -> None:
     def origin(path: str) -> str:
         return next(r["service"] for r in rules if re.search(r["path"], path))
 
-    assert origin("/webhook") == origin("/webhook/nats") == "http://127.0.0.1:9193"
-    for path in ("/events", "/notify", "/report", "/rollout/nats", "/rollout/nats/" + "a" * 64):
+    for path in ("/webhook", "/webhook/nats", "/events", "/notify", "/report", "/rollout/nats",
+                 "/rollout/nats/" + "a" * 64):
         assert origin(path) == "http://127.0.0.1:9191", path
+    assert not any(re.search(r["path"], p) for r in rules for p in ("/health", "/metrics", "/fleet"))
     pc = yaml.safe_load((root / "relay/process-compose.yaml").read_text())["processes"]
-    assert pc["relay-ingest"]["command"].startswith("sync-tools relay --production --ingest")
-    assert pc["relay-ingest"]["readiness_probe"]["http_get"]["port"] == 9193
-    assert pc["relay-ingest"]["environment"] == pc["relay"]["environment"]  # one database
-    assert json.dumps(pc["tunnel"]["depends_on"]["relay-ingest"]) == json.dumps({"condition": "process_healthy"})
+    ingest = pc["relay-ingest"]
+    assert ingest["disabled"] is True and "relay-ingest" not in pc["tunnel"]["depends_on"]
+    assert ingest["command"].startswith("sync-tools relay --production --ingest")
+    assert ingest["readiness_probe"]["http_get"]["port"] == 9193
+    assert ingest["environment"] == pc["relay"]["environment"]  # one database
+    assert "9193" in (root / "relay/cloudflared.yml").read_text()  # the rule to change is named there
 
 
 def test_the_ingest_server_runs_below_the_relays_cpu_priority(tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
