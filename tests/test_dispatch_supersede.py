@@ -64,3 +64,79 @@ def test_a_burst_of_versions_dispatches_the_newest_a_second_apart(tmp_path: Path
         assert versions == sorted(set(versions)) and len(versions) < 40
         times = [r["at"] for r in github_api.requests_to("POST", "/dispatches$")]
         assert all(b - a >= 0.95 for a, b in zip(times, times[1:], strict=False)), times
+
+
+def _nightly(version: str) -> NewJob:
+    from sync_tools.relay.app import _newer_than
+
+    return NewJob("dispatch", {"subsystem": "nats", "version": version}, lane="dispatch",
+                  dedupe=f"dispatch:nats:{version}", supersedes="dispatch:nats:", newer=_newer_than(version))
+
+
+def test_tags_without_an_order_take_the_place_by_arrival_and_a_new_version_starts_its_attempts_afresh(
+        tmp_path: Path) -> None:
+    import sqlite3
+
+    outbox = Outbox(tmp_path / "relay.db")
+    try:
+        first = outbox.record("d1", "create", "x", [_nightly("nightly-20241215")])
+        with sqlite3.connect(tmp_path / "relay.db") as db:  # as after seven failed attempts
+            db.execute("UPDATE jobs SET attempts = 7, last_error = 'GitHub 502' WHERE id = ?", (first.jobs[0],))
+        latest = outbox.record("d2", "create", "x", [_nightly("latest")])
+        assert latest.jobs == first.jobs and latest.replaced == 1  # never dropped for want of an order
+        after = outbox.record("d3", "create", "x", [_nightly("v2.0.0")])
+        assert after.jobs == first.jobs and after.replaced == 1
+        (job,) = outbox.jobs("pending")
+        assert (job.payload["version"], job.attempts, job.last_error) == ("v2.0.0", 0, None)
+    finally:
+        outbox.close()
+
+
+def test_a_job_back_in_the_queue_beside_a_newer_version_is_skipped_at_its_turn(
+        tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    """v1 runs; v2 arrives and is queued (nothing was pending); v1 goes back to the queue (paced, or in
+    its backoff): two pending in one slot. v1's turn must not build v1."""
+    from sync_tools.relay.app import create_app
+    from tests.relay_support import RELEASE_REPO, settings, write_config
+
+    github_api.state.add_repo(RELEASE_REPO)
+    cfg = write_config(tmp_path)
+    relay = get_relay(create_app(cfg, settings(cfg, tmp_path, github_api_url=github_api.url, dispatch_interval=0)))
+    try:  # not started: no worker takes the jobs meanwhile
+        relay.outbox.record("d1", "create", "x", relay.jobs_for([_change("v2.11.0")]))
+        running = relay.outbox.claim()
+        assert running is not None
+        relay.outbox.record("d2", "create", "x", relay.jobs_for([_change("v2.12.0")]))
+        relay.outbox.requeue(running.id, "deferred: paced")
+        assert len(relay.outbox.jobs("pending")) == 2
+        back = relay.outbox.claim()
+        assert back is not None and back.payload["version"] == "v2.11.0"
+        assert relay._dispatch_job(back) == []  # skipped: v2.12.0 is queued
+        relay.outbox.complete(back.id)
+        assert github_api.state.dispatches == []
+        newer = relay.outbox.claim()
+        assert newer is not None and newer.payload["version"] == "v2.12.0"
+        relay._dispatch_job(newer)
+        assert [d["client_payload"]["version"] for d in github_api.state.dispatches] == ["v2.12.0"]
+    finally:
+        relay.outbox.close()
+
+
+def _change(version: str):  # type: ignore[no-untyped-def]
+    from sync_tools.relay import webhook as wh
+
+    return wh.UpstreamChange(delivery=f"d-{version}", event="create", subsystem="nats", version=version,
+                             commit=None, upstream="https://github.com/nats-io/nats-server")
+
+
+def test_a_waiter_that_cannot_be_told_does_not_stop_the_committer(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "relay.db")
+    try:
+        def closed_loop() -> None:
+            raise RuntimeError("Event loop is closed")
+
+        item = outbox.submit("d1", "create", "x", [], digest=None, notify=closed_loop)
+        assert outbox.record("d2", "create", "x", [], timeout=10).duplicate is False  # the committer lives
+        assert item.outcome().duplicate is False
+    finally:
+        outbox.close()

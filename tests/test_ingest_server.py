@@ -209,16 +209,22 @@ def test_the_doorbell_wakes_its_listener_and_a_ring_nobody_hears_is_no_error(tmp
     bell.ring()  # nobody listens yet: nothing happens, nothing raises
     listener = doorbell.Listener(tmp_path / "relay.db", rang.set)
     assert listener.start()
-    second = doorbell.Listener(tmp_path / "relay.db", rang.set)
+    heard_by_second = threading.Event()
+    second = doorbell.Listener(tmp_path / "relay.db", heard_by_second.set)
     assert not second.start()  # one listener per outbox; the other process keeps its own look
     try:
         bell.ring()
-        assert rang.wait(5)
+        assert rang.wait(5) and not heard_by_second.is_set()
         other = doorbell.Listener(tmp_path / "other.db", lambda: None)
         assert other.start() and other.address != listener.address
         other.stop()
+        listener.stop()  # as when a reload's old worker exits: the second takes the bell over
+        wait_for(lambda: second._sock is not None, timeout=10, what="the second listener to bind the bell")
+        bell.ring()
+        assert heard_by_second.wait(5)
     finally:
         listener.stop()
+        second.stop()
         bell.close()
 
 
@@ -266,3 +272,19 @@ def test_the_ingest_server_runs_below_the_relays_cpu_priority(tmp_path: Path, gi
                            str(free_port())], env=e, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and "RELAY_INGEST_NICE='lots'" in proc.stderr, proc.stderr
+
+
+def test_a_taken_port_stops_the_ingest_server_with_one_line(tmp_path: Path) -> None:
+    """granian binds with SO_REUSEPORT: without the check a second server started silently beside the
+    first and took a share of the deliveries."""
+    write_config(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        e = {**os.environ, **env(tmp_path), "SYNC_TOOLS_CONFIG": str(tmp_path / "sync-tools.yaml")}
+        proc = subprocess.run([sys.executable, "-m", "sync_tools", "relay", "--production", "--ingest", "--host",
+                               "127.0.0.1", "--port", str(port)], env=e, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr

@@ -50,7 +50,7 @@ def _status(outbox, settings=None) -> dict:  # type: ignore[no-untyped-def]
               help="Run under gunicorn + gevent with the packaged settings (pip install 'sync-tools[prod]').")
 @click.option("--ingest", is_flag=True,
               help="With --production: run the ingest server instead (POST /webhook only, on granian), beside the "
-                   "relay and on its database; route /webhook to it (docs/relay.md).")
+                   "relay and on its database; route /webhook to it (relay/README.md).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="With --production: worker processes (gunicorn's hold thousands of SSE agents each).")
 @click.option("--status", "show_status", is_flag=True, help="Print the outbox status (JSON) and exit.")
@@ -67,7 +67,7 @@ def relay(host: str, port: int, config_path: str | None, production: bool, inges
     \b
     Example:
       SYNC_TOOLS_WEBHOOK_SECRET=... GITHUB_TOKEN=... sync-tools relay --production --workers 1
-      SYNC_TOOLS_WEBHOOK_SECRET=... sync-tools relay --production --ingest   # POST /webhook, port 9193
+      sync-tools relay --production --ingest   # optional: POST /webhook on port 9193 (the relay's environment)
       sync-tools relay --status            # queue depth, dead letters
       sync-tools relay --retry-dead all    # after fixing the cause
     """

@@ -40,7 +40,7 @@ from sync_tools.relay.settings import Settings, load_settings
 from sync_tools.relay.worker import Backoff, Deferred, Worker
 from sync_tools.signing import load_public_key
 from sync_tools.stores.base import Store, open_store
-from sync_tools.versions import later
+from sync_tools.versions import later, parse_version
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -199,6 +199,15 @@ class Relay:
             log.info("dispatch of %s %s (delivery %s) skipped: %s went out after it", sub, version, job.delivery,
                      newest)
             return []
+        if ordered:
+            # a job back in the queue (paced, in backoff) while a newer version was queued beside it: the
+            # newer one goes out, this one would be a build replaced at once
+            queued = [p.get("version") for p in self.outbox.pending_in_slot(f"dispatch:{sub}:", job.id)]
+            ahead = [v for v in queued if isinstance(v, str) and later(v, str(version))]
+            if ahead:
+                log.info("dispatch of %s %s (delivery %s) skipped: %s is queued after it", sub, version,
+                         job.delivery, ahead[0])
+                return []
         self._pace()
         self.dispatcher.dispatch(job.payload)
         if ordered and (newest is None or later(version, newest)):
@@ -414,10 +423,14 @@ def get_relay(app: Flask | None = None) -> Relay:
 
 
 def _newer_than(version: str) -> Callable[[dict[str, Any]], bool]:
-    """Whether *version* is later than a pending dispatch's (a payload without one is replaced)."""
+    """Whether *version* should take a pending dispatch's place: when it is later, or when either
+    cannot be ordered (a `latest` or `nightly-*` tag; a sha left by a change of strategy), where the
+    order of arrival is the only order there is."""
     def newer(pending: dict[str, Any]) -> bool:
         held = pending.get("version")
-        return not isinstance(held, str) or later(version, held)
+        if not isinstance(held, str) or parse_version(held) is None or parse_version(version) is None:
+            return True
+        return later(version, held)
     return newer
 
 

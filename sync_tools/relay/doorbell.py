@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+RETRY = 1.0  # seconds between two tries at a bell another process holds
 
 
 def address(db_path: Path) -> bytes:
@@ -53,22 +54,42 @@ class Listener:
         self.on_ring = on_ring
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
 
     def start(self) -> bool:
-        """Bind the bell and start listening. False when another process already listens on it (a
-        second worker process of the same relay): that one wakes, and this one keeps its own look."""
+        """Bind the bell and start listening. False when another process listens on it (a second
+        worker process of the same relay, or the worker a reload replaces): that one wakes, this one
+        keeps its own look at the queue and tries the bell again every RETRY seconds, so it takes
+        over once the other is gone."""
+        self._stopped = threading.Event()
+        if self._bind():
+            return True
+        log.info("doorbell %r taken: this process finds jobs by its own look at the queue until it is free",
+                 self.address[1:].decode())
+        self._thread = threading.Thread(target=self._retry, name="relay-doorbell", daemon=True)
+        self._thread.start()
+        return False
+
+    def _bind(self) -> bool:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.bind(self.address)
-        except OSError as e:
+        except OSError:
             sock.close()
-            log.info("doorbell %r not bound (%s): this process finds jobs by its own look at the queue",
-                     self.address[1:].decode(), e)
             return False
+        if self._stopped.is_set():  # stopped while binding
+            sock.close()
+            return True
         self._sock = sock
         self._thread = threading.Thread(target=self._listen, name="relay-doorbell", daemon=True)
         self._thread.start()
         return True
+
+    def _retry(self) -> None:
+        while not self._stopped.wait(RETRY):
+            if self._bind():
+                log.info("doorbell %r bound", self.address[1:].decode())
+                return
 
     def _listen(self) -> None:
         sock = self._sock
@@ -91,6 +112,7 @@ class Listener:
                 log.exception("doorbell: waking the worker failed")
 
     def stop(self) -> None:
+        self._stopped.set()
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)

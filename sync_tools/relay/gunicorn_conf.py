@@ -75,7 +75,8 @@ preload_app = False  # the app (and its SQLite connections) is built in the work
 timeout = 60  # a silent worker is restarted; SSE streams write a heartbeat every 15 s
 graceful_timeout = 5  # SSE streams never finish on their own; agents reconnect with Last-Event-ID, and jobs
 # cut short stay in the outbox and are resumed by the next worker (at-least-once delivery)
-keepalive = 75  # longer than Cloudflare's idle keep-alive to the origin, so it never races a close
+keepalive = 75  # gunicorn's own idle limit; the worker's request deadline (15 s) cuts idle connections first,
+# so relay/cloudflared.yml keeps cloudflared's origin connections idle for at most 10 s
 backlog = 4096
 accesslog = None  # per-request lines add nothing /metrics does not have, and cost throughput
 errorlog = "-"

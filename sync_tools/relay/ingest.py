@@ -1,16 +1,16 @@
-"""The relay's ingest server: ``POST /webhook`` alone, as an ASGI application for uvicorn, beside the
-relay process that holds the SSE streams and runs the outbox worker (``sync-tools relay
---production`` starts both; docs/relay.md has the routing).
+"""The relay's optional ingest server: ``POST /webhook`` alone, as an ASGI application for granian
+(``sync-tools relay --production --ingest``), beside the relay process that holds the SSE streams and
+runs the outbox worker, on the same database (relay/README.md, "Two servers, one outbox").
 
 Why a second server: under gunicorn + gevent every request runs on one core in gunicorn's
-pure-Python HTTP parser, so the relay took a half of the verified deliveries per second Debian's
-``webhook`` does (bench/relay). Here the HTTP layer is httptools on uvloop, the webhook's checks run
-on the event loop, and the durable commit runs on the outbox's committer thread, which group-commits
-the deliveries of every waiting request and resolves them with one thread-safe call each: no thread
-per request, no thread hop for the checks. The same :meth:`Relay.prepare` and :meth:`Relay.recorded`
-decide every answer, so both servers answer a delivery alike.
+pure-Python HTTP parser, so the relay took about half the verified deliveries per second of Debian's
+``webhook`` (docs/benchmarks.md, section 2). Here the HTTP layer is granian's (Rust), the webhook's
+checks run on the event loop, and the durable commit runs on the outbox's committer thread, which
+group-commits the deliveries of every waiting request and resolves each with one thread-safe call: no
+thread per request, no thread hop for the checks. The same :meth:`Relay.prepare` and
+:meth:`Relay.recorded` decide every answer, so both servers answer a delivery alike.
 
-This process never runs jobs: after a commit it rings the outbox's doorbell
+This process never runs jobs: after a commit that made new work it rings the outbox's doorbell
 (:mod:`sync_tools.relay.doorbell`), and the relay process's worker takes the jobs at once.
 """
 
@@ -39,7 +39,9 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-COMMIT_WAIT = 8.0  # GitHub gives up after 10 s; a commit slower than this is answered 503
+COMMIT_WAIT = 8.0  # GitHub gives up after 10 s; a commit slower than this is answered 503 (the
+# delivery may still be committed: a redelivery is then answered "duplicate")
+HEALTH_WAIT = 5.0
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -66,7 +68,12 @@ class Ingest:
                 return
             await _answer(send, await self._webhook(scope, receive, path[9:] or None))
         elif path == "/health" and method in ("GET", "HEAD"):
-            problem = self.relay.outbox.problem()
+            # the probe may wait on the outbox's write lock: in a thread, never on the event loop
+            try:
+                async with asyncio.timeout(HEALTH_WAIT):
+                    problem = await asyncio.to_thread(self.relay.outbox.problem)
+            except TimeoutError:
+                problem = f"the database's write lock was not free within {HEALTH_WAIT:.0f} s"
             if problem is None:
                 await _answer(send, (200, {"status": "ok", "role": "ingest"}, {}))
             else:
@@ -127,9 +134,13 @@ class Ingest:
             if not committed.done():
                 committed.set_result(None)
 
+        def notify() -> None:  # on the committer thread
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutting down)
+                loop.call_soon_threadsafe(settle)
+
         try:
             item = self.relay.outbox.submit(step.delivery, step.event, step.summary, step.jobs, digest=step.digest,
-                                            notify=lambda: loop.call_soon_threadsafe(settle))
+                                            notify=notify)
         except OutboxError as e:
             return e
         try:

@@ -194,6 +194,12 @@ class _Pending:
         return self.result
 
 
+def _slot_range(slot: str) -> tuple[str, str]:
+    """The dedupe keys that start with *slot*, as a range an index can seek: [slot, slot with its last
+    character moved up by one)."""
+    return slot, slot[:-1] + chr(ord(slot[-1]) + 1)
+
+
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of *pid* (Linux /proc), telling a live process from a reused pid."""
     try:
@@ -475,10 +481,13 @@ class Outbox:
                 for it in items:
                     it.result, it.error = None, e
             for it in items:
-                if it.notify is not None:
-                    it.notify()
-                else:
+                if it.notify is None:
                     it.done.release()
+                    continue
+                try:
+                    it.notify()
+                except Exception:  # noqa: BLE001 - one waiter gone (its loop closed) must not stop the others
+                    log.exception("outbox: telling the waiter of delivery %s failed", it.delivery)
             if stop:
                 return
 
@@ -514,12 +523,15 @@ class Outbox:
             if job.supersedes is not None and job.newer is not None:
                 # the slot's pending job, through the partial index of pending jobs (done ones are many)
                 slot = job.supersedes
-                held = conn.execute("SELECT id, payload FROM jobs WHERE status = 'pending' AND dedupe >= ? "
-                                    "AND dedupe < ? ORDER BY id LIMIT 1",
-                                    (slot, slot[:-1] + chr(ord(slot[-1]) + 1))).fetchone()
+                held = conn.execute("SELECT id, payload FROM jobs INDEXED BY jobs_pending_dedupe WHERE status = "
+                                    "'pending' AND dedupe >= ? AND dedupe < ? ORDER BY id DESC LIMIT 1",
+                                    _slot_range(slot)).fetchone()
                 if held is not None:
                     if job.newer(json.loads(held[1])):
-                        conn.execute("UPDATE jobs SET payload = ?, dedupe = ?, delivery = ?, updated = ? WHERE id = ?",
+                        # a new version starts its own count of attempts (the wait of a backoff stays:
+                        # the remote that failed is the same)
+                        conn.execute("UPDATE jobs SET payload = ?, dedupe = ?, delivery = ?, updated = ?, attempts = 0, "
+                                     "last_error = NULL WHERE id = ?",
                                      (json.dumps(job.payload, sort_keys=True), job.dedupe, delivery, now, held[0]))
                         ids.append(int(held[0]))
                         replaced += 1
@@ -533,6 +545,13 @@ class Outbox:
                  now))
             ids.append(int(cur.lastrowid or 0))
         return ids, coalesced, replaced
+
+    def pending_in_slot(self, slot: str, exclude: int) -> list[dict[str, Any]]:
+        """The payloads of the pending jobs whose dedupe starts with *slot* (NewJob.supersedes), but *exclude*."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT payload FROM jobs INDEXED BY jobs_pending_dedupe WHERE status = 'pending' "
+                                "AND dedupe >= ? AND dedupe < ? AND id != ?", (*_slot_range(slot), exclude)).fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     def add_jobs(self, jobs: list[NewJob], delivery: str | None = None) -> list[int]:
         """Create jobs outside a delivery (a fan-out after a local release). Raises OutboxError."""

@@ -118,18 +118,34 @@ def lower_priority(environ: Mapping[str, str]) -> None:
                 Path("/proc/self/autogroup").write_text(f"{step}\n")
 
 
+def _port_free(host: str, port: int) -> None:
+    """granian binds with SO_REUSEPORT, so a second server on a taken port would start without a word
+    and share the deliveries; a plain bind first makes that a one-line error. Raises ConfigError."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {bind_address(host, port)}: {e.strerror or e} "
+                              "(another server there? --port)") from None
+
+
 def run_ingest(config: Config, host: str, port: int, workers: int) -> NoReturn:
     """Check, then replace this process with granian serving the ingest server. Raises ConfigError
     when the config or the secrets are wrong, or granian is not installed."""
     if importlib.util.find_spec("granian") is None:
         raise ConfigError("the ingest server needs granian: pip install 'sync-tools[prod]'")
     check(config)
+    _port_free(host, port)
     argv, env = ingest_command(config, host, port, workers)
     lower_priority(env)
     from sync_tools.relay.connections import raise_nofile
 
     # granian keeps a connection that never sends a byte (its header timeout starts at the first byte):
-    # the open-files limit is the ingest server's only bound on idle connections, so take all of it
+    # the open-files limit is the ingest server's only bound on idle connections, so raise it as the
+    # relay does for its own (toward INGEST_CONNECTIONS, up to the hard limit)
     raise_nofile(INGEST_CONNECTIONS)
     sys.stdout.flush()
     sys.stderr.flush()
