@@ -517,7 +517,7 @@ class _Attack:
     # limit of 1,024 the idle ones fill it; not run (it takes minutes to fail). docs/decisions.md, #20
     pytest.param("sync-tools relay --production --ingest", marks=pytest.mark.xfail(
         run=False, reason="granian holds idle connections that never send a byte: the ingest server has no "
-                          "bound but the open-files limit (raised to the hard limit at start)")),
+                          "bound but the open-files limit (raised at start, up to the hard limit)")),
 ])
 def test_deliveries_get_202_through_1100_tricklers_and_1000_idle_connections_at_a_1024_limit(
         tmp_path: Path, github_api: GitHubAPIServer, server: str) -> None:  # noqa: F811
