@@ -164,11 +164,24 @@ def test_the_ingest_server_refuses_what_the_relay_refuses(tmp_path: Path, github
             s.sendall(head + good.body[:100])
             s.shutdown(socket.SHUT_WR)
             answer = s.recv(4096)
-        assert b" 202 " not in answer.split(b"\r\n", 1)[0]
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer[:100]  # never a 202
+        # signed over the bytes sent, with a Content-Length that claims more: 400, as from the relay
+        from sync_tools.relay.webhook import sign
+        from tests.relay_support import SECRET
+
+        sent = good.body[:200]
+        lying = (f"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"X-GitHub-Event: create\r\nX-GitHub-Delivery: cut-2\r\n"
+                 f"X-Hub-Signature-256: {sign(SECRET.encode(), sent)}\r\nContent-Length: {len(sent) + 100}\r\n\r\n")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(lying.encode() + sent)
+            s.shutdown(socket.SHUT_WR)
+            answer = s.recv(4096)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer[:100]
         assert _post(ingest, delivery("create", tag_payload(tag="v2.10.33"))).status_code == 202
     with sqlite3.connect(tmp_path / "relay.db") as db:
         recorded = {row[0] for row in db.execute("SELECT delivery FROM deliveries")}
-    assert good.headers["X-GitHub-Delivery"] in recorded and "cut-1" not in recorded
+    assert good.headers["X-GitHub-Delivery"] in recorded and not {"cut-1", "cut-2"} & recorded
 
 
 def test_a_trickled_body_is_cut_at_the_deadline(tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811

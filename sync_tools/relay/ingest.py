@@ -124,6 +124,8 @@ class Ingest:
                 raise wh.TooLarge(f"body over the limit of {cap} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
+                if length is not None and size != int(length):  # cut short: the relay's servers say 400 too
+                    raise wh.UnreadableBody(f"the body ended after {size} of its {length} bytes")
                 return b"".join(chunks)
 
     async def _commit(self, step: ToRecord) -> Recorded | OutboxError:
