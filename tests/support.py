@@ -1,8 +1,12 @@
-"""Small helpers every kind of test uses: a free loopback port and waiting for a condition."""
+"""Small helpers every kind of test uses: a free loopback port, waiting for a condition, stopping a
+server's process group."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +31,18 @@ def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condit
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> bytes:
+    """SIGTERM the process group of *proc* (started with ``start_new_session=True``), SIGKILL it when it
+    has not ended within *timeout* seconds; returns what it wrote on stderr (b"" when not piped)."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=5)
+    return err or b""
 
 
 def serve_once(handler: Callable[[socket.socket], None]) -> Iterator[int]:

@@ -41,7 +41,7 @@ from tests.relay_support import (
     write_config,
 )
 from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
-from tests.support import free_port, wait_for
+from tests.support import free_port, stop_group, wait_for
 
 
 @contextlib.contextmanager
@@ -217,12 +217,7 @@ def _gunicorn(root: Path, github_api: GitHubAPIServer, **extra_env: str) -> Iter
         wait_for(up, what="gunicorn to serve /health")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        stop_group(proc)
 
 
 @pytest.fixture(params=["sync-tools relay", "gunicorn"])
@@ -564,12 +559,7 @@ def test_deliveries_get_202_through_1100_tricklers_and_1000_idle_connections_at_
     finally:
         if attack is not None:
             attack.close()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, err = proc.communicate(timeout=5)
+        err = stop_group(proc, 30)
     assert b"Traceback" not in err, err.decode()[-3000:]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -32,7 +31,7 @@ from tests.relay_support import (
     write_config,
 )
 from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
-from tests.support import free_port, wait_for
+from tests.support import free_port, stop_group, wait_for
 
 pytestmark = pytest.mark.skipif(not Path(sys.executable).with_name("granian").exists(),
                                 reason="granian is not installed (pip install 'sync-tools[prod]')")
@@ -62,12 +61,7 @@ def ingest_server(root: Path, github_api_url: str, **extra: str) -> Iterator[str
         PIDS[url] = proc.pid
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, err = proc.communicate(timeout=5)
+        err = stop_group(proc, 20)
         assert b"Traceback" not in err, err.decode()[-3000:]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from sync_tools.relay.dispatch import LocalDispatcher
 from sync_tools.relay.settings import load_settings
 from tests.relay_support import delivery, env, tag_payload, write_config
 from tests.servers.github_api import GitHubAPIServer
+from tests.support import stop_group
 from tests.workspace import make_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +39,7 @@ def _free_port() -> int:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate(timeout=5)
+    err = stop_group(proc, 30)
     return proc.returncode, err.decode(errors="replace")
 
 

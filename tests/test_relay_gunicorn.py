@@ -4,7 +4,6 @@ process-compose entry's readiness probe."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import yaml
 
 from tests.relay_support import TOKEN, delivery, env, publish, release_payload, tag_payload, write_config
 from tests.servers.github_api import GitHubAPIServer
+from tests.support import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 GUNICORN = Path(sys.executable).with_name("gunicorn")
@@ -90,11 +90,6 @@ def test_gunicorn_serves_the_relay(tmp_path: Path) -> None:
                     pass
             assert requests.get(url + "/health", timeout=5).status_code == 200
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                _, err = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                _, err = proc.communicate(timeout=5)
+            err = stop_group(proc, 30)
         assert b"Traceback" not in err, err.decode()[-2000:]
         assert b"gevent" in err  # the worker model the config chose

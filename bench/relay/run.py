@@ -196,17 +196,7 @@ def bench_ingest(tmp: Path, seconds: int) -> None:
     reqfile = requests_file(tmp)
     with process([PY, "-c", SINK, str(sink_port)], dict(os.environ), tmp, f"http://127.0.0.1:{sink_port}/"):
         # --- Debian webhook 2.8.0, same HMAC, /bin/true
-        hooks = tmp / "hooks.json"
-        hooks.write_text(json.dumps([{
-            "id": "relay", "execute-command": "/bin/true", "command-working-directory": str(tmp),
-            "trigger-rule-mismatch-http-response-code": 401,
-            "trigger-rule": {"match": {"type": "payload-hmac-sha256", "secret": SECRET,
-                                       "parameter": {"source": "header", "name": "X-Hub-Signature-256"}}},
-        }]))
-        wport = free_port()
-        wurl = f"http://127.0.0.1:{wport}"
-        with process(["webhook", "-hooks", str(hooks), "-ip", "127.0.0.1", "-port", str(wport)], dict(os.environ),
-                     tmp, wurl + "/"):
+        with webhook_peer(tmp) as wurl:
             r = wrk(wurl, reqfile, seconds=2, conns=4, path="/hooks/relay")
             assert r["non2xx"] == 0, f"webhook refused valid deliveries: {r}"
             peak_w = wrk(wurl, reqfile, seconds=seconds, conns=32, path="/hooks/relay")
@@ -299,6 +289,26 @@ asyncio.run(main())
 """
 
 
+def subscribers(port: int, url: str, n: int, out: Path) -> subprocess.Popen:
+    """*n* SSE subscribers to the relay on *port* (one asyncio client process writing each one's
+    receive time to *out*), returned once the relay at *url* counts every one of them."""
+    client = subprocess.Popen([PY, "-c", CLIENT, "127.0.0.1", str(port), str(n), TOKEN, str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None
+        if "READY" not in client.stdout.readline():
+            raise RuntimeError("subscribers did not all connect")
+        deadline = time.monotonic() + 60
+        while requests.get(url + "/health", timeout=10).json()["connected_agents"] < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the relay does not see every subscriber")
+            time.sleep(0.1)
+    except BaseException:
+        client.kill()
+        raise
+    return client
+
+
 def bench_fanout(tmp: Path, sizes: list[int]) -> None:
     sink_port = free_port()
     with process([PY, "-c", SINK, str(sink_port)], dict(os.environ), tmp, f"http://127.0.0.1:{sink_port}/"):
@@ -325,18 +335,8 @@ def bench_fanout(tmp: Path, sizes: list[int]) -> None:
                     time.sleep(0.5)
                     base = rss_kb(proc.pid)
                     out = ws / "got.json"
-                    client = subprocess.Popen([PY, "-c", CLIENT, "127.0.0.1", str(port), str(n), TOKEN, str(out)],
-                                              stdout=subprocess.PIPE, text=True)
+                    client = subscribers(port, url, n, out)
                     try:
-                        assert client.stdout is not None
-                        line = client.stdout.readline()
-                        if "READY" not in line:
-                            raise RuntimeError("subscribers did not all connect")
-                        deadline = time.monotonic() + 60
-                        while requests.get(url + "/health", timeout=10).json()["connected_agents"] < n:
-                            if time.monotonic() > deadline:
-                                raise RuntimeError("the relay does not see every subscriber")
-                            time.sleep(0.1)
                         time.sleep(0.5)
                         loaded = rss_kb(proc.pid)
                         body = json.dumps(release_payload("acme/plat-telemetry")).encode()
@@ -425,17 +425,8 @@ def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_worker
                 warm = wrk(iurl, warmfile, seconds=1, conns=4)
                 assert warm["non2xx"] == 0, f"the ingest server refused valid deliveries: {warm}"
                 out = ws / "got.json"
-                client = subprocess.Popen([PY, "-c", CLIENT, "127.0.0.1", str(port), str(n), TOKEN, str(out)],
-                                          stdout=subprocess.PIPE, text=True)
+                client = subscribers(port, url, n, out)
                 try:
-                    assert client.stdout is not None
-                    if "READY" not in client.stdout.readline():
-                        raise RuntimeError("subscribers did not all connect")
-                    deadline = time.monotonic() + 60
-                    while requests.get(url + "/health", timeout=10).json()["connected_agents"] < n:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError("the relay does not see every subscriber")
-                        time.sleep(0.1)
                     before = _count(db, "SELECT COUNT(*) FROM deliveries")
                     result: dict = {}
                     load = threading.Thread(target=lambda result=result, iurl=iurl: result.update(

@@ -61,7 +61,6 @@ class Listener:
         worker process of the same relay, or the worker a reload replaces): that one wakes, this one
         keeps its own look at the queue and tries the bell again every RETRY seconds, so it takes
         over once the other is gone."""
-        self._stopped = threading.Event()
         if self._bind():
             return True
         log.info("doorbell %r taken: this process finds jobs by its own look at the queue until it is free",

@@ -432,10 +432,10 @@ class Outbox:
         self._inbox.put(item)
         if not item.done.acquire(timeout=timeout):
             raise OutboxError(f"the outbox did not commit delivery {delivery} within {timeout:.0f} s")
-        if item.error is not None:
-            raise OutboxError(f"cannot record delivery {delivery}: {item.error}") from item.error
-        assert item.result is not None
-        return item.result
+        outcome = item.outcome()
+        if isinstance(outcome, OutboxError):
+            raise outcome
+        return outcome
 
     def submit(self, delivery: str, event: str, summary: str, jobs: list[NewJob], *, digest: str | None,
                notify: Callable[[], None]) -> _Pending:
