@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from sync_tools.agent.nats_transport import NatsSubscriber, subject_for  # noqa: E402
+from sync_tools.agent.nats_transport import LOOP_ENV, NatsSubscriber, loop_factory, subject_for  # noqa: E402
 from sync_tools.config import NatsConfig  # noqa: E402
 from tests.nats_support import DOMAIN, NatsServer  # noqa: E402
 
@@ -138,6 +138,7 @@ async def client_main(leaves: list[str], n: int, out: Path, raw: bool = False) -
 
     gc.collect()
     gc.freeze()  # the subscribers are long-lived: keep the collector from walking them at every event
+    cpu0 = os.times()
     print(f"READY {n}", flush=True)
     loop = asyncio.get_running_loop()
     stdin = asyncio.ensure_future(loop.run_in_executor(None, sys.stdin.readline))
@@ -145,7 +146,8 @@ async def client_main(leaves: list[str], n: int, out: Path, raw: bool = False) -
     while not stdin.done():
         await asyncio.wait([stdin, waiter], return_when=asyncio.FIRST_COMPLETED)
         if waiter.done() and not stdin.done():
-            print(f"DONE {len(got)}", flush=True)
+            t = os.times()  # CPU from READY to the last event: idle but for pings before the release
+            print(f"DONE {len(got)} {t.user - cpu0.user:.3f} {t.system - cpu0.system:.3f}", flush=True)
             waiter = asyncio.ensure_future(asyncio.sleep(3600))
     stop.set()
     for s in subs:
@@ -166,6 +168,7 @@ class Client:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      stderr=open(tmp / f"{name}.log", "w"))
         self.ready, self.done = threading.Event(), threading.Event()
+        self.cpu = (0.0, 0.0)  # user, system seconds from READY to DONE
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -174,6 +177,7 @@ class Client:
             if line.startswith("READY"):
                 self.ready.set()
             elif line.startswith("DONE"):
+                self.cpu = (float(line.split()[2]), float(line.split()[3]))
                 self.done.set()
 
     def rss_kb(self) -> int:
@@ -192,6 +196,12 @@ def _rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_all(events: list[threading.Event], timeout: float) -> bool:
@@ -243,10 +253,12 @@ def bench_nats(tmp: Path, n: int, leaves_n: int, catchup_n: int, raw: bool = Fal
         # the catch-up group's leaf goes away before the release and comes back after it
         if cleaf:
             cleaf.stop()
+        servers_cpu0 = sum(cpu_s(s.proc.pid) for s in [hub, *leaves])
         t0 = time.time()
         pub.publish(subject_for("latest"), json.dumps(EVENT).encode(), "latest:2:2")
         t_pub = time.time() - t0
         complete = wait_all([c.done for c in clients], 120)
+        servers_cpu = sum(cpu_s(s.proc.pid) for s in [hub, *leaves]) - servers_cpu0
         results = [c.finish() for c in clients]
         lat = [t - t0 for r in results for t in r["got"].values()]
         probe.stop()
@@ -258,7 +270,11 @@ def bench_nats(tmp: Path, n: int, leaves_n: int, catchup_n: int, raw: bool = Fal
                leaf_rss_kib_before=sum(before.values()), leaf_rss_kib_after=sum(after.values()),
                server_kib_per_subscriber=round(server_kib / n, 2), hub_rss_kib=hub.rss_kb(),
                hub_rss_kib_before=hub_before,
-               client_kib_per_subscriber=round(client_kib / n, 2), busy_at_release=load)
+               client_kib_per_subscriber=round(client_kib / n, 2),
+               # where the CPU of the fan-out went: the subscribers' processes vs the nats-servers
+               clients_cpu_s=round(sum(sum(c.cpu) for c in clients), 2),
+               clients_sys_s=round(sum(c.cpu[1] for c in clients), 2), servers_cpu_s=round(servers_cpu, 2),
+               loop=os.environ.get(LOOP_ENV) or ("uvloop" if loop_factory() else "asyncio"), busy_at_release=load)
         if catch and cleaf:
             time.sleep(2)  # the catch-up group's agents are in their backoff now
             t_back = time.time()
@@ -300,7 +316,8 @@ def bench_sse(tmp: Path, n: int) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("--client", "--raw-client"):
         leaves, n, out = sys.argv[2].split(","), int(sys.argv[3]), Path(sys.argv[4])
-        asyncio.run(client_main(leaves, n, out, raw=sys.argv[1] == "--raw-client"))
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:  # the agent's own loop (NatsSubscriber.run)
+            runner.run(client_main(leaves, n, out, raw=sys.argv[1] == "--raw-client"))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", default="10000,50000")

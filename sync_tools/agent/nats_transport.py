@@ -52,12 +52,33 @@ SUBJECT_PREFIX = "sync.release."
 STREAM_SUBJECTS = SUBJECT_PREFIX + ">"
 CREDS_ENV = "SYNC_TOOLS_NATS_CREDS"
 MSG_ID = "Nats-Msg-Id"
+LOOP_ENV = "SYNC_TOOLS_NATS_LOOP"
 NATS_CONNECT_WAIT = 5.0
 # Reconnect backoff cap. Low, because an agent's server is its own machine's (or its site's) leaf node,
 # where a connect attempt costs next to nothing, and an agent must not sit out a minute after its leaf
 # is back; the full jitter still spreads a site's agents over these seconds (bench/nats: catch-up).
 BACKOFF_MAX = 5.0  # serve: seconds to wait for the first connect before the start-up reconcile
 _TAG_RE = re.compile(r"[A-Za-z0-9_.+-]{1,128}")
+
+
+def loop_factory(name: str | None = None) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop the subscription runs in: uvloop's when it is installed (a dependency on Linux
+    and macOS), else asyncio's own (None). It spends less CPU per message on the loop and the
+    socket (docs/benchmarks.md section 5). *name* (default ``$SYNC_TOOLS_NATS_LOOP``) picks one:
+    ``uvloop``, ``asyncio`` or ``auto``; ConfigError for another name or a uvloop that is not there."""
+    name = (name if name is not None else os.environ.get(LOOP_ENV, "")).strip().lower() or "auto"
+    if name not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError(f"${LOOP_ENV} is {name!r}: 'uvloop', 'asyncio' or 'auto'")
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError as e:
+        if name == "uvloop":
+            raise ConfigError(f"${LOOP_ENV} is 'uvloop' but uvloop is not installed "
+                              "(pip install uvloop)") from e
+        return None
+    return uvloop.new_event_loop
 
 
 def subject_for(tag: str) -> str:
@@ -186,8 +207,10 @@ class NatsSubscriber:
         return self.rng.uniform(0, min(self.backoff_max, self.backoff_base * (2 ** min(failures, 30))))
 
     def run(self) -> None:
-        """Subscribe until :meth:`stop` in this thread's own event loop. Never raises."""
-        asyncio.run(self.run_async())
+        """Subscribe until :meth:`stop` in this thread's own event loop (uvloop's when installed, see
+        :func:`loop_factory`). Never raises."""
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(self.run_async())
 
     async def run_async(self) -> None:
         """Subscribe until :meth:`stop`: connect, subscribe, catch up; on any loss, back off and again."""
