@@ -17,7 +17,13 @@ import nats
 import pytest
 
 from sync_tools.agent.events import AgentEvent
-from sync_tools.agent.nats_transport import NatsSubscriber, connect_options, subject_for
+from sync_tools.agent.nats_transport import (
+    LOOP_ENV,
+    NatsSubscriber,
+    connect_options,
+    loop_factory,
+    subject_for,
+)
 from sync_tools.config import NatsConfig, load_config
 from sync_tools.errors import ConfigError, RemoteError
 from sync_tools.relay.nats_publish import NatsPublisher
@@ -251,3 +257,25 @@ def test_an_agent_that_connects_while_its_leaf_is_cut_off_asks_again_until_the_h
         assert s.sub.connects == 1  # the same connection: no reconnect was needed
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_subscription_runs_in_the_event_loop_chosen_and_a_bad_choice_is_one_clear_error(
+        tmp_path: Path, site: tuple[NatsServer, Link, NatsServer], loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub, _, leaf = site
+    monkeypatch.setenv(LOOP_ENV, loop)
+    sub = Subscribed(tmp_path, [leaf.url])
+    try:
+        assert sub.sub.connected.wait(10)
+        assert type(sub.sub._loop).__module__.split(".")[0] == loop  # what run() made, not what was asked
+        wait_for(lambda: hub.leaf_interest("sync.release.latest"), what="interest at the hub")
+        publisher(tmp_path, hub).publish(subject_for("latest"), EVENT % 3, "latest:3:1")
+        wait_for(lambda: sub.serials() == [3], what="the live event")
+    finally:
+        sub.close()
+    # uvloop is a dependency where it runs, so the default is it; a name that is no loop is refused when
+    # the subscriber is made (serve_nats: at start-up), never in its thread
+    assert loop_factory("auto") is loop_factory("uvloop") is not None and loop_factory("asyncio") is None
+    monkeypatch.setenv(LOOP_ENV, "trio")
+    with pytest.raises(ConfigError, match=r"SYNC_TOOLS_NATS_LOOP is 'trio': 'uvloop', 'asyncio' or 'auto'"):
+        NatsSubscriber(NatsConfig(servers=(leaf.url,)), "latest", lambda ev: None, options={})

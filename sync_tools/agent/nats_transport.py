@@ -168,8 +168,9 @@ class NatsSubscriber:
                  options: Mapping[str, Any], name: str | None = None, backoff_base: float = 1.0,
                  backoff_max: float = BACKOFF_MAX, connect_timeout: float = 5.0, request_timeout: float = 5.0,
                  ping_interval: float = 60.0, rng: random.Random | None = None,
-                 on_connect: Callable[[int], None] | None = None):
+                 on_connect: Callable[[int], None] | None = None, loop: str | None = None):
         self.cfg = cfg
+        self.loop_factory = loop_factory(loop)  # ConfigError here, not in run()'s thread
         self.subject = subject_for(tag)
         self.on_event = on_event
         self.on_connect = on_connect
@@ -208,8 +209,8 @@ class NatsSubscriber:
 
     def run(self) -> None:
         """Subscribe until :meth:`stop` in this thread's own event loop (uvloop's when installed, see
-        :func:`loop_factory`). Never raises."""
-        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        :func:`loop_factory`, chosen at construction). Never raises."""
+        with asyncio.Runner(loop_factory=self.loop_factory) as runner:
             runner.run(self.run_async())
 
     async def run_async(self) -> None:
@@ -367,7 +368,8 @@ def serve_nats(agent: Any, *, environ: Mapping[str, str] | None = None, listen: 
     """:func:`sync_tools.agent.runner.serve` with release events from NATS (``agent.nats``) instead of
     the relay's SSE stream; pushes to *listen* are still taken when set. Subscribes before the start-up
     reconcile (the catch-up at connect covers a release in between). Raises ConfigError when
-    ``agent.nats`` is not set or a credentials file cannot be read."""
+    ``agent.nats`` is not set, a credentials file cannot be read or ``$SYNC_TOOLS_NATS_LOOP`` names no
+    event loop that is there."""
     from .runner import serve
 
     config = agent.config
