@@ -140,3 +140,45 @@ def test_a_waiter_that_cannot_be_told_does_not_stop_the_committer(tmp_path: Path
         assert item.outcome().duplicate is False
     finally:
         outbox.close()
+
+
+def test_deliveries_that_arrive_while_another_process_writes_join_the_next_commit(tmp_path: Path) -> None:
+    """Two ingest processes on one database take turns to write (the flock of ``<db>.lock``). What a
+    process's committer receives while it waits for its turn goes into the same transaction as the
+    delivery it was waiting with: one fsync for all, as the ingest server's throughput needs."""
+    import fcntl
+    import os
+    import threading
+
+    outbox = Outbox(tmp_path / "relay.db")
+    other = os.open(f"{tmp_path / 'relay.db'}.lock", os.O_RDWR)  # the other process's turn to write
+    transactions = []
+    real_tx = outbox._tx
+
+    def counted(durable: bool = True):  # noqa: ANN202
+        transactions.append(durable)
+        return real_tx(durable)
+
+    outbox._tx = counted  # type: ignore[method-assign]
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        done: dict[str, object] = {}
+        first = threading.Thread(target=lambda: done.update(d0=outbox.record("d0", "create", "x", [_job("v1.0.0")])))
+        first.start()
+        wait_for(lambda: transactions == [True], what="the committer waiting for its turn")
+        waiting = [threading.Thread(target=lambda i=i: done.update({f"d{i}": outbox.record(
+            f"d{i}", "create", "x", [_job(f"v1.{i}.0")])})) for i in range(1, 6)]
+        for t in waiting:
+            t.start()
+        wait_for(lambda: outbox._inbox.qsize() == 5, what="five more deliveries queued")
+        fcntl.flock(other, fcntl.LOCK_UN)
+        for t in [first, *waiting]:
+            t.join(10)
+        assert transactions == [True]  # six deliveries, one durable commit
+        assert all(outbox.has_delivery(f"d{i}") for i in range(6))
+        # in the order they came: each newer version replaced the one before in the nats slot
+        assert [done[f"d{i}"].replaced for i in range(6)] == [0, 1, 1, 1, 1, 1]  # type: ignore[attr-defined]
+        assert [j.payload["version"] for j in outbox.jobs("pending")] == ["v1.5.0"]
+    finally:
+        os.close(other)
+        outbox.close()

@@ -305,6 +305,7 @@ class Outbox:
         self._inbox: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._committer: threading.Thread | None = None
         self._closed = False
+        self._stop_taken = False  # the committer took the stop sentinel (close)
         self._start_lock = threading.Lock()
         self._claim_lock = threading.Lock()
 
@@ -465,18 +466,9 @@ class Outbox:
             if first is None:
                 return
             items = [first]
-            stop = False
-            while len(items) < self._batch:
-                try:
-                    nxt = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                items.append(nxt)
+            stop = self._take_waiting(items)
             try:
-                self._write_batch(items)
+                self._write_batch(items, more=not stop)
             except BaseException as e:  # noqa: BLE001 - handed to every waiting request
                 for it in items:
                     it.result, it.error = None, e
@@ -488,11 +480,31 @@ class Outbox:
                     it.notify()
                 except Exception:  # noqa: BLE001 - one waiter gone (its loop closed) must not stop the others
                     log.exception("outbox: telling the waiter of delivery %s failed", it.delivery)
-            if stop:
+            if stop or self._stop_taken:
                 return
 
-    def _write_batch(self, items: list[_Pending]) -> None:
+    def _take_waiting(self, items: list[_Pending]) -> bool:
+        """Move what waits in the inbox into *items*, up to the batch size; returns whether the stop
+        sentinel was among it (and remembers it in ``_stop_taken``)."""
+        while len(items) < self._batch:
+            try:
+                nxt = self._inbox.get_nowait()
+            except queue.Empty:
+                return False
+            if nxt is None:
+                self._stop_taken = True
+                return True
+            items.append(nxt)
+        return False
+
+    def _write_batch(self, items: list[_Pending], *, more: bool = False) -> None:
+        """Write *items* in one durable transaction. With *more*, what reached the inbox while this
+        process waited for its turn to write joins the batch (appended to *items*): with two processes
+        on one file each waits for the other's commit, and without this each commit would carry only
+        what came before the wait."""
         with self._tx() as conn:
+            if more:
+                self._take_waiting(items)
             for it in items:
                 it.result = self._insert(conn, it)
 
