@@ -166,19 +166,26 @@ def test_deliveries_that_arrive_while_another_process_writes_join_the_next_commi
         first = threading.Thread(target=lambda: done.update(d0=outbox.record("d0", "create", "x", [_job("v1.0.0")])))
         first.start()
         wait_for(lambda: transactions == [True], what="the committer waiting for its turn")
-        waiting = [threading.Thread(target=lambda i=i: done.update({f"d{i}": outbox.record(
-            f"d{i}", "create", "x", [_job(f"v1.{i}.0")])})) for i in range(1, 6)]
-        for t in waiting:
-            t.start()
-        wait_for(lambda: outbox._inbox.qsize() == 5, what="five more deliveries queued")
+        # in this order, into the inbox while the committer waits: newer, newer, older, the same again,
+        # another subsystem's
+        notified = threading.Semaphore(0)
+        versions = [("v1.1.0", "nats"), ("v1.3.0", "nats"), ("v1.2.0", "nats"), ("v1.3.0", "nats"), ("v9.0.0", "arc")]
+        waiting = [outbox.submit(f"d{i}", "create", "x", [_job(v, sub)], digest=None, notify=notified.release)
+                   for i, (v, sub) in enumerate(versions, 1)]
+        assert outbox._inbox.qsize() == 5
         fcntl.flock(other, fcntl.LOCK_UN)
-        for t in [first, *waiting]:
-            t.join(10)
+        first.join(10)
+        for _ in waiting:
+            assert notified.acquire(timeout=10)
         assert transactions == [True]  # six deliveries, one durable commit
         assert all(outbox.has_delivery(f"d{i}") for i in range(6))
-        # in the order they came: each newer version replaced the one before in the nats slot
-        assert [done[f"d{i}"].replaced for i in range(6)] == [0, 1, 1, 1, 1, 1]  # type: ignore[attr-defined]
-        assert [j.payload["version"] for j in outbox.jobs("pending")] == ["v1.5.0"]
+        # the same answers as one commit each: the slot is read once and written once, in between it
+        # is what the deliveries before made it
+        got = [done["d0"], *(w.outcome() for w in waiting)]
+        assert [(r.replaced, r.coalesced) for r in got] == [(0, 0), (1, 0), (1, 0), (0, 1), (0, 1), (0, 0)]
+        assert got[0].jobs == got[1].jobs == got[2].jobs and got[3].jobs == got[4].jobs == ()
+        pending = {j.payload["subsystem"]: (j.payload["version"], j.delivery) for j in outbox.jobs("pending")}
+        assert pending == {"nats": ("v1.3.0", "d2"), "arc": ("v9.0.0", "d5")}
     finally:
         os.close(other)
         outbox.close()

@@ -194,6 +194,29 @@ class _Pending:
         return self.result
 
 
+@dataclass
+class _Slot:
+    """A supersede slot's pending job as one transaction has made it so far (``Outbox._add_jobs``)."""
+
+    id: int
+    payload: dict[str, Any]
+    dedupe: str | None = None
+    delivery: str | None = None
+    updated: float = 0.0
+    changed: bool = False
+
+
+def _write_slots(conn: sqlite3.Connection, slots: dict[str, _Slot]) -> None:
+    """Write back the slots whose pending job a newer version replaced: one UPDATE per slot, however
+    many versions of it the transaction saw (a burst of tags in one group commit)."""
+    for kept in slots.values():
+        if kept.changed:
+            conn.execute("UPDATE jobs SET payload = ?, dedupe = ?, delivery = ?, updated = ?, attempts = 0, "
+                         "last_error = NULL WHERE id = ?",
+                         (json.dumps(kept.payload, sort_keys=True), kept.dedupe, kept.delivery, kept.updated, kept.id))
+            kept.changed = False
+
+
 def _slot_range(slot: str) -> tuple[str, str]:
     """The dedupe keys that start with *slot*, as a range an index can seek: [slot, slot with its last
     character moved up by one)."""
@@ -505,22 +528,30 @@ class Outbox:
         with self._tx() as conn:
             if more:
                 self._take_waiting(items)
+            slots: dict[str, _Slot] = {}
             for it in items:
-                it.result = self._insert(conn, it)
+                it.result = self._insert(conn, it, slots)
+            _write_slots(conn, slots)
 
-    def _insert(self, conn: sqlite3.Connection, it: _Pending) -> Recorded:
+    def _insert(self, conn: sqlite3.Connection, it: _Pending, slots: dict[str, _Slot]) -> Recorded:
         now = self.now()
         cur = conn.execute("INSERT OR IGNORE INTO deliveries (delivery, event, received, summary, digest) "
                            "VALUES (?, ?, ?, ?, ?)", (it.delivery, it.event, now, it.summary, it.digest))
         if cur.rowcount == 0:
             row = conn.execute("SELECT digest FROM deliveries WHERE delivery = ?", (it.delivery,)).fetchone()
             return Recorded(duplicate=True, digest=row[0] if row else None)
-        ids, coalesced, replaced = self._add_jobs(conn, it.jobs, it.delivery, now)
+        ids, coalesced, replaced = self._add_jobs(conn, it.jobs, it.delivery, now, slots)
         return Recorded(duplicate=False, jobs=tuple(ids), coalesced=coalesced, replaced=replaced)
 
     def _add_jobs(self, conn: sqlite3.Connection, jobs: list[NewJob], delivery: str | None,
-                  now: float) -> tuple[list[int], int, int]:
-        """Insert *jobs*; returns their ids, how many were coalesced, how many replaced a pending job."""
+                  now: float, slots: dict[str, _Slot] | None = None) -> tuple[list[int], int, int]:
+        """Insert *jobs*; returns their ids, how many were coalesced, how many replaced a pending job.
+
+        *slots*: the supersede slots this transaction has read, by slot, when the caller writes them
+        back itself (:func:`_write_slots`, as a group commit does once for all its deliveries); without
+        it they are written before this returns."""
+        own = slots is None
+        slots = {} if slots is None else slots
         ids: list[int] = []
         coalesced = replaced = 0
         for job in jobs:
@@ -532,30 +563,38 @@ class Outbox:
                 if hit is not None:
                     coalesced += 1
                     continue
-            if job.supersedes is not None and job.newer is not None:
-                # the slot's pending job, through the partial index of pending jobs (done ones are many)
-                slot = job.supersedes
+            slot = job.supersedes if job.newer is not None else None
+            if slot is not None and slot not in slots:
+                # the slot's pending job, through the partial index of pending jobs (done ones are many);
+                # read once per transaction, then kept in *slots* as this transaction changes it
                 held = conn.execute("SELECT id, payload FROM jobs INDEXED BY jobs_pending_dedupe WHERE status = "
                                     "'pending' AND dedupe >= ? AND dedupe < ? ORDER BY id DESC LIMIT 1",
                                     _slot_range(slot)).fetchone()
                 if held is not None:
-                    if job.newer(json.loads(held[1])):
-                        # a new version starts its own count of attempts (the wait of a backoff stays:
-                        # the remote that failed is the same)
-                        conn.execute("UPDATE jobs SET payload = ?, dedupe = ?, delivery = ?, updated = ?, attempts = 0, "
-                                     "last_error = NULL WHERE id = ?",
-                                     (json.dumps(job.payload, sort_keys=True), job.dedupe, delivery, now, held[0]))
-                        ids.append(int(held[0]))
-                        replaced += 1
-                    else:
-                        coalesced += 1
-                    continue
+                    slots[slot] = _Slot(int(held[0]), json.loads(held[1]))
+            if slot is not None and slot in slots:
+                assert job.newer is not None
+                kept = slots[slot]
+                if job.newer(kept.payload):
+                    # a new version starts its own count of attempts (the wait of a backoff stays: the
+                    # remote that failed is the same); written back by _write_slots
+                    kept.payload, kept.dedupe, kept.delivery, kept.updated = job.payload, job.dedupe, delivery, now
+                    kept.changed = True
+                    ids.append(kept.id)
+                    replaced += 1
+                else:
+                    coalesced += 1
+                continue
             cur = conn.execute(
                 "INSERT INTO jobs (delivery, kind, lane, dedupe, payload, status, attempts, next_attempt, "
                 "created, updated) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
                 (delivery, job.kind, job.lane, job.dedupe, json.dumps(job.payload, sort_keys=True), now, now,
                  now))
             ids.append(int(cur.lastrowid or 0))
+            if slot is not None:
+                slots[slot] = _Slot(ids[-1], job.payload)
+        if own:
+            _write_slots(conn, slots)
         return ids, coalesced, replaced
 
     def pending_in_slot(self, slot: str, exclude: int) -> list[dict[str, Any]]:
