@@ -4,12 +4,15 @@ outbox on real SQLite, the relay under a real server, the GitHub API double."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from pathlib import Path
 
 import requests
 
 from sync_tools.relay.app import get_relay
-from sync_tools.relay.outbox import NewJob, Outbox
+from sync_tools.relay.outbox import NewJob, Outbox, Recorded
 from sync_tools.versions import later
 from tests.relay_support import delivery, running_relay, tag_payload
 from tests.servers.github_api import GitHubAPIServer, github_api  # noqa: F401
@@ -142,16 +145,10 @@ def test_a_waiter_that_cannot_be_told_does_not_stop_the_committer(tmp_path: Path
         outbox.close()
 
 
-def test_deliveries_that_arrive_while_another_process_writes_join_the_next_commit(tmp_path: Path) -> None:
-    """Two ingest processes on one database take turns to write (the flock of ``<db>.lock``). What a
-    process's committer receives while it waits for its turn goes into the same transaction as the
-    delivery it was waiting with: one fsync for all, as the ingest server's throughput needs."""
-    import fcntl
-    import os
-    import threading
-
-    outbox = Outbox(tmp_path / "relay.db")
-    other = os.open(f"{tmp_path / 'relay.db'}.lock", os.O_RDWR)  # the other process's turn to write
+def _one_commit(outbox: Outbox, jobs: list[tuple[str, NewJob]]) -> list[Recorded]:
+    """Hand *jobs* (delivery id, job) to the committer while another process holds the turn to write
+    (the flock of ``<db>.lock``, as a second ingest process would); returns the answers, checking
+    they came from one durable transaction."""
     transactions = []
     real_tx = outbox._tx
 
@@ -159,33 +156,56 @@ def test_deliveries_that_arrive_while_another_process_writes_join_the_next_commi
         transactions.append(durable)
         return real_tx(durable)
 
+    other = os.open(f"{outbox.path}.lock", os.O_RDWR)
     outbox._tx = counted  # type: ignore[method-assign]
     try:
         fcntl.flock(other, fcntl.LOCK_EX)
-        done: dict[str, object] = {}
-        first = threading.Thread(target=lambda: done.update(d0=outbox.record("d0", "create", "x", [_job("v1.0.0")])))
-        first.start()
-        wait_for(lambda: transactions == [True], what="the committer waiting for its turn")
-        # in this order, into the inbox while the committer waits: newer, newer, older, the same again,
-        # another subsystem's
         notified = threading.Semaphore(0)
-        versions = [("v1.1.0", "nats"), ("v1.3.0", "nats"), ("v1.2.0", "nats"), ("v1.3.0", "nats"), ("v9.0.0", "arc")]
-        waiting = [outbox.submit(f"d{i}", "create", "x", [_job(v, sub)], digest=None, notify=notified.release)
-                   for i, (v, sub) in enumerate(versions, 1)]
-        assert outbox._inbox.qsize() == 5
+        waiting = [outbox.submit(jobs[0][0], "create", "x", [jobs[0][1]], digest=None, notify=notified.release)]
+        # the committer took the first and waits for its turn: the rest come while it waits
+        wait_for(lambda: transactions == [True], what="the committer waiting for its turn to write")
+        waiting += [outbox.submit(d, "create", "x", [job], digest=None, notify=notified.release) for d, job in jobs[1:]]
         fcntl.flock(other, fcntl.LOCK_UN)
-        first.join(10)
         for _ in waiting:
             assert notified.acquire(timeout=10)
-        assert transactions == [True]  # six deliveries, one durable commit
+    finally:
+        del outbox._tx
+        os.close(other)
+    assert transactions == [True]  # all of them, one durable commit
+    answers = [w.outcome() for w in waiting]
+    assert all(isinstance(a, Recorded) for a in answers)
+    return answers  # type: ignore[return-value]
+
+
+def test_deliveries_that_arrive_while_another_process_writes_join_the_next_commit(tmp_path: Path) -> None:
+    """Two ingest processes on one database take turns to write. What a process's committer
+    receives while it waits for its turn goes into the same transaction: one fsync for all, as the
+    ingest server's throughput needs. The answers are those of one commit per delivery, in order."""
+    outbox = Outbox(tmp_path / "relay.db")
+    try:
+        first = outbox.record("d0", "create", "x", [_job("v1.0.0")])
+        # newer, newer, older, the same again, another subsystem's, a delivery id seen before
+        got = _one_commit(outbox, [("d1", _job("v1.1.0")), ("d2", _job("v1.3.0")), ("d3", _job("v1.2.0")),
+                                   ("d4", _job("v1.3.0")), ("d5", _job("v9.0.0", sub="arc")),
+                                   ("d1", _job("v1.4.0")), ("d0", _job("v1.5.0"))])
+        assert [(r.duplicate, r.replaced, r.coalesced) for r in got] == [
+            (False, 1, 0), (False, 1, 0), (False, 0, 1), (False, 0, 1), (False, 0, 0), (True, 0, 0), (True, 0, 0)]
+        assert got[0].jobs == got[1].jobs == first.jobs and got[2].jobs == got[3].jobs == ()
         assert all(outbox.has_delivery(f"d{i}") for i in range(6))
-        # the same answers as one commit each: the slot is read once and written once, in between it
-        # is what the deliveries before made it
-        got = [done["d0"], *(w.outcome() for w in waiting)]
-        assert [(r.replaced, r.coalesced) for r in got] == [(0, 0), (1, 0), (1, 0), (0, 1), (0, 1), (0, 0)]
-        assert got[0].jobs == got[1].jobs == got[2].jobs and got[3].jobs == got[4].jobs == ()
         pending = {j.payload["subsystem"]: (j.payload["version"], j.delivery) for j in outbox.jobs("pending")}
         assert pending == {"nats": ("v1.3.0", "d2"), "arc": ("v9.0.0", "d5")}
+
+        # tags with no order take the slot by arrival; a tag the batch moved the slot away from is
+        # not covered any more, and comes back; the one after it is
+        def nightly(tag: str) -> NewJob:  # as the relay's _newer_than for a tag it cannot order
+            return NewJob("dispatch", {"subsystem": "lb", "version": tag}, lane="dispatch",
+                          dedupe=f"dispatch:lb:{tag}", supersedes="dispatch:lb:", newer=lambda held: True)
+
+        outbox.record("n0", "create", "x", [nightly("nightly-1")])
+        got = _one_commit(outbox, [("n1", nightly("nightly-2")), ("n2", nightly("nightly-1")),
+                                   ("n3", nightly("nightly-1"))])
+        assert [(r.replaced, r.coalesced) for r in got] == [(1, 0), (1, 0), (0, 1)]
+        lb = [j for j in outbox.jobs("pending") if j.payload["subsystem"] == "lb"]
+        assert [(j.payload["version"], j.delivery) for j in lb] == [("nightly-1", "n2")]
     finally:
-        os.close(other)
         outbox.close()

@@ -206,6 +206,41 @@ class _Slot:
     changed: bool = False
 
 
+#: rows per multi-row statement: far below SQLite's 32,766 bound variables (999 before SQLite 3.32)
+_CHUNK = 100
+
+
+def _insert_deliveries(conn: sqlite3.Connection, items: list[_Pending], now: float) -> list[bool]:
+    """Insert the deliveries of *items*, a known id ignored; returns, per item, whether it was new
+    (an id twice in *items*: the first is)."""
+    inserted: set[str] = set()
+    for i in range(0, len(items), _CHUNK):
+        chunk = items[i:i + _CHUNK]
+        rows = conn.execute("INSERT OR IGNORE INTO deliveries (delivery, event, received, summary, digest) VALUES "
+                            + ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)) + " RETURNING delivery",
+                            [v for it in chunk for v in (it.delivery, it.event, now, it.summary, it.digest)])
+        inserted.update(r[0] for r in rows)
+    fresh = []
+    for it in items:
+        fresh.append(it.delivery in inserted)
+        inserted.discard(it.delivery)
+    return fresh
+
+
+def _covering(conn: sqlite3.Connection, keys: list[str | None], now: float) -> dict[str, set[int]]:
+    """By dedupe key of *keys*, the jobs that cover it: pending or running, or done within
+    COALESCE_WINDOW (a second delivery of the same subsystem and version is not dispatched again)."""
+    wanted = list(dict.fromkeys(k for k in keys if k is not None))
+    cover: dict[str, set[int]] = {}
+    for i in range(0, len(wanted), _CHUNK):
+        chunk = wanted[i:i + _CHUNK]
+        for key, job in conn.execute(f"SELECT dedupe, id FROM jobs WHERE dedupe IN ({', '.join('?' * len(chunk))}) "
+                                     "AND (status IN ('pending', 'running') OR (status = 'done' AND updated >= ?))",
+                                     (*chunk, now - COALESCE_WINDOW)):
+            cover.setdefault(key, set()).add(int(job))
+    return cover
+
+
 def _write_slots(conn: sqlite3.Connection, slots: dict[str, _Slot]) -> None:
     """Write back the slots whose pending job a newer version replaced: one UPDATE per slot, however
     many versions of it the transaction saw (a burst of tags in one group commit)."""
@@ -524,62 +559,69 @@ class Outbox:
         """Write *items* in one durable transaction. With *more*, what reached the inbox while this
         process waited for its turn to write joins the batch (appended to *items*): with two processes
         on one file each waits for the other's commit, and without this each commit would carry only
-        what came before the wait."""
+        what came before the wait.
+
+        The answers are those of one transaction per delivery, in order, but the statements are few:
+        the deliveries go in with one INSERT, the jobs that cover their dedupe keys are read with one
+        SELECT, and each supersede slot is read once and written once. The lock this holds is the one
+        the other ingest process waits for."""
         with self._tx() as conn:
             if more:
                 self._take_waiting(items)
+            now = self.now()
+            fresh = _insert_deliveries(conn, items, now)
+            cover = _covering(conn, [j.dedupe for it, new in zip(items, fresh, strict=True) if new for j in it.jobs],
+                              now)
             slots: dict[str, _Slot] = {}
-            for it in items:
-                it.result = self._insert(conn, it, slots)
+            for it, new in zip(items, fresh, strict=True):
+                if not new:
+                    row = conn.execute("SELECT digest FROM deliveries WHERE delivery = ?", (it.delivery,)).fetchone()
+                    it.result = Recorded(duplicate=True, digest=row[0] if row else None)
+                    continue
+                ids, coalesced, replaced = self._add_jobs(conn, it.jobs, it.delivery, now, slots, cover)
+                it.result = Recorded(duplicate=False, jobs=tuple(ids), coalesced=coalesced, replaced=replaced)
             _write_slots(conn, slots)
 
-    def _insert(self, conn: sqlite3.Connection, it: _Pending, slots: dict[str, _Slot]) -> Recorded:
-        now = self.now()
-        cur = conn.execute("INSERT OR IGNORE INTO deliveries (delivery, event, received, summary, digest) "
-                           "VALUES (?, ?, ?, ?, ?)", (it.delivery, it.event, now, it.summary, it.digest))
-        if cur.rowcount == 0:
-            row = conn.execute("SELECT digest FROM deliveries WHERE delivery = ?", (it.delivery,)).fetchone()
-            return Recorded(duplicate=True, digest=row[0] if row else None)
-        ids, coalesced, replaced = self._add_jobs(conn, it.jobs, it.delivery, now, slots)
-        return Recorded(duplicate=False, jobs=tuple(ids), coalesced=coalesced, replaced=replaced)
-
-    def _add_jobs(self, conn: sqlite3.Connection, jobs: list[NewJob], delivery: str | None,
-                  now: float, slots: dict[str, _Slot] | None = None) -> tuple[list[int], int, int]:
+    def _add_jobs(self, conn: sqlite3.Connection, jobs: list[NewJob], delivery: str | None, now: float,
+                  slots: dict[str, _Slot] | None = None,
+                  cover: dict[str, set[int]] | None = None) -> tuple[list[int], int, int]:
         """Insert *jobs*; returns their ids, how many were coalesced, how many replaced a pending job.
 
-        *slots*: the supersede slots this transaction has read, by slot, when the caller writes them
-        back itself (:func:`_write_slots`, as a group commit does once for all its deliveries); without
-        it they are written before this returns."""
+        A group commit passes what it keeps for the whole transaction (:meth:`_write_batch`): *slots*,
+        the supersede slots read so far, written back by the caller (:func:`_write_slots`), and
+        *cover*, by dedupe key, the jobs that cover it now (:func:`_covering`), kept current here as
+        jobs are added and slots change. Without them both are made for *jobs* and the slots are
+        written before this returns."""
         own = slots is None
         slots = {} if slots is None else slots
+        cover = _covering(conn, [j.dedupe for j in jobs], now) if cover is None else cover
         ids: list[int] = []
         coalesced = replaced = 0
         for job in jobs:
-            if job.dedupe is not None:
-                hit = conn.execute(
-                    "SELECT id FROM jobs WHERE dedupe = ? AND (status IN ('pending', 'running') "
-                    "OR (status = 'done' AND updated >= ?)) LIMIT 1",
-                    (job.dedupe, now - COALESCE_WINDOW)).fetchone()
-                if hit is not None:
-                    coalesced += 1
-                    continue
+            if job.dedupe is not None and cover.get(job.dedupe):
+                coalesced += 1
+                continue
             slot = job.supersedes if job.newer is not None else None
             if slot is not None and slot not in slots:
                 # the slot's pending job, through the partial index of pending jobs (done ones are many);
                 # read once per transaction, then kept in *slots* as this transaction changes it
-                held = conn.execute("SELECT id, payload FROM jobs INDEXED BY jobs_pending_dedupe WHERE status = "
-                                    "'pending' AND dedupe >= ? AND dedupe < ? ORDER BY id DESC LIMIT 1",
+                held = conn.execute("SELECT id, payload, dedupe FROM jobs INDEXED BY jobs_pending_dedupe WHERE "
+                                    "status = 'pending' AND dedupe >= ? AND dedupe < ? ORDER BY id DESC LIMIT 1",
                                     _slot_range(slot)).fetchone()
                 if held is not None:
-                    slots[slot] = _Slot(int(held[0]), json.loads(held[1]))
+                    slots[slot] = _Slot(int(held[0]), json.loads(held[1]), held[2])
             if slot is not None and slot in slots:
                 assert job.newer is not None
                 kept = slots[slot]
                 if job.newer(kept.payload):
                     # a new version starts its own count of attempts (the wait of a backoff stays: the
                     # remote that failed is the same); written back by _write_slots
+                    if kept.dedupe is not None:
+                        cover.get(kept.dedupe, set()).discard(kept.id)
                     kept.payload, kept.dedupe, kept.delivery, kept.updated = job.payload, job.dedupe, delivery, now
                     kept.changed = True
+                    if job.dedupe is not None:
+                        cover.setdefault(job.dedupe, set()).add(kept.id)
                     ids.append(kept.id)
                     replaced += 1
                 else:
@@ -591,8 +633,10 @@ class Outbox:
                 (delivery, job.kind, job.lane, job.dedupe, json.dumps(job.payload, sort_keys=True), now, now,
                  now))
             ids.append(int(cur.lastrowid or 0))
+            if job.dedupe is not None:
+                cover.setdefault(job.dedupe, set()).add(ids[-1])
             if slot is not None:
-                slots[slot] = _Slot(ids[-1], job.payload)
+                slots[slot] = _Slot(ids[-1], job.payload, job.dedupe)
         if own:
             _write_slots(conn, slots)
         return ids, coalesced, replaced
