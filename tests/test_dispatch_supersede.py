@@ -9,6 +9,7 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
 import requests
 
 from sync_tools.relay.app import get_relay
@@ -209,3 +210,14 @@ def test_deliveries_that_arrive_while_another_process_writes_join_the_next_commi
         assert [(j.payload["version"], j.delivery) for j in lb] == [("nightly-1", "n2")]
     finally:
         outbox.close()
+
+
+def test_a_job_that_supersedes_needs_newer_and_a_key_of_its_own_under_the_slot() -> None:
+    """A group commit keeps a slot's pending job for its whole transaction, which is only right when
+    the slot's key range holds the slot's own jobs: a job that breaks that is refused when made."""
+    with pytest.raises(ValueError, match="needs newer"):
+        NewJob("dispatch", {}, dedupe="dispatch:nats:v1", supersedes="dispatch:nats:")
+    for key in (None, "dispatch:arc:v1", "dispatch:nats:"):
+        with pytest.raises(ValueError, match="a dedupe key under it"):
+            NewJob("dispatch", {}, dedupe=key, supersedes="dispatch:nats:", newer=lambda held: True)
+    assert _job("v1.0.0").supersedes == "dispatch:nats:"

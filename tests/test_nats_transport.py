@@ -263,6 +263,7 @@ def test_an_agent_that_connects_while_its_leaf_is_cut_off_asks_again_until_the_h
 def test_the_subscription_runs_in_the_event_loop_chosen_and_a_bad_choice_is_one_clear_error(
         tmp_path: Path, site: tuple[NatsServer, Link, NatsServer], loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
     hub, _, leaf = site
+    pytest.importorskip(loop)  # uvloop is a dependency except on Windows
     monkeypatch.setenv(LOOP_ENV, loop)
     sub = Subscribed(tmp_path, [leaf.url])
     try:

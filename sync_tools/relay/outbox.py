@@ -119,6 +119,17 @@ class NewJob:
     supersedes: str | None = None
     newer: Callable[[dict[str, Any]], bool] | None = field(default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        # a group commit keeps each slot's pending job for the whole transaction (Outbox._write_batch):
+        # that is only the job a query would find when every job in a slot's key range is a job of the
+        # slot, with a key of its own, and no slot's range holds another's (the relay's slots are
+        # "dispatch:<subsystem>:", and a subsystem's name has no colon)
+        if self.supersedes is not None and (self.newer is None or self.dedupe is None
+                                            or not self.dedupe.startswith(self.supersedes)
+                                            or self.dedupe == self.supersedes):
+            raise ValueError(f"a job that supersedes {self.supersedes!r} needs newer() and a dedupe key under it "
+                             f"(got {self.dedupe!r})")
+
 
 @dataclass(frozen=True)
 class Job:
@@ -199,10 +210,11 @@ class _Slot:
     """A supersede slot's pending job as one transaction has made it so far (``Outbox._add_jobs``)."""
 
     id: int
-    payload: dict[str, Any]
+    payload: dict[str, Any]  # as a read of the row gives it: the JSON text's, not the caller's object
     dedupe: str | None = None
     delivery: str | None = None
     updated: float = 0.0
+    text: str = ""  # the payload's JSON, to write back
     changed: bool = False
 
 
@@ -218,12 +230,12 @@ def _insert_deliveries(conn: sqlite3.Connection, items: list[_Pending], now: flo
         chunk = items[i:i + _CHUNK]
         rows = conn.execute("INSERT OR IGNORE INTO deliveries (delivery, event, received, summary, digest) VALUES "
                             + ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)) + " RETURNING delivery",
-                            [v for it in chunk for v in (it.delivery, it.event, now, it.summary, it.digest)])
+                            [v for it in chunk for v in (str(it.delivery), it.event, now, it.summary, it.digest)])
         inserted.update(r[0] for r in rows)
     fresh = []
-    for it in items:
-        fresh.append(it.delivery in inserted)
-        inserted.discard(it.delivery)
+    for it in items:  # RETURNING gives the id as stored: text
+        fresh.append(str(it.delivery) in inserted)
+        inserted.discard(str(it.delivery))
     return fresh
 
 
@@ -247,8 +259,7 @@ def _write_slots(conn: sqlite3.Connection, slots: dict[str, _Slot]) -> None:
     for kept in slots.values():
         if kept.changed:
             conn.execute("UPDATE jobs SET payload = ?, dedupe = ?, delivery = ?, updated = ?, attempts = 0, "
-                         "last_error = NULL WHERE id = ?",
-                         (json.dumps(kept.payload, sort_keys=True), kept.dedupe, kept.delivery, kept.updated, kept.id))
+                         "last_error = NULL WHERE id = ?", (kept.text, kept.dedupe, kept.delivery, kept.updated, kept.id))
             kept.changed = False
 
 
@@ -609,7 +620,7 @@ class Outbox:
                                     "status = 'pending' AND dedupe >= ? AND dedupe < ? ORDER BY id DESC LIMIT 1",
                                     _slot_range(slot)).fetchone()
                 if held is not None:
-                    slots[slot] = _Slot(int(held[0]), json.loads(held[1]), held[2])
+                    slots[slot] = _Slot(int(held[0]), json.loads(held[1]), held[2], text=held[1])
             if slot is not None and slot in slots:
                 assert job.newer is not None
                 kept = slots[slot]
@@ -618,7 +629,8 @@ class Outbox:
                     # remote that failed is the same); written back by _write_slots
                     if kept.dedupe is not None:
                         cover.get(kept.dedupe, set()).discard(kept.id)
-                    kept.payload, kept.dedupe, kept.delivery, kept.updated = job.payload, job.dedupe, delivery, now
+                    kept.text = json.dumps(job.payload, sort_keys=True)
+                    kept.payload, kept.dedupe, kept.delivery, kept.updated = json.loads(kept.text), job.dedupe, delivery, now
                     kept.changed = True
                     if job.dedupe is not None:
                         cover.setdefault(job.dedupe, set()).add(kept.id)
@@ -627,16 +639,16 @@ class Outbox:
                 else:
                     coalesced += 1
                 continue
+            text = json.dumps(job.payload, sort_keys=True)
             cur = conn.execute(
                 "INSERT INTO jobs (delivery, kind, lane, dedupe, payload, status, attempts, next_attempt, "
                 "created, updated) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
-                (delivery, job.kind, job.lane, job.dedupe, json.dumps(job.payload, sort_keys=True), now, now,
-                 now))
+                (delivery, job.kind, job.lane, job.dedupe, text, now, now, now))
             ids.append(int(cur.lastrowid or 0))
             if job.dedupe is not None:
                 cover.setdefault(job.dedupe, set()).add(ids[-1])
             if slot is not None:
-                slots[slot] = _Slot(ids[-1], job.payload, job.dedupe)
+                slots[slot] = _Slot(ids[-1], json.loads(text), job.dedupe, text=text)
         if own:
             _write_slots(conn, slots)
         return ids, coalesced, replaced
