@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from sync_tools.agent.nats_transport import LOOP_ENV, NatsSubscriber, loop_factory, subject_for  # noqa: E402
+from sync_tools.agent.nats_transport import NatsSubscriber, loop_factory, subject_for  # noqa: E402
 from sync_tools.config import NatsConfig  # noqa: E402
 from tests.nats_support import DOMAIN, NatsServer  # noqa: E402
 
@@ -177,7 +177,8 @@ class Client:
             if line.startswith("READY"):
                 self.ready.set()
             elif line.startswith("DONE"):
-                self.cpu = (float(line.split()[2]), float(line.split()[3]))
+                _, _, user, system = line.split()
+                self.cpu = (float(user), float(system))
                 self.done.set()
 
     def rss_kb(self) -> int:
@@ -274,7 +275,7 @@ def bench_nats(tmp: Path, n: int, leaves_n: int, catchup_n: int, raw: bool = Fal
                # where the CPU of the fan-out went: the subscribers' processes vs the nats-servers
                clients_cpu_s=round(sum(sum(c.cpu) for c in clients), 2),
                clients_sys_s=round(sum(c.cpu[1] for c in clients), 2), servers_cpu_s=round(servers_cpu, 2),
-               loop=os.environ.get(LOOP_ENV) or ("uvloop" if loop_factory() else "asyncio"), busy_at_release=load)
+               loop="uvloop" if loop_factory() else "asyncio", busy_at_release=load)
         if catch and cleaf:
             time.sleep(2)  # the catch-up group's agents are in their backoff now
             t_back = time.time()

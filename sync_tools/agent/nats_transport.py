@@ -378,7 +378,7 @@ def serve_nats(agent: Any, *, environ: Mapping[str, str] | None = None, listen: 
         raise ConfigError("agent.transport is 'nats' but agent.nats is not set", path=config.path, key="agent.nats")
     env = os.environ if environ is None else environ
     sub = NatsSubscriber(cfg, config.release.tag, agent.submit, name=config.agent.id,
-                         options=connect_options(cfg, root=config.root, environ=env), loop=env.get(LOOP_ENV))
+                         options=connect_options(cfg, root=config.root, environ=env), loop=env.get(LOOP_ENV, ""))
     thread = threading.Thread(target=sub.run, name="agent-nats", daemon=True)
     thread.start()
     if not sub.connected.wait(NATS_CONNECT_WAIT):
