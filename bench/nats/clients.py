@@ -2,10 +2,14 @@
 loopback, one release event per round; a side experiment of docs/benchmarks.md, section 5 (is the
 50,000 fan-out's missing CPU the agent's code, nats-py, or any asyncio client?).
 
-- ``--client agent``: the agent's own subscription (NatsSubscriber on nats-py), as bench/nats/run.py runs it.
+- ``--client agent``: the agent's own subscription (NatsSubscriber on nats-py, with its catch-up at
+  connect), the class bench/nats/run.py runs. Unlike run.py: one server (no hub, no leaf nodes), and
+  the events are published raw (HPUB with a ``Nats-Msg-Id``) on the stream's subject.
 - ``--client nats-core``: nats-io's rewritten client (PyPI ``nats-core``, Python >= 3.13 only, so not a
   dependency here), a plain message callback that parses the event's JSON: the least an agent could do
-  with it. Run it from its own interpreter::
+  with it. Its callbacks run in the client's read loop (nats-py's run in a task per subscription), and
+  it runs on another interpreter: both are part of what the comparison measures. Run it from its own
+  interpreter::
 
     python3.13 -m venv /tmp/v313 && /tmp/v313/bin/pip install nats-core nkeys uvloop
     /tmp/v313/bin/python bench/nats/clients.py --client nats-core --server .venv/bin/nats-server
@@ -33,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EVENT = {"type": "release.updated", "release": "latest", "subsystems": ["nats"], "serial": 2,
          "manifest": "http://127.0.0.1:9/latest/manifest.json"}
 SUBJECT = "sync.release.latest"
-SERVER: list[subprocess.Popen] = []
+SERVER: list[tuple[subprocess.Popen, str]] = []  # the nats-server and its store
+SETTLE = 5.0  # seconds after every subscriber connected (their catch-ups at connect are done), as run.py
 OUT = Path(__file__).with_name("results.jsonl")
 STARTED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -100,7 +105,7 @@ async def main(args: argparse.Namespace, url: str) -> None:
 
     gc.collect()
     gc.freeze()
-    await asyncio.sleep(1)
+    await asyncio.sleep(SETTLE)
     # the publisher: a raw connection (the same for both clients), one HPUB per round
     reader, writer = await asyncio.open_connection(*url.removeprefix("nats://").split(":"))
     await reader.readline()
@@ -118,23 +123,36 @@ async def main(args: argparse.Namespace, url: str) -> None:
         c1 = os.times()
         lat = sorted(t - t0 for t in got.values())
         cpu = c1.user - c0.user + c1.system - c0.system
-        row = {"run": STARTED, "bench": "nats.clients", "client": args.client, "python": sys.version.split()[0], "n": args.n, "round": r,
-                          "p50_s": round(lat[len(lat) // 2], 4), "p99_s": round(lat[int(len(lat) * 0.99)], 4),
-                          "cpu_s": round(cpu, 3), "cpu_us_per_subscriber": round(cpu / args.n * 1e6, 1)}
+        row = {"run": STARTED, "bench": "nats.clients", "client": args.client, "python": sys.version.split()[0],
+               "n": args.n, "round": r, "p50_s": round(lat[len(lat) // 2], 4),
+               "p99_s": round(lat[int(len(lat) * 0.99)], 4), "cpu_s": round(cpu, 3),
+               "cpu_us_per_subscriber": round(cpu / args.n * 1e6, 1), "loadavg": round(os.getloadavg()[0], 2)}
         print(json.dumps(row), flush=True)
         with open(OUT, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         await asyncio.sleep(0.5)
-    SERVER[0].terminate()
-    SERVER[0].wait(10)
+    stop_server()
     os._exit(0)  # tens of thousands of connections need no orderly goodbye
+
+
+def stop_server() -> None:
+    """Stop the nats-server (killed if it does not stop within 10 s) and remove its store."""
+    while SERVER:
+        srv, store = SERVER.pop()
+        srv.terminate()
+        try:
+            srv.wait(10)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait(10)
+        shutil.rmtree(store, ignore_errors=True)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--client", choices=["agent", "nats-core"], default="agent")
     ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--server", default=str(Path(sys.executable).parent / "nats-server"))
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     a = ap.parse_args()
@@ -145,7 +163,7 @@ if __name__ == "__main__":
     store = tempfile.mkdtemp(prefix="nats-clients-")
     srv = subprocess.Popen([server, "-a", "127.0.0.1", "-p", str(port), "--jetstream", "--store_dir", store],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    SERVER.append(srv)
+    SERVER.append((srv, store))
     try:
         time.sleep(1)
         if a.loop == "uvloop":
@@ -155,5 +173,4 @@ if __name__ == "__main__":
         else:
             asyncio.run(main(a, f"nats://127.0.0.1:{port}"))
     finally:
-        srv.terminate()
-        shutil.rmtree(store, ignore_errors=True)
+        stop_server()

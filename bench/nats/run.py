@@ -176,8 +176,7 @@ class Client:
             if line.startswith("READY"):
                 self.ready.set()
             elif line.startswith("DONE"):
-                user, system = cpu_split(self.proc.pid)
-                self.cpu = (user - self.cpu0[0], system - self.cpu0[1])
+                self.take_cpu()
                 self.done.set()
 
     def rss_kb(self) -> int:
@@ -186,6 +185,14 @@ class Client:
     def mark(self) -> None:
         """The start of the CPU window: the release (the clients' and the servers' windows are one)."""
         self.cpu0 = cpu_split(self.proc.pid)
+
+    def take_cpu(self) -> None:
+        """The end of the CPU window: at DONE, or when the bench stops waiting for it."""
+        try:
+            user, system = cpu_split(self.proc.pid)
+        except OSError:  # the process is gone: keep what was taken before
+            return
+        self.cpu = (user - self.cpu0[0], system - self.cpu0[1])
 
     def finish(self) -> dict:
         assert self.proc.stdin is not None
@@ -264,12 +271,15 @@ def bench_nats(tmp: Path, n: int, leaves_n: int, catchup_n: int, raw: bool = Fal
         if cleaf:
             cleaf.stop()
         servers_cpu0 = sum(cpu_s(s.proc.pid) for s in [hub, *leaves])
-        for c in clients:
+        for c in [*clients, *([catch] if catch else [])]:
             c.mark()
         t0 = time.time()
         pub.publish(subject_for("latest"), json.dumps(EVENT).encode(), "latest:2:2")
         t_pub = time.time() - t0
         complete = wait_all([c.done for c in clients], 120)
+        for c in clients:
+            if not c.done.is_set():  # incomplete: its CPU up to now, not a zero that looks like a figure
+                c.take_cpu()
         servers_cpu = sum(cpu_s(s.proc.pid) for s in [hub, *leaves]) - servers_cpu0
         results = [c.finish() for c in clients]
         lat = [t - t0 for r in results for t in r["got"].values()]
@@ -286,6 +296,7 @@ def bench_nats(tmp: Path, n: int, leaves_n: int, catchup_n: int, raw: bool = Fal
                # where the CPU of the fan-out went: the subscribers' processes vs the nats-servers
                clients_cpu_s=round(sum(sum(c.cpu) for c in clients), 2),
                clients_sys_s=round(sum(c.cpu[1] for c in clients), 2), servers_cpu_s=round(servers_cpu, 2),
+               cpu_window="release to each client's last event; servers to the last client's",
                loop="uvloop" if loop_factory() else "asyncio", busy_at_release=load)
         if catch and cleaf:
             time.sleep(2)  # the catch-up group's agents are in their backoff now
