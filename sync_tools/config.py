@@ -356,6 +356,8 @@ class NatsConfig(NamedTuple):
     tls_ca: str | None = None
     domain: str | None = None  # the hub's JetStream domain, when the local leaf runs JetStream too
     catchup_seconds: float = 120.0  # agent: ask for the newest release this often besides each (re)connect
+    tls_cert: str | None = None  # a client certificate (PEM) for servers that verify clients (mutual TLS)
+    tls_key: str | None = None  # its private key (PEM, unencrypted); a file, like every NATS secret here
 
 
 class RelayConfig(NamedTuple):
@@ -425,7 +427,8 @@ _SUB_KEYS = ("upstream", "strategy", "branch", "include", "exclude", "prerelease
              "binary", "build", "paths", "process", "health", "depends_on", "description", "version_var",
              "rollout")
 _RELAY_KEYS = ("dispatch", "agents", "max_body", "max_attempts", "nats")
-_NATS_KEYS = ("servers", "stream", "creds", "nkey_seed", "token_env", "tls_ca", "domain", "catchup_seconds")
+_NATS_KEYS = ("servers", "stream", "creds", "nkey_seed", "token_env", "tls_ca", "tls_cert", "tls_key", "domain",
+              "catchup_seconds")
 _AGENT_KEYS = ("root", "source", "relay", "reload", "socket", "url", "command", "listen", "secret_env",
                "token_env", "public_key", "platform", "health_timeout", "supervisor_url", "restart", "id",
                "settle_seconds", "transport", "nats")
@@ -683,9 +686,14 @@ def _nats(sec: _Section) -> NatsConfig | None:
     for key, value in (("stream", stream), ("domain", domain or "x")):
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
             raise sec.error(key, f"must be 1-64 letters, digits, _ or -, not {value!r}")
+    cert, key = sec.str("tls_cert"), sec.str("tls_key")
+    if (cert is None) != (key is None):
+        raise sec.error("tls_cert" if cert is None else "tls_key",
+                        "is required with " + ("tls_key" if cert is None else "tls_cert") +
+                        " (a client certificate and its key go together)")
     return NatsConfig(servers, stream, sec.str("creds"), sec.str("nkey_seed"),
                       sec.str("token_env", "SYNC_TOOLS_NATS_TOKEN") or "SYNC_TOOLS_NATS_TOKEN", sec.str("tls_ca"),
-                      domain, sec.number("catchup_seconds", 120.0, maximum=86400.0))
+                      domain, sec.number("catchup_seconds", 120.0, maximum=86400.0), tls_cert=cert, tls_key=key)
 
 
 # ------------------------------------------------------------------- plat-telemetry's existing files

@@ -222,3 +222,60 @@ def env_without_nats(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_TOOLS_NATS_")}
     env.update(extra)
     return env
+
+
+def tls_files(folder: Path, *, client: str = "agent-1") -> dict[str, Path]:
+    """A private CA, a server certificate for 127.0.0.1 and a client certificate (CN *client*) signed by
+    it, as PEM files in *folder*: ``ca``, ``server_cert``, ``server_key``, ``client_cert``, ``client_key``,
+    and ``other_key`` (a key that belongs to neither certificate)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, signer: ec.EllipticCurvePrivateKey, *,
+             ca: bool = False, usage: x509.ObjectIdentifier | None = None, ip: str | None = None) -> x509.Certificate:
+        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if usage is not None:
+            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if ip is not None:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+        if ca:
+            b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                              content_commitment=False, key_encipherment=False,
+                                              data_encipherment=False, key_agreement=False, encipher_only=False,
+                                              decipher_only=False), critical=True)
+        return b.sign(signer, hashes.SHA256())
+
+    def write(stem: str, obj: x509.Certificate | ec.EllipticCurvePrivateKey) -> Path:
+        path = folder / f"{stem}.pem"
+        if isinstance(obj, x509.Certificate):
+            path.write_bytes(obj.public_bytes(serialization.Encoding.PEM))
+        else:
+            path.write_bytes(obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return path
+
+    ca_key, server_key, client_key, other_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(4))
+    return {
+        "ca": write("ca", cert("sync-tools test CA", ca_key, "sync-tools test CA", ca_key, ca=True)),
+        "server_cert": write("server", cert("127.0.0.1", server_key, "sync-tools test CA", ca_key,
+                                            usage=ExtendedKeyUsageOID.SERVER_AUTH, ip="127.0.0.1")),
+        "server_key": write("server-key", server_key),
+        "client_cert": write("client", cert(client, client_key, "sync-tools test CA", ca_key,
+                                            usage=ExtendedKeyUsageOID.CLIENT_AUTH)),
+        "client_key": write("client-key", client_key),
+        "other_key": write("other-key", other_key),
+    }

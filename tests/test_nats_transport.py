@@ -27,7 +27,7 @@ from sync_tools.agent.nats_transport import (
 from sync_tools.config import NatsConfig, load_config
 from sync_tools.errors import ConfigError, RemoteError
 from sync_tools.relay.nats_publish import NatsPublisher
-from tests.nats_support import DOMAIN, Link, NatsServer
+from tests.nats_support import DOMAIN, Link, NatsServer, tls_files
 from tests.support import wait_for
 
 EVENT = b'{"type": "release.updated", "release": "latest", "subsystems": ["nats"], "serial": %d, "manifest": "m"}'
@@ -52,9 +52,9 @@ class Subscribed:
     """A NatsSubscriber running in its own thread, collecting the events it hands over."""
 
     def __init__(self, tmp: Path, servers: list[str], *, environ: dict[str, str] | None = None,
-                 catchup: float = 0.5, backoff_base: float = 0.05):
+                 catchup: float = 0.5, backoff_base: float = 0.05, **tls: str):
         self.events: list[AgentEvent] = []
-        self.cfg = NatsConfig(servers=tuple(servers), domain=DOMAIN, catchup_seconds=catchup)
+        self.cfg = NatsConfig(servers=tuple(servers), domain=DOMAIN, catchup_seconds=catchup, **tls)  # type: ignore[arg-type]
         self.sub = NatsSubscriber(self.cfg, "latest", self.events.append, backoff_base=backoff_base,
                                   backoff_max=0.5, options=connect_options(self.cfg, root=tmp, environ=environ or {}))
         self.thread = threading.Thread(target=self.sub.run, daemon=True)
@@ -200,6 +200,65 @@ def test_refused_credentials_are_one_clear_error_then_retried_with_backoff(
         with pytest.raises(RemoteError, match="refused the credentials.*SYNC_TOOLS_NATS_TOKEN"):
             NatsPublisher(NatsConfig(servers=(hub.url,), domain=DOMAIN), root=tmp_path,
                           environ={"SYNC_TOOLS_NATS_TOKEN": "wrong"}).publish("sync.release.latest", b"{}", "x")
+
+
+def test_mutual_tls_an_agent_with_its_certificate_gets_the_release_and_a_refused_one_is_one_clear_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A hub that verifies client certificates (``tls { verify: true }``): the relay's publisher and an
+    agent with ``tls_cert``/``tls_key`` get through; an agent without a certificate, or with one from
+    another CA, is one ERROR line each that says so (not a line per retry, though the refusal shows up
+    as two or three different errors in turn), and a server certificate from a CA the agent does not
+    trust is named as that. Bad files are ConfigErrors before any connection."""
+    caplog.set_level(logging.DEBUG, logger="sync_tools.agent.nats_transport")
+    f, other = tls_files(tmp_path / "tls"), tls_files(tmp_path / "other-ca")
+    verify = (f'tls {{ cert_file: "{f["server_cert"]}", key_file: "{f["server_key"]}", ca_file: "{f["ca"]}", '
+              "verify: true, timeout: 2 }")
+    with NatsServer(tmp_path, "hub", hub=True, extra=verify) as hub:
+        url = f"tls://127.0.0.1:{hub.port}"
+        mine = {"tls_ca": str(f["ca"]), "tls_cert": str(f["client_cert"]), "tls_key": str(f["client_key"])}
+        NatsPublisher(NatsConfig(servers=(url,), domain=DOMAIN, **mine), root=tmp_path,
+                      environ={}).publish(subject_for("latest"), EVENT % 4, "latest:4:1")
+        agent = Subscribed(tmp_path, [url], catchup=0, **mine)
+        try:
+            wait_for(lambda: agent.serials() == [4], what="the release over mutual TLS")
+        finally:
+            agent.close()
+        cases = {
+            "requires a TLS client certificate": {"tls_ca": str(f["ca"])},
+            "did not accept the TLS client certificate": {**mine, "tls_cert": str(other["client_cert"]),
+                                                          "tls_key": str(other["client_key"])},
+            "TLS certificate is not trusted here": {**mine, "tls_ca": str(other["ca"])},
+        }
+        for expected, tls in cases.items():
+            caplog.clear()
+            refused = Subscribed(tmp_path, [url], catchup=0, **tls)
+
+            def logged() -> list[logging.LogRecord]:
+                return [r for r in caplog.records if r.levelno >= logging.WARNING and "cannot connect" in r.msg]
+
+            try:  # the refusal can also surface as a reset connection: wait for the attempt that names it
+                wait_for(lambda refused=refused, expected=expected: refused.sub.failures >= 6 and any(
+                    expected in str(r.args[1]) for r in logged()), what=f"several refused attempts, one '{expected}'")
+            finally:
+                refused.close()
+            assert refused.events == [] and refused.sub.connects == 0
+            whys = [str(r.args[1]) for r in logged()]
+            assert len(set(whys)) == len(whys) < refused.sub.failures, whys  # each kind once, not once a try
+            if "TLS client certificate" in expected:
+                assert [r.levelno for r in logged() if expected in str(r.args[1])] == [logging.ERROR]
+    # files that cannot work are refused when the options are made
+    bad = NatsConfig(servers=("tls://127.0.0.1:1",), tls_ca=str(f["ca"]), tls_cert=str(f["client_cert"]),
+                     tls_key=str(f["other_key"]))
+    with pytest.raises(ConfigError, match="client certificate .* and key .* do not load together"):
+        connect_options(bad, root=tmp_path, environ={})
+    with pytest.raises(ConfigError, match="TLS CA file .* is not a PEM certificate"):
+        connect_options(bad._replace(tls_ca=str(f["client_key"]), tls_cert=None, tls_key=None), root=tmp_path,
+                        environ={})
+    (tmp_path / "sync-tools.yaml").write_text(
+        "release:\n  store: s\n  tag: latest\nsubsystems: {}\nagent:\n  nats:\n"
+        "    servers: [tls://127.0.0.1:4222]\n    tls_cert: client.pem\n")
+    with pytest.raises(ConfigError, match=r"agent\.nats\.tls_key: is required with tls_cert"):
+        load_config(tmp_path / "sync-tools.yaml")
 
 
 def test_nats_config_keys_and_credentials(tmp_path: Path) -> None:

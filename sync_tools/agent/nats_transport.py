@@ -17,8 +17,9 @@ make the agent fetch and verify the signed manifest.
 The connection policy is the agent's own, not the client library's: a lost connection closes the
 client, and :class:`NatsSubscriber` connects anew after a full-jitter exponential backoff (so the
 agents of a restarted leaf node do not come back all at once), subscribes, and catches up. Refused
-credentials are one clear ERROR line, then retried with the same backoff (logged again only once it
-changes).
+credentials (a token, a JWT, or a TLS client certificate the server requires or does not accept) are
+one clear ERROR line, then retried with the same backoff; each kind of connect error is logged once
+until a connection is up again, also when two kinds alternate.
 
 :func:`connect_options` turns a :class:`~sync_tools.config.NatsConfig` into nats-py connect options; the
 relay's publisher (``sync_tools.relay.nats_publish``) uses it too.
@@ -99,9 +100,10 @@ def connect_options(cfg: NatsConfig, *, root: Path, environ: Mapping[str, str] |
     """nats-py ``connect`` keywords for *cfg*: servers, and the credentials from files or the environment.
 
     ``creds`` (or ``$SYNC_TOOLS_NATS_CREDS``) names a .creds file (user JWT + NKey seed), ``nkey_seed``
-    a file with an NKey seed, ``$<token_env>`` holds a token; ``tls_ca`` (or a ``tls://`` server) turns
-    TLS on. Relative paths are read from *root* (the config's folder). Raises ConfigError for a named
-    file that cannot be read.
+    a file with an NKey seed, ``$<token_env>`` holds a token; ``tls_ca`` (or a ``tls://`` server, or a
+    client certificate) turns TLS on, and ``tls_cert`` with ``tls_key`` present a client certificate to
+    servers that verify clients (mutual TLS). Relative paths are read from *root* (the config's folder).
+    Raises ConfigError for a named file that cannot be read, or a certificate and key that do not load.
     """
     env = os.environ if environ is None else environ
     opts: dict[str, Any] = {"servers": list(cfg.servers)}
@@ -123,21 +125,34 @@ def connect_options(cfg: NatsConfig, *, root: Path, environ: Mapping[str, str] |
     token = env.get(cfg.token_env, "").strip()
     if token:
         opts["token"] = token
-    if cfg.tls_ca or any(s.startswith("tls://") for s in cfg.servers):
+    if cfg.tls_ca or cfg.tls_cert or any(s.startswith("tls://") for s in cfg.servers):
         ca = readable(cfg.tls_ca, "TLS CA file") if cfg.tls_ca else None
-        opts["tls"] = ssl.create_default_context(cafile=ca)
+        try:
+            ctx = ssl.create_default_context(cafile=ca)
+        except ssl.SSLError as e:
+            raise ConfigError(f"the NATS TLS CA file {ca} is not a PEM certificate: {e.reason or e}") from e
+        if cfg.tls_cert and cfg.tls_key:
+            cert, key = readable(cfg.tls_cert, "TLS client certificate"), readable(cfg.tls_key, "TLS client key")
+            try:
+                ctx.load_cert_chain(cert, key)
+            except ssl.SSLError as e:
+                raise ConfigError(f"the NATS TLS client certificate {cert} and key {key} do not load together "
+                                  f"(PEM, the key unencrypted): {e.reason or e}") from e
+        opts["tls"] = ctx
     return opts
 
 
 def describe_credentials(opts: Mapping[str, Any], cfg: NatsConfig) -> str:
     """Which credentials were offered, for an error line (never the secret itself)."""
+    with_cert = f" and the TLS client certificate {cfg.tls_cert}" if cfg.tls_cert else ""
     if "user_credentials" in opts:
-        return f"the credentials file {opts['user_credentials']}"
+        return f"the credentials file {opts['user_credentials']}{with_cert}"
     if "nkeys_seed" in opts:
-        return f"the NKey seed file {opts['nkeys_seed']}"
+        return f"the NKey seed file {opts['nkeys_seed']}{with_cert}"
+    cert = f"the TLS client certificate {cfg.tls_cert}" if cfg.tls_cert else None
     if "token" in opts:
-        return f"the token in ${cfg.token_env}"
-    return f"no credentials (set creds, nkey_seed, ${CREDS_ENV} or ${cfg.token_env})"
+        return f"the token in ${cfg.token_env}" + (f" and {cert}" if cert else "")
+    return cert or f"no credentials (set creds, nkey_seed, tls_cert, ${CREDS_ENV} or ${cfg.token_env})"
 
 
 def explain(e: BaseException) -> str:
@@ -146,6 +161,15 @@ def explain(e: BaseException) -> str:
 
     if isinstance(e, nats.errors.AuthorizationError) or "authorization violation" in str(e).lower():
         return "the server refused the credentials (Authorization Violation)"
+    if isinstance(e, ssl.SSLError):  # the TLS handshake: which side refused what, in words
+        text = str(e).upper()
+        if "CERTIFICATE_REQUIRED" in text:
+            return "the server refused the credentials (it requires a TLS client certificate: tls_cert, tls_key)"
+        if any(k in text for k in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_EXPIRED",
+                                   "CERTIFICATE_REVOKED")):
+            return "the server refused the credentials (it did not accept the TLS client certificate)"
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            return f"the server's TLS certificate is not trusted here (tls_ca names the CA that signed it): {e}"
     if "authentication expired" in str(e).lower():
         return "the server refused the credentials (authentication expired)"
     text = str(e).strip() or type(e).__name__
@@ -191,6 +215,7 @@ class NatsSubscriber:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._last_error: str | None = None
+        self._errors_seen: set[str] = set()  # the connect errors logged since the last connection
         self._catchup_failing = False
 
     # ---------------------------------------------------------------------------------- control
@@ -257,7 +282,10 @@ class NatsSubscriber:
         why = explain(e)
         if is_auth_error(e):
             why += f"; offered {describe_credentials(self.options, self.cfg)}"
-        if why != self._last_error:
+        if why not in self._errors_seen:  # each kind once per outage, also when two kinds alternate
+            if len(self._errors_seen) >= 64:
+                self._errors_seen.clear()
+            self._errors_seen.add(why)
             level = logging.ERROR if is_auth_error(e) else logging.WARNING
             log.log(level, "NATS %s: cannot connect: %s; retrying with backoff (next in %.1f s)",
                     ", ".join(self.cfg.servers), why, delay)
@@ -296,6 +324,7 @@ class NatsSubscriber:
             log.info("NATS %s: connected again (%s)", self.subject, nc.connected_url.netloc if nc.connected_url
                      else "?")
             self._last_error = None
+        self._errors_seen.clear()
         if self.on_connect is not None:
             self.on_connect(self.connects)
         js = nc.jetstream(domain=self.cfg.domain, timeout=self.request_timeout)
