@@ -686,7 +686,7 @@ def _nats(sec: _Section) -> NatsConfig | None:
     for key, value in (("stream", stream), ("domain", domain or "x")):
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
             raise sec.error(key, f"must be 1-64 letters, digits, _ or -, not {value!r}")
-    cert, key = sec.str("tls_cert"), sec.str("tls_key")
+    cert, key = sec.str("tls_cert") or None, sec.str("tls_key") or None  # an empty value is no file
     if (cert is None) != (key is None):
         raise sec.error("tls_cert" if cert is None else "tls_key",
                         "is required with " + ("tls_key" if cert is None else "tls_cert") +

@@ -224,9 +224,9 @@ def env_without_nats(**extra: str) -> dict[str, str]:
     return env
 
 
-def tls_files(folder: Path, *, client: str = "agent-1") -> dict[str, Path]:
-    """A private CA, a server certificate for 127.0.0.1 and a client certificate (CN *client*) signed by
-    it, as PEM files in *folder*: ``ca``, ``server_cert``, ``server_key``, ``client_cert``, ``client_key``,
+def tls_files(folder: Path, *, client: str = "agent-1", ca_name: str = "sync-tools test CA") -> dict[str, Path]:
+    """A private CA named *ca_name*, a server certificate for 127.0.0.1 and a client certificate (CN
+    *client*) signed by it, as PEM files in *folder*: ``ca``, ``server_cert``, ``server_key``, ``client_cert``, ``client_key``,
     and ``other_key`` (a key that belongs to neither certificate)."""
     import datetime
     import ipaddress
@@ -247,7 +247,12 @@ def tls_files(folder: Path, *, client: str = "agent-1") -> dict[str, Path]:
         b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
              .public_key(key.public_key()).serial_number(x509.random_serial_number())
              .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+             # key identifiers: Python 3.13's default context verifies strictly and wants them
+             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+        if not ca:
+            b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+                                critical=False)
         if usage is not None:
             b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         if ip is not None:
@@ -270,11 +275,11 @@ def tls_files(folder: Path, *, client: str = "agent-1") -> dict[str, Path]:
 
     ca_key, server_key, client_key, other_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(4))
     return {
-        "ca": write("ca", cert("sync-tools test CA", ca_key, "sync-tools test CA", ca_key, ca=True)),
-        "server_cert": write("server", cert("127.0.0.1", server_key, "sync-tools test CA", ca_key,
+        "ca": write("ca", cert(ca_name, ca_key, ca_name, ca_key, ca=True)),
+        "server_cert": write("server", cert("127.0.0.1", server_key, ca_name, ca_key,
                                             usage=ExtendedKeyUsageOID.SERVER_AUTH, ip="127.0.0.1")),
         "server_key": write("server-key", server_key),
-        "client_cert": write("client", cert(client, client_key, "sync-tools test CA", ca_key,
+        "client_cert": write("client", cert(client, client_key, ca_name, ca_key,
                                             usage=ExtendedKeyUsageOID.CLIENT_AUTH)),
         "client_key": write("client-key", client_key),
         "other_key": write("other-key", other_key),

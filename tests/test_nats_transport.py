@@ -210,7 +210,7 @@ def test_mutual_tls_an_agent_with_its_certificate_gets_the_release_and_a_refused
     as two or three different errors in turn), and a server certificate from a CA the agent does not
     trust is named as that. Bad files are ConfigErrors before any connection."""
     caplog.set_level(logging.DEBUG, logger="sync_tools.agent.nats_transport")
-    f, other = tls_files(tmp_path / "tls"), tls_files(tmp_path / "other-ca")
+    f, other = tls_files(tmp_path / "tls"), tls_files(tmp_path / "other-ca", ca_name="another test CA")
     verify = (f'tls {{ cert_file: "{f["server_cert"]}", key_file: "{f["server_key"]}", ca_file: "{f["ca"]}", '
               "verify: true, timeout: 2 }")
     with NatsServer(tmp_path, "hub", hub=True, extra=verify) as hub:
@@ -227,7 +227,7 @@ def test_mutual_tls_an_agent_with_its_certificate_gets_the_release_and_a_refused
             "requires a TLS client certificate": {"tls_ca": str(f["ca"])},
             "did not accept the TLS client certificate": {**mine, "tls_cert": str(other["client_cert"]),
                                                           "tls_key": str(other["client_key"])},
-            "TLS certificate is not trusted here": {**mine, "tls_ca": str(other["ca"])},
+            "TLS certificate was not accepted here": {**mine, "tls_ca": str(other["ca"])},
         }
         for expected, tls in cases.items():
             caplog.clear()
@@ -259,6 +259,41 @@ def test_mutual_tls_an_agent_with_its_certificate_gets_the_release_and_a_refused
         "    servers: [tls://127.0.0.1:4222]\n    tls_cert: client.pem\n")
     with pytest.raises(ConfigError, match=r"agent\.nats\.tls_key: is required with tls_cert"):
         load_config(tmp_path / "sync-tools.yaml")
+
+
+def test_each_kind_of_connect_error_is_logged_once_until_a_connection_is_up(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The errors of one outage can alternate (a refused TLS handshake shows up as the alert, then as a
+    reset connection, then as the alert again): one line per kind, not one per try; after a connection,
+    the next outage is logged afresh. The relay's publisher turns a credentials file that does not load
+    into a retried RemoteError (it may be mid-renewal), not a dead letter at the first try."""
+    import ssl
+
+    caplog.set_level(logging.DEBUG, logger="sync_tools.agent.nats_transport")
+    cfg = NatsConfig(servers=("tls://127.0.0.1:1",))
+    sub = NatsSubscriber(cfg, "latest", lambda ev: None, options={})
+    alert = ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required")
+    tries = [alert, ConnectionResetError("Connection lost"), alert, ConnectionResetError("Connection lost"), alert]
+
+    def logged() -> list[tuple[int, str]]:
+        return [(r.levelno, str(r.args[1])) for r in caplog.records
+                if r.levelno >= logging.WARNING and "cannot connect" in r.msg]
+
+    for e in tries:
+        sub._report(e, 0.1)
+    assert logged() == [
+        (logging.ERROR, "the server refused the credentials (it requires a TLS client certificate: tls_cert, "
+                        "tls_key); offered no credentials (set creds, nkey_seed, tls_cert, $SYNC_TOOLS_NATS_CREDS "
+                        "or $SYNC_TOOLS_NATS_TOKEN)"),
+        (logging.WARNING, "ConnectionResetError: Connection lost")]
+    sub._errors_seen.clear()  # what a connection that came up does (_session)
+    sub._report(alert, 0.1)
+    assert len(logged()) == 3
+    # the relay's publisher: a certificate without a loadable key is retried, with the reason
+    half = NatsConfig(servers=("tls://127.0.0.1:1",), tls_cert="client.pem", tls_key="client-key.pem")
+    with pytest.raises(RemoteError, match=r"cannot publish release event x to NATS .*client-key.pem cannot be read"):
+        (tmp_path / "client.pem").write_text("renewed")
+        NatsPublisher(half, root=tmp_path, environ={}).publish("sync.release.latest", b"{}", "x")
 
 
 def test_nats_config_keys_and_credentials(tmp_path: Path) -> None:

@@ -100,10 +100,13 @@ def connect_options(cfg: NatsConfig, *, root: Path, environ: Mapping[str, str] |
     """nats-py ``connect`` keywords for *cfg*: servers, and the credentials from files or the environment.
 
     ``creds`` (or ``$SYNC_TOOLS_NATS_CREDS``) names a .creds file (user JWT + NKey seed), ``nkey_seed``
-    a file with an NKey seed, ``$<token_env>`` holds a token; ``tls_ca`` (or a ``tls://`` server, or a
-    client certificate) turns TLS on, and ``tls_cert`` with ``tls_key`` present a client certificate to
-    servers that verify clients (mutual TLS). Relative paths are read from *root* (the config's folder).
-    Raises ConfigError for a named file that cannot be read, or a certificate and key that do not load.
+    a file with an NKey seed, ``$<token_env>`` holds a token. ``tls_ca`` (or a ``tls://`` server, or a
+    client certificate) gives the connection TLS settings, and ``tls_cert`` with ``tls_key`` a client
+    certificate for servers that verify clients (mutual TLS). nats-py switches to TLS when the server
+    says it requires TLS, so the server's config is what makes TLS mandatory (docs/nats.md). Relative
+    paths are read from *root* (the config's folder). Raises ConfigError for a named file that cannot
+    be read, a certificate without its key, or a certificate and key that do not load (an encrypted
+    key among them: there is no passphrase to give it).
     """
     env = os.environ if environ is None else environ
     opts: dict[str, Any] = {"servers": list(cfg.servers)}
@@ -125,6 +128,8 @@ def connect_options(cfg: NatsConfig, *, root: Path, environ: Mapping[str, str] |
     token = env.get(cfg.token_env, "").strip()
     if token:
         opts["token"] = token
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("tls_cert and tls_key go together: a client certificate and its private key")
     if cfg.tls_ca or cfg.tls_cert or any(s.startswith("tls://") for s in cfg.servers):
         ca = readable(cfg.tls_ca, "TLS CA file") if cfg.tls_ca else None
         try:
@@ -134,10 +139,12 @@ def connect_options(cfg: NatsConfig, *, root: Path, environ: Mapping[str, str] |
         if cfg.tls_cert and cfg.tls_key:
             cert, key = readable(cfg.tls_cert, "TLS client certificate"), readable(cfg.tls_key, "TLS client key")
             try:
-                ctx.load_cert_chain(cert, key)
-            except ssl.SSLError as e:
+                # an empty passphrase: an encrypted key fails here instead of prompting on a terminal
+                ctx.load_cert_chain(cert, key, password=b"")
+            except (ssl.SSLError, OSError, ValueError) as e:
+                why = getattr(e, "reason", None) or e
                 raise ConfigError(f"the NATS TLS client certificate {cert} and key {key} do not load together "
-                                  f"(PEM, the key unencrypted): {e.reason or e}") from e
+                                  f"(PEM, the key unencrypted): {why}") from e
         opts["tls"] = ctx
     return opts
 
@@ -165,11 +172,13 @@ def explain(e: BaseException) -> str:
         text = str(e).upper()
         if "CERTIFICATE_REQUIRED" in text:
             return "the server refused the credentials (it requires a TLS client certificate: tls_cert, tls_key)"
-        if any(k in text for k in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_EXPIRED",
-                                   "CERTIFICATE_REVOKED")):
+        if any(k in text for k in ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_UNKNOWN",
+                                   "ALERT_CERTIFICATE_EXPIRED", "ALERT_CERTIFICATE_REVOKED", "ALERT_DECRYPT_ERROR",
+                                   "ALERT_UNSUPPORTED_CERTIFICATE", "ALERT_ACCESS_DENIED")):
             return "the server refused the credentials (it did not accept the TLS client certificate)"
-        if "CERTIFICATE_VERIFY_FAILED" in text:
-            return f"the server's TLS certificate is not trusted here (tls_ca names the CA that signed it): {e}"
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return (f"the server's TLS certificate was not accepted here ({e.verify_message}; tls_ca names a "
+                    "private CA to trust)")
     if "authentication expired" in str(e).lower():
         return "the server refused the credentials (authentication expired)"
     text = str(e).strip() or type(e).__name__
@@ -255,20 +264,28 @@ class NatsSubscriber:
                 await self._sleep(delay)
                 continue
             before = self.connects
+            broken: Exception | None = None
             try:
                 await self._session(nc, closed)
             except Exception as e:  # noqa: BLE001 - a broken session is reconnected
-                if not self._stopped.is_set():
-                    log.warning("NATS %s: %s; reconnecting", self.subject, explain(e))
+                broken = e
             finally:
                 self.connected.clear()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(nc.close(), self.connect_timeout)
+            if self._stopped.is_set():
+                break
             # a session that was up: come back soon (jittered, not all at once); one that failed before
             # it subscribed counts as a failed attempt, so a server that keeps refusing is not hammered
-            failures = 0 if self.connects > before else failures + 1
-            if not self._stopped.is_set():
-                await self._sleep(self.backoff(failures))
+            up = self.connects > before
+            failures = 0 if up else failures + 1
+            delay = self.backoff(failures)
+            if broken is not None and up:
+                log.warning("NATS %s: %s; reconnecting", self.subject, explain(broken))
+            elif broken is not None:  # connected, then lost before subscribing: a failed attempt like any
+                self.failures += 1
+                self._report(broken, delay)
+            await self._sleep(delay)
 
     async def _sleep(self, seconds: float) -> None:
         assert self._wake is not None

@@ -108,8 +108,13 @@ class NatsPublisher:
         """Publish *body* to *subject* with ``Nats-Msg-Id`` *key* and wait for the stream's ack.
         Raises RemoteError (with one clear line for refused credentials) and ConfigError."""
         assert self.cfg is not None
-        opts = connect_options(self.cfg, root=self.root, environ=self._env)
         servers = ", ".join(self.cfg.servers)
+        try:
+            opts = connect_options(self.cfg, root=self.root, environ=self._env)
+        except ConfigError as e:
+            # a credentials file missing or half-renewed (a certificate rotated without its key yet) can
+            # be mended while the job waits: retried with the job's backoff, dead-lettered if it is not
+            raise RemoteError(f"cannot publish release event {key} to NATS {servers}: {e}") from e
         try:
             seq, duplicate = asyncio.run(asyncio.wait_for(self._publish(opts, subject, body, key), self.timeout * 3))
         except ConfigError:
