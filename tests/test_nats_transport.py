@@ -261,6 +261,49 @@ def test_mutual_tls_an_agent_with_its_certificate_gets_the_release_and_a_refused
         load_config(tmp_path / "sync-tools.yaml")
 
 
+def test_certificates_renewed_on_disk_are_used_at_the_next_reconnect_without_a_restart(tmp_path: Path) -> None:
+    """A site renews its whole chain (a new CA, server and client certificates) at the same paths and
+    restarts its server: the agent, still running, reads the files again before it reconnects, so it
+    trusts the new server and presents its new certificate. With the files it loaded at start it could
+    not get back in (the new server's certificate is from a CA it does not know)."""
+    import shutil
+
+    old, new = tls_files(tmp_path / "v1", ca_name="CA 2026"), tls_files(tmp_path / "v2", ca_name="CA 2027")
+    live = tmp_path / "live"
+    live.mkdir()
+
+    def install(chain: dict[str, Path]) -> None:
+        for name, path in chain.items():
+            shutil.copyfile(path, live / f"{name}.pem")
+
+    install(old)
+    verify = (f'tls {{ cert_file: "{live / "server_cert.pem"}", key_file: "{live / "server_key.pem"}", '
+              f'ca_file: "{live / "ca.pem"}", verify: true, timeout: 2 }}')
+    hub = NatsServer(tmp_path, "hub", hub=True, extra=verify).start()
+    try:
+        url = f"tls://127.0.0.1:{hub.port}"
+        cfg = NatsConfig(servers=(url,), domain=DOMAIN, catchup_seconds=0, tls_ca=str(live / "ca.pem"),
+                         tls_cert=str(live / "client_cert.pem"), tls_key=str(live / "client_key.pem"))
+        events: list[AgentEvent] = []
+        sub = NatsSubscriber(cfg, "latest", events.append, backoff_base=0.05, backoff_max=0.5,
+                             options=lambda: connect_options(cfg, root=tmp_path, environ={}))
+        thread = threading.Thread(target=sub.run, daemon=True)
+        thread.start()
+        try:
+            assert sub.connected.wait(10)
+            hub.stop()
+            install(new)  # the renewal, while the server is down
+            hub.start()
+            NatsPublisher(cfg, root=tmp_path, environ={}).publish(subject_for("latest"), EVENT % 6, "latest:6:1")
+            wait_for(lambda: [e.serial for e in events] == [6], what="the release after the renewal")
+            assert sub.connects == 2
+        finally:
+            sub.stop()
+            thread.join(10)
+    finally:
+        hub.stop()
+
+
 def test_each_kind_of_connect_error_is_logged_once_until_a_connection_is_up(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The errors of one outage can alternate (a refused TLS handshake shows up as the alert, then as a

@@ -195,10 +195,14 @@ class NatsSubscriber:
     *on_event* gets each valid event (from a live message or a catch-up), once per ``Nats-Msg-Id`` in
     a row. Run it in a thread with :meth:`run`, or many in one event loop with :meth:`run_async`
     (bench/nats). ``connected`` is set while a connection is up; ``connects`` counts them.
+
+    *options* are nats-py's connect keywords, or a function that makes them (:func:`connect_options`),
+    called before every connect attempt: a certificate or credentials file renewed on disk is used
+    at the next reconnect, without a restart; one that does not load then is a failed attempt.
     """
 
     def __init__(self, cfg: NatsConfig, tag: str, on_event: Callable[[AgentEvent], None], *,
-                 options: Mapping[str, Any], name: str | None = None, backoff_base: float = 1.0,
+                 options: Mapping[str, Any] | Callable[[], Mapping[str, Any]], name: str | None = None, backoff_base: float = 1.0,
                  backoff_max: float = BACKOFF_MAX, connect_timeout: float = 5.0, request_timeout: float = 5.0,
                  ping_interval: float = 60.0, rng: random.Random | None = None,
                  on_connect: Callable[[int], None] | None = None, loop: str | None = None):
@@ -207,7 +211,8 @@ class NatsSubscriber:
         self.subject = subject_for(tag)
         self.on_event = on_event
         self.on_connect = on_connect
-        self.options = dict(options)
+        self._make_options = options if callable(options) else None
+        self.options = dict(options()) if callable(options) else dict(options)  # the last ones made
         self.name = name
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
@@ -323,6 +328,8 @@ class NatsSubscriber:
                 self._wake.set()
 
         # the client's own reconnect is off: this class reconnects, with jitter, and catches up each time
+        if self._make_options is not None:
+            self.options = dict(self._make_options())  # files renewed since: read again
         return await nats.connect(**self.options, name=self.name, allow_reconnect=False, max_reconnect_attempts=1,
                                   reconnect_time_wait=0.1, connect_timeout=self.connect_timeout,
                                   ping_interval=int(self.ping_interval), max_outstanding_pings=2, error_cb=quiet,
@@ -423,8 +430,11 @@ def serve_nats(agent: Any, *, environ: Mapping[str, str] | None = None, listen: 
     if cfg is None:
         raise ConfigError("agent.transport is 'nats' but agent.nats is not set", path=config.path, key="agent.nats")
     env = os.environ if environ is None else environ
+    # the options are made (and the files read) now, so a bad file stops the agent at start with a
+    # ConfigError, and again before every connect, so renewed certificates and credentials are taken
     sub = NatsSubscriber(cfg, config.release.tag, agent.submit, name=config.agent.id,
-                         options=connect_options(cfg, root=config.root, environ=env), loop=env.get(LOOP_ENV, ""))
+                         options=lambda: connect_options(cfg, root=config.root, environ=env),
+                         loop=env.get(LOOP_ENV, ""))
     thread = threading.Thread(target=sub.run, name="agent-nats", daemon=True)
     thread.start()
     if not sub.connected.wait(NATS_CONNECT_WAIT):
