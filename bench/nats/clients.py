@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,20 +36,17 @@ ROOT = Path(__file__).resolve().parents[2]
 EVENT = {"type": "release.updated", "release": "latest", "subsystems": ["nats"], "serial": 2,
          "manifest": "http://127.0.0.1:9/latest/manifest.json"}
 SUBJECT = "sync.release.latest"
+sys.path.insert(0, str(ROOT))
+
+from tests.support import free_port  # noqa: E402 - stdlib only, so the nats-core interpreter has it too
+
 SERVER: list[tuple[subprocess.Popen, str]] = []  # the nats-server and its store
 SETTLE = 5.0  # seconds after every subscriber connected (their catch-ups at connect are done), as run.py
 OUT = Path(__file__).with_name("results.jsonl")
 STARTED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def agent_subscribers(url: str, n: int, on_event) -> list:
-    sys.path.insert(0, str(ROOT))
     import nats
 
     from sync_tools.agent.nats_transport import NatsSubscriber

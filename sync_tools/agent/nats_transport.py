@@ -136,7 +136,7 @@ def connect_options(cfg: NatsConfig, *, root: Path, environ: Mapping[str, str] |
             ctx = ssl.create_default_context(cafile=ca)
         except ssl.SSLError as e:
             raise ConfigError(f"the NATS TLS CA file {ca} is not a PEM certificate: {e.reason or e}") from e
-        if cfg.tls_cert and cfg.tls_key:
+        if cfg.tls_cert and cfg.tls_key:  # (one without the other was refused above)
             cert, key = readable(cfg.tls_cert, "TLS client certificate"), readable(cfg.tls_key, "TLS client key")
             try:
                 # an empty passphrase: an encrypted key fails here instead of prompting on a terminal
@@ -151,15 +151,16 @@ def connect_options(cfg: NatsConfig, *, root: Path, environ: Mapping[str, str] |
 
 def describe_credentials(opts: Mapping[str, Any], cfg: NatsConfig) -> str:
     """Which credentials were offered, for an error line (never the secret itself)."""
-    with_cert = f" and the TLS client certificate {cfg.tls_cert}" if cfg.tls_cert else ""
-    if "user_credentials" in opts:
-        return f"the credentials file {opts['user_credentials']}{with_cert}"
-    if "nkeys_seed" in opts:
-        return f"the NKey seed file {opts['nkeys_seed']}{with_cert}"
     cert = f"the TLS client certificate {cfg.tls_cert}" if cfg.tls_cert else None
-    if "token" in opts:
-        return f"the token in ${cfg.token_env}" + (f" and {cert}" if cert else "")
-    return cert or f"no credentials (set creds, nkey_seed, tls_cert, ${CREDS_ENV} or ${cfg.token_env})"
+    if "user_credentials" in opts:
+        offered = f"the credentials file {opts['user_credentials']}"
+    elif "nkeys_seed" in opts:
+        offered = f"the NKey seed file {opts['nkeys_seed']}"
+    elif "token" in opts:
+        offered = f"the token in ${cfg.token_env}"
+    else:
+        return cert or f"no credentials (set creds, nkey_seed, tls_cert, ${CREDS_ENV} or ${cfg.token_env})"
+    return f"{offered} and {cert}" if cert else offered
 
 
 def explain(e: BaseException) -> str:
