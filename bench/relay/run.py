@@ -425,7 +425,7 @@ def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_worker
                ratio=round(rps / ((before + after) / 2), 3), ratio_before=round(rps / before, 3))
 
     with process([PY, "-c", SINK, str(sink_port)], dict(os.environ), tmp, f"http://127.0.0.1:{sink_port}/"):
-        before = measure_peer(1)
+        peer_before = measure_peer(1)
         for rnd in range(1, rounds + 1):
             ws = tmp / f"prod-{rnd}"
             cfg, env = workspace(ws, f"http://127.0.0.1:{sink_port}")
@@ -442,7 +442,7 @@ def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_worker
                 out = ws / "got.json"
                 client = subscribers(port, url, n, out)
                 try:
-                    before = _count(db, "SELECT COUNT(*) FROM deliveries")
+                    recorded_before = _count(db, "SELECT COUNT(*) FROM deliveries")
                     result: dict = {}
                     load = threading.Thread(target=lambda result=result, iurl=iurl: result.update(
                         wrk(iurl, reqfile, seconds=seconds, conns=32)))
@@ -459,7 +459,7 @@ def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_worker
                 finally:
                     if client.poll() is None:
                         client.kill()
-                committed = _count(db, "SELECT COUNT(*) FROM deliveries") - before - 1
+                committed = _count(db, "SELECT COUNT(*) FROM deliveries") - recorded_before - 1
                 dispatched = _count(db, "SELECT COUNT(*) FROM jobs WHERE kind = 'dispatch' AND status = 'done'")
             lat = sorted(t - t0 for t in json.loads(out.read_text()).values())
 
@@ -472,9 +472,9 @@ def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_worker
                        committed_rps=round(committed_rps), dispatched=dispatched, agents=n, received=len(lat),
                        fanout_p50_s=pct(50), fanout_p99_s=pct(99), fanout_max_s=round(lat[-1], 4) if lat else None,
                        **result)
-            after = measure_peer(rnd + 1)
-            record_relay(row, before, after)
-            before = after
+            peer_after = measure_peer(rnd + 1)
+            record_relay(row, peer_before, peer_after)
+            peer_before = peer_after
 
 
 def main() -> None:
