@@ -54,6 +54,9 @@ from sync_tools.rollout import (
 log = logging.getLogger(__name__)
 
 MAX_REPORT_BYTES = 16 * 1024
+# subsystems one agent may report on: a platform runs a handful, and each is a row of ``running`` and
+# a section of the fleet view kept for good, so an agent that names new ones without end is refused
+MAX_AGENT_SUBSYSTEMS = 64
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SUBSYSTEM = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _PLATFORM = re.compile(r"[a-z0-9]{1,32}/[a-z0-9]{1,32}")
@@ -167,12 +170,23 @@ class Report:
         return self.to_sha if self.outcome in HEALTHY_OUTCOMES else self.from_sha
 
 
+def is_text(value: str) -> bool:
+    """Whether *value* can be stored and shown: JSON's ``\\udcff`` decodes to a lone surrogate, which
+    is no character (SQLite cannot take it, UTF-8 cannot encode it)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _opt_str(obj: Mapping[str, Any], key: str, pattern: re.Pattern[str] | None = None,
              limit: int = 128) -> str | None:
     value = obj.get(key)
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > limit or (pattern is not None and not pattern.fullmatch(value)):
+    if (not isinstance(value, str) or len(value) > limit or not is_text(value)
+            or (pattern is not None and not pattern.fullmatch(value))):
         raise BadReport(f"report: {key!r} is malformed")
     return value
 
@@ -207,7 +221,9 @@ def parse_report(body: bytes, agent: str) -> Report:
     if error is not None:
         if not isinstance(error, str) or len(error) > 4096:
             raise BadReport("report: 'error' must be a line of text")
-        error = (error.strip().splitlines() or [""])[0][:500]
+        # kept, whatever it says: a failure must count. Text that is no characters (an error naming a
+        # file whose name is not UTF-8, sent as \\udcxx) is shown with replacement characters
+        error = (error.strip().splitlines() or [""])[0][:500].encode("utf-8", "replace").decode("utf-8")
     times_raw = obj.get("times") or {}
     if not isinstance(times_raw, dict) or len(times_raw) > 16:
         raise BadReport("report: 'times' must be an object of seconds")
@@ -382,6 +398,12 @@ class FleetStore:
         change a rollout's judgement: a healthy or failed outcome counted, or an agent new to the fleet
         or now on another platform (a ``held`` report from a known agent changes none)."""
         with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM running WHERE agent = ? AND subsystem = ?",
+                            (r.agent, r.subsystem)).fetchone() is None:
+                (count,) = conn.execute("SELECT COUNT(*) FROM running WHERE agent = ?", (r.agent,)).fetchone()
+                if count >= MAX_AGENT_SUBSYSTEMS:
+                    raise BadReport(f"report: agent {r.agent} already reports on {count} subsystems, the most "
+                                    f"one agent may (a {r.subsystem!r} report is refused)", 422)
             row = conn.execute("SELECT platform FROM agents WHERE id = ?", (r.agent,)).fetchone()
             fleet_changed = row is None or (r.platform is not None and row[0] != r.platform)
             conn.execute(

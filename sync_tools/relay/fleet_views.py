@@ -34,7 +34,7 @@ from sync_tools.manifest import MANIFEST_NAME, parse_manifest
 from sync_tools.relay import webhook as wh
 from sync_tools.relay.app import _error  # the relay's one JSON error shape
 from sync_tools.relay.fanout import AgentEvent
-from sync_tools.relay.fleet import BadReport, Fleet, FleetStore, TokenBuckets, parse_report
+from sync_tools.relay.fleet import BadReport, Fleet, FleetStore, TokenBuckets, is_text, parse_report
 from sync_tools.relay.outbox import Job, NewJob, OutboxError
 from sync_tools.relay.worker import Deferred
 from sync_tools.rollout import COMPLETE, HALTED, RolloutStatus
@@ -147,12 +147,17 @@ class FleetRelay:
     # ------------------------------------------------------------------------------------ auth
 
     def token(self) -> bytes | None:
-        """The token of this request: ``Authorization: Bearer T``, or Basic with T as the password
-        (what a browser sends after the page's 401)."""
+        """The token of this request: ``Authorization: Bearer T``, or, for a GET, Basic with T as the
+        password (what a browser sends after the fleet page's 401). A browser sends the Basic
+        credentials it keeps with any request to this origin, a form another site posts included, so
+        nothing that changes state takes them: a POST needs the Bearer header, which no cross-site
+        form can set."""
         auth = request.headers.get("Authorization", "")
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip().encode()
+        if request.method not in ("GET", "HEAD"):
+            return None
         basic = request.authorization
         if basic is not None and basic.type == "basic" and basic.password:
             return basic.password.encode()
@@ -234,6 +239,10 @@ def report() -> Response | tuple[Response, int]:
         return _unauthorized(str(e)) if e.status == 401 else _error(e.status, str(e))
     try:
         known = fr.fleet.record(r)
+    except BadReport as e:
+        fr.reports.labels(outcome=r.outcome, result="bad_request").inc()
+        fr.relay.refusals.warning("refused report from %s: %s", agent, e)
+        return _error(e.status, str(e))
     except OutboxError as e:
         log.error("cannot record a report from %s: %s", agent, e)
         return _error(503, "the relay cannot record reports right now")
@@ -313,25 +322,29 @@ def rollout_action(subsystem: str, action: str) -> Response:
         body = json.loads(raw) if raw.strip() else {}
     except wh.WebhookError as e:
         return _error(e.status, str(e))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return _error(400, "the body must be JSON: {\"build\": sha256, \"reason\": text}")
     if not isinstance(body, dict):
         return _error(400, "the body must be a JSON object")
     build, reason = body.get("build"), body.get("reason", "")
     if build is not None and (not isinstance(build, str) or not _is_build(build)):
         return _error(400, "build must be a binary sha256")
-    if not isinstance(reason, str) or len(reason) > 500:
+    if not isinstance(reason, str) or len(reason) > 500 or not is_text(reason):
         return _error(400, "reason must be a short line of text")
     records = _current(fr, subsystem, build)
     if not records:
         return _error(404, f"no current rollout of {subsystem}" + (f" build {build}" if build else ""))
     fleet = fr.fleet
     announce = False
+    if action == "promote":  # all or none: a 409 says nothing was done
+        halted = [r for r in records if fleet.judge(r, fresh=True).status.state == HALTED]
+        if halted:
+            return _error(409, f"{subsystem} build {halted[0].build[:12]} is halted: resume it first")
     for record in records:
         st = fleet.judge(record, fresh=True).status
         if action == "promote":
-            if st.state == HALTED:
-                return _error(409, f"{subsystem} build {record.build[:12]} is halted: resume it first")
+            if st.state == HALTED:  # halted since the look above (another process): left as it is
+                continue
             announce |= fleet.promote(record)
         elif action == "halt":
             fleet.halt(record, reason.strip().splitlines()[0] if reason.strip() else "")
