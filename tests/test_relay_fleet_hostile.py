@@ -7,8 +7,10 @@ with a real SQLite fleet database and real signed manifests (tests/fleet_support
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from sync_tools.manifest import (
     with_entry,
 )
 from sync_tools.relay.app import get_relay
-from sync_tools.relay.fleet import MAX_AGENT_SUBSYSTEMS
+from sync_tools.relay.fleet import MAX_AGENT_SUBSYSTEMS, Fleet, FleetStore
 from sync_tools.relay.server import RelayServer
 from sync_tools.rollout import RolloutPolicy
 from sync_tools.signing import load_private_key
@@ -232,3 +234,35 @@ def test_a_cross_site_form_post_riding_the_fleet_pages_basic_login_cannot_resume
         assert (status["state"], status["wave"]) == ("halted", 1), (
             f"cross-site form posts answered {codes}: the halted build is now {status['state']} at wave "
             f"{status['wave']}")
+
+
+# ------------------------------------------------------------------------------------ SSE streams
+
+
+def test_a_stream_whose_last_seen_cannot_be_written_goes_on_and_its_agent_is_not_left_connected(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A stream's connect and close write the agent's last-seen time. When the fleet database cannot
+    take a write (here made immutable, as a full or read-only disk would refuse it), the raise came
+    before the stream's ``finally``: the stream failed and its agent stayed "connected" in that
+    process for good. Now the bookkeeping is logged (once a minute) and the stream goes on."""
+    db = tmp_path / "fleet.db"
+    store = FleetStore(db)
+    Fleet(store).connected("agent-1")  # the agent is known
+    store.close()
+    if subprocess.run(["chattr", "+i", str(db)], capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        store = FleetStore(db)
+        fleet = Fleet(store)
+        with caplog.at_level(logging.ERROR, logger="sync_tools.relay.fleet"):
+            fleet.connected("agent-1")
+            assert fleet.live([]) == {"agent-1"}  # its open streams only
+            fleet.connected("agent-1")  # a second stream of the same agent
+            fleet.disconnected("agent-1")
+            fleet.disconnected("agent-1")
+            assert fleet.live([]) == set()
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and lines[0].startswith("cannot record that agent agent-1 connected or left: "), lines
+        store.close()
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], capture_output=True, timeout=30)

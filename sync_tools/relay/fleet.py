@@ -641,6 +641,7 @@ class Fleet:
         self._gen = 0  # bumped by every write of this process that changes a judgement
         self._cache: dict[tuple[str, str], tuple[int, float, Judged]] = {}
         self._seen: dict[str, float] = {}  # agent id -> when seen() last wrote its last-seen time
+        self._touch_logged = -60.0  # monotonic time of the last log line about a failing touch
 
     def _changed(self) -> None:
         with self._lock:
@@ -651,7 +652,7 @@ class Fleet:
     def connected(self, agent: str) -> None:
         with self._lock:
             self._connected[agent] = self._connected.get(agent, 0) + 1
-        if self.store.touch(agent, self.now()):
+        if self._touch(agent):
             self._changed()
 
     def disconnected(self, agent: str) -> None:
@@ -661,7 +662,23 @@ class Fleet:
                 self._connected[agent] = n
             else:
                 self._connected.pop(agent, None)
-        self.store.touch(agent, self.now())
+        self._touch(agent)
+
+    def _touch(self, agent: str) -> bool:
+        """A stream's last-seen bookkeeping. A database that cannot take it (a full disk) must not end
+        the stream, nor leave its agent counted as connected (the raise came before the stream's
+        ``finally``): logged at most once a minute, and the stream goes on."""
+        try:
+            return self.store.touch(agent, self.now())
+        except OutboxError as e:
+            now = time.monotonic()
+            with self._lock:
+                quiet = now < self._touch_logged + 60.0
+                if not quiet:
+                    self._touch_logged = now
+            if not quiet:
+                log.error("cannot record that agent %s connected or left: %s", agent, e)
+            return False
 
     def seen(self, agent: str) -> None:
         """*agent* asked something. Its last-seen time is written at most every SEEN_EVERY seconds: when
