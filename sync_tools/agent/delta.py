@@ -21,7 +21,7 @@ from sync_tools.errors import SyncToolsError
 from sync_tools.fsutil import sha256_file
 from sync_tools.manifest import Asset, Patch
 
-from .fetch import Fetcher, ProgressFn, download
+from .fetch import Fetcher, ProgressFn, download, open_part
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def stage_by_patch(fetcher: Fetcher, asset: Asset, *, installed: Path, staged: P
     part = downloads / patch.name
     moved = 0
     try:
-        with open(part, "w+b") as out:
+        with open_part(part) as out:
             moved = download(fetcher, patch.name, out, size=patch.size, sha256=patch.sha256,
                              max_bytes=asset.size, progress=progress)
         staged.unlink(missing_ok=True)
@@ -88,6 +88,9 @@ def stage_by_patch(fetcher: Fetcher, asset: Asset, *, installed: Path, staged: P
         log.warning("%s: the patch did not work (%s); downloading the full asset", asset.name, e)
         return Fetched(moved)
     finally:
-        part.unlink(missing_ok=True)
+        try:
+            part.unlink(missing_ok=True)
+        except OSError as e:  # a directory put there: left alone; the full asset may still come
+            log.warning("cannot remove %s: %s", part, e.strerror or e)
     log.info("%s: updated by patch %s (%d bytes instead of %d)", asset.name, patch.name, patch.size, asset.size)
     return Fetched(moved, PatchUse(patch.name, moved, max(0, asset.size - moved)))

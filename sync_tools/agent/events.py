@@ -190,7 +190,7 @@ class SSEClient:
         try:
             obj = json.loads(data)
             event = parse_agent_event(obj, event_id=event_id, source="sse")
-        except (ValueError, DataError) as e:
+        except (ValueError, RecursionError, DataError) as e:  # RecursionError: JSON nested too deep
             log.warning("SSE: ignoring a malformed %s event: %s", etype, e)
             return
         if event_id:
@@ -270,7 +270,7 @@ class WebhookVerifier:
         # signed by the secret's holder: from here on a bad body is a 400, not an unverified delivery
         try:
             obj = json.loads(body)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can follow
             raise BadRequest(f"signed delivery is not JSON: {e}") from e
         try:
             event = parse_agent_event(obj, event_id=h["webhook-id"], source="webhook")
@@ -291,7 +291,7 @@ class WebhookVerifier:
             return self._upstream(kind, body, h, delivery)
         try:
             obj = json.loads(body)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can follow
             from sync_tools.relay.webhook import BadRequest
 
             raise BadRequest("signed GitHub delivery is not JSON") from e

@@ -28,9 +28,15 @@ _META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTY
                tarfile.SOLARIS_XHDTYPE)
 
 
+def _refuse_sparse(pax_headers: dict[str, str]) -> None:
+    sparse = sorted(k for k in pax_headers if k.startswith("GNU.sparse."))
+    if sparse:
+        raise ArchiveError(f"GNU sparse member in archive (pax records {', '.join(sparse)})")
+
+
 class _CappedTarInfo(tarfile.TarInfo):
     """A TarInfo that refuses a metadata header over the caps before tarfile reads it, and GNU sparse
-    members (their maps are read whole too; a release binary is never sparse)."""
+    members, old and pax form (their maps are read whole too; a release binary is never sparse)."""
 
     def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type == tarfile.GNUTYPE_SPARSE:
@@ -43,6 +49,21 @@ class _CappedTarInfo(tarfile.TarInfo):
                                    f"at most {MAX_META_HEADERS} and {MAX_META_BYTES})")
             tf._meta_seen = (count, total)  # type: ignore[attr-defined]
         return super()._proc_member(tf)  # type: ignore[misc]
+
+    # tarfile's pax handling calls these on the pax header before it applies the records to the member;
+    # the 1.0 form reads its map from the member's data into a list with no bound
+    def _proc_gnusparse_00(self, next_: tarfile.TarInfo, pax_headers: dict[str, str], buf: bytes) -> None:
+        _refuse_sparse(pax_headers)
+
+    def _proc_gnusparse_01(self, next_: tarfile.TarInfo, pax_headers: dict[str, str]) -> None:
+        _refuse_sparse(pax_headers)
+
+    def _proc_gnusparse_10(self, next_: tarfile.TarInfo, pax_headers: dict[str, str], tf: tarfile.TarFile) -> None:
+        _refuse_sparse(pax_headers)
+
+    def _apply_pax_info(self, pax_headers: dict[str, str], encoding: str, errors: str) -> None:
+        _refuse_sparse(pax_headers)  # any other GNU.sparse record, in a member's or a global header
+        super()._apply_pax_info(pax_headers, encoding, errors)  # type: ignore[misc]
 
 
 def _check_member(member: tarfile.TarInfo, binary: str, max_bytes: int) -> None:
@@ -81,7 +102,9 @@ def extract_binary(archive: Path, binary: str, dest: Path, *, max_bytes: int) ->
         tf = tarfile.open(archive, mode="r:gz", tarinfo=_CappedTarInfo)  # reads the first header
     except ArchiveError as e:
         raise ArchiveError(f"{archive.name}: {e}") from e
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    # tarfile raises ValueError itself for some malformed records (int() of a pax value), and a
+    # RecursionError for a long enough chain of headers
+    except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError, RecursionError) as e:
         raise ArchiveError(f"{archive.name}: not a readable tar.gz: {e}") from e
     with tf:
         try:
@@ -100,7 +123,7 @@ def extract_binary(archive: Path, binary: str, dest: Path, *, max_bytes: int) ->
         except ArchiveError as e:
             dest.unlink(missing_ok=True)
             raise ArchiveError(f"{archive.name}: {e}") from e
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError, RecursionError) as e:
             dest.unlink(missing_ok=True)
             if isinstance(e, OSError) and e.errno is not None:
                 raise  # a local write failure (ENOSPC...) is not the archive's fault

@@ -13,10 +13,12 @@ the caller may use the file.
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import http.client
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -135,18 +137,31 @@ class HTTPFetcher(Fetcher):
         self.client = client or Client()
         self.timeout = timeout
         self.headers = dict(headers or {})
+        self._local = threading.local()
 
     def url(self, url_or_name: str) -> str:
         if url_or_name.startswith(("http://", "https://")):
             return url_or_name
         return f"{self.base_url}/{url_or_name}"
 
+    def fetch(self, url_or_name: str, *, max_bytes: int, offset: int = 0,
+              deadline: float | None = None) -> Iterator[bytes]:
+        # _fetch (the seam subclasses and tests override) takes no deadline, but the redirects
+        # client.get follows before the first byte must keep to it too: _fetch reads it from here,
+        # in this thread, before anything else can run (the generator sets it on its first step)
+        self._local.deadline = deadline
+        try:
+            yield from super().fetch(url_or_name, max_bytes=max_bytes, offset=offset, deadline=deadline)
+        finally:
+            self._local.deadline = None
+
     def _fetch(self, url_or_name: str, offset: int) -> Iterator[bytes]:
         headers = {"Accept-Encoding": "identity", **self.headers}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         url = self.url(url_or_name)
-        resp = self.client.get(url, headers=headers, stream=True, timeout=self.timeout)
+        resp = self.client.get(url, headers=headers, stream=True, timeout=self.timeout,
+                               deadline=getattr(self._local, "deadline", None))
         try:
             if resp.status == 416 and offset:
                 return  # nothing left past offset: the caller's size check decides
@@ -191,6 +206,17 @@ def make_fetcher(source: str, *, tag: str = "latest", base: Path | None = None) 
     if base is not None and not store.is_absolute():
         store = base / store
     return LocalFetcher(store / tag)
+
+
+def open_part(path: Path) -> BinaryIO:
+    """A new, empty file at *path* to download into (``w+b``), only readable by the agent.
+
+    Whatever is at *path* is removed first, never written through: a link put in the downloads
+    directory is replaced, not followed, and one put back meanwhile makes the open fail (OSError)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    return os.fdopen(fd, "w+b")
 
 
 def download(fetcher: Fetcher, name: str, out: BinaryIO, *, size: int, sha256: str, max_bytes: int,

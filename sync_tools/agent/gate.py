@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,17 @@ def has_rollout(entry: Any) -> bool:
 
 def _short(sha: str) -> str:
     return sha[:12]
+
+
+def _finite(value: Any) -> float | None:
+    """*value* as a finite float, else None (an int too large for a float cannot be formatted as one)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 class Gate:
@@ -125,12 +137,11 @@ class Gate:
             obj = json.loads(body)
             if not isinstance(obj, dict) or not isinstance(obj.get("allowed"), bool):
                 raise ValueError("no boolean 'allowed'")
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can follow
             return GateDecision(False, f"{what}: the relay's answer is not a rollout decision ({e}); held")
         state = obj.get("state") if isinstance(obj.get("state"), str) else None
         wave = obj.get("wave") if isinstance(obj.get("wave"), int) and not isinstance(obj.get("wave"), bool) else None
-        percent = obj.get("percent")
-        percent = percent if isinstance(percent, int | float) and not isinstance(percent, bool) else None
+        percent = _finite(obj.get("percent"))
         reason = obj.get("reason") if isinstance(obj.get("reason"), str) else ""
         reason = " ".join(reason.split())[:300]  # one line, bounded: it goes into reports and status
         if obj["allowed"]:

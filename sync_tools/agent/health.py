@@ -32,8 +32,10 @@ def check_once(spec: str, *, timeout: float = 5.0, cwd: Path | None = None,
     """One attempt of *spec* (a URL or a shell command). Never raises: failures are a result."""
     if spec.startswith(("http://", "https://")):
         try:
-            # only the status counts: the body is never read (a health URL that streams cannot hold us)
-            resp = (client or Client()).get(spec, timeout=(min(timeout, 2.0), timeout), stream=True)
+            # only the status counts: the body is never read (a health URL that streams cannot hold us),
+            # and its redirects get no more than the attempt's time
+            resp = (client or Client()).get(spec, timeout=(min(timeout, 2.0), timeout), stream=True,
+                                            deadline=time.monotonic() + timeout)
         except HTTPError as e:
             return HealthResult(False, f"{spec}: {type(e).__name__}")
         resp.close()

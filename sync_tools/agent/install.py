@@ -36,8 +36,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sync_tools.errors import DataError, SyncToolsError
-from sync_tools.fsutil import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
-from sync_tools.versionfile import PREVIOUS_DIR, VERSION_FILE, VersionInfo, parse_version_text, read_version
+from sync_tools.fsutil import atomic_write_json, atomic_write_text, fsync_dir, read_capped, sha256_file
+from sync_tools.versionfile import (
+    MAX_VERSION_FILE,
+    PREVIOUS_DIR,
+    VERSION_FILE,
+    VersionInfo,
+    parse_version_text,
+    read_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +215,14 @@ def _sha_or_none(path: Path) -> str | None:
 
 
 def _read_text_or_none(path: Path) -> str | None:
+    """The .version text at *path*; None when it is missing, over the cap or not UTF-8. Such a file
+    describes no binary anyone could check, and another tool may have written it: it must not stop the
+    install (a restore checks the bytes themselves, and falls back to a made-up .version)."""
     try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        data = read_capped(path, MAX_VERSION_FILE, missing_ok=True)
+        return None if data is None else data.decode("utf-8")
+    except (DataError, UnicodeDecodeError) as e:
+        log.warning("%s: ignoring a .version that is no text the agent can keep (%s)", path, e)
         return None
 
 

@@ -46,7 +46,7 @@ from sync_tools.versionfile import PREVIOUS_DIR, VersionInfo, read_version
 from . import delta, install, pending, statusinfo, subsystems
 from .events import AgentEvent
 from .extract import extract_binary
-from .fetch import Fetcher, ProgressFn, Refusal, TooLargeError, download, make_fetcher
+from .fetch import Fetcher, ProgressFn, Refusal, TooLargeError, download, make_fetcher, open_part
 from .gate import Gate, has_rollout, held_info
 from .health import HealthResult
 from .reload import Reloader, ReloadError, make_reloader
@@ -421,7 +421,7 @@ class Agent:
             if by_patch.patch is not None:
                 install.crash_point("staged")
                 return by_patch
-            with open(part, "w+b") as out:
+            with open_part(part) as out:
                 moved = by_patch.moved + download(self.fetcher, asset.name, out, size=asset.size,
                                                   sha256=asset.sha256, max_bytes=self.max_asset_bytes,
                                                   progress=self.progress)
@@ -438,7 +438,10 @@ class Agent:
             raise install.InstallError(f"{sub.name}: cannot write {e.filename or bin_dir}: "
                                        f"{e.strerror or e}") from e
         finally:
-            part.unlink(missing_ok=True)
+            try:
+                part.unlink(missing_ok=True)
+            except OSError as e:  # a directory put there: left alone, and it must not end the reconcile
+                log.warning("cannot remove %s: %s", part, e.strerror or e)
 
     def _health(self, sub: Subsystem) -> HealthResult:
         return wait_settled(sub.health, reloader=self.reloader, process=sub.process, cwd=self.root,
