@@ -90,10 +90,12 @@ def subject_for(tag: str) -> str:
     return SUBJECT_PREFIX + tag
 
 
-def event_key(tag: str, serial: Any, event_id: int) -> str:
+def event_key(tag: str, serial: Any, event_id: int, nonce: str | None = None) -> str:
     """The event's ``Nats-Msg-Id``: the same for every retry of one publish (JetStream keeps one), and
-    never the same for two events, even from a relay whose database was made anew (its ids restart)."""
-    return f"{tag}:{serial}:{event_id}"
+    never the same for two events, even from a relay whose database was made anew (its ids restart).
+    The *nonce* (random, made with the publish job) keeps anyone else from guessing the next event's
+    key: a message stored first under it would make the real publish a duplicate, never stored."""
+    return f"{tag}:{serial}:{event_id}" + (f":{nonce}" if nonce else "")
 
 
 def connect_options(cfg: NatsConfig, *, root: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -407,7 +409,7 @@ class NatsSubscriber:
             if not data or len(data) > MAX_EVENT_BYTES:
                 raise DataError(f"payload of {len(data or b'')} bytes (an event is 1 to {MAX_EVENT_BYTES})")
             event = parse_agent_event(json.loads(data), event_id=key, source="nats")
-        except (ValueError, DataError) as e:
+        except (ValueError, DataError, RecursionError) as e:  # RecursionError: JSON nested past the limit
             self.ignored += 1
             log.warning("NATS %s: ignoring a %s message that is not a release event: %s", self.subject, via,
                         str(e)[:200])

@@ -116,7 +116,7 @@ class Relay:
 
     def __post_init__(self) -> None:
         if self.nats is None:
-            self.nats = NatsPublisher(self.config.relay.nats, root=self.config.root)
+            self.nats = NatsPublisher(self.config.relay.nats, root=self.config.root, outbox=self.outbox)
         self.worker = Worker(
             self.outbox,
             {"dispatch": self._dispatch_job, "fanout": self._fanout_job, "push": self._push_job,
@@ -705,7 +705,7 @@ def create_app(config: Config, settings: Settings | None = None, *, now: Callabl
         metrics=Metrics(outbox, lambda: broker.connected),
         dispatcher=dispatcher,
         store_factory=store_factory or (lambda: open_store(config)),
-        nats=NatsPublisher(config.relay.nats, root=config.root, environ=environ),
+        nats=NatsPublisher(config.relay.nats, root=config.root, environ=environ, outbox=outbox),
     )
     app = Flask("sync_tools.relay")
     app.extensions[EXTENSION] = relay

@@ -3,11 +3,13 @@
 A release event appended to the relay's event log also becomes an outbox job of kind ``nats``
 (:meth:`NatsPublisher.jobs_for`, in the same transaction), so publishing has the at-least-once
 guarantee of every other job: retried with backoff while the hub is away, dead-lettered after the
-retry limit. Jobs share one lane, so events go out in the order they were made.
+retry limit. Jobs share one lane, and one waits while an earlier one is unfinished (in its backoff
+after a failed publish, say), so events go out in the order they were made: the stream's last
+message, what every agent's catch-up reads, is the newest event.
 
-A publish carries the event's key (:func:`~sync_tools.agent.nats_transport.event_key`) as
-``Nats-Msg-Id``: a publish retried after its ack was lost is stored once (the stream's
-``duplicate_window`` is a day). The stream keeps only the newest :data:`KEEP_PER_SUBJECT` messages
+A publish carries the event's key (:func:`~sync_tools.agent.nats_transport.event_key`, with a nonce
+made with the job) as ``Nats-Msg-Id``: a publish retried after its ack was lost is stored once (the
+stream's ``duplicate_window`` is a day). The stream keeps only the newest :data:`KEEP_PER_SUBJECT` messages
 per subject and answers direct gets (``allow_direct``), which is all an agent's catch-up needs.
 
 The stream is made when it does not exist (:func:`ensure_stream`); one made by an operator is used
@@ -20,6 +22,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,8 @@ from sync_tools.agent.nats_transport import (
 )
 from sync_tools.config import NatsConfig
 from sync_tools.errors import ConfigError, DataError, RemoteError
-from sync_tools.relay.outbox import Job, NewJob
+from sync_tools.relay.outbox import Job, NewJob, Outbox
+from sync_tools.relay.worker import Deferred
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +76,9 @@ class NatsPublisher:
     (and a job left from an earlier config is dead-lettered with that reason)."""
 
     def __init__(self, cfg: NatsConfig | None, *, root: Path, environ: Mapping[str, str] | None = None,
-                 timeout: float = 10.0):
+                 timeout: float = 10.0, outbox: Outbox | None = None):
         self.cfg = cfg
+        self.outbox = outbox  # the jobs' own: a publish waits for the earlier ones of its lane
         self.root = root
         self._env = dict(os.environ if environ is None else environ)
         self.timeout = timeout
@@ -87,7 +92,8 @@ class NatsPublisher:
         """The publish job for one release event (none when NATS is not configured)."""
         if self.cfg is None:
             return []
-        return [NewJob(kind=KIND, payload={"event_id": event_id, "event": event}, lane=LANE)]
+        return [NewJob(kind=KIND, payload={"event_id": event_id, "event": event, "nonce": secrets.token_hex(8)},
+                       lane=LANE)]
 
     def handle(self, job: Job) -> list[NewJob]:
         """The outbox handler. Raises ConfigError or DataError (dead-letter: no config, a bad job) and
@@ -97,9 +103,17 @@ class NatsPublisher:
         event, event_id = job.payload.get("event"), job.payload.get("event_id")
         if not isinstance(event, dict) or not isinstance(event_id, int):
             raise DataError(f"job {job.id}: not a release event")
+        # after every earlier event: the stream's last message is what agents catch up from, so one
+        # published before an older event (in its backoff after a failed publish) would leave them that
+        earlier = self.outbox.earlier_in_lane(job) if self.outbox is not None else None
+        if earlier is not None:
+            soon = self.outbox.now() + (1.0 if earlier.status == "running" else 0.05)  # type: ignore[union-attr]
+            raise Deferred(f"the release event of job {earlier.id} was made first and goes out first",
+                           until=max(earlier.next_attempt + 0.001, soon), quiet=True)
         tag = str(event.get("release") or "")
         subject = subject_for(tag)
-        key = event_key(tag, event.get("serial"), event_id)
+        nonce = job.payload.get("nonce")
+        key = event_key(tag, event.get("serial"), event_id, nonce if isinstance(nonce, str) else None)
         body = json.dumps(event, sort_keys=True).encode()
         self.publish(subject, body, key)
         return []

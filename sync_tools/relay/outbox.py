@@ -269,6 +269,15 @@ def _slot_range(slot: str) -> tuple[str, str]:
     return slot, slot[:-1] + chr(ord(slot[-1]) + 1)
 
 
+def _payload(raw: Any) -> dict[str, Any] | None:
+    """A stored JSON object, or None when the column holds something else."""
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of *pid* (Linux /proc), telling a live process from a reused pid."""
     try:
@@ -373,6 +382,7 @@ class Outbox:
         self._all: list[sqlite3.Connection] = [self._w, self._fast]
         self._inbox: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._committer: threading.Thread | None = None
+        self._bad_events: set[int] = set()  # ids of event rows that do not decode, logged once each
         self._closed = False
         self._stop_taken = False  # the committer took the stop sentinel (close)
         self._start_lock = threading.Lock()
@@ -676,8 +686,12 @@ class Outbox:
 
     @staticmethod
     def _job(row: tuple[Any, ...]) -> Job:
-        return Job(id=row[0], kind=row[1], payload=json.loads(row[2]), delivery=row[3], lane=row[4],
-                   status=row[5], attempts=row[6], next_attempt=row[7], created=row[8], last_error=row[9])
+        """A job from its row; a payload that does not decode to an object (a row damaged on disk or
+        written by hand) is an empty one, which :meth:`_claim` dead-letters and listings show."""
+        payload = _payload(row[2])
+        return Job(id=row[0], kind=row[1], payload=payload if payload is not None else {}, delivery=row[3],
+                   lane=row[4], status=row[5], attempts=row[6], next_attempt=row[7], created=row[8],
+                   last_error=row[9])
 
     _COLS = "id, kind, payload, delivery, lane, status, attempts, next_attempt, created, last_error"
 
@@ -741,7 +755,15 @@ class Outbox:
                     "AND (lane IS NULL OR NOT EXISTS (SELECT 1 FROM jobs AS r WHERE r.status = 'running' "
                     f"AND r.lane = jobs.lane)) RETURNING {self._COLS}", (self.owner, now, job_id)).fetchone()
             if row is not None:
-                return self._job(row)
+                if _payload(row[2]) is not None:
+                    return self._job(row)
+                # claimed, so no other worker takes it meanwhile; it could never run, and left running
+                # it would hold up its lane for good
+                why = "its stored payload is not a JSON object (the row was damaged or written by hand)"
+                with self._writer():
+                    self._fast.execute("UPDATE jobs SET status = ?, owner = NULL, updated = ?, last_error = ? "
+                                       "WHERE id = ?", (DEAD, now, why, job_id))
+                log.error("job %d (%s) dead-lettered: %s", job_id, row[1], why)
         return None
 
     def next_due(self) -> float | None:
@@ -798,6 +820,17 @@ class Outbox:
                 f"SELECT {self._COLS} FROM jobs WHERE kind = ? AND id < ? AND status IN ('pending', 'running') "
                 "AND substr(dedupe, 1, ?) = ? ORDER BY id LIMIT 1",
                 (job.kind, job.id, len(dedupe_prefix), dedupe_prefix)).fetchone()
+        return self._job(row) if row else None
+
+    def earlier_in_lane(self, job: Job) -> Job | None:
+        """The first job of *job*'s lane created before it (a lower id) that is still pending or
+        running, if any (a lane runs its jobs one at a time, but the next due first, not the oldest)."""
+        if job.lane is None:
+            return None
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {self._COLS} FROM jobs WHERE lane = ? AND id < ? AND status IN ('pending', 'running') "
+                "ORDER BY id LIMIT 1", (job.lane, job.id)).fetchone()
         return self._job(row) if row else None
 
     def retry_dead(self, job_id: int | None = None) -> int:
@@ -891,7 +924,18 @@ class Outbox:
         with self._read() as conn:
             rows = conn.execute("SELECT id, type, data, created FROM events WHERE id > ? ORDER BY id LIMIT ?",
                                 (after, limit)).fetchall()
-        return [Event(id=r[0], type=r[1], data=json.loads(r[2]), created=r[3]) for r in rows]
+        out = []
+        for r in rows:
+            data = _payload(r[2])
+            if data is None:
+                # a row damaged on disk: skipped, so the events after it still reach every subscriber
+                # (the broker asks again from the last id it handed on), and logged once
+                if r[0] not in self._bad_events:
+                    self._bad_events.add(r[0])
+                    log.error("event %d (%s) is not a JSON object in the database; skipped", r[0], r[1])
+                continue
+            out.append(Event(id=r[0], type=r[1], data=data, created=r[3]))
+        return out
 
     def last_event_id(self) -> int:
         with self._read() as conn:
