@@ -35,8 +35,8 @@ from sync_tools.errors import BuildError, ConfigError, DataError, SyncToolsError
 from sync_tools.fsutil import sha256_file
 from sync_tools.manifest import format_time
 from sync_tools.procs import TERM_GRACE, stop_group
-from sync_tools.versionfile import VersionInfo, read_installed, write_version
-from sync_tools.versions import new_major
+from sync_tools.versionfile import VERSION_FILE, VersionInfo, read_installed, write_version
+from sync_tools.versions import in_pin_form, new_major
 
 log = logging.getLogger(__name__)
 
@@ -193,25 +193,41 @@ def build_env(sub: Subsystem, platform: str, version: str | None,
     return env
 
 
-def branch_head(config: Config, sub: Subsystem, version: str | None) -> str | None:
-    """The head commit of upstream branch *version* when *version* names a branch and no tag
-    there (a branch pin such as ``main``); None otherwise, or when the upstream cannot be asked
-    (the build then checks out the name, and records the commit it really built)."""
+@dataclass(frozen=True)
+class UpstreamVersion:
+    """What the upstream says of a version to build: the commit it names (a tag peeled, a branch's
+    head, a full sha), None when unknown; and whether it names a branch (whose head moves)."""
+
+    commit: str | None = None
+    branch: bool = False
+
+
+def upstream_version(config: Config, sub: Subsystem, version: str | None) -> UpstreamVersion:
+    """The commit *version* names upstream: a tag's (``v`` prefix aside, as :func:`pinned_tag` reads
+    it), else a branch's head (a branch pin such as ``main``). Unknown when it names neither, or the
+    upstream cannot be asked (a warning: the build then checks out the name, and records the commit
+    it really built)."""
     from sync_tools.check import _resolve_upstream
     from sync_tools.sources.remote import RefCache
     from sync_tools.sources.tags import pinned_tag
 
-    if not version or not sub.upstream or sub.strategy == "releases" or re.fullmatch(r"[0-9a-f]{7,40}", version):
-        return None
+    if not version or not sub.upstream or sub.strategy == "releases":
+        return UpstreamVersion()
+    if re.fullmatch(r"[0-9a-f]{40}", version):
+        return UpstreamVersion(version)
+    if re.fullmatch(r"[0-9a-f]{7,39}", version):
+        return UpstreamVersion()
     try:
         refs = RefCache(timeout=30.0).get(_resolve_upstream(config, sub).upstream)
-        if pinned_tag(version, refs.tags()) is not None:
-            return None
-        return refs.branch(version)
     except SyncToolsError as e:
-        log.warning("%s: cannot ask %s whether %s is a branch (%s); building it by name", sub.name,
-                    sub.upstream, version, e)
-        return None
+        log.warning("%s: cannot ask %s what %s is (%s); building it by name", sub.name, sub.upstream, version, e)
+        return UpstreamVersion()
+    tags = refs.tags()
+    tag = pinned_tag(version, tags)
+    if tag is not None:
+        return UpstreamVersion(tags[tag])
+    head = refs.branch(version)
+    return UpstreamVersion(head, branch=True) if head else UpstreamVersion()
 
 
 def _aside_path(config: Config, sub: Subsystem) -> Path:
@@ -220,22 +236,38 @@ def _aside_path(config: Config, sub: Subsystem) -> Path:
     return config.root / sub.name / f".{sub.binary}.before-build"
 
 
+def _version_aside(aside: Path) -> Path:
+    """Where the old binary's ``.version`` waits beside it: a ``src:update`` that clears ``.bin``
+    (grafana's) takes it too, and a binary put back without it fails verify and cannot be packaged."""
+    return aside.with_name(aside.name.removesuffix(".before-build") + ".version.before-build")
+
+
 def _move_aside(binary: Path, aside: Path) -> bool:
-    """Move the installed binary out of the way so the build's ``status: [test -f <binary>]`` guard
-    cannot skip it, and so whatever is at *binary* afterwards was written by this build. A binary set
-    aside by a build that was killed is put back first. Returns whether one was moved."""
+    """Move the installed binary (and its ``.version``) out of the way so the build's ``status:
+    [test -f <binary>]`` guard cannot skip it, and so whatever is at *binary* afterwards was written
+    by this build. A binary set aside by a build that was killed is put back first. Returns whether
+    one was moved."""
+    version, version_aside = binary.parent / VERSION_FILE, _version_aside(aside)
     if aside.is_file() and not binary.exists():
-        os.replace(aside, binary)
+        _put_aside_back(binary, aside)
     aside.unlink(missing_ok=True)
+    version_aside.unlink(missing_ok=True)
     if not binary.is_file():
         return False
     os.replace(binary, aside)
+    if version.is_file():
+        os.replace(version, version_aside)
     return True
 
 
 def _put_aside_back(binary: Path, aside: Path) -> None:
+    version, version_aside = binary.parent / VERSION_FILE, _version_aside(aside)
     binary.parent.mkdir(parents=True, exist_ok=True)
     os.replace(aside, binary)
+    if version_aside.is_file():
+        os.replace(version_aside, version)
+    else:  # the old binary had none: one the failed build wrote would describe another binary
+        version.unlink(missing_ok=True)
 
 
 def build_subsystem(
@@ -248,22 +280,26 @@ def build_subsystem(
     output: int | IO[bytes] | IO[str] | None = None,
     env: Mapping[str, str] | None = None,
     now: datetime | None = None,
+    upstream: UpstreamVersion | None = None,
 ) -> BuildResult:
     """Run *sub*'s build commands, then write ``<sub>/.bin/.version``.
 
-    *version* defaults to the subsystem's pin. Raises BuildError (a command failed or timed out, or
-    the binary is missing afterwards) and ConfigError (bad platform).
+    *version* defaults to the subsystem's pin; *upstream* is what the upstream says of it (asked when
+    not given). Raises BuildError (a command failed or timed out, the binary is missing afterwards,
+    or the source built is not the commit *version* names upstream; the old binary is put back) and
+    ConfigError (bad platform).
     """
     plat = "/".join(parse_platform(platform))
     version = version or sub.current
     run_env = build_env(sub, plat, version, env)
-    if sub.version_var and (config.root / sub.name / ".src").is_dir():
-        head = branch_head(config, sub, version)
-        if head is not None:
-            # a branch pin over an existing clone: check out the head commit itself. `git checkout
-            # main` there stays on the local branch, behind what `src:update` fetched, so the build
-            # would never move (a first clone takes the branch name: `git clone --branch main`)
-            run_env[sub.version_var] = head
+    if upstream is None:
+        upstream = upstream_version(config, sub, version)
+    src_dir = config.root / sub.name / ".src"
+    if upstream.branch and upstream.commit and sub.version_var and src_dir.is_dir():
+        # a branch pin over an existing clone: check out the head commit itself. `git checkout
+        # main` there stays on the local branch, behind what `src:update` fetched, so the build
+        # would never move (a first clone takes the branch name: `git clone --branch main`)
+        run_env[sub.version_var] = upstream.commit
     started = time.monotonic()
     binary = sub.binary_path(config.root)
     aside = _aside_path(config, sub)
@@ -275,13 +311,20 @@ def build_subsystem(
             raise BuildError(f"{sub.name}: the build finished but wrote no binary at {binary} "
                              f"(commands: {'; '.join(sub.build)}); a task whose status: guard skipped it, "
                              f"or a Taskfile that builds elsewhere?" + (" The old binary is put back." if moved else ""))
+        src = source_commit(src_dir)
+        if upstream.commit and src is not None and src.sha != upstream.commit:
+            # never label a binary with a version whose commit it was not built from
+            raise BuildError(f"{sub.name}: asked for {version} ({upstream.commit[:12]} upstream) but {sub.name}/.src "
+                             f"is at {src.sha[:12]}: not recorded as {version} (does the build read "
+                             f"{sub.version_var or 'another var'}? set version_var)"
+                             + ("; the old binary is put back" if moved else ""))
     except BaseException:
         if moved:
             _put_aside_back(binary, aside)
         raise
     if moved:
         aside.unlink(missing_ok=True)
-    src = source_commit(config.root / sub.name / ".src")
+        _version_aside(aside).unlink(missing_ok=True)
     commit = src.sha if src else (run_env.get(COMMIT_ENV) or "unknown")
     info = VersionInfo(commit=commit, timestamp=format_time(now or datetime.now(UTC)),
                        checksum=sha256_file(binary), version=version, platform=plat)
@@ -316,45 +359,92 @@ def build(
         raise ConfigError("--version applies to exactly one subsystem (--only NAME)")
     results = []
     for sub in build_order(config, names):
-        if version is not None and not allow_major and sub.major == "manual" and new_major(version, sub.current):
-            raise ConfigError(f"{sub.name}: {version} is a new major over the pinned {sub.current} "
+        # in the pin's own form: check names grafana's tag v11.6.0, its pin (and the Taskfile that
+        # clones v{{.GF_VERSION}}) writes 11.6.0
+        ver = in_pin_form(version, sub.current) if version is not None else None
+        if ver is not None and not allow_major and sub.major == "manual" and new_major(ver, sub.current):
+            raise ConfigError(f"{sub.name}: {ver} is a new major over the pinned {sub.current} "
                               "(major: manual): pass --allow-major to build it")
-        new_version = version is not None and version != sub.current
+        new_version = ver is not None and ver != sub.current
         if new_version and update_pin and sub.pin is None:
-            raise ConfigError(f"{sub.name}: cannot build {version}: its pin has no known source to update")
+            raise ConfigError(f"{sub.name}: cannot build {ver}: its pin has no known source to update")
         spot = _version_spot(config, sub)
+        if ver is not None and spot is None:
+            _refuse_unknown_version_var(config, sub, ver)
+        upstream = upstream_version(config, sub, ver or sub.current)
+        # the Taskfile var moves with the pin when it repeats it (or is it), so `task X:ensure` outside
+        # sync-tools builds the same version; else a value written for the build is put back
+        keep = spot is not None and (sub.version_pin is not None or _same_spot(spot[0], sub.pin))
+        moves: list[tuple[PinSource, str, str | None]] = []  # (spot, new value, old value) on success
+        if new_version and update_pin:
+            assert sub.pin is not None and ver is not None
+            moves.append((sub.pin, ver, sub.current))
+            if keep and spot is not None and not _same_spot(spot[0], sub.pin):
+                moves.append((spot[0], ver, spot[1]))
+        for pin, value, _ in moves:  # both pins move or neither: found out before anything is built
+            pins.check_update(pin, value)
         # go-task lets a plain Taskfile var win over the environment, so the version would not reach
         # the build: write it into the Taskfile for the build, and put the old value back if the build
         # fails (or when it is not to be kept). Only this var's value is put back, never the whole file:
         # builds of other subsystems may have moved their pins meanwhile.
-        wanted = version or sub.current
+        wanted = ver or sub.current
+        if (upstream.branch and upstream.commit and spot is not None and not spot[2]
+                and (config.root / sub.name / ".src").is_dir()):
+            # a branch over an existing clone: its head commit, as build_subsystem puts it in the
+            # environment for a template var (`git checkout main` would stay on the old local branch)
+            wanted = upstream.commit
         written: tuple[PinSource, str] | None = None
         if wanted is not None and spot is not None and spot[1] is not None and not spot[2] and spot[1] != wanted:
             pins.update_pin(spot[0], wanted)
             written = (spot[0], spot[1])
         try:
-            result = build_subsystem(config, sub, platform=platform, version=version, timeout=timeout,
-                                     output=output, env=env)
+            result = build_subsystem(config, sub, platform=platform, version=ver, timeout=timeout,
+                                     output=output, env=env, upstream=upstream)
         except BaseException:
             if written:
                 pins.update_pin(*written)
             raise
-        # the Taskfile var moves with the pin when it repeats it (or is it), so `task X:ensure` outside
-        # sync-tools builds the same version; else a value written for the build is put back
-        keep = spot is not None and (sub.version_pin is not None or _same_spot(spot[0], sub.pin))
-        if new_version and update_pin:
-            assert sub.pin is not None and version is not None
-            pins.update_pin(sub.pin, version)
-            if keep and spot is not None and not _same_spot(spot[0], sub.pin):
-                pins.update_pin(spot[0], version)
-            elif written and not keep:
+        done: list[tuple[PinSource, str | None]] = []
+        try:
+            for pin, value, old in moves:
+                pins.update_pin(pin, value)
+                done.append((pin, old))
+            if written and not (moves and keep):
                 pins.update_pin(*written)
+        except BaseException:
+            _put_pins_back(done, written)
+            raise
+        if moves:
             result = BuildResult(result.subsystem, result.platform, result.binary, result.info,
                                  result.seconds, pin_updated=True)
-        elif written:
-            pins.update_pin(*written)
         results.append(result)
     return results
+
+
+def _put_pins_back(done: list[tuple[PinSource, str | None]], written: tuple[PinSource, str] | None) -> None:
+    """After a failed pin update: the pins already moved, and a Taskfile var written for the build,
+    back to what they were (as far as each can be; the error being raised says what failed)."""
+    for pin, old in reversed(done + ([written] if written else [])):
+        if old is None:
+            log.warning("cannot put %s in %s back: it had no value", pin.key, pin.path)
+            continue
+        try:
+            pins.update_pin(pin, old)
+        except ConfigError as e:
+            log.warning("cannot put %s in %s back to %s: %s", pin.key, pin.path, old, e)
+
+
+def _refuse_unknown_version_var(config: Config, sub: Subsystem, version: str) -> None:
+    """ConfigError when *sub*'s Taskfile has ``*_VERSION`` vars but none is known to be the one its
+    build reads (``LB_VERSION`` beside ``GO_VERSION``): *version* would not reach the build, which
+    would build the Taskfile's default."""
+    from sync_tools import taskfiles
+
+    tf = taskfiles.subsystem_taskfile(config.root, sub.name)
+    names = [v.name for v in tf.by_suffix("VERSION") if not v.name.startswith("RELEASE_")] if tf else []
+    if names:
+        raise ConfigError(f"{sub.name}: cannot build {version}: which of {', '.join(names)} does the build "
+                          f"read? set subsystems.{sub.name}.version_var", path=config.path)
 
 
 def _same_spot(a: PinSource | None, b: PinSource | None) -> bool:

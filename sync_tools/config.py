@@ -444,7 +444,8 @@ def _parse_subsystem(sec: _Section, name: str, pin: PinSource | None, *, root: P
         raise ConfigError("subsystem names are lower-case letters, digits, - and _", path=sec.path,
                           key=sec.prefix, line=sec.line or _line(sec.data, name))
     strategy = sec.choice("strategy", STRATEGIES, "tags")
-    found = _taskfile_defaults(root, name, sec.str("current"), sec.str("version_var")) if root else {}
+    found = (_taskfile_defaults(root, name, sec.str("current"), sec.str("version_var"),
+                                binary_set=sec.str("binary") is not None) if root else {})
     upstream = sec.str("upstream") or found.get("upstream")
     if upstream is None:
         if upstream_required:
@@ -495,12 +496,14 @@ def _rollout(sec: _Section) -> Any:
     return policy_from_config(sec.section("rollout", POLICY_KEYS))
 
 
-def _taskfile_defaults(root: Path, name: str, pin: str | None, explicit_var: str | None) -> dict[str, Any]:
+def _taskfile_defaults(root: Path, name: str, pin: str | None, explicit_var: str | None, *,
+                       binary_set: bool = False) -> dict[str, Any]:
     """What ``<root>/<name>/Taskfile.yml`` says of the subsystem, by any var prefix: ``upstream``
     (``*_UPSTREAM_REPO``), ``binary`` (``*_BIN_NAME``), ``bin_path`` (from ``*_BIN_PATH``), ``health``
     (``task <name>:health`` when the root Taskfile includes a Taskfile with a ``health`` task),
     ``version_var`` (the var the build reads) and ``version_pin`` (that var's spot when it repeats
-    *pin*, to be moved with it). Empty when there is no such Taskfile."""
+    *pin*, to be moved with it). Empty when there is no such Taskfile. With *binary_set* (config
+    ``binary``) the Taskfile's binary vars are not read at all."""
     from sync_tools import taskfiles
 
     tf = taskfiles.subsystem_taskfile(root, name)
@@ -510,13 +513,14 @@ def _taskfile_defaults(root: Path, name: str, pin: str | None, explicit_var: str
     up = taskfiles.upstream_var(tf)
     if up is not None:
         out["upstream"] = up.value
-    bv = taskfiles.binary_var(tf)
-    if bv is not None and bv.value:
-        out["binary"] = bv.value
-    sub_path = taskfiles.binary_subpath(tf, root / name)
-    if sub_path:
-        out["bin_path"] = sub_path
-        out.setdefault("binary", sub_path.rsplit("/", 1)[-1])
+    if not binary_set:  # the config's binary wins: a Taskfile's path that cannot be read must not stop it
+        bv = taskfiles.binary_var(tf)
+        if bv is not None and bv.value:
+            out["binary"] = bv.value
+        sub_path = taskfiles.binary_subpath(tf, root / name, name)
+        if sub_path:
+            out["bin_path"] = sub_path
+            out.setdefault("binary", sub_path.rsplit("/", 1)[-1])
     if "health" in tf.tasks:
         rt = taskfiles.root_taskfile(root)
         if rt is not None and name in rt.includes and rt.includes[name].resolve() == tf.path.resolve():
@@ -758,7 +762,10 @@ def load_plat_telemetry(root: Path) -> Config:
     manifest_path = root / "manifest.yaml"
     data = load_yaml(manifest_path)
     top = _Section(manifest_path, data, "", ("subsystems", "release", "platforms", "version", "description"))
-    subs_raw = top.raw("subsystems") or _LineDict()
+    subs_raw = top.raw("subsystems")
+    if subs_raw is None:  # no key, or `subsystems:` with nothing under it: the root Taskfile's only
+        subs_raw = _LineDict()
+        subs_raw.lines, subs_raw.start_line = {}, _line(data, "subsystems") or 1
     if not isinstance(subs_raw, dict):
         raise top.error("subsystems", "must be a mapping of name -> {version, upstream}")
     names = list(subs_raw) + [n for n in taskfiles.discover(root) if n not in subs_raw]

@@ -31,7 +31,8 @@ from sync_tools.fsutil import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+/@-]*$")
-_DEFAULT_ARG = re.compile(r"""(default\s+)(?:"([^"]*)"|'([^']*)'|([^\s}|"']+))""")
+# the default's quotes are escaped (\") when the whole template is in double quotes
+_DEFAULT_ARG = re.compile(r"""(default\s+)(?:\\"([^"\\]*)\\"|"([^"]*)"|'([^']*)'|([^\s}|"'\\]+))""")
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def _new_content(scalar: _Scalar, value: str, taskfile: bool, where: str) -> str
         m = _DEFAULT_ARG.search(scalar.content)
         if not m:
             raise ConfigError("the Taskfile var is a template without a 'default' to update", path=where)
-        g = next(i for i in (2, 3, 4) if m.group(i) is not None)
+        g = next(i for i in (2, 3, 4, 5) if m.group(i) is not None)
         return scalar.content[:m.start(g)] + value + scalar.content[m.end(g):]
     return value
 
@@ -116,10 +117,21 @@ def update_pin(pin: PinSource, value: str) -> bool:
     under the subsystem's name. Raises ConfigError when the value is not a plain version/commit string,
     the spot cannot be found or is not a one-line scalar, or the edited file would not read back.
     """
-    if not _SAFE_VALUE.match(value):
-        raise ConfigError(f"refusing to write pin {value!r}: letters, digits and ._+/@- only", path=pin.path)
+    _check_value(pin, value)
     with _exclusive(Path(pin.path)):
         return _update_pin(pin, value)
+
+
+def check_update(pin: PinSource, value: str) -> None:
+    """Raise the ConfigError :func:`update_pin` would raise for *value* at *pin*, writing nothing: a
+    build that moves two pins checks both before it writes either."""
+    _check_value(pin, value)
+    _edit(pin, value)
+
+
+def _check_value(pin: PinSource, value: str) -> None:
+    if not _SAFE_VALUE.match(value):
+        raise ConfigError(f"refusing to write pin {value!r}: letters, digits and ._+/@- only", path=pin.path)
 
 
 @contextmanager
@@ -143,6 +155,19 @@ def _exclusive(path: Path) -> Iterator[None]:
 
 
 def _update_pin(pin: PinSource, value: str) -> bool:
+    edited = _edit(pin, value)
+    if edited is None:
+        return False
+    new_text, lineno = edited
+    path = Path(pin.path)
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    atomic_write_bytes(path, new_text.encode("utf-8"), mode=mode)
+    log.info("pin %s in %s:%d is now %s", pin.key, path, lineno, value)
+    return True
+
+
+def _edit(pin: PinSource, value: str) -> tuple[str, int] | None:
+    """The file at *pin* with the pin set to *value*, and the line it is on; None when it already is."""
     path = Path(pin.path)
     where = str(path)
     raw = path.read_bytes()
@@ -166,7 +191,7 @@ def _update_pin(pin: PinSource, value: str) -> bool:
         scalar = _split_scalar(lines[lineno - 1], key, where)
         content = _new_content(scalar, value, taskfile, where)
         if content == scalar.content:
-            return False
+            return None
         if scalar.quote == "" and not _plain_ok(content):
             # e.g. an all-digit commit, which YAML would read as a number: quote it (the only
             # characters that change besides the value itself).
@@ -192,10 +217,7 @@ def _update_pin(pin: PinSource, value: str) -> bool:
 
     new_text = "".join(lines)
     _check_reads_back(new_text, parent_path, key, value, taskfile, where)
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    atomic_write_bytes(path, new_text.encode("utf-8"), mode=mode)
-    log.info("pin %s in %s:%d is now %s", pin.key, path, lineno, value)
-    return True
+    return new_text, lineno
 
 
 def is_template(pin: PinSource) -> bool:
@@ -213,7 +235,9 @@ def _check_reads_back(text: str, parent_path: list[str], key: str, value: str, t
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"the edited file would not parse ({e}); left unchanged", path=where) from e
+        # one line: the parser's message spans several
+        raise ConfigError(f"the edited file would not parse ({' '.join(str(e).split())}); left unchanged",
+                          path=where) from e
     got = _walk(data, parent_path + [key], where)
     if taskfile:
         got = _taskfile_value(got)

@@ -36,6 +36,7 @@ from sync_tools.manifest import (
     Patch,
     empty_manifest,
     parse_manifest,
+    parse_time,
     renewed,
     sign_manifest,
     with_entry,
@@ -121,6 +122,15 @@ def entry_for(items: Sequence[Packaged], binary: str | None) -> Entry:
     version, commit = versions.pop()
     return Entry(version=version, commit=commit, built=max(p.built for p in items),
                  assets=MappingProxyType({p.platform: p.asset() for p in items}), binary=binary)
+
+
+def _built_no_later(new: Entry, held: Entry) -> bool:
+    """Whether *new* is another build than *held* that the versions cannot tell newer (both ``main``,
+    a branch pin's, or the same tag rebuilt from another commit) and that was not built after it.
+    A tie counts as older: putting an older commit back over a newer one is what must not happen."""
+    if new.commit == held.commit or later(new.version, held.version) or later(held.version, new.version):
+        return False
+    return parse_time(new.built, "built") <= parse_time(held.built, "built")
 
 
 def release(
@@ -215,6 +225,10 @@ def release_many(
         older = [f"{n} {e.version} (the manifest holds {base.subsystems[n].version})"
                  for n, e in entries.items()
                  if n in base.subsystems and later(base.subsystems[n].version, e.version)]
+        older += [f"{n} {e.version}@{e.commit[:12]} built {e.built} (the manifest holds "
+                  f"{held.version}@{held.commit[:12]} built {held.built})"
+                  for n, e in entries.items()
+                  if (held := base.subsystems.get(n)) is not None and _built_no_later(e, held)]
         if older:
             raise DataError(f"not releasing an older build over a newer one: {'; '.join(older)}; "
                             "pass --allow-downgrade to roll back on purpose")

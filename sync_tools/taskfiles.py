@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import re
+import shlex
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
@@ -27,6 +28,9 @@ from sync_tools.config import _line, _scalar_text, _taskfile_value, load_yaml
 from sync_tools.errors import ConfigError
 
 TASKFILE = "Taskfile.yml"
+# the names go-task looks for in a directory, in its order (the first that exists is the Taskfile)
+TASKFILE_NAMES = ("Taskfile.yml", "taskfile.yml", "Taskfile.yaml", "taskfile.yaml",
+                  "Taskfile.dist.yml", "taskfile.dist.yml", "Taskfile.dist.yaml", "taskfile.dist.yaml")
 _TEMPLATE_VAR = re.compile(r"\{\{\s*\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _EXE_EXT = re.compile(r"\{\{\s*exeExt\s*\}\}")
 
@@ -69,6 +73,15 @@ class Taskfile(NamedTuple):
     def by_suffix(self, suffix: str) -> list[Var]:
         """Vars named ``<PREFIX>_<suffix>``, in file order (any prefix)."""
         return [v for n, v in self.vars.items() if n.endswith("_" + suffix) and len(n) > len(suffix) + 1]
+
+
+def find_taskfile(directory: Path) -> Path:
+    """The Taskfile go-task reads in *directory* (:data:`TASKFILE_NAMES`, in order); ``Taskfile.yml``
+    there when it has none."""
+    for name in TASKFILE_NAMES:
+        if (directory / name).is_file():
+            return directory / name
+    return directory / TASKFILE
 
 
 def read(path: Path) -> Taskfile | None:
@@ -114,7 +127,7 @@ def _read(path: Path, mtime_ns: int, size: int, inode: int) -> Taskfile:
             if not isinstance(target, str):
                 continue
             p = path.parent / target
-            includes[ns] = p / TASKFILE if not p.name.endswith((".yml", ".yaml")) else p
+            includes[ns] = find_taskfile(p) if p.is_dir() else p
     return Taskfile(path, vars_, tasks, includes)
 
 
@@ -122,19 +135,19 @@ def subsystem_taskfile(root: Path, name: str) -> Taskfile | None:
     """``<root>/<name>/Taskfile.yml``, with the root Taskfile's vars of the subsystem's own prefix
     (``NATS_VERSION`` for nats) added where it does not set them itself; None when neither file
     says anything of the subsystem."""
-    own = read(root / name / TASKFILE)
+    own = read(find_taskfile(root / name))
     rt = root_taskfile(root)
     prefix = re.sub(r"[^A-Z0-9]", "_", name.upper()) + "_"
     inherited = {k: v for k, v in (rt.vars if rt else {}).items() if k.startswith(prefix)}
     if own is None:
         if not inherited:
             return None
-        return Taskfile(root / name / TASKFILE, inherited, {}, {})
+        return Taskfile(find_taskfile(root / name), inherited, {}, {})
     return own._replace(vars={**inherited, **own.vars})
 
 
 def root_taskfile(root: Path) -> Taskfile | None:
-    return read(root / TASKFILE)
+    return read(find_taskfile(root))
 
 
 def _words(value: str | None) -> list[str]:
@@ -173,7 +186,7 @@ def discover(root: Path) -> list[str]:
     names = listed_subsystems(rt) or list(rt.includes)
     out = []
     for name in names:
-        path = rt.includes.get(name, root / name / TASKFILE)
+        path = rt.includes.get(name) or find_taskfile(root / name)
         try:
             tf = read(path)
         except ConfigError:
@@ -244,20 +257,33 @@ def _expand(text: str, tf: Taskfile, taskfile_dir: str, depth: int = 0) -> str |
     return None if "{{" in out else out
 
 
-def binary_subpath(tf: Taskfile | None, sub_dir: Path) -> str | None:
+def binary_subpath(tf: Taskfile | None, sub_dir: Path, name: str | None = None) -> str | None:
     """Where the Taskfile puts the binary, relative to ``<sub>/.bin`` (``bin/grafana-server``), from its
-    ``*_BIN_PATH`` var; None when it has none that can be read. Raises ConfigError when the path
-    escapes ``.bin``."""
+    ``*_BIN_PATH`` var; None when it has none that can be read.
+
+    The subsystem's own var comes first: the prefix of *name* (``NATS_``) or of its ``*_BIN_NAME`` /
+    ``*_UPSTREAM_REPO`` var (``GF_``). A var of another prefix outside ``.bin`` names a tool the
+    Taskfile uses (``GO_BIN_PATH: /usr/local/go/bin/go``), not the binary: skipped. Raises
+    ConfigError when the subsystem's own path escapes ``.bin``."""
     if tf is None:
         return None
-    for v in tf.by_suffix("BIN_PATH"):
+    own = {re.sub(r"[^A-Z0-9]", "_", name.upper()) + "_"} if name else set()
+    for v, suffix in ((binary_var(tf), "BIN_NAME"), (upstream_var(tf), "UPSTREAM_REPO"),
+                      (upstream_var(tf), "UPSTREAM")):
+        if v is not None and v.name.endswith("_" + suffix):
+            own.add(v.name[: -len(suffix)])
+    candidates = tf.by_suffix("BIN_PATH")
+    candidates.sort(key=lambda v: v.name[: -len("BIN_PATH")] not in own)  # stable: file order otherwise
+    bin_root = str(sub_dir / ".bin")
+    for v in candidates:
         if v.raw is None:
             continue
         text = _expand(v.raw, tf, str(sub_dir))
         if text is None:
             continue
-        bin_root = str(sub_dir / ".bin")
         if not text.startswith(bin_root + "/"):
+            if v.name[: -len("BIN_PATH")] not in own:
+                continue
             raise ConfigError(f"{v.name} ({v.raw}) is not inside {sub_dir.name}/.bin", path=tf.path,
                               line=v.line)
         rel = text[len(bin_root) + 1:]
@@ -279,8 +305,14 @@ def check_subpath(rel: str, *, where: Path | str | None = None, key: str | None 
 
 def has_task(root: Path, command: str) -> bool | None:
     """Whether ``task NS:NAME`` (the first task a build command names) exists through the root
-    Taskfile's includes; None when *command* is not a plain ``task`` call this can judge."""
-    words = command.split()
+    Taskfile's includes; None when *command* is not a plain ``task`` call this can judge (options,
+    or shell operators: ``task a && task b``, ``task x 2>&1``, whose words are not all task names)."""
+    if re.search(r"[;&|<>()`$\n]", command):
+        return None
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
     if not words or Path(words[0]).name != "task":
         return None
     names = [w for w in words[1:] if not w.startswith("-") and "=" not in w]

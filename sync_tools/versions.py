@@ -259,6 +259,17 @@ def later(tag: str, other: str) -> bool:
     return a is not None and b is not None and is_newer(a, b)
 
 
+def in_pin_form(version: str, pin: str | None) -> str:
+    """*version* written as *pin* writes versions, ``v`` prefix and all: ``v11.6.0`` for a pin
+    ``11.4.0`` is ``11.6.0`` (plat-telemetry's grafana pins v-less and its Taskfile clones
+    ``v{{.GF_VERSION}}``), ``2.10.26`` for a pin ``v2.10.24`` is ``v2.10.26``. *version* as it is when
+    either is not a version or they differ in more than that prefix."""
+    v, p = parse_version(version), parse_version(pin or "")
+    if v is None or p is None or v.prefix not in ("", "v") or p.prefix not in ("", "v") or v.prefix == p.prefix:
+        return version
+    return version[1:] if v.prefix else "v" + version
+
+
 def new_major(tag: str, current: str | None) -> bool:
     """Whether *tag* is of a higher major version than *current* (False when either cannot be ordered)."""
     c, v = parse_version(current or ""), parse_version(tag)

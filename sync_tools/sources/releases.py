@@ -14,8 +14,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sync_tools import versions
+from sync_tools.deadline import Deadline, pool_classes
 from sync_tools.errors import DataError, RemoteError
 from sync_tools.sources import Latest, Sources
+from sync_tools.sources.remote import listing_deadline
 
 if TYPE_CHECKING:
     from sync_tools.config import Subsystem
@@ -45,13 +47,39 @@ def repo_slug(upstream: str) -> str:
 def make_github(timeout: float) -> Any:
     """A PyGithub client from the environment: GITHUB_TOKEN (if set), GITHUB_API_URL (default
     api.github.com), *timeout* seconds per request, no automatic retries (a retry loop could outlast
-    the check; the next check simply asks again)."""
+    the check; the next check simply asks again). Its connections can be cut by a :class:`Deadline`."""
     from github import Auth, Github
 
     token = os.environ.get("GITHUB_TOKEN") or None
     base_url = (os.environ.get("GITHUB_API_URL") or DEFAULT_API_URL).rstrip("/")
-    return Github(auth=Auth.Token(token) if token else None, base_url=base_url, timeout=max(1, int(timeout)),
-                  retry=None, per_page=_PER_PAGE, seconds_between_requests=None, lazy=True)
+    gh = Github(auth=Auth.Token(token) if token else None, base_url=base_url, timeout=max(1, int(timeout)),
+                retry=None, per_page=_PER_PAGE, seconds_between_requests=None, lazy=True)
+    _cut_on_deadline(gh)
+    return gh
+
+
+def _cut_on_deadline(gh: Any) -> None:
+    """Make *gh*'s connections register their sockets with the thread's :class:`Deadline`: a per-read
+    timeout never trips on an API that trickles its answer. PyGithub has no public hook for its HTTP
+    session, so this sets the connection class of this client's requester (not PyGithub's global
+    ``injectConnectionClasses``); a PyGithub without that attribute keeps its own, and the deadline
+    is then only checked afterwards."""
+    requester = getattr(gh, "requester", None)
+    attr = "_Requester__connectionClass"
+    base = getattr(requester, attr, None)
+    if base is None:
+        log.debug("PyGithub without %s: its connections cannot be cut at the deadline", attr)
+        return
+
+    class DeadlineConnection(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            try:
+                self.adapter.poolmanager.pool_classes_by_scheme = pool_classes()
+            except AttributeError:  # another PyGithub's connection: used as it is
+                log.debug("PyGithub connection without a requests adapter: not cut at the deadline")
+
+    setattr(requester, attr, DeadlineConnection)
 
 
 def find_latest(sub: Subsystem, sources: Sources) -> Latest:
@@ -64,10 +92,26 @@ def find_latest(sub: Subsystem, sources: Sources) -> Latest:
     pre-release flag. Raises RemoteError (network, HTTP errors, rate limits) or DataError (no such
     repository or no release qualifies).
     """
-    from github import GithubException
-
     slug = repo_slug(sub.upstream)
     gh = sources.github() if sources.github else make_github(sources.timeout)
+    # the whole exchange (every page) is bounded as a git listing is: a trickling API cannot hold check
+    total = listing_deadline(sources.timeout)
+    deadline = Deadline(total)
+    try:
+        with deadline:
+            latest = _ask(sub, slug, gh)
+    except Exception as e:
+        if deadline.expired:  # whatever the cut connection made the client raise
+            raise RemoteError(f"{slug}: GitHub API timed out (no complete answer within {total:g}s)") from e
+        raise
+    if deadline.expired:  # a cut connection can read as a short, well-formed answer: not trusted
+        raise RemoteError(f"{slug}: GitHub API timed out (no complete answer within {total:g}s)")
+    return latest
+
+
+def _ask(sub: Subsystem, slug: str, gh: Any) -> Latest:
+    from github import GithubException
+
     try:
         repo = gh.get_repo(slug)  # lazy (see make_github): no GET /repos/{slug} round trip
         try:
