@@ -13,6 +13,7 @@ from typing import Any
 
 import requests
 
+from sync_tools import errtext
 from sync_tools.errors import ConfigError, RemoteError
 
 NOTIFY_SECRET_ENV = "SYNC_TOOLS_NOTIFY_SECRET"
@@ -49,7 +50,7 @@ def notify_relay(url: str, secret: bytes, release: str, *, delivery: str | None 
         raw = resp.raw.read(MAX_ANSWER, decode_content=True) or b""
         resp.close()
     except (requests.RequestException, OSError) as e:
-        raise RemoteError(f"cannot reach the relay at {target}: {type(e).__name__}") from e
+        raise RemoteError(f"cannot reach the relay at {target}: {errtext.describe(e)}") from e
     finally:
         if session is None:
             http.close()

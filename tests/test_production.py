@@ -272,4 +272,4 @@ def test_notify_sends_the_signed_notification_after_a_release_by_hand(tmp_path: 
         r = runner.invoke(cli, args, env={"SYNC_TOOLS_NOTIFY_SECRET": "", "SYNC_TOOLS_WEBHOOK_SECRET": ""})
         assert r.exit_code == 1 and "SYNC_TOOLS_NOTIFY_SECRET is not set" in r.output
     r = runner.invoke(cli, [*args], env={"SYNC_TOOLS_NOTIFY_SECRET": SECRET})  # the relay has stopped
-    assert r.exit_code == 1 and r.output == f"Error: cannot reach the relay at {server.url}/notify: ConnectionError\n"
+    assert r.exit_code == 1 and r.output == f"Error: cannot reach the relay at {server.url}/notify: connection refused\n"

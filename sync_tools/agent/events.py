@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sync_tools.agent.httpclient import Client, HTTPError, Response
-from sync_tools.errors import DataError
+from sync_tools.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from sync_tools.config import Config
@@ -230,16 +230,28 @@ class Delivery:
     reason: str = ""
 
 
+def _standard_webhook(secret: str) -> Any:
+    """The ``standardwebhooks`` verifier for *secret*. Raises ConfigError when it is not ``whsec_<base64>``."""
+    from standardwebhooks.webhooks import Webhook
+
+    try:
+        return Webhook(secret)
+    except Exception as e:  # noqa: BLE001 - binascii.Error, or the library's bare Exception for an empty key
+        raise ConfigError("the push secret must be whsec_<base64> (Standard Webhooks), "
+                          "the form the relay signs with") from e
+
+
 class WebhookVerifier:
     """Verifies pushed deliveries with the agent's secret; raises DataError for anything unverified."""
 
     def __init__(self, secret: str, *, clock: Callable[[], float] = time.time, upstream: Config | None = None):
-        from standardwebhooks.webhooks import Webhook
-
+        """Raises DataError for an empty *secret*, ConfigError (USER: no *upstream*) for one that is not
+        ``whsec_<base64>``: the relay's pushes are Standard Webhooks. GitHub's HMAC (DEV) takes any text,
+        so there the standard verifier is made only when such a delivery comes."""
         if not secret:
             raise DataError("empty webhook secret")
         self.secret = secret
-        self._webhook = Webhook(secret)
+        self._webhook = _standard_webhook(secret) if upstream is None else None
         self._seen = _Seen()
         self.clock = clock
         # DEV (watch): GitHub deliveries come from the upstream repos and are classified as the relay
@@ -261,6 +273,11 @@ class WebhookVerifier:
 
         from sync_tools.relay.webhook import BadRequest
 
+        if self._webhook is None:
+            try:
+                self._webhook = _standard_webhook(self.secret)
+            except ConfigError as e:
+                raise DataError(f"webhook verification failed: {e}") from e
         try:
             self._webhook.verify(body, h, json_parse=False)
         except WebhookVerificationError as e:

@@ -37,7 +37,9 @@ def check_once(spec: str, *, timeout: float = 5.0, cwd: Path | None = None,
             resp = (client or Client()).get(spec, timeout=(min(timeout, 2.0), timeout), stream=True,
                                             deadline=time.monotonic() + timeout)
         except HTTPError as e:
-            return HealthResult(False, f"{spec}: {type(e).__name__}")
+            from sync_tools.errtext import describe
+
+            return HealthResult(False, f"{spec}: {describe(e)}")
         resp.close()
         ok = 200 <= resp.status < 300
         return HealthResult(ok, f"{spec}: HTTP {resp.status}")

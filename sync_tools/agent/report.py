@@ -28,6 +28,7 @@ from sync_tools.errors import DataError
 from sync_tools.fsutil import sha256_file
 from sync_tools.versionfile import read_version
 
+from . import subsystems
 from .httpclient import Client, HTTPError
 from .state import load_state
 
@@ -117,13 +118,14 @@ def _report(r: SubsystemResult, outcome: str, *, agent: str, platform: str, seri
 
 
 def running_reports(agent: Agent, *, agent_name: str) -> list[Report]:
-    """A ``running`` report per configured subsystem with a binary installed: its sha256 and version."""
+    """A ``running`` report per subsystem with a binary installed (the configured ones, else, with an
+    agent-only config, those found under the root, as ``status`` finds them): its sha256 and version."""
     try:
         serial: int | None = load_state(agent.root).serial or None
     except DataError:
         serial = None
     out = []
-    for sub in agent.config.subsystems.values():
+    for sub in subsystems.installed(agent.config, agent.root):
         bin_dir = sub.bin_dir(agent.root)
         try:
             sha = sha256_file(bin_dir / sub.binary)

@@ -615,7 +615,9 @@ class Agent:
                 "version": info.version if info else None,
                 "commit": info.commit if info else None,
                 "version_file_checksum": info.checksum if info else None,
-                "drift": bool(sha and (info is None or info.checksum != sha)) or version_error is not None,
+                # a .version whose binary is gone is drift too (`verify`: missing-binary)
+                "drift": (info is not None if sha is None else (info is None or info.checksum != sha))
+                or version_error is not None,
                 "version_file_error": version_error,
                 "previous": prev.is_file(),
                 "process": sub.process,
@@ -729,13 +731,20 @@ def serve(agent: Agent, *, relay: str | None = None, token: str | None = None, l
     """Run the agent until ``agent.stop()``: finish crashed installs, reconcile once, then apply events
     from the relay's SSE stream (*relay*, *token*) and/or pushes to its own receiver (*listen*, *secret*).
 
-    Raises ConfigError when *listen* is set without a *secret* (an unverified receiver is refused).
+    Raises ConfigError, before anything is done, when *listen* is set without a *secret* (an unverified
+    receiver is refused) or with one that is not ``whsec_<base64>``.
     """
     from .events import SSEClient, WebhookVerifier, create_receiver, make_receiver_server
 
     if listen and not secret:
         raise ConfigError(f"agent.listen is set but the secret (${agent.config.agent.secret_env}) is not: "
                           "refusing to accept unverified pushes")
+    verifier: WebhookVerifier | None = None
+    if listen:  # a secret no push of the relay's could verify against: stop now, not after a reconcile
+        try:
+            verifier = WebhookVerifier(secret or "")
+        except ConfigError as e:
+            raise ConfigError(f"${agent.config.agent.secret_env}: {e}") from e
     threads: list[threading.Thread] = []
     sse: SSEClient | None = None
     server = None
@@ -773,9 +782,9 @@ def serve(agent: Agent, *, relay: str | None = None, token: str | None = None, l
             report = None
         if on_report is not None and report is not None:
             on_report(report)
-        if listen:
+        if listen and verifier is not None:
             host, port = parse_listen(listen)
-            app = create_receiver(WebhookVerifier(secret or ""), agent.submit, agent.health_info)
+            app = create_receiver(verifier, agent.submit, agent.health_info)
             server = make_receiver_server(app, host, port)
             info["listen"] = f"http://{host}:{server.server_port}"
             threads.append(threading.Thread(target=server.serve_forever, name="agent-receiver", daemon=True))

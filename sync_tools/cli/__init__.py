@@ -7,6 +7,7 @@ Commands live in one module per area and are imported only when invoked (``LazyG
 from __future__ import annotations
 
 import atexit
+import errno
 import gc
 import importlib
 import logging
@@ -15,7 +16,7 @@ import sys
 
 import click
 
-from sync_tools import __version__
+from sync_tools import __version__, errtext
 from sync_tools.errors import SyncToolsError
 
 # command name -> ("module:attribute", one-line help); each module owns its area's commands. The help
@@ -65,6 +66,10 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except SyncToolsError as e:
             raise click.ClickException(str(e)) from e
+        except OSError as e:  # a path the user gave that cannot be made or written: its cause, not a traceback
+            if e.errno == errno.EPIPE:  # click's own handling: `sync-tools status | head` ends quietly
+                raise
+            raise click.ClickException(errtext.describe(e)) from e
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

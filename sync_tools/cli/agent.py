@@ -48,6 +48,13 @@ def _agent(config: Config, root: str | None = None, source: str | None = None, p
                  lock_timeout=LOCK_WAIT if lock_timeout is None else lock_timeout)
 
 
+def _existing_root(ag: Any) -> Any:
+    """*ag*, whose install root exists. Raises ConfigError before anything is made in a root that is a typo."""
+    if not ag.root.is_dir():
+        raise ConfigError(f"install root {ag.root} does not exist (--root, or agent.root in the config)")
+    return ag
+
+
 def _print_report(report: Any, as_json: bool) -> None:
     if as_json:
         echo_json(report.to_json())
@@ -154,9 +161,7 @@ def status(config_path: str | None, root: str | None, as_json: bool) -> None:
       sync-tools status --json
     """
     config = load(config_path)
-    ag = _agent(config, root)
-    if not ag.root.is_dir():
-        raise ConfigError(f"install root {ag.root} does not exist (--root, or agent.root in the config)")
+    ag = _existing_root(_agent(config, root))
     info = ag.status()
     if as_json:
         echo_json(info)
@@ -184,13 +189,14 @@ def rollback(config_path: str | None, name: str, root: str | None, as_json: bool
       sync-tools rollback nats
     """
     config = load(config_path)
-    res = _agent(config, root, lock_timeout=ONE_SHOT_LOCK_WAIT).rollback(name)
+    res = _existing_root(_agent(config, root, lock_timeout=ONE_SHOT_LOCK_WAIT)).rollback(name)
     if as_json:
         echo_json({name: res.to_json()})
     else:
         click.echo(f"{name}: {res.old_sha and res.old_sha[:12]} -> {res.new_sha and res.new_sha[:12]} "
                    f"({'healthy' if res.error is None else res.error})")
     if res.error:
+        click.echo(f"error: {name}: {res.error}", err=True)
         sys.exit(1)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from sync_tools import errtext
 from sync_tools.cli._common import config_option, echo_json, json_option, load
 from sync_tools.errors import ConfigError, RemoteError
 
@@ -27,9 +28,14 @@ def _target(config_path: str | None, relay_url: str | None) -> tuple[str, str]:
     url = relay_url
     token_env = "SYNC_TOOLS_AGENT_TOKEN"
     if not url or not os.environ.get(OPERATOR_TOKEN_ENV):
-        config = load(config_path)
-        url = url or config.agent.relay
-        token_env = config.agent.token_env
+        try:
+            config = load(config_path)
+        except ConfigError:
+            if not url or config_path:  # the config was asked for, or is where the URL must come from
+                raise
+        else:  # an operator's laptop has no config: the URL was given, what may be missing is the token
+            url = url or config.agent.relay
+            token_env = config.agent.token_env
     if not url:
         raise ConfigError(f"no relay URL: pass --relay URL, set {RELAY_URL_ENV} or agent.relay in the config")
     token = os.environ.get(OPERATOR_TOKEN_ENV) or os.environ.get(token_env)
@@ -39,21 +45,27 @@ def _target(config_path: str | None, relay_url: str | None) -> tuple[str, str]:
 
 
 def call(method: str, url: str, token: str, json_body: dict[str, Any] | None = None) -> Any:
-    """One request to the relay; its JSON answer. Raises RemoteError with the relay's one-line error."""
+    """One request to the relay; its JSON object. Raises RemoteError with the relay's one-line error, or
+    naming *url* and the status when the answer is not a 2xx JSON object (a redirect, a web page)."""
     import requests
 
     try:
         resp = requests.request(method, url, json=json_body, timeout=TIMEOUT, allow_redirects=False,
                                 headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
     except requests.RequestException as e:
-        raise RemoteError(f"cannot reach the relay at {url}: {type(e).__name__}") from e
+        raise RemoteError(f"cannot reach the relay at {url}: {errtext.describe(e)}") from e
     try:
         body = resp.json()
     except ValueError:
         body = None
-    if resp.status_code >= 400:
-        message = body.get("error") if isinstance(body, dict) else None
-        raise RemoteError(f"relay answered {resp.status_code}: {message or resp.reason}", status_code=resp.status_code)
+    message = body.get("error") if isinstance(body, dict) else None
+    if resp.status_code >= 400 and message:  # the relay's own refusal
+        raise RemoteError(f"relay answered {resp.status_code}: {message}", status_code=resp.status_code)
+    if not 200 <= resp.status_code < 300 or not isinstance(body, dict):
+        moved = resp.headers.get("Location")
+        what = f" (redirects to {moved})" if moved else f" {resp.reason}" if resp.reason else ""
+        raise RemoteError(f"{url} answered {resp.status_code}{what}, not the relay's JSON: is the relay URL right?",
+                          status_code=resp.status_code)
     return body
 
 

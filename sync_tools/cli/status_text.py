@@ -19,7 +19,10 @@ def _runs(s: dict[str, Any]) -> str:
 def _notes(s: dict[str, Any]) -> list[str]:
     notes = []
     if s["drift"]:
-        notes.append("DRIFT: .version does not match the binary")
+        if s["installed"] or s.get("version_file_error"):
+            notes.append("DRIFT: .version does not match the binary")
+        else:  # as `verify` says missing-binary
+            notes.append(f"DRIFT: missing binary: .version says {s['version'] or '?'}, the binary is gone")
     if s.get("interrupted"):
         i = s["interrupted"]
         notes.append(f"interrupted {i.get('kind', 'install')} of {str(i.get('new_sha256'))[:12]}: the next agent run "
@@ -42,6 +45,10 @@ def status_lines(info: dict[str, dict[str, Any]]) -> list[str]:
     for name, s in info.items():
         rows.append((name, s["version"] or "-", (s["sha256"] or "-")[:12], s["running"].get("status", "?"), _runs(s)))
         notes += [f"{name}: {n}" for n in _notes(s)]
+    # one state file for the root: each subsystem carries its error, shown once
+    state_error = next((s["state_error"] for s in info.values() if s.get("state_error")), None)
+    if state_error:
+        notes.append(f"every agent run fails, held-back builds unknown: {state_error}")
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     out = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows]
     return out + notes

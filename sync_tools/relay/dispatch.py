@@ -32,6 +32,7 @@ import orjson
 import requests
 from requests.adapters import HTTPAdapter
 
+from sync_tools import errtext
 from sync_tools.deadline import Deadline, pool_classes, shutdown
 from sync_tools.errors import BuildError, RemoteError, SyncToolsError
 from sync_tools.relay.worker import Interrupted
@@ -129,7 +130,7 @@ def post(session: requests.Session, url: str, *, timeout: tuple[float, float], w
     except (requests.RequestException, OSError, HTTPException) as e:
         if deadline.expired:
             raise RemoteError(f"{what}: no complete answer within {limit:g} s") from e
-        raise RemoteError(f"{what}: {type(e).__name__}") from e
+        raise RemoteError(f"{what}: {errtext.describe(e)}") from e
     finally:
         if resp is not None:
             resp.close()  # after the deadline: a cut never reaches a connection back in the pool
