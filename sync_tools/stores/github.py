@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import functools
+import http
 import http.client
 import io
 import logging
@@ -48,9 +49,10 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
@@ -58,9 +60,12 @@ from github import Auth, Github, GithubException, GithubRetry
 from github.GitRelease import GitRelease
 from github.GitReleaseAsset import GitReleaseAsset
 from github.Repository import Repository
+from github.Requester import HTTPRequestsConnectionClass, HTTPSRequestsConnectionClass, Requester
+from urllib3.exceptions import MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
 
 from sync_tools.errors import DataError, RemoteError
+from sync_tools.errtext import describe
 from sync_tools.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATURE_NAME
 from sync_tools.stores.base import ManifestBusy, ManifestConflict, Snapshot, Store
 
@@ -70,7 +75,12 @@ DEFAULT_API_URL = "https://api.github.com"
 _TMP = re.compile(r"^(?P<name>.+)\.tmp-(?P<nonce>[0-9a-f]{16})$")
 _PAIR_LABEL = re.compile(r"\((?P<nonce>[0-9a-f]{16})\)$")
 _MAX_SIG_BYTES = 4096
+# The longest rate-limit wait the store sits through; a longer Retry-After is the caller's to honour
+# (RemoteError.retry_after), as a release job has better things to do than sleep for an hour.
+MAX_RATE_LIMIT_WAIT = 120.0
+_SECONDARY_RATE_WAIT = 60.0  # GitHub: "otherwise, wait for at least one minute"
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 
 def _status(e: BaseException) -> int | None:
@@ -79,6 +89,57 @@ def _status(e: BaseException) -> int | None:
     if isinstance(e, requests.HTTPError) and e.response is not None:
         return e.response.status_code
     return None
+
+
+def _seconds(value: object) -> float | None:
+    try:
+        return max(0.0, float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _rate_limit_wait(e: BaseException) -> float | None:
+    """The seconds GitHub asks to wait before repeating the request *e* answered, or None when *e* is
+    no rate-limit answer. GitHub's rule: Retry-After; else, with no requests left, until
+    X-RateLimit-Reset; else at least a minute."""
+    if not isinstance(e, GithubException) or e.status not in (403, 429):
+        return None
+    headers = {str(k).lower(): v for k, v in (e.headers or {}).items()}
+    after = _seconds(headers.get("retry-after"))
+    if after is not None:
+        return after
+    message = e.data.get("message") if isinstance(e.data, dict) else None
+    if e.status != 429 and not Requester.isRateLimitError(message if isinstance(message, str) else ""):
+        return None  # a plain 403: no permission
+    reset = _seconds(headers.get("x-ratelimit-reset"))
+    if headers.get("x-ratelimit-remaining") == "0" and reset is not None:
+        return max(0.0, reset - time.time()) + 1  # +1: the reset falls somewhere in that second
+    return _SECONDARY_RATE_WAIT
+
+
+def _wait_out_rate_limit(e: BaseException) -> bool:
+    """Sleep out a rate-limit answer and say True (send the request again), or say False when *e* is
+    none or asks for longer than MAX_RATE_LIMIT_WAIT (the caller raises; RemoteError carries it)."""
+    wait = _rate_limit_wait(e)
+    if wait is None or wait > MAX_RATE_LIMIT_WAIT:
+        return False
+    log.info("GitHub asks to slow down (%s); waiting %.0fs", _github_message(e), wait)  # type: ignore[arg-type]
+    time.sleep(wait)
+    return True
+
+
+def _github_message(e: GithubException) -> str:
+    """GitHub's words for a failure, on one line: the JSON message; else the first line of a text
+    body; else (an HTML error page: GitHub's 502/504) the HTTP reason."""
+    data = e.data.get("message", e.data.get("data")) if isinstance(e.data, dict) else e.data
+    if isinstance(data, str) and not data.lstrip().startswith("<"):
+        line = next((ln for ln in data.splitlines() if ln.strip()), "")
+        if line:
+            return " ".join(line.split())[:300]
+    try:
+        return http.HTTPStatus(e.status).phrase
+    except ValueError:
+        return "no reason given"
 
 
 def _at_edge(what: str) -> Callable[[_F], _F]:
@@ -90,22 +151,33 @@ def _at_edge(what: str) -> Callable[[_F], _F]:
             try:
                 return fn(self, *args, **kwargs)
             except GithubException as e:
-                message = e.data.get("message") if isinstance(e.data, dict) else e.data
-                retry_after = None
-                with contextlib.suppress(TypeError, ValueError, AttributeError):
-                    retry_after = float((e.headers or {}).get("retry-after"))
                 raise RemoteError(
-                    f"{self.repo}@{self.tag}: {what}: GitHub answered {e.status}: {message}",
+                    f"{self.repo}@{self.tag}: {what}: GitHub answered {e.status}: {_github_message(e)}",
                     status_code=e.status,
-                    retry_after=retry_after,
+                    retry_after=_rate_limit_wait(e),
                 ) from e
             except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
                     ConnectionError, TimeoutError) as e:
-                raise RemoteError(f"{self.repo}@{self.tag}: {what}: {e}", status_code=_status(e)) from e
+                raise RemoteError(f"{self.repo}@{self.tag}: {what}: {describe(e)}", status_code=_status(e)) from e
 
         return wrapper  # type: ignore[return-value]
 
     return deco
+
+
+class _CappedRetry(GithubRetry):
+    """GithubRetry that never sleeps longer than ``max_rate_limit_wait``: GithubRetry applies that
+    cap only to answers without Retry-After, and urllib3 sleeps up to 6 hours on one. A longer
+    Retry-After ends the retries; the answer reaches the caller as a RemoteError with retry_after."""
+
+    def increment(self, method: str | None = None, url: str | None = None, response: Any = None,
+                  error: Exception | None = None, _pool: Any = None, _stacktrace: Any = None) -> Retry:
+        if response is not None and self.max_rate_limit_wait is not None:
+            wait = _seconds(response.headers.get("Retry-After"))
+            if wait is not None and wait > self.max_rate_limit_wait:
+                # urllib3 hands the answer back for this (raise_on_status=False): no sleep, no retry
+                raise MaxRetryError(_pool, url or "", ResponseError(f"Retry-After {wait:g}s is over the cap"))
+        return super().increment(method, url, response, error, _pool, _stacktrace)  # type: ignore[arg-type]
 
 
 def _pair_nonce(asset: GitReleaseAsset | None) -> str | None:
@@ -125,8 +197,10 @@ class GitHubStore(Store):
     *token* defaults to ``$GITHUB_TOKEN`` (none: anonymous, read-only), *base_url* to
     ``$GITHUB_API_URL`` or https://api.github.com; *github* injects a ready PyGithub client instead.
     Every request times out after *timeout* seconds; idempotent requests (GET, DELETE) are retried
-    on connection errors and 5xx with backoff, and rate-limit answers are waited out (up to 2 min).
-    Failures raise RemoteError (carrying the HTTP status), bad data DataError.
+    on connection errors and 5xx with backoff. Rate-limit answers (403/429 with Retry-After or a
+    rate-limit message) are waited out, each wait up to MAX_RATE_LIMIT_WAIT (2 min), and the request
+    is sent again (an upload under a fresh temporary name); a longer wait raises RemoteError with
+    ``retry_after``. Failures raise RemoteError (carrying the HTTP status), bad data DataError.
     """
 
     def __init__(
@@ -148,28 +222,38 @@ class GitHubStore(Store):
         self.base_url = (base_url or os.environ.get("GITHUB_API_URL") or DEFAULT_API_URL).rstrip("/")
         self.settle = settle
         self.stale_after = stale_after
+        self.timeout = timeout
+        self._retry: Retry | None = None
         if github is None:
             token = token or os.environ.get("GITHUB_TOKEN") or None
+            self._retry = _CappedRetry(
+                total=3,
+                read=1,
+                backoff_factor=0.5,
+                # Never replay POST (an upload) or PATCH (a rename): the dance handles those.
+                allowed_methods=Retry.DEFAULT_ALLOWED_METHODS,
+                max_rate_limit_wait=MAX_RATE_LIMIT_WAIT,
+                raise_on_status=False,  # the last answer's status reaches RemoteError.status_code
+            )
             github = Github(
                 auth=Auth.Token(token) if token else None,
                 base_url=self.base_url,
                 timeout=max(1, math.ceil(timeout)),  # PyGithub takes whole seconds
                 per_page=100,
-                retry=GithubRetry(
-                    total=3,
-                    read=1,
-                    backoff_factor=0.5,
-                    # Never replay POST (an upload) or PATCH (a rename): the dance handles those.
-                    allowed_methods=Retry.DEFAULT_ALLOWED_METHODS,
-                    max_rate_limit_wait=120,
-                    raise_on_status=False,  # the last answer's status reaches RemoteError.status_code
-                ),
+                retry=self._retry,
                 # GitHub asks for pacing only for bulk writes; a release makes a handful, and its
                 # secondary rate limits answer 403 + Retry-After, which the retry honours.
                 seconds_between_requests=None,
                 seconds_between_writes=None,
             )
         self._gh = github
+        # Downloads leave the API host (a 302 to object storage): they go through this session,
+        # which sends no credentials of its own (session.auth set: not even ~/.netrc's).
+        self._http = requests.Session()
+        self._http.auth = lambda r: r
+        if self._retry is not None:
+            for scheme in ("http://", "https://"):
+                self._http.mount(scheme, requests.adapters.HTTPAdapter(max_retries=self._retry))
         self._repo_obj: Repository | None = None
         self._release_obj: GitRelease | None = None
 
@@ -235,11 +319,11 @@ class GitHubStore(Store):
             if path is not None:
                 size = path.stat().st_size
                 with open(path, "rb") as fh:
-                    asset = rel.upload_asset_from_memory(fh, size, name, content_type=content_type, label=label)
+                    asset = self._post_asset(rel, fh, size, name, content_type, label)
             else:
                 assert data is not None
                 size = len(data)
-                asset = rel.upload_asset_from_memory(io.BytesIO(data), size, name, content_type=content_type, label=label)
+                asset = self._post_asset(rel, io.BytesIO(data), size, name, content_type, label)
         except (GithubException, requests.RequestException, OSError):
             self._discard_named(name)
             raise
@@ -247,6 +331,27 @@ class GitHubStore(Store):
             self._discard(asset)
             raise RemoteError(f"{self.repo}@{self.tag}: upload of {name} stored {asset.size} of {size} bytes")
         return asset
+
+    def _post_asset(self, rel: GitRelease, fh: BinaryIO, size: int, name: str, content_type: str, label: str) -> GitReleaseAsset:
+        """GitRelease.upload_asset_from_memory, on a connection with the store's timeout: PyGithub
+        opens one without any for a host other than base_url's, and uploads go to uploads.github.com."""
+        url = rel.upload_url.split("{?")[0]
+        parts = urlsplit(url)
+        cls = HTTPSRequestsConnectionClass if parts.scheme == "https" else HTTPRequestsConnectionClass
+        cnx = cls(parts.hostname or "", parts.port, timeout=self.timeout, retry=self._retry)  # type: ignore[arg-type]
+        requester = self._gh.requester
+        try:
+            headers, data = requester.requestMemoryBlobAndCheck(
+                "POST",
+                url,
+                parameters={"label": label, "name": name},
+                headers={"Content-Type": content_type, "Content-Length": str(size)},
+                file_like=fh,
+                cnx=cnx,
+            )
+        finally:
+            cnx.close()
+        return GitReleaseAsset(requester, headers, data, completed=True)
 
     def _discard(self, asset: GitReleaseAsset) -> None:
         """Delete *asset*, best effort (it is a temporary; a later run cleans up what this misses)."""
@@ -291,17 +396,32 @@ class GitHubStore(Store):
             self._discard(asset)
 
     def _rename_retrying(self, asset: GitReleaseAsset, name: str, label: str = "") -> GitReleaseAsset:
-        """Rename, retrying a 5xx or a cut connection twice: PyGithub does not replay PATCH, and a
-        rename to the same name is safe to repeat."""
+        """Rename, retrying a 5xx or a cut connection twice and a rate limit after the wait it asks
+        for: PyGithub does not replay PATCH, and a rename to the same name is safe to repeat. It is
+        worth the wait: the rename usually follows the delete of the asset it replaces."""
         for attempt in range(3):
             try:
                 return self._rename(asset, name, label)
             except (GithubException, requests.ConnectionError, requests.Timeout) as e:
+                if attempt < 2 and _wait_out_rate_limit(e):
+                    continue
                 status = _status(e)
                 if (status is not None and status < 500) or attempt == 2:
                     raise
                 log.info("renaming %s to %s failed (%s); retrying", asset.name, name, status or e)
                 time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _uploading(self, upload: Callable[[str], _T]) -> _T:
+        """``upload(nonce)`` with a fresh nonce, and once more with another after the wait GitHub asks
+        for when a rate limit refused it (a fresh temporary name, so nothing the refused request may
+        have left can collide)."""
+        for attempt in range(3):
+            try:
+                return upload(secrets.token_hex(8))
+            except GithubException as e:
+                if attempt == 2 or not _wait_out_rate_limit(e):
+                    raise
         raise AssertionError("unreachable")
 
     @_at_edge("upload asset")
@@ -319,7 +439,7 @@ class GitHubStore(Store):
         self.ensure_release()
         assets = self._assets()
         self._clean_stale(assets, manifest_temps=False)
-        new = self._upload(f"{name}.tmp-{secrets.token_hex(8)}", path=path)
+        new = self._uploading(lambda nonce: self._upload(f"{name}.tmp-{nonce}", path=path))
         try:
             self._swap_in(new, name)
         except BaseException:
@@ -350,12 +470,35 @@ class GitHubStore(Store):
 
     # ------------------------------------------------------------------------------- manifest
 
+    def _chunks(self, asset: GitReleaseAsset) -> Iterator[bytes]:
+        """The asset's bytes from the asset API, following its redirect to object storage here:
+        PyGithub follows it on a connection without a timeout. Credentials go only to the host that
+        was asked first. Raises requests.RequestException (HTTPError for an error status)."""
+        url = asset.url
+        headers = {"Accept": "application/octet-stream", "User-Agent": "sync-tools"}
+        auth = self._gh.requester.auth
+        if auth is not None:
+            auth.authentication(headers)
+        for _ in range(5):
+            r = self._http.get(url, headers=headers, timeout=self.timeout, stream=True, allow_redirects=False)
+            if not r.is_redirect:
+                break
+            r.close()
+            location = urljoin(url, r.headers["location"])
+            if urlsplit(location).hostname != urlsplit(asset.url).hostname:
+                headers.pop("Authorization", None)
+            url = location
+        else:
+            raise requests.TooManyRedirects(f"{asset.name}: over 5 redirects")
+        with r:
+            r.raise_for_status()
+            yield from r.iter_content(chunk_size=1 << 16)
+
     def _download(self, asset: GitReleaseAsset, cap: int) -> bytes:
         if asset.size > cap:
             raise DataError(f"{self.repo}@{self.tag}: {asset.name} is {asset.size} bytes, over the {cap} cap")
-        _, _, chunks = asset.download_asset(chunk_size=65536)
         buf = bytearray()
-        for chunk in chunks:
+        for chunk in self._chunks(asset):
             buf += chunk
             if len(buf) > cap:
                 raise DataError(f"{self.repo}@{self.tag}: {asset.name} is over the {cap} byte cap")
@@ -383,6 +526,10 @@ class GitHubStore(Store):
             nonce = _TMP.match(newest.name).group("nonce")  # type: ignore[union-attr]
             with contextlib.suppress(GithubException):
                 self._rename(newest, MANIFEST_NAME, f"{MANIFEST_NAME} ({nonce})")
+                # Its signature now, not once the renamed manifest (a fresh updated_at) is stale too:
+                # the pair was abandoned long ago, and readers would be refused meanwhile.
+                if (sig_tmp := temps.get((SIGNATURE_NAME, nonce))) is not None:
+                    self._install_signature(sig_tmp, nonce, assets)
             return True
         nonce = _pair_nonce(manifest)
         sig_tmp = temps.get((SIGNATURE_NAME, nonce)) if nonce else None
@@ -475,13 +622,16 @@ class GitHubStore(Store):
             )
         self._clean_stale(assets, manifest_temps=True)
 
-        nonce = secrets.token_hex(8)
-        sig_tmp = self._upload(f"{SIGNATURE_NAME}.tmp-{nonce}", data=signature, label=f"{SIGNATURE_NAME} ({nonce})")
-        try:
-            man_tmp = self._upload(f"{MANIFEST_NAME}.tmp-{nonce}", data=data, label=f"{MANIFEST_NAME} ({nonce})")
-        except BaseException:
-            self._discard(sig_tmp)
-            raise
+        def upload_pair(nonce: str) -> tuple[str, GitReleaseAsset, GitReleaseAsset]:
+            sig_tmp = self._upload(f"{SIGNATURE_NAME}.tmp-{nonce}", data=signature, label=f"{SIGNATURE_NAME} ({nonce})")
+            try:
+                man_tmp = self._upload(f"{MANIFEST_NAME}.tmp-{nonce}", data=data, label=f"{MANIFEST_NAME} ({nonce})")
+            except BaseException:
+                self._discard(sig_tmp)
+                raise
+            return nonce, sig_tmp, man_tmp
+
+        nonce, sig_tmp, man_tmp = self._uploading(upload_pair)
 
         def lost(why: str) -> ManifestConflict:
             self._discard(man_tmp)
@@ -544,9 +694,8 @@ class GitHubStore(Store):
         asset = found[0]
         if asset.size > max_bytes:
             raise DataError(f"{self.repo}@{self.tag}: {name} is {asset.size} bytes, over the {max_bytes} cap")
-        _, _, chunks = asset.download_asset(chunk_size=1 << 16)
         done = 0
-        for chunk in chunks:
+        for chunk in self._chunks(asset):
             done += len(chunk)
             if done > max_bytes:
                 raise DataError(f"{self.repo}@{self.tag}: {name} is over the {max_bytes} byte cap")
