@@ -3,7 +3,10 @@
 A restart that fails (``reload failed``) leaves a binary in place that the process may not run: a
 first install has nothing to roll back to, and the next reconcile would find the binary already the
 manifest's and call it ``unchanged``. The failure is recorded per subsystem; the next reconcile
-restarts it again and checks its health before it says anything is unchanged.
+restarts it again and checks its health before it decides anything about the release's build (a restore
+whose restart failed leaves the service stopped while the build is skipped or held), and also when the
+release cannot be fetched: the binary in place needs no network (a kill inside that restart leaves no
+intent in the journal, so this is what finishes it at the next start).
 """
 
 from __future__ import annotations

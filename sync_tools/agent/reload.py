@@ -10,8 +10,10 @@
 - ``command``: a shell command template, ``{process}`` replaced (e.g. ``task reload PROC={process}``).
 - ``none``: nothing to restart (something else picks the binary up).
 
-Every call has a timeout; failures become :class:`ReloadError` (a RemoteError: the same call may work
-later).
+Every call has a timeout on each read and a total :class:`~sync_tools.deadline.Deadline` (a manager
+that trickles its answer cannot hold a restart); failures become :class:`ReloadError` (a RemoteError:
+the same call may work later), or :class:`StartError` when the manager ran the process and it did not
+come up (the binary's failure, not the manager's).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 from xml.parsers.expat import ExpatError
 
+from sync_tools.deadline import Deadline, on_deadline, shutdown
 from sync_tools.errors import ConfigError, RemoteError
 from sync_tools.procs import stop_group
 
@@ -46,6 +49,16 @@ PC_TOKEN_HEADER = "X-PC-Token-Key"
 
 class ReloadError(RemoteError):
     """The process manager could not be reached or refused the restart."""
+
+
+class StartError(ReloadError):
+    """The process manager started the process and it did not come up (it exited, could not be run,
+    or never reported running): a failure of the binary, unlike the manager's own errors."""
+
+
+#: supervisord's startProcess Faults that say the program itself failed to start (supervisor.xmlrpc.Faults:
+#: NO_FILE, NOT_EXECUTABLE, ABNORMAL_TERMINATION, SPAWN_ERROR)
+_START_FAULTS = frozenset({20, 21, 40, 50})
 
 
 @dataclass(frozen=True)
@@ -122,14 +135,18 @@ class CommandReloader(Reloader):
             out.seek(max(0, out.seek(0, os.SEEK_END) - self.OUTPUT_TAIL))
             text = out.read(self.OUTPUT_TAIL).decode("utf-8", errors="replace")
         tail = text.strip().splitlines()[-1:] or [""]
-        raise ReloadError(f"reload command exited {returncode}: {cmd}: {tail[0]}")
+        # the exit cannot say whether the manager or the new binary failed (`supervisorctl restart`
+        # exits 1 for a program that does not start): taken as the binary's, so a bad build is held
+        # as before rather than installed again at every run
+        raise StartError(f"reload command exited {returncode}: {cmd}: {tail[0]}")
 
     def status(self, process: str) -> ProcessStatus:
         return ProcessStatus(process, None, "unknown")
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a unix domain socket, with the same timeout as TCP connections."""
+    """HTTP over a unix domain socket, with the same timeout as TCP connections; its socket is cut by
+    the thread's deadline (:func:`sync_tools.deadline.on_deadline`)."""
 
     def __init__(self, path: str, timeout: float):
         super().__init__("localhost", timeout=timeout)
@@ -138,6 +155,7 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
+        on_deadline(shutdown(sock))
         try:
             sock.connect(self.socket_path)
         except OSError:
@@ -146,11 +164,40 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def _cut_by_deadline(address: tuple[str, int], *args: Any) -> socket.socket:
+    """``socket.create_connection`` whose socket the calling thread's deadline cuts."""
+    sock = socket.create_connection(address, *args)
+    on_deadline(shutdown(sock))
+    return sock
+
+
+class _TCPConnection(http.client.HTTPConnection):
+    """An HTTP connection whose socket is cut by the thread's deadline."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _cut_by_deadline
+
+
+class _TLSConnection(http.client.HTTPSConnection):
+    """An HTTPS connection whose socket is cut by the thread's deadline: the TCP one while the TLS
+    handshake runs, then the TLS one (wrapping detaches the first, so cutting that no longer works)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _cut_by_deadline
+
+    def connect(self) -> None:
+        super().connect()
+        on_deadline(shutdown(self.sock))
+
+
 def _connection(target: str, timeout: float) -> http.client.HTTPConnection:
-    """A connection for ``unix:///path``, a bare socket path, or ``http://host:port``."""
+    """A connection for ``unix:///path``, a bare socket path, or ``http://host:port``; its socket is
+    registered with the deadline of the calling thread's exchange, if there is one."""
     if target.startswith(("http://", "https://")):
         parts = urlsplit(target)
-        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        cls = _TLSConnection if parts.scheme == "https" else _TCPConnection
         return cls(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
     path = target[len("unix://"):] if target.startswith("unix://") else target
     return _UnixHTTPConnection(path, timeout)
@@ -171,20 +218,28 @@ class ProcessComposeReloader(Reloader):
         self.poll = poll
 
     def _call(self, method: str, path: str) -> Any:
+        """One request, answered within ``timeout`` seconds overall (the socket timeout bounds each
+        read only). Raises ReloadError."""
         conn = _connection(self.target, self.timeout)
         headers = {"Accept": "application/json"}
         if self.token:
             headers[PC_TOKEN_HEADER] = self.token
-        try:
-            conn.request(method, path, headers=headers)
-            resp = conn.getresponse()
-            body = resp.read(1 << 20)
-        except (OSError, http.client.HTTPException) as e:
-            from sync_tools.errtext import describe
+        late = f"process-compose at {self.target}: {method} {path}: no complete answer within {self.timeout:g} s"
+        with Deadline(self.timeout) as deadline:
+            try:
+                conn.request(method, path, headers=headers)
+                resp = conn.getresponse()
+                body = resp.read(1 << 20)
+            except (OSError, http.client.HTTPException) as e:
+                from sync_tools.errtext import describe
 
-            raise ReloadError(f"process-compose at {self.target}: {method} {path}: {describe(e)}") from e
-        finally:
-            conn.close()
+                if deadline.expired:
+                    raise ReloadError(late) from e
+                raise ReloadError(f"process-compose at {self.target}: {method} {path}: {describe(e)}") from e
+            finally:
+                conn.close()
+        if deadline.expired:  # a cut answer can read as a short, complete one
+            raise ReloadError(late)
         try:
             data = json.loads(body) if body else {}
         except ValueError as e:
@@ -214,9 +269,9 @@ class ProcessComposeReloader(Reloader):
             st = self.status(process)
             if st.running and st.ready is not False and (old_pid is None or st.pid != old_pid):
                 return
-            if time.monotonic() >= deadline:
-                raise ReloadError(f"process-compose: {process} not running {self.ready_timeout}s after "
-                                  f"{'start' if self.stop_start else 'restart'} (status {st.status})")
+            if time.monotonic() >= deadline:  # it was asked to run and did not: the binary's failure
+                raise StartError(f"process-compose: {process} not running {self.ready_timeout}s after "
+                                 f"{'start' if self.stop_start else 'restart'} (status {st.status})")
             time.sleep(self.poll)
 
     def _wait(self, process: str, done: Any, what: str, step: str) -> None:
@@ -246,7 +301,8 @@ class ProcessComposeReloader(Reloader):
 
 
 class _TimeoutSupervisorTransport(xmlrpc.client.Transport):
-    """supervisor's XML-RPC transport (unix socket or http) with a timeout on every call."""
+    """supervisor's XML-RPC transport (unix socket or http) with a timeout on every read; its
+    connections are cut by the calling thread's deadline (see SupervisorReloader._call)."""
 
     def __init__(self, serverurl: str, timeout: float):
         super().__init__()
@@ -271,16 +327,27 @@ class SupervisorReloader(Reloader):
         return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=transport, allow_none=True)
 
     def _call(self, method: str, *args: Any) -> Any:
-        try:
-            return getattr(self._proxy().supervisor, method)(*args)
-        except xmlrpc.client.Fault as e:
-            raise ReloadError(f"supervisor {method}{args}: {e.faultString}") from e
-        except (OSError, xmlrpc.client.Error, http.client.HTTPException, ExpatError, ValueError) as e:
-            # xmlrpc.client.Error: a ProtocolError or a ResponseError; ExpatError/ValueError: an answer
-            # that is not XML-RPC (a proxy's HTML page with status 200)
-            from sync_tools.errtext import describe
+        """One XML-RPC call, answered within ``timeout`` seconds overall (the socket timeout bounds
+        each read only). Raises ReloadError (a Fault's faultString included)."""
+        late = f"supervisor at {self.serverurl}: {method}: no complete answer within {self.timeout:g} s"
+        with Deadline(self.timeout) as deadline:
+            try:
+                result = getattr(self._proxy().supervisor, method)(*args)
+            except xmlrpc.client.Fault as e:
+                failed_start = method == "startProcess" and e.faultCode in _START_FAULTS
+                raise (StartError if failed_start else ReloadError)(
+                    f"supervisor {method}{args}: {e.faultString}") from e
+            except (OSError, xmlrpc.client.Error, http.client.HTTPException, ExpatError, ValueError) as e:
+                # xmlrpc.client.Error: a ProtocolError or a ResponseError; ExpatError/ValueError: an answer
+                # that is not XML-RPC (a proxy's HTML page with status 200)
+                from sync_tools.errtext import describe
 
-            raise ReloadError(f"supervisor at {self.serverurl}: {method}: {describe(e)}") from e
+                if deadline.expired:
+                    raise ReloadError(late) from e
+                raise ReloadError(f"supervisor at {self.serverurl}: {method}: {describe(e)}") from e
+        if deadline.expired:  # a cut answer can read as a short, complete one
+            raise ReloadError(late)
+        return result
 
     def restart(self, process: str) -> None:
         """Stop (when running) and start *process*. An agent killed between the two leaves the program

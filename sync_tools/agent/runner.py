@@ -49,7 +49,7 @@ from .extract import extract_binary
 from .fetch import Fetcher, ProgressFn, Refusal, TooLargeError, download, make_fetcher, open_part
 from .gate import Gate, has_rollout, held_info
 from .health import HealthResult
-from .reload import Reloader, ReloadError, make_reloader
+from .reload import Reloader, ReloadError, StartError, make_reloader
 from .report import Reporter, StepTimes
 from .settle import wait_settled
 from .state import ROLLED_BACK, AgentState, load_state, save_state
@@ -72,6 +72,12 @@ RETRY_BASE = 1.0
 RETRY_MAX = 60.0
 RETRY_ATTEMPTS = 6
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm"}
+
+
+class NotRestarted(HealthResult):
+    """Not healthy because the process manager's call failed (unreachable, an error, an answer that
+    is not one, its deadline): the binary in place may never have run, so this says nothing against
+    its build."""
 
 
 def detect_platform() -> str:
@@ -316,6 +322,21 @@ class Agent:
         return report
 
     def _reconcile(self, started: float, event: AgentEvent | None = None) -> UpdateReport:
+        report = self._reconcile_release(started, event)
+        if report.serial is None:
+            # the release could not be had (or was refused): a restart owed since it failed needs none of
+            # it, and the service it left stopped must not wait for the network (a kill inside that
+            # restart left no intent in the journal: this is what finishes it at the next start)
+            try:
+                owed = [r for sub in subsystems.installed(self.config, self.root) if (r := self._finish_owed(sub))]
+            except (SyncToolsError, OSError) as e:  # an unreadable state: the report has its error already
+                log.error("cannot finish the restarts owed since they failed: %s", e)
+                owed = []
+            if owed:
+                report = replace(report, results=tuple(owed), seconds=time.monotonic() - started)
+        return report
+
+    def _reconcile_release(self, started: float, event: AgentEvent | None = None) -> UpdateReport:
         state: AgentState | None = None
         if self.refusal is not None and self.refusal.covers(event.serial if event else None):
             return UpdateReport(None, error=self.refusal.error, seconds=time.monotonic() - started)
@@ -348,10 +369,17 @@ class Agent:
         except (SyncToolsError, OSError) as e:
             return UpdateReport(manifest.serial, error=f"install root: {e}", seconds=time.monotonic() - started)
         for sub in _order(subsystems.for_manifest(self.config, manifest)):
+            # a restart owed since it failed comes before anything is decided about the release's build
+            # (skipped, held, missing, no entry): those leave the binary in place, and its service stopped
+            owed = self._finish_owed(sub)
+            if owed is not None:
+                results.append(owed)
             entry = manifest.subsystems.get(sub.name)
             if entry is None:
                 continue
-            results.append(self._apply(sub, entry))
+            res = self._apply(sub, entry)
+            if owed is None or res.action != "unchanged":  # after the owed restart, "unchanged" adds nothing
+                results.append(res)
         return UpdateReport(manifest.serial, tuple(results), manifest_bytes=mbytes,
                             seconds=time.monotonic() - started, retry=stale or any(r.retry for r in results))
 
@@ -363,10 +391,9 @@ class Agent:
         bin_dir = sub.bin_dir(self.root)
         target = bin_dir / sub.binary
         old_sha = sha256_file(target) if target.is_file() else None
-        if old_sha == asset.binary_sha256:
+        if old_sha == asset.binary_sha256:  # (a restart owed since it failed was finished before)
             self.update_state(lambda st: st.with_held(sub.name, None))
-            finished = pending.finish_reload(self, sub, old_sha, entry.version)  # a restart owed since it failed
-            return finished or SubsystemResult(sub.name, "unchanged", old_sha, old_sha, entry.version)
+            return SubsystemResult(sub.name, "unchanged", old_sha, old_sha, entry.version)
         state = load_state(self.root)
         if state.failed.get(sub.name) == asset.binary_sha256:
             return SubsystemResult(sub.name, "skipped", old_sha, asset.binary_sha256, entry.version,
@@ -443,6 +470,19 @@ class Agent:
             except OSError as e:  # a directory put there: left alone, and it must not end the reconcile
                 log.warning("cannot remove %s: %s", part, e.strerror or e)
 
+    def _finish_owed(self, sub: Subsystem) -> SubsystemResult | None:
+        """Finish *sub*'s restart owed since it failed (:func:`.pending.finish_reload`), onto the binary
+        in place. None when none is owed, or there is no binary to restart."""
+        bin_dir = sub.bin_dir(self.root)
+        target = bin_dir / sub.binary
+        if sub.name not in load_state(self.root).reload_failed or not target.is_file():
+            return None
+        try:
+            info = read_version(bin_dir)
+        except DataError:  # only the report's version: status and verify say what is wrong with it
+            info = None
+        return pending.finish_reload(self, sub, sha256_file(target), info.version if info else None)
+
     def _health(self, sub: Subsystem) -> HealthResult:
         return wait_settled(sub.health, reloader=self.reloader, process=sub.process, cwd=self.root,
                             health_timeout=self.health_timeout, settle_seconds=self.settle_seconds)
@@ -467,25 +507,37 @@ class Agent:
             return SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha,
                                    error=f"the previous binary is unhealthy too: {health.detail}",
                                    seconds=time.monotonic() - started)
-        log.error("%s: new binary %s unhealthy (%s); rolling back", sub.name, intent.new_sha[:12], health.detail)
-        # The mark goes first, so a crash during the restore still keeps the build away; but a mark that
-        # cannot be written must not keep the restore from happening: it is tried again afterwards.
-        marked = self._mark_failed(sub, intent.new_sha)
+        # A manager whose call failed never ran the new binary: the build is not marked (one HTTP 500
+        # would hold a good build back until the release changes); it is tried again at the next run.
+        untried = isinstance(health, NotRestarted)
+        if untried:
+            log.error("%s: the restart onto %s failed (%s); putting the previous binary back", sub.name,
+                      intent.new_sha[:12], health.detail)
+            marked = True
+        else:
+            log.error("%s: new binary %s unhealthy (%s); rolling back", sub.name, intent.new_sha[:12],
+                      health.detail)
+            # The mark goes first, so a crash during the restore still keeps the build away; but a mark
+            # that cannot be written must not keep the restore from happening: it is tried again afterwards.
+            marked = self._mark_failed(sub, intent.new_sha)
+        what = health.detail if untried else f"new binary unhealthy ({health.detail})"
         if intent.old_sha is None:
             self.journal.remove(sub.name)
-            result = SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha,
-                                     error=f"unhealthy and nothing to roll back to: {health.detail}",
+            error = (f"{health.detail}; nothing to roll back to, the restart is tried again at the next run"
+                     if untried else f"unhealthy and nothing to roll back to: {health.detail}")
+            result = SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha, error=error,
                                      bytes=moved, seconds=time.monotonic() - started)
         else:
             try:
                 self._restore_previous(sub, intent)
             except (SyncToolsError, OSError) as e:
-                error = f"new binary unhealthy ({health.detail}); restoring the previous one failed: {e}"
+                error = f"{what}; restoring the previous one failed: {e}"
                 result = SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha, error=error,
                                          bytes=moved, seconds=time.monotonic() - started)
-            else:
-                result = SubsystemResult(sub.name, "rolled_back", intent.old_sha, intent.new_sha,
-                                         error=f"new binary unhealthy ({health.detail}); previous restored",
+            else:  # when the build never ran, nothing changed: "failed", not a rollback of the build
+                again = ", the build is tried again at the next run" if untried else ""
+                result = SubsystemResult(sub.name, "failed" if untried else "rolled_back", intent.old_sha,
+                                         intent.new_sha, error=f"{what}; previous restored{again}",
                                          bytes=moved, seconds=time.monotonic() - started)
         if not marked and not self._mark_failed(sub, intent.new_sha):
             result = replace(result, error=f"{result.error}; the failed build could not be recorded, so it "
@@ -505,16 +557,20 @@ class Agent:
     def _restart_and_check(self, sub: Subsystem, *, reloaded_step: bool = False) -> HealthResult:
         """Restart *sub*'s process and wait for health. Never raises: a backend that fails in any way
         (a ReloadError, or a bug or an answer nobody foresaw) is an unhealthy result, so the caller
-        still rolls back and ends its intent."""
+        still rolls back and ends its intent; a :class:`NotRestarted` one when the manager's call
+        failed before the process was started (a StartError is the binary's failure)."""
         try:
             self.reloader.restart(sub.process)
             pending.note_reload(self, sub.name, None)
             if reloaded_step:
                 install.crash_point("reloaded")
             return self._health(sub)
-        except ReloadError as e:
+        except StartError as e:
             pending.note_reload(self, sub.name, str(e))
             return HealthResult(False, f"reload failed: {e}")
+        except ReloadError as e:
+            pending.note_reload(self, sub.name, str(e))
+            return NotRestarted(False, f"reload failed: {e}")
         except Exception as e:  # noqa: BLE001 - see the docstring
             log.exception("%s: restart or health check failed unexpectedly", sub.name)
             return HealthResult(False, f"reload or health check failed: {type(e).__name__}: {e}")
