@@ -375,6 +375,10 @@ def _classify_for(sub: Subsystem, event: str, payload: dict[str, Any], repo: dic
             branch = ref[len("refs/heads/"):]
             default = repo.get("default_branch") if isinstance(repo.get("default_branch"), str) else None
             tracked = sub.branch or (default if sub.strategy == "commits" else None)
+            if tracked is None and sub.current and branch == sub.current and not _SHA40.match(sub.current):
+                # a pin that names a branch (plat-telemetry pins arc to main): check and build follow
+                # its head, so a push to it is the change
+                tracked = branch
             if tracked is None:
                 return ignored(f"branch push ({sub.name} follows {sub.strategy}, no branch configured)")
             if branch != tracked:
