@@ -230,6 +230,23 @@ def upstream_version(config: Config, sub: Subsystem, version: str | None) -> Ups
     return UpstreamVersion(head, branch=True) if head else UpstreamVersion()
 
 
+def _clone_by_pin(config: Config, sub: Subsystem, version: str | None, src_dir: Path) -> str | None:
+    """The command that makes *sub*'s first clone by its pin (``task <name>:src:clone``), when
+    *version* is a full sha and there is no clone yet; None otherwise, or when the Taskfile has no
+    such task (the build then clones *version* as it is)."""
+    from sync_tools import taskfiles
+
+    if (not version or not re.fullmatch(r"[0-9a-f]{40}", version) or not sub.version_var or src_dir.exists()
+            or not sub.current or sub.current == version):
+        return None
+    command = f"task {sub.name}:src:clone"
+    if not taskfiles.has_task(config.root, command):
+        log.warning("%s: no %s to clone by %s before checking out %s; building it by name", sub.name,
+                    command, sub.current, version[:12])
+        return None
+    return command
+
+
 def _aside_path(config: Config, sub: Subsystem) -> Path:
     """Where the old binary waits during a build: beside ``.bin``, not in it (a ``src:update`` that
     clears ``.bin`` must not take it), one per subsystem."""
@@ -285,9 +302,11 @@ def build_subsystem(
     """Run *sub*'s build commands, then write ``<sub>/.bin/.version``.
 
     *version* defaults to the subsystem's pin; *upstream* is what the upstream says of it (asked when
-    not given). Raises BuildError (a command failed or timed out, the binary is missing afterwards,
-    or the source built is not the commit *version* names upstream; the old binary is put back) and
-    ConfigError (bad platform).
+    not given). A full sha with no ``.src`` yet (a branch pin's head, as ``plan`` gives it) is cloned
+    by the pin first (``task <name>:src:clone``), and the build commands check the sha out. Raises
+    BuildError (a command failed or timed out, the binary is missing afterwards, or the source built
+    is not the commit *version* names upstream; the old binary is put back) and ConfigError (bad
+    platform).
     """
     plat = "/".join(parse_platform(platform))
     version = version or sub.current
@@ -300,11 +319,18 @@ def build_subsystem(
         # main` there stays on the local branch, behind what `src:update` fetched, so the build
         # would never move (a first clone takes the branch name: `git clone --branch main`)
         run_env[sub.version_var] = upstream.commit
+    clone = _clone_by_pin(config, sub, version, src_dir)
     started = time.monotonic()
     binary = sub.binary_path(config.root)
     aside = _aside_path(config, sub)
     moved = _move_aside(binary, aside)
     try:
+        if clone is not None:
+            # a sha (what plan gives a branch pin's head) cannot be cloned as `git clone --branch`:
+            # clone by the pin's name, then the build commands check the sha out in the existing clone
+            assert sub.version_var is not None
+            run_command(clone, cwd=config.root, env={**run_env, sub.version_var: sub.current or ""},
+                        timeout=timeout, output=output)
         for command in sub.build:
             run_command(command, cwd=config.root, env=run_env, timeout=timeout, output=output)
         if not binary.is_file():
@@ -492,11 +518,21 @@ class VerifyResult:
 def verify_installed(config: Config, names: Sequence[str] | None = None,
                      root: Path | None = None) -> list[VerifyResult]:
     """Each named (default: every) subsystem's installed binary under *root* (default: the workspace)
-    against the checksum in its ``.version``. Never raises for what it finds; ConfigError for an
-    unknown name."""
-    root = root or config.root
+    against the checksum in its ``.version``. With an agent-only config (no subsystems), those
+    installed under *root* (default: ``agent.root``), as ``status`` finds them. Never raises for what
+    it finds; ConfigError for an unknown name of a configured subsystem."""
+    from sync_tools.agent import subsystems
+
+    if config.subsystems:
+        root = root or config.root
+        chosen = config.select(list(names) if names else None)
+    else:
+        root = root or config.resolve(config.agent.root) or config.root
+        found = {sub.name: sub for sub in subsystems.installed(config, root)}
+        # a name not installed is checked too: it is reported missing, not passed over
+        chosen = [found.get(n) or subsystems.from_manifest(n, None) for n in names] if names else list(found.values())
     results = []
-    for sub in config.select(list(names) if names else None):
+    for sub in chosen:
         binary = sub.binary_path(root)
         try:
             info = read_installed(root, sub.name, sub.bin_dir(root))

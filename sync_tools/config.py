@@ -585,21 +585,7 @@ def _positive(sec: _Section, name: str, default: float, *, maximum: float) -> fl
 def parse_config(path: Path, data: Any) -> Config:
     """Build a Config from parsed sync-tools.yaml data (as :func:`load_yaml` returns it)."""
     top = _Section(path, data, "", _TOP_KEYS)
-    rel = top.section("release", _RELEASE_KEYS)
-    release = ReleaseConfig(
-        repo=rel.str("repo"),
-        store=rel.str("store"),
-        tag=rel.str("tag", "latest") or "latest",
-        public_key=rel.str("public_key"),
-        expires_days=_positive(rel, "expires_days", 30.0, maximum=MAX_EXPIRES_DAYS),
-        patches=int(rel.number("patches", 3, maximum=16)),
-    )
-    if release.repo and not _REPO_RE.fullmatch(release.repo):
-        raise rel.error("repo", f"must be owner/name, not {release.repo!r}")
-    platforms = top.str_list("platforms", DEFAULT_PLATFORMS)
-    for p in platforms:
-        if not _PLATFORM_RE.fullmatch(p):
-            raise top.error("platforms", f"bad platform {p!r} (expected os/arch, e.g. linux/amd64)")
+    release, platforms = _release(top), _platforms(top)
 
     subs_raw = top.raw("subsystems")
     root = path.parent.resolve()
@@ -673,6 +659,29 @@ def parse_config(path: Path, data: Any) -> Config:
         relay=relay,
         agent=agent,
     )
+
+
+def _release(top: _Section) -> ReleaseConfig:
+    rel = top.section("release", _RELEASE_KEYS)
+    release = ReleaseConfig(
+        repo=rel.str("repo"),
+        store=rel.str("store"),
+        tag=rel.str("tag", "latest") or "latest",
+        public_key=rel.str("public_key"),
+        expires_days=_positive(rel, "expires_days", 30.0, maximum=MAX_EXPIRES_DAYS),
+        patches=int(rel.number("patches", 3, maximum=16)),
+    )
+    if release.repo and not _REPO_RE.fullmatch(release.repo):
+        raise rel.error("repo", f"must be owner/name, not {release.repo!r}")
+    return release
+
+
+def _platforms(top: _Section) -> tuple[str, ...]:
+    platforms = top.str_list("platforms", DEFAULT_PLATFORMS)
+    for p in platforms:
+        if not _PLATFORM_RE.fullmatch(p):
+            raise top.error("platforms", f"bad platform {p!r} (expected os/arch, e.g. linux/amd64)")
+    return platforms
 
 
 def _nats(sec: _Section) -> NatsConfig | None:
@@ -755,13 +764,15 @@ def load_plat_telemetry(root: Path) -> Config:
     (``SUBSYSTEMS_RELEASE``, or includes whose Taskfile names an upstream). A subsystem's pin is the
     manifest's ``version`` (or ``current``), else its Taskfile's version var; a ``branch`` without a
     version pins that branch. Upstream, binary and version var are read from the Taskfile by any
-    prefix where the manifest leaves them out; where both say, the manifest wins.
+    prefix where the manifest leaves them out; where both say, the manifest wins. ``release`` and
+    ``platforms`` are read as in sync-tools.yaml; ``relay`` and ``agent`` belong in a sync-tools.yaml.
     """
     from sync_tools import taskfiles
 
     manifest_path = root / "manifest.yaml"
     data = load_yaml(manifest_path)
     top = _Section(manifest_path, data, "", ("subsystems", "release", "platforms", "version", "description"))
+    release, platforms = _release(top), _platforms(top)  # as sync-tools.yaml has them
     subs_raw = top.raw("subsystems")
     if subs_raw is None:  # no key, or `subsystems:` with nothing under it: the root Taskfile's only
         subs_raw = _LineDict()
@@ -802,7 +813,8 @@ def load_plat_telemetry(root: Path) -> Config:
             sub = sub._replace(version_pin=None)  # the Taskfile var is the pin itself
         subs[name] = sub
     _check_graph(manifest_path, subs, subs_raw)
-    return Config(path=manifest_path, root=root.resolve(), subsystems=MappingProxyType(subs))
+    return Config(path=manifest_path, root=root.resolve(), release=release, platforms=platforms,
+                  subsystems=MappingProxyType(subs))
 
 
 def find_config_path(explicit: str | os.PathLike[str] | None = None, cwd: Path | None = None) -> Path:

@@ -101,6 +101,7 @@ class Entry:
     assets: Mapping[str, Asset] = field(default_factory=lambda: MappingProxyType({}))
     binary: str | None = None
     rollout: RolloutPolicy | None = None  # a staged rollout (sync_tools.rollout); None: everyone at once
+    path: str | None = None  # where the binary goes under <sub>/.bin when not right there: bin/grafana-server
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -113,6 +114,8 @@ class Entry:
             out["binary"] = self.binary
         if self.rollout is not None:
             out["rollout"] = self.rollout.to_json()
+        if self.path:
+            out["path"] = self.path
         return out
 
 
@@ -195,6 +198,15 @@ def _parse_patch(obj: Any, where: str) -> Patch:
     return Patch(from_sha=digests["from"], name=name, size=size, sha256=digests["sha256"], format=fmt)
 
 
+def _binary_subpath(path: Any, binary: str | None) -> bool:
+    """Whether *path* is a relative path of plain segments (no ``..``, nothing absolute) whose last
+    segment is *binary*: the only place under ``<sub>/.bin`` a signed entry may send the binary."""
+    if not isinstance(path, str) or not binary or len(path) > 255 or "\\" in path or "\0" in path:
+        return False
+    parts = path.split("/")
+    return len(parts) >= 2 and parts[-1] == binary and all(p not in ("", ".", "..") for p in parts)
+
+
 def _parse_entry(obj: Any, where: str) -> Entry:
     assets_raw = _expect(obj, "assets", dict, where)
     assets = {}
@@ -205,6 +217,9 @@ def _parse_entry(obj: Any, where: str) -> Entry:
     binary = obj.get("binary")
     if binary is not None and (not isinstance(binary, str) or "/" in binary or binary in ("", ".", "..")):
         raise ManifestError(f"{where}.binary: bad binary name")
+    path = obj.get("path")
+    if path is not None and not _binary_subpath(path, binary):
+        raise ManifestError(f"{where}.path: not a path inside .bin that ends in the binary's name")
     entry = Entry(
         version=_expect(obj, "version", str, where),
         commit=_expect(obj, "commit", str, where),
@@ -212,6 +227,7 @@ def _parse_entry(obj: Any, where: str) -> Entry:
         assets=MappingProxyType(assets),
         binary=binary,
         rollout=None if obj.get("rollout") is None else RolloutPolicy.from_json(obj["rollout"], where=f"{where}.rollout"),
+        path=path,
     )
     parse_time(entry.built, f"{where}.built")
     return entry

@@ -60,11 +60,12 @@ class ReleaseResult:
     attempts: int
     store: str
     patches: dict[str, tuple[Patch, ...]] = dataclasses.field(default_factory=dict)  # platform -> published
+    skipped: str | None = None  # why it was not released (an older build than the manifest's); None: released
 
     def to_json(self) -> dict[str, Any]:
         return {
             "subsystem": self.subsystem, "version": self.version, "commit": self.commit,
-            "serial": self.serial, "attempts": self.attempts, "store": self.store,
+            "serial": self.serial, "attempts": self.attempts, "store": self.store, "skipped": self.skipped,
             "assets": {p.platform: {"name": p.name, "size": p.size, "sha256": p.sha256,
                                     "binary_sha256": p.binary_sha256,
                                     "patches": [x.to_json() for x in self.patches.get(p.platform, ())]}
@@ -183,7 +184,9 @@ def release_many(
     left as it was. Nothing is uploaded unless every named subsystem has packaged assets.
 
     A build older than the one the manifest holds is refused unless *allow_downgrade* (a deliberate
-    rollback): a late or stale release job must not take agents back a version.
+    rollback): a late or stale release job must not take agents back a version. Among several names,
+    the refused ones are skipped (logged, and returned with ``skipped`` saying why, nothing of theirs
+    uploaded) and the others released; DataError only when every one is refused.
 
     Patches (issue #17): for each asset it replaces, patches from the binaries of up to *patch_from*
     earlier builds (the one the manifest names now, then the ones its patches start from) to the new
@@ -211,7 +214,10 @@ def release_many(
             where = f" for {', '.join(wanted)}" if wanted else ""
             raise DataError(f"{name}: nothing packaged in {dist}{where}; run: sync-tools package --only {name}")
         packaged[name] = tuple(items)
-        entries[name] = dataclasses.replace(entry_for(items, sub.binary), rollout=sub.rollout)
+        # path: where the platform runs it under .bin when not right there (grafana: bin/grafana-server),
+        # for agents whose config does not list the subsystem
+        entries[name] = dataclasses.replace(entry_for(items, sub.binary), rollout=sub.rollout,
+                                            path=sub.bin_path or None)
     label = ",".join(entries)
     private, public = release_keys(config, signing_key)
     store = store or open_store(config)
@@ -219,25 +225,39 @@ def release_many(
     def build_of(entry: Entry | None) -> tuple[str, str] | None:
         return None if entry is None else (entry.version, entry.commit)
 
-    def refuse_older(base: Manifest) -> None:
+    def older_than_held(base: Manifest) -> dict[str, str]:
         if allow_downgrade:
-            return
-        older = [f"{n} {e.version} (the manifest holds {base.subsystems[n].version})"
-                 for n, e in entries.items()
-                 if n in base.subsystems and later(base.subsystems[n].version, e.version)]
-        older += [f"{n} {e.version}@{e.commit[:12]} built {e.built} (the manifest holds "
-                  f"{held.version}@{held.commit[:12]} built {held.built})"
-                  for n, e in entries.items()
-                  if (held := base.subsystems.get(n)) is not None and _built_no_later(e, held)]
-        if older:
-            raise DataError(f"not releasing an older build over a newer one: {'; '.join(older)}; "
+            return {}
+        older: dict[str, str] = {}
+        for n, e in entries.items():
+            held = base.subsystems.get(n)
+            if held is not None and later(held.version, e.version):
+                older[n] = f"{n} {e.version} (the manifest holds {held.version})"
+            elif held is not None and _built_no_later(e, held):
+                older[n] = (f"{n} {e.version}@{e.commit[:12]} built {e.built} (the manifest holds "
+                            f"{held.version}@{held.commit[:12]} built {held.built})")
+        return older
+
+    def refuse_older(base: Manifest) -> None:
+        if older := older_than_held(base):
+            raise DataError(f"not releasing an older build over a newer one: {'; '.join(older.values())}; "
                             "pass --allow-downgrade to roll back on purpose")
 
     store.ensure_release()
     # Verify and compare before uploading: a tampered store, or a newer build already released, is
-    # refused before anything in the store changes.
+    # refused before anything in the store changes. Among several, the refused ones are left out (a
+    # rebuild of every pin after a dispatch moved one past its pin still releases the others).
     first, _ = _read_retrying(store, public, label=label, attempts=attempts, sleep=sleep)
-    refuse_older(first)
+    older = older_than_held(first)
+    if len(older) == len(entries):
+        refuse_older(first)
+    skipped: dict[str, tuple[Entry, str]] = {}  # name -> (its entry, why)
+    for name, why in older.items():
+        why = f"not releasing an older build over a newer one: {why}; pass --allow-downgrade to roll it back"
+        log.warning("%s: skipped, the others are released: %s", name, why)
+        skipped[name] = (entries.pop(name), why)
+        del packaged[name]
+    label = ",".join(entries)
     before = {name: first.subsystems.get(name) for name in entries}
     made: dict[str, dict[str, tuple[Patch, ...]]] = {name: {} for name in entries}
     with tempfile.TemporaryDirectory(prefix="sync-tools-patches-") as tmp:
@@ -279,9 +299,14 @@ def release_many(
     for name, items in packaged.items():
         for item in items:
             _prune_patches(store, new.subsystems[name].assets.get(item.platform), item.name)
-    return [ReleaseResult(subsystem=name, version=entry.version, commit=entry.commit, serial=new.serial,
-                          assets=packaged[name], attempts=attempt, store=repr(store), patches=made[name])
-            for name, entry in entries.items()]
+    results = {name: ReleaseResult(subsystem=name, version=entry.version, commit=entry.commit, serial=new.serial,
+                                   assets=packaged[name], attempts=attempt, store=repr(store), patches=made[name])
+               for name, entry in entries.items()}
+    results.update({name: ReleaseResult(subsystem=name, version=entry.version, commit=entry.commit,
+                                        serial=new.serial, assets=(), attempts=attempt, store=repr(store),
+                                        skipped=why)
+                    for name, (entry, why) in skipped.items()})
+    return [results[name] for name in dict.fromkeys(names)]
 
 
 def _publish_patches(store: Store, item: Packaged, prev: Asset | None, tmp: Path, keep: int

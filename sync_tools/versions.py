@@ -166,6 +166,9 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
     # a pin names its tag family: v2.10.24 is compared with v* and bare tags, not with nightly-20241215
     # or release-1.2 (another line of tags whose numbers mean something else)
     family = _family(pinned.prefix) if pinned is not None else None
+    # a date for a first number (nightly-20241215) stamps a build, it is no release's major: without
+    # a pin of that form it would outrank every release
+    dates = pinned is not None and _dated(pinned.major)
     cur = pinned if major == "manual" else None
     cur_major = cur.major if cur is not None else None
     # plain numeric tags (most of a remote's thousands) are ranked together by _newest_plain; the
@@ -190,12 +193,16 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
             parts = m[2].split(".")
             if len(parts) > _MAX_RELEASE_PARTS:
                 skipped.append(t)
+            elif not dates and _dated(int(parts[0])):
+                continue
             elif prereleases or t not in flagged:
                 plain.append((parts, t))
             continue
         p = _parse(t)
         if p is None:
             skipped.append(t)
+            continue
+        if not dates and _dated(p[1][0]):
             continue
         if not prereleases and (p[2] or t in flagged):
             continue
@@ -226,6 +233,11 @@ def _family(prefix: str) -> str:
     ``nats-server-v`` and ``nats-server-`` another."""
     p = prefix.lower()
     return p[:-1] if p.endswith("v") else p
+
+
+def _dated(number: int) -> bool:
+    """Whether a tag's first number reads as a date, 19xxxxxx or 20xxxxxx (``nightly-20241215``)."""
+    return 19000000 <= number <= 20999999
 
 
 def _prefix(tag: str) -> str:

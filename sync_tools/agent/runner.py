@@ -285,7 +285,8 @@ class Agent:
     def _recover_locked(self) -> list[SubsystemResult]:
         results = []
         for intent in install.recover(self.journal):
-            sub = subsystems.named(self.config, intent.subsystem, intent.binary)
+            sub = subsystems.named(self.config, intent.subsystem, intent.binary, bin_dir=Path(intent.bin_dir),
+                                   root=self.root)
             if sub is None:
                 self.journal.remove(intent.subsystem)
                 continue

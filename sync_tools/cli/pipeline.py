@@ -219,7 +219,9 @@ def release(only: tuple[str, ...], refresh: bool, platforms: tuple[str, ...], di
 
     The current manifest must verify with release.public_key first. A build older than the one the
     manifest holds is refused (a late or stale job must not roll agents back) unless
-    --allow-downgrade. A release racing another (a parallel job) re-reads and redoes its change.
+    --allow-downgrade; among several names it is skipped (said so) and the others are released, and
+    the command fails only when every one is refused. A release racing another (a parallel job)
+    re-reads and redoes its change.
 
     \b
     Example:
@@ -247,6 +249,9 @@ def release(only: tuple[str, ...], refresh: bool, platforms: tuple[str, ...], di
         echo_json([r.to_json() for r in results])
         return
     for r in results:
+        if r.skipped:
+            click.echo(f"skipped {r.subsystem} {r.version} ({r.commit[:12]}): {r.skipped}")
+            continue
         click.echo(f"released {r.subsystem} {r.version} ({r.commit[:12]}) to {r.store}: manifest serial "
                    f"{r.serial}; assets: {', '.join(a.name for a in r.assets)}")
 
