@@ -41,6 +41,8 @@ def identify(path: Path) -> Format:
         arch = _ELF_MACHINES.get(machine)
         if machine == 0x15 and head[5] == 1:
             arch = "ppc64le"
+        elif machine == 0x08:  # Go's mips, mipsle, mips64, mips64le share EM_MIPS: class and byte order tell
+            arch = "mips" + ("64" if head[4] == 2 else "") + ("le" if head[5] == 1 else "")
         return Format("elf", (arch,) if arch else ())
     magic = head[:4]
     if magic in (b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe") and len(head) >= 8:  # thin, little-endian

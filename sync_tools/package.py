@@ -76,6 +76,8 @@ def source_date_epoch(env: dict[str, str] | None = None) -> int | None:
         raise ConfigError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, not {value!r}") from e
     if epoch < 0:
         raise ConfigError("SOURCE_DATE_EPOCH must not be negative")
+    if epoch >= 8**11:  # the tar header's 11 octal digits (year 6325): a value in milliseconds, most likely
+        raise ConfigError(f"SOURCE_DATE_EPOCH {value} is past what a tar header holds: seconds, not milliseconds?")
     return epoch
 
 

@@ -98,7 +98,10 @@ def apply_here(old: Path, patch: Path, out: Path, *, max_bytes: int) -> str:
 
     try:
         new = hdiffpatch.apply(Path(old).read_bytes(), Path(patch).read_bytes())
-    except (hdiffpatch.HDiffPatchError, ValueError, MemoryError) as e:
+    except MemoryError as e:  # the address-space limit _main set: a patch whose output is over the cap
+        raise PatchError(f"{Path(patch).name}: needs more memory than its output cap of {max_bytes} bytes "
+                         "allows") from e
+    except (hdiffpatch.HDiffPatchError, ValueError) as e:
         raise PatchError(f"{Path(patch).name}: does not apply to {Path(old).name}: {e}") from e
     if len(new) > max_bytes:
         raise PatchError(f"{Path(patch).name}: makes {len(new)} bytes, over the {max_bytes}-byte cap")
@@ -141,13 +144,35 @@ def apply_patch(old: Path, patch: Path, out: Path, *, fmt: str = FORMAT, max_byt
     return sha
 
 
+def _limit_memory(old: Path, patch: Path, max_bytes: int) -> None:
+    """Bound this (the apply child's) address space by what an honest apply needs: the interpreter as
+    it is now, the old binary and the patch read in, and the output up to *max_bytes*, each twice over
+    for the library's buffers. The library builds the whole output before anyone can compare its
+    size with the cap, so a small patch that names gigabytes must fail on allocation instead of
+    taking the machine's memory. Linux only (elsewhere RLIMIT_AS is absent or not enforced)."""
+    try:
+        import resource
+
+        status = Path("/proc/self/status").read_text()
+        vm = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmSize:"))
+    except (ImportError, OSError, StopIteration, ValueError):
+        return
+    need = vm + 2 * (old.stat().st_size + patch.stat().st_size + max_bytes) + (64 << 20)
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        need = min(need, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (need, hard))
+
+
 def _main(argv: list[str]) -> int:
     """``python -m sync_tools.patches apply OLD PATCH OUT MAX_BYTES``: print the sha256 of OUT."""
     if len(argv) != 5 or argv[0] != "apply":
         print("usage: python -m sync_tools.patches apply OLD PATCH OUT MAX_BYTES", file=sys.stderr)
         return 2
     try:
-        print(apply_here(Path(argv[1]), Path(argv[2]), Path(argv[3]), max_bytes=int(argv[4])))
+        old, patch, cap = Path(argv[1]), Path(argv[2]), int(argv[4])
+        _limit_memory(old, patch, cap)
+        print(apply_here(old, patch, Path(argv[3]), max_bytes=cap))
     except (PatchError, OSError, ValueError) as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
