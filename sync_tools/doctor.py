@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -214,6 +215,10 @@ def _resolve_upstream(ctx: Context, upstream: str) -> str:
 def _pin_finding(ctx: Context, sub: Subsystem, refs: RemoteRefs) -> Finding:
     tags = refs.tags()
     pin = sub.current
+    if not pin and sub.strategy != "commits" and not sub.branch:
+        # check takes the newest tag for it, not a branch's head: say so, not "follows branch main"
+        return Finding("warning", sub.name, "pin-missing", "no pin: every upstream version reads as an update",
+                       _fmt_pin_fix(ctx, sub, _newest(sub, tags) or "<version>"))
     if sub.strategy == "commits" or not pin:
         branch = sub.branch or (pin if pin and not _SHA.fullmatch(pin) else None) or refs.head_branch()
         head = refs.branch(branch) if branch else None
@@ -319,7 +324,13 @@ def check_version_vars(ctx: Context) -> list[Finding]:
     out = []
     for sub in ctx.config.subsystems.values():
         tf = ctx.taskfile(sub.name)
+        if tf is None:  # included from elsewhere (web: ./services/web): that Taskfile
+            rt = ctx.root_taskfile()
+            inc = rt.includes.get(sub.name) if rt is not None else None
+            tf = ctx._cached(("inc", sub.name), lambda p=inc: taskfiles.read(p)) if inc is not None else None
         if tf is None:
+            if sub.version_var:  # named in the config: nothing here can say otherwise
+                continue
             if any(_task_names(c) for c in sub.build):
                 out.append(Finding("warning", sub.name, "version-var-missing",
                                    f"no {sub.name}/Taskfile.yml, so no version var: the build gets the version "
@@ -331,7 +342,8 @@ def check_version_vars(ctx: Context) -> list[Finding]:
             cands = [v.name for v in tf.by_suffix("VERSION") if not v.name.startswith("RELEASE_")]
             prefix = re.sub(r"[^A-Z0-9]", "_", sub.name.upper())
             if cands:
-                msg = f"no version var chosen in {ctx.rel(tf.path)}: several candidates ({', '.join(cands)})"
+                several = "several candidates" if len(cands) > 1 else "a candidate"
+                msg = f"no version var chosen in {ctx.rel(tf.path)}: {several} ({', '.join(cands)})"
                 fix = _config_key(ctx, sub, "version_var", cands[0]) + " (the var the build reads)"
             else:
                 msg = f"no *_VERSION var in {ctx.rel(tf.path)}: the build cannot be told which version to build"
@@ -510,31 +522,54 @@ def _pc_port(ctx: Context) -> tuple[int | None, str]:
     """The TCP port of process-compose's API and where that comes from; None for the port when it
     listens on a unix socket (``agent.socket``, or a Taskfile that starts it with ``-U``)."""
     ag = ctx.config.agent
-    if ag.reload == "process-compose":
-        if ag.url:
-            m = re.match(r"https?://[^/:]+:(\d+)", ag.url)
-            return (int(m.group(1)) if m else (443 if ag.url.startswith("https") else 80)), "agent.url"
-        if ag.socket:
-            return None, "agent.socket"
+    # agent.url and agent.socket name process-compose's API whatever agent.reload says (doctor's own
+    # port-clash fix sets agent.url without it)
+    if ag.url:
+        try:
+            port = urllib.parse.urlsplit(ag.url).port  # [::1]:9999 too
+        except ValueError:
+            port = None
+        return port or (443 if ag.url.startswith("https") else 80), "agent.url"
+    if ag.reload == "process-compose" and ag.socket:
+        return None, "agent.socket"
     where = _pc_socket_task(ctx)
     if where:
         return None, where
+    found = _pc_port_task(ctx)
+    if found:
+        return found
     return PC_DEFAULT_PORT, "by default"
+
+
+def _pc_tasks(ctx: Context) -> list[tuple[taskfiles.Taskfile, str]]:
+    """(Taskfile, task name) of the root Taskfile and its includes."""
+    rt = ctx.root_taskfile()
+    if rt is None:
+        return []
+    files = [rt] + [ctx._cached(("inc", ns), lambda p=p: taskfiles.read(p)) for ns, p in rt.includes.items()]
+    return [(tf, name) for tf in files if tf is not None for name in tf.tasks]
+
+
+_PC_UP = r"(process-compose|PC_BIN\w*\s*\}\})\S*\s+(?:\S+\s+)*?up\b[^\n]*?"
+
+
+def _pc_port_task(ctx: Context) -> tuple[int, str] | None:
+    """The port a task starts process-compose's API on (``process-compose up --port N`` / ``-p N``)."""
+    port = re.compile(_PC_UP + r"\s(?:--port|-p)[ =](\d+)\b")
+    for tf, name in _pc_tasks(ctx):
+        m = port.search(ctx.task_text(tf, name))
+        if m:
+            return int(m.group(2)), f"{ctx.rel(tf.path)} task {name} runs it with --port {m.group(2)}"
+    return None
 
 
 def _pc_socket_task(ctx: Context) -> str | None:
     """A task of the root Taskfile or its includes that starts process-compose on a unix socket
     (``process-compose up -U``), as ``<file> task <name>``; None when there is none."""
-    rt = ctx.root_taskfile()
-    if rt is None:
-        return None
-    starts = re.compile(r"(process-compose|PC_BIN\w*\s*\}\})\S*\s+(?:\S+\s+)*?up\b[^\n]*?(\s-U\b|\s--use-uds\b)")
-    for tf in [rt] + [ctx._cached(("inc", ns), lambda p=p: taskfiles.read(p)) for ns, p in rt.includes.items()]:
-        if tf is None:
-            continue
-        for name in tf.tasks:
-            if starts.search(ctx.task_text(tf, name)):
-                return f"{ctx.rel(tf.path)} task {name} runs it with -U"
+    starts = re.compile(_PC_UP + r"(\s-U\b|\s--use-uds\b)")
+    for tf, name in _pc_tasks(ctx):
+        if starts.search(ctx.task_text(tf, name)):
+            return f"{ctx.rel(tf.path)} task {name} runs it with -U"
     return None
 
 
@@ -542,7 +577,7 @@ def _port_clashes(ctx: Context, procs: dict[str, Any]) -> list[Finding]:
     pc_port, pc_where = _pc_port(ctx)
     port = pc_port if pc_port is not None else RELAY_DEFAULT_PORT
     if pc_port is not None:
-        whose = f"which process-compose's API uses ({pc_where})" if pc_where == "agent.url" else \
+        whose = f"which process-compose's API uses ({pc_where})" if pc_where != "by default" else \
             "which process-compose's API uses by default"
         if port == RELAY_DEFAULT_PORT:
             whose += " (as does sync-tools relay)"

@@ -203,6 +203,20 @@ class Broker:
                 self._cut(s)
         self.last_id = max(self.last_id, event.id)
 
+    def _logged(self, after: int, before: int | None = None, batch: int = 500) -> Iterator[Event]:
+        """The logged events after *after* (and before *before*), read *batch* at a time until the log
+        has no more. A batch may come back short of *batch* with more behind it: a row that does not
+        decode is skipped (:meth:`Outbox.events_since`), so only an empty one ends the reading."""
+        while before is None or after < before - 1:
+            rows = self.outbox.events_since(after, limit=batch)
+            if not rows:
+                return
+            for ev in rows:
+                if before is not None and ev.id >= before:
+                    return
+                yield ev
+                after = ev.id
+
     def stream(self, sub: Subscriber | None, last_event_id: int, heartbeat: float,
                on_close: Callable[[], None] | None = None) -> Iterator[bytes]:
         """The SSE byte stream for one subscriber: what was missed since *last_event_id* (from the
@@ -215,13 +229,9 @@ class Broker:
                 sub = self.subscribe()
             yield b"retry: 3000\n: connected\n\n"
             sent = last_event_id
-            while True:
-                backlog = self.outbox.events_since(sent, limit=500)
-                for ev in backlog:
-                    yield format_sse(ev)
-                    sent = ev.id
-                if len(backlog) < 500:
-                    break
+            for ev in self._logged(sent):
+                yield format_sse(ev)
+                sent = ev.id
             while True:
                 try:
                     item = sub.queue.get(timeout=heartbeat)
@@ -235,7 +245,7 @@ class Broker:
                     continue
                 if event_id > sent + 1:
                     # events were appended faster than the live queue saw them: read the gap from the log
-                    for missed in self.outbox.events_since(sent, limit=event_id - sent - 1):
+                    for missed in self._logged(sent, before=event_id):
                         yield format_sse(missed)
                 yield data
                 sent = event_id

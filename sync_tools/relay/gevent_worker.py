@@ -76,5 +76,11 @@ class RelayGeventWorker(GeventWorker):
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         try:
             return super().handle_request(listener_name, req, sock, addr)
+        except TimeoutError as e:
+            # the socket timeout (RELAY_SOCKET_TIMEOUT) cut a client that stopped reading, an SSE
+            # subscriber most often: a client gone, as gunicorn takes EPIPE, not an error with a traceback
+            # (gevent's timeout carries no errno). StopIteration ends the connection quietly.
+            self.log.debug("closing a connection whose client stopped reading: %s", e)
+            raise StopIteration("the client stopped reading") from e
         finally:
             self.table.answered(sock)  # keep-alive: the next request's clock starts; a stream has ended
