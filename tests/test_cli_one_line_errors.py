@@ -9,10 +9,8 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 
 from sync_tools.cli import cli
-from sync_tools.signing import write_keypair
+from tests.cli_support import SYNC_TOOLS, cli_workspace, closed_port
+from tests.support import serve_http
 
-SYNC_TOOLS = str(Path(sys.executable).with_name("sync-tools"))
 NOISE = ("Traceback", "MaxRetryError", "HTTPConnectionPool", "NewConnectionError", "FileNotFoundError", "[Errno",
          "Error:  ", "NoneType")
 
@@ -47,24 +45,6 @@ def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     return lines[0]
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _workspace(root: Path, source: str = "store", extra: str = "") -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    write_keypair(root / "keys")
-    cfg = root / "sync-tools.yaml"
-    cfg.write_text("release:\n  store: .releases\n  public_key: keys/release.pub\n"
-                   "subsystems:\n  nats:\n    upstream: https://github.com/nats-io/nats-server\n"
-                   "    binary: nats-server\n    current: v1.0.0\n"
-                   f"agent:\n  root: root\n  source: {source}\n  reload: none\n{extra}")
-    (root / "root").mkdir(exist_ok=True)
-    return cfg
 
 
 # ------------------------------------------------------------------ a relay that is not what it seems
@@ -97,14 +77,8 @@ class _NotARelay(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def not_a_relay() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotARelay)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_http(_NotARelay) as server:
+        yield server.url
 
 
 @pytest.mark.parametrize("path", ["/moved", ""], ids=["redirect", "html-200"])
@@ -130,7 +104,7 @@ def test_fleet_json_against_a_redirect_is_not_null_and_exit_0(tmp_path: Path, no
 def test_fleet_with_relay_but_no_token_names_the_token_not_a_missing_config(tmp_path: Path) -> None:
     """An operator's laptop has no sync-tools.yaml: `fleet --relay URL` without the operator token said
     "no sync-tools.yaml here; pass --config FILE", when what is missing is SYNC_TOOLS_OPERATOR_TOKEN."""
-    proc = _run(tmp_path, "fleet", "--relay", f"http://127.0.0.1:{_closed_port()}")
+    proc = _run(tmp_path, "fleet", "--relay", f"http://127.0.0.1:{closed_port()}")
     line = _one_line_error(proc)
     assert "SYNC_TOOLS_OPERATOR_TOKEN" in line, line
 
@@ -145,8 +119,8 @@ def test_an_unreachable_relay_says_why_not_an_exception_class(tmp_path: Path, ar
     """fleet/rollout/notify said "cannot reach the relay at URL: ConnectionError" (the class name of
     requests' exception) where `agent --once` says "connection refused" (sync_tools.errtext.describe):
     a refused port, an unknown host and a TLS failure all read the same."""
-    _workspace(tmp_path)
-    proc = _run(tmp_path, *args, "--relay", f"http://127.0.0.1:{_closed_port()}", **env)
+    cli_workspace(tmp_path, make_root=True)
+    proc = _run(tmp_path, *args, "--relay", f"http://127.0.0.1:{closed_port()}", **env)
     line = _one_line_error(proc)
     assert line.endswith("connection refused"), line
 
@@ -173,7 +147,7 @@ def test_watch_in_dev_mode_takes_a_github_webhook_secret_of_any_length(tmp_path:
     """A DEV machine's `watch` verifies GitHub's X-Hub-Signature-256 (HMAC with any text secret), yet
     WebhookVerifier (sync_tools/agent/events.py:242) also feeds the secret to standardwebhooks, which
     base64-decodes it: a GitHub secret of 5 characters ("abcde") kills `watch` with a binascii traceback."""
-    _workspace(tmp_path)
+    cli_workspace(tmp_path, make_root=True)
     (tmp_path / "nats" / ".src").mkdir(parents=True)
     proc = subprocess.Popen([SYNC_TOOLS, "watch", "--mode", "dev", "--port", "0"], cwd=tmp_path,
                             env=_env(SYNC_TOOLS_AGENT_SECRET="abcde"), stdin=subprocess.DEVNULL,
@@ -186,7 +160,7 @@ def test_watch_in_dev_mode_takes_a_github_webhook_secret_of_any_length(tmp_path:
 def test_a_push_secret_that_is_not_whsec_base64_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     """USER mode: a malformed $SYNC_TOOLS_AGENT_SECRET (here "abcde") ended `watch` (and `agent` with
     agent.listen) with a binascii.Error traceback from standardwebhooks, after a full reconcile."""
-    _workspace(tmp_path)
+    cli_workspace(tmp_path, make_root=True)
     proc = subprocess.Popen([SYNC_TOOLS, "watch", "--mode", "user", "--port", "0"], cwd=tmp_path,
                             env=_env(SYNC_TOOLS_AGENT_SECRET="abcde"), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -226,7 +200,7 @@ def test_package_into_a_dist_that_cannot_be_made_is_one_line(tmp_path: Path) -> 
 def test_rollback_with_a_root_that_does_not_exist_is_that_error_and_creates_nothing(tmp_path: Path) -> None:
     """`status --root NOPE` says the root does not exist; `rollback nats --root NOPE` (a typo) made
     NOPE/.sync-tools/agent.lock and said "NOPE/nats/.bin: no previous binary to go back to"."""
-    _workspace(tmp_path)
+    cli_workspace(tmp_path, make_root=True)
     nope = tmp_path / "nope"
     proc = _run(tmp_path, "rollback", "nats", "--root", str(nope))
     line = _one_line_error(proc)
@@ -304,7 +278,7 @@ def test_a_failed_rollback_says_so_on_stderr(world) -> None:  # type: ignore[no-
     assert code == 0, err
     cfg = world.config_path.read_text()
     health = f"http://127.0.0.1:{world.ports['nats']}/health"
-    world.config_path.write_text(cfg.replace(health, f"http://127.0.0.1:{_closed_port()}/health")
+    world.config_path.write_text(cfg.replace(health, f"http://127.0.0.1:{closed_port()}/health")
                                  .replace("health_timeout: 5.0", "health_timeout: 1"))
     code, out, err = _cli(world.config_path, "rollback", "nats")
     assert code == 1, (out, err)
@@ -320,7 +294,7 @@ def test_a_health_url_that_refuses_is_described_not_named_by_exception_class(wor
     world.publish("nats", "v2")
     cfg = world.config_path.read_text()
     health = f"http://127.0.0.1:{world.ports['nats']}/health"
-    world.config_path.write_text(cfg.replace(health, f"http://127.0.0.1:{_closed_port()}/health")
+    world.config_path.write_text(cfg.replace(health, f"http://127.0.0.1:{closed_port()}/health")
                                  .replace("health_timeout: 5.0", "health_timeout: 1"))
     code, out, err = _cli(world.config_path, "agent", "--once", "--source", world.server.url)
     assert code == 1, (out, err)

@@ -14,25 +14,11 @@ from sync_tools.errors import DataError, RemoteError
 from sync_tools.signing import generate_keypair, load_public_key, sign, verify
 from sync_tools.stores.base import ManifestConflict
 from sync_tools.stores.github import GitHubStore
+from tests.github_support import ASSET, REPO, TAG, asset_file, github_store
 from tests.servers.github_api import (
     GitHubAPIServer,
     github_api_fixture,  # noqa: F401 -- registers fixture `github_api`
 )
-
-REPO = "joeblew999/plat-telemetry"
-TAG = "latest"
-ASSET = "nats-server-linux-amd64.tar.gz"
-
-
-def _store(server: GitHubAPIServer, **kw: object) -> GitHubStore:
-    kw.setdefault("timeout", 5)
-    return GitHubStore(REPO, TAG, base_url=server.url, **kw)  # type: ignore[arg-type]
-
-
-def _file(tmp_path: Path, data: bytes, name: str = "asset.bin") -> Path:
-    p = tmp_path / name
-    p.write_bytes(data)
-    return p
 
 
 def _names(server: GitHubAPIServer) -> list[str]:
@@ -49,10 +35,10 @@ def repo(github_api: GitHubAPIServer) -> GitHubAPIServer:
 
 
 def test_ensure_release_creates_once(repo: GitHubAPIServer) -> None:
-    store = _store(repo)
+    store = github_store(repo)
     store.ensure_release()
     store.ensure_release()
-    _store(repo).ensure_release()
+    github_store(repo).ensure_release()
     assert [r["tag_name"] for r in repo.state.releases(REPO)] == [TAG]
     assert len(repo.requests_to("POST", r"/releases$")) == 1
 
@@ -64,15 +50,15 @@ def test_ensure_release_tolerates_a_parallel_creator(repo: GitHubAPIServer) -> N
             repo.state.add_release(REPO, TAG)
 
     repo.hooks.append(other_job)
-    _store(repo).ensure_release()
+    github_store(repo).ensure_release()
     assert [r["tag_name"] for r in repo.state.releases(REPO)] == [TAG]
     assert [e["status"] for e in repo.requests_to("POST", r"/releases$")] == [422]
 
 
 def test_upload_then_replace_and_list(repo: GitHubAPIServer, tmp_path: Path) -> None:
-    store = _store(repo)
-    store.upload_asset(_file(tmp_path, b"v1"), ASSET)
-    store.upload_asset(_file(tmp_path, b"version two"), ASSET)
+    store = github_store(repo)
+    store.upload_asset(asset_file(tmp_path, b"v1"), ASSET)
+    store.upload_asset(asset_file(tmp_path, b"version two"), ASSET)
     assert repo.state.assets(REPO, TAG) == {ASSET: b"version two"}
     assert store.list_assets() == {ASSET: 11}
     url = store.asset_url(ASSET)
@@ -83,8 +69,8 @@ def test_upload_then_replace_and_list(repo: GitHubAPIServer, tmp_path: Path) -> 
 
 
 def test_replace_never_has_a_moment_without_a_copy(repo: GitHubAPIServer, tmp_path: Path) -> None:
-    store = _store(repo)
-    store.upload_asset(_file(tmp_path, b"old bytes"), ASSET)
+    store = github_store(repo)
+    store.upload_asset(asset_file(tmp_path, b"old bytes"), ASSET)
     seen: list[tuple[str, str, list[str]]] = []
 
     def observe(entry: dict) -> None:
@@ -95,7 +81,7 @@ def test_replace_never_has_a_moment_without_a_copy(repo: GitHubAPIServer, tmp_pa
         assert set(copies.values()) & {b"old bytes", b"new bytes"}, (entry, copies)
 
     repo.hooks.append(observe)
-    store.upload_asset(_file(tmp_path, b"new bytes"), ASSET)
+    store.upload_asset(asset_file(tmp_path, b"new bytes"), ASSET)
     repo.hooks.clear()
     assert repo.state.assets(REPO, TAG) == {ASSET: b"new bytes"}
     methods = [m for m, _, _ in seen]
@@ -108,34 +94,34 @@ def test_replace_never_has_a_moment_without_a_copy(repo: GitHubAPIServer, tmp_pa
 
 @pytest.mark.parametrize("fault", [{"status": 500}, {"status": 502, "times": 5}, {"reset": True}])
 def test_failed_upload_keeps_the_old_asset(repo: GitHubAPIServer, tmp_path: Path, fault: dict) -> None:
-    store = _store(repo)
-    store.upload_asset(_file(tmp_path, b"old"), ASSET)
+    store = github_store(repo)
+    store.upload_asset(asset_file(tmp_path, b"old"), ASSET)
     repo.inject("POST", r"^/uploads/.*/assets$", **fault)
     with pytest.raises(RemoteError) as err:
-        store.upload_asset(_file(tmp_path, b"new" * 50_000), ASSET)
+        store.upload_asset(asset_file(tmp_path, b"new" * 50_000), ASSET)
     if "status" in fault:
         assert err.value.status_code == fault["status"]
     assert repo.state.assets(REPO, TAG) == {ASSET: b"old"}
     repo.clear_faults()
-    store.upload_asset(_file(tmp_path, b"new"), ASSET)
+    store.upload_asset(asset_file(tmp_path, b"new"), ASSET)
     assert repo.state.assets(REPO, TAG) == {ASSET: b"new"}
 
 
 def test_failed_rename_is_retried(repo: GitHubAPIServer, tmp_path: Path) -> None:
-    store = _store(repo)
-    store.upload_asset(_file(tmp_path, b"old"), ASSET)
+    store = github_store(repo)
+    store.upload_asset(asset_file(tmp_path, b"old"), ASSET)
     repo.inject("PATCH", r"/releases/assets/\d+$", status=503)
-    store.upload_asset(_file(tmp_path, b"new"), ASSET)
+    store.upload_asset(asset_file(tmp_path, b"new"), ASSET)
     assert repo.state.assets(REPO, TAG) == {ASSET: b"new"}
     assert [e["status"] for e in repo.requests_to("PATCH", r"/releases/assets/")][1:] == [503, 200]
 
 
 def test_refused_delete_keeps_the_old_asset_and_drops_the_new_one(repo: GitHubAPIServer, tmp_path: Path) -> None:
-    store = _store(repo)
-    store.upload_asset(_file(tmp_path, b"old"), ASSET)
+    store = github_store(repo)
+    store.upload_asset(asset_file(tmp_path, b"old"), ASSET)
     repo.inject("DELETE", r"/releases/assets/\d+$", status=403, body={"message": "Resource not accessible by integration"})
     with pytest.raises(RemoteError, match="Resource not accessible") as err:
-        store.upload_asset(_file(tmp_path, b"new"), ASSET)
+        store.upload_asset(asset_file(tmp_path, b"new"), ASSET)
     assert err.value.status_code == 403
     assert repo.state.assets(REPO, TAG) == {ASSET: b"old"}
 
@@ -148,8 +134,8 @@ def test_leftovers_of_crashed_runs_are_cleaned(repo: GitHubAPIServer, tmp_path: 
     # A run that died between deleting arc's old asset and renaming the new one: the temporary is
     # the only copy and goes into place rather than away.
     state.add_asset(REPO, TAG, "arc-linux-amd64.tar.gz.tmp-00000000000000bb", b"arc only copy")
-    store = _store(repo, stale_after=0)
-    store.upload_asset(_file(tmp_path, b"next"), "other.tar.gz")
+    store = github_store(repo, stale_after=0)
+    store.upload_asset(asset_file(tmp_path, b"next"), "other.tar.gz")
     assert state.assets(REPO, TAG) == {
         ASSET: b"current",
         "arc-linux-amd64.tar.gz": b"arc only copy",
@@ -157,17 +143,17 @@ def test_leftovers_of_crashed_runs_are_cleaned(repo: GitHubAPIServer, tmp_path: 
     }
     # Fresh temporaries (a parallel job's upload in flight) are left alone.
     state.add_asset(REPO, TAG, ASSET + ".tmp-00000000000000cc", b"in flight")
-    _store(repo).upload_asset(_file(tmp_path, b"x"), "third.tar.gz")
+    github_store(repo).upload_asset(asset_file(tmp_path, b"x"), "third.tar.gz")
     assert ASSET + ".tmp-00000000000000cc" in state.assets(REPO, TAG)
-    assert "third.tar.gz" in _store(repo).list_assets()
-    assert not any(".tmp-" in n for n in _store(repo).list_assets())
+    assert "third.tar.gz" in github_store(repo).list_assets()
+    assert not any(".tmp-" in n for n in github_store(repo).list_assets())
 
 
 def test_reserved_names_are_refused(repo: GitHubAPIServer, tmp_path: Path) -> None:
-    store = _store(repo)
+    store = github_store(repo)
     for name in ("manifest.json", "manifest.json.sig", "x.tar.gz.tmp-0123456789abcdef"):
         with pytest.raises(DataError):
-            store.upload_asset(_file(tmp_path, b"x"), name)
+            store.upload_asset(asset_file(tmp_path, b"x"), name)
     with pytest.raises(DataError, match="no such file"):
         store.upload_asset(tmp_path / "missing.tar.gz", ASSET)
     assert repo.requests == []  # refused before any request
@@ -177,7 +163,7 @@ def test_reserved_names_are_refused(repo: GitHubAPIServer, tmp_path: Path) -> No
 
 
 def test_manifest_round_trip_and_stale_token(repo: GitHubAPIServer) -> None:
-    store = _store(repo)
+    store = github_store(repo)
     assert store.read_manifest().token is None
     store.ensure_release()
     assert store.read_manifest().data is None
@@ -199,7 +185,7 @@ def test_manifest_round_trip_and_stale_token(repo: GitHubAPIServer) -> None:
 def test_writer_losing_the_race_mid_write_changes_nothing(repo: GitHubAPIServer) -> None:
     """B passed its token check, then A committed while B was uploading: B's delete of the manifest it
     read finds it gone (the lock), B removes its temporaries and raises ManifestConflict."""
-    a, b = _store(repo), _store(repo)
+    a, b = github_store(repo), github_store(repo)
     a.write_manifest(b"m0", b"s0", None)
     token = a.read_manifest().token
     fired = threading.Event()
@@ -221,13 +207,13 @@ def test_concurrent_writers_of_different_subsystems_both_land(repo: GitHubAPISer
     keys = generate_keypair()
     private = load_pem_private_key(keys.private_pem, None)
     public = load_public_key(keys.public_pem)
-    _store(repo).ensure_release()
+    github_store(repo).ensure_release()
     start = threading.Barrier(2)
     conflicts: list[str] = []
     failures: list[BaseException] = []
 
     def release(subsystem: str) -> None:
-        store = _store(repo)
+        store = github_store(repo)
         try:
             start.wait(timeout=5)
             for version in range(3):
@@ -271,10 +257,10 @@ def test_reader_waits_for_a_pair_in_flight_then_rolls_a_crashed_one_forward(repo
 
     t0 = time.monotonic()
     with pytest.raises(RemoteError, match="being replaced"):
-        _store(repo, settle=0.3).read_manifest()  # not stale yet: it may still be in flight
+        github_store(repo, settle=0.3).read_manifest()  # not stale yet: it may still be in flight
     assert time.monotonic() - t0 < 3
 
-    snap = _store(repo, stale_after=0).read_manifest()
+    snap = github_store(repo, stale_after=0).read_manifest()
     assert (snap.data, snap.signature) == (b"new", b"new-sig")
     assert sorted(state.assets(REPO, TAG)) == ["manifest.json", "manifest.json.sig"]
 
@@ -284,14 +270,14 @@ def test_unpaired_manifests_are_returned_for_the_signature_check_to_judge(repo: 
     state.add_release(REPO, TAG)
     # Uploaded by hand or by another tool: no pair labels, no signature. Read as is (verification refuses it).
     state.add_asset(REPO, TAG, "manifest.json", b"by hand")
-    assert _store(repo, settle=0.2).read_manifest().signature is None
+    assert github_store(repo, settle=0.2).read_manifest().signature is None
     # Torn long ago with nothing left to finish it: returned as is rather than waited on forever.
     with state.lock:
         next(a for a in state._assets.values() if a["name"] == "manifest.json")["label"] = "manifest.json (00000000000000d3)"
     state.add_asset(REPO, TAG, "manifest.json.sig", b"other", label="manifest.json.sig (00000000000000e4)")
     with pytest.raises(RemoteError):
-        _store(repo, settle=0.2).read_manifest()
-    snap = _store(repo, settle=0.2, stale_after=0).read_manifest()
+        github_store(repo, settle=0.2).read_manifest()
+    snap = github_store(repo, settle=0.2, stale_after=0).read_manifest()
     assert (snap.data, snap.signature) == (b"by hand", b"other")
 
 
@@ -302,15 +288,15 @@ def test_crash_between_delete_and_rename_is_rolled_forward(repo: GitHubAPIServer
     state.add_asset(REPO, TAG, "manifest.json.tmp-00000000000000c2", b"data-c", label="manifest.json (00000000000000c2)")
     # While the temporaries are fresh nobody mistakes "no manifest.json" for "no manifest yet".
     with pytest.raises(RemoteError):
-        _store(repo, settle=0.2).read_manifest()
+        github_store(repo, settle=0.2).read_manifest()
     with pytest.raises(RemoteError):
-        _store(repo, settle=0.2).write_manifest(b"from scratch", b"sig", None)
-    snap = _store(repo, stale_after=0).read_manifest()
+        github_store(repo, settle=0.2).write_manifest(b"from scratch", b"sig", None)
+    snap = github_store(repo, stale_after=0).read_manifest()
     assert (snap.data, snap.signature) == (b"data-c", b"sig-c")
 
 
 def test_write_failure_after_upload_keeps_the_old_pair(repo: GitHubAPIServer) -> None:
-    store = _store(repo)
+    store = github_store(repo)
     store.write_manifest(b"m1", b"s1", None)
     token = store.read_manifest().token
     repo.inject("POST", r"^/uploads/", status=500)  # the signature temporary fails to upload
@@ -323,7 +309,7 @@ def test_write_failure_after_upload_keeps_the_old_pair(repo: GitHubAPIServer) ->
 
 def test_oversize_manifest_is_refused(repo: GitHubAPIServer) -> None:
     with pytest.raises(DataError):
-        _store(repo).write_manifest(b"x" * (4 * 1024 * 1024 + 1), b"sig", None)
+        github_store(repo).write_manifest(b"x" * (4 * 1024 * 1024 + 1), b"sig", None)
 
 
 # --------------------------------------------------------------------------- timeouts, auth, env
@@ -333,7 +319,7 @@ def test_timeout_is_a_remote_error(repo: GitHubAPIServer) -> None:
     repo.inject("GET", r"/releases/tags/", status=None, delay=8.0, times=5)
     t0 = time.monotonic()
     with pytest.raises(RemoteError):
-        _store(repo, timeout=1).read_manifest()
+        github_store(repo, timeout=1).read_manifest()
     elapsed = time.monotonic() - t0
     assert 1.9 < elapsed < 6, elapsed  # a 1 s read timeout retried once; never the server's 8 s
 
@@ -341,7 +327,7 @@ def test_timeout_is_a_remote_error(repo: GitHubAPIServer) -> None:
 def test_server_errors_carry_the_status(repo: GitHubAPIServer) -> None:
     repo.inject("GET", r"/releases/tags/", status=503, times=10)
     with pytest.raises(RemoteError) as err:
-        _store(repo).list_assets()
+        github_store(repo).list_assets()
     assert err.value.status_code == 503
     assert len(repo.requests_to("GET", r"/releases/tags/")) == 4  # first try + 3 retries
 
@@ -350,10 +336,10 @@ def test_token_is_sent_and_required(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with GitHubAPIServer(token="ghs_test") as server:
         server.state.add_repo(REPO)
         with pytest.raises(RemoteError) as err:
-            _store(server).ensure_release()
+            github_store(server).ensure_release()
         assert err.value.status_code == 401
         assert "ghs_test" not in str(err.value)
-        _store(server, token="ghs_test").upload_asset(_file(tmp_path, b"x"), ASSET)
+        github_store(server, token="ghs_test").upload_asset(asset_file(tmp_path, b"x"), ASSET)
         # $GITHUB_TOKEN and $GITHUB_API_URL are the defaults, as in GitHub Actions.
         monkeypatch.setenv("GITHUB_TOKEN", "ghs_test")
         monkeypatch.setenv("GITHUB_API_URL", server.url)

@@ -17,30 +17,17 @@ import pytest
 
 from sync_tools.errors import RemoteError
 from sync_tools.stores.github import GitHubStore
+from tests.github_support import ASSET, REPO, TAG, asset_file, github_store
 from tests.servers.github_api import (
     GitHubAPIServer,
     GitHubState,
     github_api_fixture,  # noqa: F401 -- registers fixture `github_api`
 )
 
-REPO = "joeblew999/plat-telemetry"
-TAG = "latest"
-ASSET = "nats-server-linux-amd64.tar.gz"
 SECONDARY = {
     "message": "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.",
     "documentation_url": "https://docs.github.com/rest/overview/rate-limits-for-the-rest-api#about-secondary-rate-limits",
 }
-
-
-def _store(server: GitHubAPIServer, **kw: object) -> GitHubStore:
-    kw.setdefault("timeout", 5)
-    return GitHubStore(REPO, TAG, base_url=server.url, **kw)  # type: ignore[arg-type]
-
-
-def _file(tmp_path: Path, data: bytes, name: str = "asset.bin") -> Path:
-    p = tmp_path / name
-    p.write_bytes(data)
-    return p
 
 
 @pytest.fixture
@@ -74,12 +61,12 @@ def test_secondary_rate_limit_on_the_rename_never_leaves_the_asset_missing(repo:
     PATCH, which neither GithubRetry (PATCH not in allowed_methods) nor _rename_retrying (only 5xx)
     retries: the old asset is gone, the new one stays under its temporary name, and the manifest names an
     asset that is not there (agents 404) until a later run finds the temporary stale (15 min)."""
-    store = _store(repo)
-    store.upload_asset(_file(tmp_path, b"old"), ASSET)
+    store = github_store(repo)
+    store.upload_asset(asset_file(tmp_path, b"old"), ASSET)
     repo.inject("PATCH", r"/releases/assets/\d+$", status=403, headers={"Retry-After": "1"}, body=SECONDARY)
     error: BaseException | None = None
     try:
-        store.upload_asset(_file(tmp_path, b"new"), ASSET)
+        store.upload_asset(asset_file(tmp_path, b"new"), ASSET)
     except RemoteError as e:
         error = e
     names = repo.state.assets(REPO, TAG)
@@ -91,7 +78,7 @@ def test_secondary_rate_limit_on_the_manifest_rename_keeps_a_manifest(repo: GitH
     """The same for write_manifest: the commit point deletes the old manifest.json, then the rename of
     the new one is refused by a secondary rate limit and not retried. No manifest.json is left at all:
     every agent 404s and every release for the next 15 minutes gives up ("being replaced")."""
-    store = _store(repo)
+    store = github_store(repo)
     store.write_manifest(b"m1", b"s1", None)
     token = store.read_manifest().token
     repo.inject("PATCH", r"/releases/assets/\d+$", status=403, headers={"Retry-After": "1"}, body=SECONDARY)
@@ -103,17 +90,17 @@ def test_secondary_rate_limit_on_the_manifest_rename_keeps_a_manifest(repo: GitH
     names = repo.state.assets(REPO, TAG)
     assert "manifest.json" in names, f"no manifest.json after a secondary rate limit: {sorted(names)} ({error})"
     assert error is None
-    snap = _store(repo, settle=0.5).read_manifest()
+    snap = github_store(repo, settle=0.5).read_manifest()
     assert (snap.data, snap.signature) == (b"m2", b"s2")
 
 
 def test_secondary_rate_limit_on_an_upload_is_waited_out(repo: GitHubAPIServer, tmp_path: Path) -> None:
     """A 403 + Retry-After on the upload POST (nothing was stored) fails the whole release instead of
     waiting the second GitHub asks for: POST is left out of the retry's allowed_methods."""
-    store = _store(repo)
+    store = github_store(repo)
     store.ensure_release()
     repo.inject("POST", r"^/uploads/", status=403, headers={"Retry-After": "1"}, body=SECONDARY)
-    store.upload_asset(_file(tmp_path, b"bytes"), ASSET)
+    store.upload_asset(asset_file(tmp_path, b"bytes"), ASSET)
     assert repo.state.assets(REPO, TAG) == {ASSET: b"bytes"}
 
 
@@ -142,7 +129,7 @@ def test_a_write_killed_between_delete_and_rename_is_repaired_once_stale(repo: G
     state.add_asset(REPO, TAG, "manifest.json.sig.tmp-00000000000000c2", b"sig-c", label="manifest.json.sig (00000000000000c2)")
     state.add_asset(REPO, TAG, "manifest.json.tmp-00000000000000c2", b"data-c", label="manifest.json (00000000000000c2)")
     _age(repo, 20)
-    snap = _store(repo, settle=1.0).read_manifest()  # stale_after: the default 15 min
+    snap = github_store(repo, settle=1.0).read_manifest()  # stale_after: the default 15 min
     assert (snap.data, snap.signature) == (b"data-c", b"sig-c")
 
 
@@ -154,9 +141,9 @@ def test_a_long_retry_after_is_not_slept_through(repo: GitHubAPIServer) -> None:
     but that cap only applies to 403s without Retry-After. A 403 with Retry-After goes to urllib3, whose
     retry_after_max is 6 hours: a GET sleeps whatever GitHub names (here 150 s; 3600 would hang the job
     until its timeout kills it, with no error line), three times over."""
-    _store(repo).ensure_release()
+    github_store(repo).ensure_release()
     repo.inject("GET", r"/releases/tags/", status=403, headers={"Retry-After": "150"}, body=SECONDARY)
-    t, out = _in_thread(_store(repo, timeout=2).list_assets)
+    t, out = _in_thread(github_store(repo, timeout=2).list_assets)
     t.join(timeout=20)
     assert not t.is_alive(), "list_assets is still sleeping on a 150 s Retry-After, past the documented 2 min cap"
 
@@ -214,8 +201,8 @@ def split(monkeypatch: pytest.MonkeyPatch) -> Iterator[_SplitHostServer]:
 
 def test_split_hosts_work_at_all(split: _SplitHostServer, tmp_path: Path) -> None:
     """Control: with the hosts split as on github.com the store uploads, reads and downloads fine."""
-    store = _store(split)
-    store.upload_asset(_file(tmp_path, b"bytes"), ASSET)
+    store = github_store(split)
+    store.upload_asset(asset_file(tmp_path, b"bytes"), ASSET)
     store.write_manifest(b"m1", b"s1", None)
     assert store.read_manifest().data == b"m1"
     assert any(r["path"].startswith("/uploads/") and r["headers"].get("Host", "").startswith("uploads.github.com")
@@ -229,10 +216,10 @@ def test_an_upload_to_the_uploads_host_times_out(split: _SplitHostServer, tmp_pa
     host than base_url's (uploads.github.com for every upload) through a connection it makes without
     any timeout. An uploads host that stops answering holds the release job until the job's own
     timeout kills it (30 min), with no error line. (The same request to the API host times out.)"""
-    store = _store(split, timeout=1)
+    store = github_store(split, timeout=1)
     store.ensure_release()
     split.inject("POST", r"^/uploads/", status=None, delay=8.0)
-    t, out = _in_thread(store.upload_asset, _file(tmp_path, b"bytes"), ASSET)
+    t, out = _in_thread(store.upload_asset, asset_file(tmp_path, b"bytes"), ASSET)
     t.join(timeout=15)
     assert not t.is_alive()
     assert out["elapsed"] < 5, f"the upload took {out['elapsed']:.1f}s with a 1 s timeout ({out.get('error')!r})"
@@ -243,12 +230,12 @@ def test_a_manifest_download_from_the_storage_host_times_out(split: _SplitHostSe
     """Reading manifest.json (every release does, first) downloads through the asset API, which answers
     302 to the storage host (objects.githubusercontent.com on github.com); PyGithub follows it on a
     connection without a timeout, so a stalled storage host hangs read_manifest."""
-    store = _store(split, timeout=1)
+    store = github_store(split, timeout=1)
     store.write_manifest(b"m1", b"s1", None)
     # A stalled host stalls every attempt: the store retries an idempotent GET once on a read timeout
     # (as documented), so a single stalled answer is recovered in ~1 s and would prove nothing here.
     split.inject("GET", r"^/_storage/", status=None, delay=8.0, times=2)
-    t, out = _in_thread(_store(split, timeout=1).read_manifest)
+    t, out = _in_thread(github_store(split, timeout=1).read_manifest)
     t.join(timeout=15)
     assert not t.is_alive()
     assert out["elapsed"] < 5, f"read_manifest took {out['elapsed']:.1f}s with a 1 s timeout ({out.get('error')!r})"
@@ -280,6 +267,6 @@ def test_an_html_error_page_is_not_reported_as_none(repo: GitHubAPIServer) -> No
     page = "<!DOCTYPE html>\n<html><head><title>Unicorn! &middot; GitHub</title></head>\n<body>No server is currently available to service your request.</body></html>\n"
     repo.inject("GET", r"/releases/tags/", status=502, times=10, body=page)
     with pytest.raises(RemoteError) as err:
-        _store(repo).list_assets()
+        github_store(repo).list_assets()
     assert err.value.status_code == 502
     assert not str(err.value).endswith(": None"), str(err.value)

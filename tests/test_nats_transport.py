@@ -7,13 +7,11 @@ goes through the real client library and the relay's own publisher.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import nats
 import pytest
 
 from sync_tools.agent.events import AgentEvent
@@ -27,7 +25,7 @@ from sync_tools.agent.nats_transport import (
 from sync_tools.config import NatsConfig, load_config
 from sync_tools.errors import ConfigError, RemoteError
 from sync_tools.relay.nats_publish import NatsPublisher
-from tests.nats_support import DOMAIN, Link, NatsServer, tls_files
+from tests.nats_support import DOMAIN, Link, NatsServer, Subscribed, publisher, raw_publish, tls_files
 from tests.support import wait_for
 
 EVENT = b'{"type": "release.updated", "release": "latest", "subsystems": ["nats"], "serial": %d, "manifest": "m"}'
@@ -46,43 +44,6 @@ def site(tmp_path: Path) -> Iterator[tuple[NatsServer, Link, NatsServer]]:
         leaf.stop()
         link.close()
         hub.stop()
-
-
-class Subscribed:
-    """A NatsSubscriber running in its own thread, collecting the events it hands over."""
-
-    def __init__(self, tmp: Path, servers: list[str], *, environ: dict[str, str] | None = None,
-                 catchup: float = 0.5, backoff_base: float = 0.05, **tls: str):
-        self.events: list[AgentEvent] = []
-        self.cfg = NatsConfig(servers=tuple(servers), domain=DOMAIN, catchup_seconds=catchup, **tls)  # type: ignore[arg-type]
-        self.sub = NatsSubscriber(self.cfg, "latest", self.events.append, backoff_base=backoff_base,
-                                  backoff_max=0.5, options=connect_options(self.cfg, root=tmp, environ=environ or {}))
-        self.thread = threading.Thread(target=self.sub.run, daemon=True)
-        self.thread.start()
-
-    def serials(self) -> list[int | None]:
-        return [e.serial for e in self.events]
-
-    def close(self) -> None:
-        self.sub.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-
-
-def publisher(tmp: Path, hub: NatsServer, **kw: object) -> NatsPublisher:
-    return NatsPublisher(NatsConfig(servers=(hub.url,), domain=DOMAIN), root=tmp, environ={}, **kw)  # type: ignore[arg-type]
-
-
-def raw_publish(url: str, subject: str, payloads: list[bytes]) -> None:
-    """Plain core publishes (no JetStream ack), as anybody allowed on the subject could send."""
-    async def go() -> None:
-        nc = await nats.connect(url)
-        for p in payloads:
-            await nc.publish(subject, p)
-        await nc.flush()
-        await nc.close()
-
-    asyncio.run(go())
 
 
 def test_a_live_event_reaches_an_agent_on_the_leaf_and_an_agent_offline_for_days_catches_up_at_connect(

@@ -11,7 +11,6 @@ import logging
 import secrets
 import sqlite3
 import subprocess
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,9 @@ import pytest
 import requests
 
 from sync_tools.config import Config
-from sync_tools.manifest import (
-    Asset,
-    Entry,
-    empty_manifest,
-    format_time,
-    parse_manifest,
-    sign_manifest,
-    with_entry,
-)
 from sync_tools.relay.app import get_relay
 from sync_tools.relay.fleet import MAX_AGENT_SUBSYSTEMS, Fleet, FleetStore
 from sync_tools.relay.server import RelayServer
-from sync_tools.rollout import RolloutPolicy
-from sync_tools.signing import load_private_key
-from sync_tools.stores.local import LocalStore
 from tests.fleet_support import (
     AGENTS,
     OPERATOR,
@@ -45,6 +32,7 @@ from tests.fleet_support import (
     notify,
     operator,
     publish,
+    publish_builds,
     rollout_of,
     token,
     wait_for,
@@ -59,6 +47,14 @@ def _post_report(server: RelayServer, agent: str, body: dict[str, Any]) -> reque
     # text decoded with errors="surrogateescape" (a file name that is not UTF-8, say)
     return requests.post(server.url + "/report", data=json.dumps(body).encode(), timeout=10,
                          headers={"Content-Type": "application/json", "Authorization": f"Bearer {token(agent)}"})
+
+
+def _rolling_out(server: RelayServer, clock: Clock, policy: dict[str, Any]) -> str:
+    """nats v2 released under *policy* and the relay told, once its rollout is there; returns the build."""
+    build = publish(get_relay(server.app).config, "nats", "v2", rollout=policy, built=clock())
+    notify(server)
+    wait_for("the rollout", lambda: rollout_of(server))
+    return build
 
 
 def _report(agent: str, build: str | None, outcome: str, **extra: Any) -> dict[str, Any]:
@@ -81,10 +77,7 @@ def test_a_report_with_a_lone_surrogate_is_a_clear_4xx_not_a_500_and_its_failure
     recorded, so a bad build that should halt at max_failures=1 keeps rolling."""
     clock = Clock()
     with fleet_relay(tmp_path, clock) as server:
-        config = get_relay(server.app).config
-        build = publish(config, "nats", "v2", rollout=POLICY, built=clock())
-        notify(server)
-        wait_for("the rollout", lambda: rollout_of(server))
+        build = _rolling_out(server, clock, POLICY)
         first = members(build, 5)[0]
         text = "health check failed: /srv/nats/\udcff.sock: no such file"
         body = _report(first, build, "rolled_back", error="health check failed")
@@ -128,19 +121,8 @@ def _publish_two_platforms(config: Config, name: str, version: str, policy: dict
                            built: float) -> dict[str, str]:
     """One manifest entry with a linux/amd64 and a linux/arm64 build, both under *policy*: two
     current rollouts of one subsystem. Returns platform -> build."""
-    store = LocalStore(config.release.store_path(config.root), config.release.tag)
-    store.ensure_release()
-    snap = store.read_manifest()
-    base = parse_manifest(snap.data) if snap.data else empty_manifest()
     builds = {"linux/amd64": secrets.token_hex(32), "linux/arm64": secrets.token_hex(32)}
-    assets = {p: Asset(name=f"{name}-{p.replace('/', '-')}.tar.gz", size=10, sha256=secrets.token_hex(32),
-                       binary_sha256=b) for p, b in builds.items()}
-    entry = Entry(version=version, commit=secrets.token_hex(20),
-                  built=format_time(datetime.fromtimestamp(built, UTC)), assets=assets,
-                  rollout=RolloutPolicy.from_json(policy))
-    key = load_private_key(str(config.root / "keys" / "release.key"))
-    data, sig = sign_manifest(with_entry(base, name, entry), key)
-    store.write_manifest(data, sig, snap.token)
+    publish_builds(config, name, version, builds, rollout=policy, built=built)
     return builds
 
 
@@ -192,10 +174,7 @@ def test_a_halt_reason_with_a_lone_surrogate_is_a_400_not_a_500(tmp_path: Path) 
     sqlite3 (UnicodeEncodeError) and the operator gets a 500 page instead of a reason."""
     clock = Clock()
     with fleet_relay(tmp_path, clock) as server:
-        config = get_relay(server.app).config
-        publish(config, "nats", "v2", rollout=POLICY, built=clock())
-        notify(server)
-        wait_for("the rollout", lambda: rollout_of(server))
+        _rolling_out(server, clock, POLICY)
         r = requests.post(server.url + "/rollout/nats/halt", data=json.dumps({"reason": "bad \udcff"}).encode(),
                           timeout=10, headers={"Authorization": f"Bearer {OPERATOR}",
                                                "Content-Type": "application/json"})
@@ -212,10 +191,7 @@ def test_a_cross_site_form_post_riding_the_fleet_pages_basic_login_cannot_resume
     clock = Clock()
     policy = {**POLICY, "max_failures": 1}
     with fleet_relay(tmp_path, clock) as server:
-        config = get_relay(server.app).config
-        build = publish(config, "nats", "v2", rollout=policy, built=clock())
-        notify(server)
-        wait_for("the rollout", lambda: rollout_of(server))
+        build = _rolling_out(server, clock, policy)
         first = members(build, 5)[0]
         assert _post_report(server, first, _report(first, build, "rolled_back", error="exit 1")).status_code == 202
         assert rollout_of(server)["state"] == "halted"

@@ -11,20 +11,16 @@ import asyncio
 import json
 import logging
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
 import nats
 import pytest
 
-from sync_tools.agent.events import AgentEvent
-from sync_tools.agent.nats_transport import NatsSubscriber, connect_options, subject_for
-from sync_tools.config import NatsConfig
-from sync_tools.relay.nats_publish import NatsPublisher
+from sync_tools.agent.nats_transport import subject_for
 from sync_tools.relay.outbox import NewJob, Outbox
 from sync_tools.relay.worker import Backoff, Worker
-from tests.nats_support import DOMAIN, NatsServer
+from tests.nats_support import DOMAIN, NatsServer, Subscribed, publisher, raw_publish
 from tests.support import wait_for
 
 
@@ -108,8 +104,7 @@ def test_release_events_reach_the_stream_in_the_order_they_were_made(tmp_path: P
     hub = NatsServer(tmp_path, "hub", hub=True)  # its port is fixed now; it starts later
     db = tmp_path / "relay.db"
     outbox = Outbox(db)
-    pub = NatsPublisher(NatsConfig(servers=(hub.url,), domain=DOMAIN), root=tmp_path, environ={}, timeout=3.0,
-                        outbox=outbox)
+    pub = publisher(tmp_path, hub, timeout=3.0, outbox=outbox)
     worker = Worker(outbox, {"nats": pub.handle}, backoff=Backoff(base=3.0, cap=3.0), threads=2,
                     max_attempts=20, rand=lambda: 1.0)
 
@@ -148,18 +143,12 @@ def test_a_deeply_nested_message_on_the_subject_is_ignored_with_one_line_and_doe
     Anybody who may publish on sync.release.> puts such a message in the stream (its subjects take
     core publishes too)."""
     caplog.set_level(logging.DEBUG, logger="sync_tools.agent.nats_transport")
-    hub = NatsServer(tmp_path, "hub", hub=True).start()
-    try:
-        pub = NatsPublisher(NatsConfig(servers=(hub.url,), domain=DOMAIN), root=tmp_path, environ={})
+    with NatsServer(tmp_path, "hub", hub=True) as hub:
         hostile = b"[" * 100_000
-        pub.publish(subject_for("latest"), hostile, "hostile-1")  # stored: the stream's last message
-        events: list[AgentEvent] = []
-        cfg = NatsConfig(servers=(hub.url,), domain=DOMAIN, catchup_seconds=0)
-        sub = NatsSubscriber(cfg, "latest", events.append, backoff_base=0.05, backoff_max=0.2,
-                             options=connect_options(cfg, root=tmp_path, environ={}))
-        t = threading.Thread(target=sub.run, daemon=True)
-        t.start()
-        try:
+        # stored: the stream's last message
+        publisher(tmp_path, hub).publish(subject_for("latest"), hostile, "hostile-1")
+        with Subscribed(tmp_path, [hub.url], catchup=0, backoff_max=0.2) as subscribed:
+            sub = subscribed.sub
             assert sub.connected.wait(10)
             wait_for(lambda: sub.ignored >= 1 or sub.connects >= 2, timeout=10, what="the catch-up to be handled")
             time.sleep(0.5)  # a reconnect, if the session broke, has happened by now
@@ -167,11 +156,6 @@ def test_a_deeply_nested_message_on_the_subject_is_ignored_with_one_line_and_doe
             assert sub.ignored == 1
             lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
             assert any("ignoring a catch-up message that is not a release event" in m for m in lines), lines
-        finally:
-            sub.stop()
-            t.join(10)
-    finally:
-        hub.stop()
 
 
 def test_a_deeply_nested_live_message_is_logged_and_counted_as_ignored(
@@ -180,34 +164,14 @@ def test_a_deeply_nested_live_message_is_logged_and_counted_as_ignored(
     callback, which hands it to the client's error callback (logged at DEBUG): no WARNING line, no
     ``ignored`` count, where docs/nats.md promises a line for every message that is not an event."""
     caplog.set_level(logging.DEBUG, logger="sync_tools.agent.nats_transport")
-    hub = NatsServer(tmp_path, "hub", hub=True).start()
-    try:
-        events: list[AgentEvent] = []
-        cfg = NatsConfig(servers=(hub.url,), domain=DOMAIN, catchup_seconds=0)
-        sub = NatsSubscriber(cfg, "latest", events.append, backoff_base=0.05, backoff_max=0.2,
-                             options=connect_options(cfg, root=tmp_path, environ={}))
-        t = threading.Thread(target=sub.run, daemon=True)
-        t.start()
-        try:
-            assert sub.connected.wait(10)
-
-            async def send() -> None:
-                nc = await nats.connect(hub.url)
-                await nc.publish("sync.release.latest", b"[" * 100_000)
-                await nc.publish("sync.release.latest", b'{"type": "release.updated", "serial": 5}')
-                await nc.flush()
-                await nc.close()
-
-            asyncio.run(send())
-            wait_for(lambda: [e.serial for e in events] == [5], timeout=10, what="the valid event after it")
-            assert sub.ignored == 1
-            lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-            assert any("ignoring a live message that is not a release event" in m for m in lines), lines
-        finally:
-            sub.stop()
-            t.join(10)
-    finally:
-        hub.stop()
+    with NatsServer(tmp_path, "hub", hub=True) as hub, \
+            Subscribed(tmp_path, [hub.url], catchup=0, backoff_max=0.2) as subscribed:
+        assert subscribed.sub.connected.wait(10)
+        raw_publish(hub.url, "sync.release.latest", [b"[" * 100_000, b'{"type": "release.updated", "serial": 5}'])
+        wait_for(lambda: subscribed.serials() == [5], timeout=10, what="the valid event after it")
+        assert subscribed.sub.ignored == 1
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any("ignoring a live message that is not a release event" in m for m in lines), lines
 
 
 def test_a_forged_message_with_the_next_events_msg_id_does_not_suppress_that_release(tmp_path: Path) -> None:
@@ -220,8 +184,7 @@ def test_a_forged_message_with_the_next_events_msg_id_does_not_suppress_that_rel
     hub = NatsServer(tmp_path, "hub", hub=True).start()
     db = tmp_path / "relay.db"
     outbox = Outbox(db)
-    pub = NatsPublisher(NatsConfig(servers=(hub.url,), domain=DOMAIN), root=tmp_path, environ={}, timeout=3.0,
-                        outbox=outbox)
+    pub = publisher(tmp_path, hub, timeout=3.0, outbox=outbox)
     worker = Worker(outbox, {"nats": pub.handle}, backoff=Backoff(base=0.2, cap=0.5), threads=1)
     try:
         pub.publish(subject_for("latest"), b'{"type": "release.updated", "serial": 43}', "latest:43:1")
