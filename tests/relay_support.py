@@ -163,16 +163,23 @@ def publish(config: Config, name: str, version: str, *, serial_from: Manifest | 
 
 
 @contextmanager
-def running_relay(root: Path, github_api: Any, **config: Any) -> Iterator[Any]:
-    """The relay under a real server on port 0, its config written under *root* (``write_config``'s
-    keywords), dispatching to the GitHub API test server *github_api*; stopped at the end."""
+def serve_relay(config: Any, root: Path, **overrides: Any) -> Iterator[Any]:
+    """The relay of *config* under a real server on port 0 (``settings(config, root, **overrides)``);
+    stopped at the end."""
     from sync_tools.relay.app import create_app
     from sync_tools.relay.server import RelayServer
 
-    github_api.state.add_repo(RELEASE_REPO)
-    cfg = write_config(root, **config)
-    server = RelayServer(create_app(cfg, settings(cfg, root, github_api_url=github_api.url)), "127.0.0.1", 0).start()
+    server = RelayServer(create_app(config, settings(config, root, **overrides)), "127.0.0.1", 0).start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def running_relay(root: Path, github_api: Any, **config: Any) -> Iterator[Any]:
+    """The relay under a real server on port 0, its config written under *root* (``write_config``'s
+    keywords), dispatching to the GitHub API test server *github_api*; stopped at the end."""
+    github_api.state.add_repo(RELEASE_REPO)
+    with serve_relay(write_config(root, **config), root, github_api_url=github_api.url) as server:
+        yield server

@@ -25,10 +25,10 @@ import requests
 from click.testing import CliRunner
 
 from sync_tools.cli import cli
-from sync_tools.relay.app import create_app, get_relay
+from sync_tools.relay.app import get_relay
 from sync_tools.relay.server import RelayServer
 from tests.gitrepos import GitRepo
-from tests.relay_support import TOKEN, env, settings, write_config
+from tests.relay_support import TOKEN, env, serve_relay, write_config
 from tests.support import free_port, stop_group, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,17 +106,8 @@ def test_doctor_port_clash_fix_start_process_compose_with_port_n_clears_it(tmp_p
     names 9000), doctor still says web's 8080 is "the port process-compose's API uses by default":
     a --port in the Taskfile is not read (only -U is), and agent.url counts only with agent.reload:
     process-compose, which the fix does not mention."""
-    up = GitRepo.create(tmp_path / "web.git")
-    up.commit("one")
-    up.tag("v1.0.0")
-    up.close()
-    ws = tmp_path / "ws"
-    ws.mkdir()
+    ws = _web_ws(tmp_path, "", "processes:\n  web:\n    command: ./web/.bin/web --listen 127.0.0.1:8080\n")
     cfg = ws / "sync-tools.yaml"
-    cfg.write_text("subsystems:\n  web:\n    upstream: ../web.git\n    current: v1.0.0\n    build: ['make web']\n"
-                   "    health: 'true'\n")
-    (ws / "process-compose.yaml").write_text(
-        "processes:\n  web:\n    command: ./web/.bin/web --listen 127.0.0.1:8080\n")
     _, data = _doctor(ws, "--offline")
     clash = _of(data, "web", "port-clash")
     assert len(clash) == 1 and "start process-compose with --port N (and set agent.url: http://127.0.0.1:N)" \
@@ -131,15 +122,8 @@ def test_doctor_port_clash_fix_start_process_compose_with_port_n_clears_it(tmp_p
 # ----------------------------------------------------------------------------------------- relay SSE
 
 
-@contextlib.contextmanager
-def _relay(root: Path) -> Iterator[RelayServer]:
-    cfg = write_config(root)
-    app = create_app(cfg, settings(cfg, root))
-    server = RelayServer(app, "127.0.0.1", 0).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def _relay(root: Path) -> contextlib.AbstractContextManager[RelayServer]:
+    return serve_relay(write_config(root), root)
 
 
 def _read_ids_until_quiet(url: str, last_event_id: str, quiet_heartbeats: int = 3,

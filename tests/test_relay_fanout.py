@@ -17,7 +17,7 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from sync_tools.manifest import MANIFEST_NAME, SIGNATURE_NAME
-from sync_tools.relay.app import create_app, get_relay
+from sync_tools.relay.app import get_relay
 from sync_tools.relay.server import RelayServer
 from sync_tools.relay.webhook import sign
 from tests.relay_support import (
@@ -27,7 +27,7 @@ from tests.relay_support import (
     delivery,
     publish,
     release_payload,
-    settings,
+    serve_relay,
     write_config,
 )
 
@@ -67,12 +67,8 @@ def agent() -> Iterator[AgentReceiver]:
 def relay(tmp_path: Path, agent: AgentReceiver) -> Iterator[RelayServer]:
     config = write_config(tmp_path, dispatch="github",
                           agents=[{"url": agent.url, "secret_env": "AGENT1_SECRET"}])
-    app = create_app(config, settings(config, tmp_path))
-    server = RelayServer(app, "127.0.0.1", 0).start()
-    try:
+    with serve_relay(config, tmp_path) as server:
         yield server
-    finally:
-        server.stop()
 
 
 class SSE:
