@@ -16,6 +16,9 @@ from typing import Any
 
 from sync_tools.agent.state import load_state
 from sync_tools.config import Subsystem
+from sync_tools.errors import DataError
+from sync_tools.fsutil import sha256_file
+from sync_tools.versionfile import read_version
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +48,17 @@ def finish_reload(agent: Any, sub: Subsystem, sha: str, version: str | None) -> 
     # the build was never unhealthy, its restart was: it is no longer held back as a failed build
     agent.update_state(lambda st: st.with_failed(sub.name, None) if st.failed.get(sub.name) == sha else st)
     return SubsystemResult(sub.name, "recovered", sha, sha, version)
+
+
+def finish_owed(agent: Any, sub: Subsystem) -> Any:
+    """:func:`finish_reload` onto the binary in place of *sub*: the SubsystemResult, or None when no
+    restart is owed or there is no binary to restart."""
+    bin_dir = sub.bin_dir(agent.root)
+    target = bin_dir / sub.binary
+    if sub.name not in load_state(agent.root).reload_failed or not target.is_file():
+        return None
+    try:
+        info = read_version(bin_dir)
+    except DataError:  # only the report's version: status and verify say what is wrong with it
+        info = None
+    return finish_reload(agent, sub, sha256_file(target), info.version if info else None)

@@ -329,7 +329,7 @@ class Agent:
             # it, and the service it left stopped must not wait for the network (a kill inside that
             # restart left no intent in the journal: this is what finishes it at the next start)
             try:
-                owed = [r for sub in subsystems.installed(self.config, self.root) if (r := self._finish_owed(sub))]
+                owed = [r for sub in subsystems.installed(self.config, self.root) if (r := pending.finish_owed(self, sub))]
             except (SyncToolsError, OSError) as e:  # an unreadable state: the report has its error already
                 log.error("cannot finish the restarts owed since they failed: %s", e)
                 owed = []
@@ -372,7 +372,7 @@ class Agent:
         for sub in _order(subsystems.for_manifest(self.config, manifest)):
             # a restart owed since it failed comes before anything is decided about the release's build
             # (skipped, held, missing, no entry): those leave the binary in place, and its service stopped
-            owed = self._finish_owed(sub)
+            owed = pending.finish_owed(self, sub)
             if owed is not None:
                 results.append(owed)
             entry = manifest.subsystems.get(sub.name)
@@ -470,19 +470,6 @@ class Agent:
                 part.unlink(missing_ok=True)
             except OSError as e:  # a directory put there: left alone, and it must not end the reconcile
                 log.warning("cannot remove %s: %s", part, e.strerror or e)
-
-    def _finish_owed(self, sub: Subsystem) -> SubsystemResult | None:
-        """Finish *sub*'s restart owed since it failed (:func:`.pending.finish_reload`), onto the binary
-        in place. None when none is owed, or there is no binary to restart."""
-        bin_dir = sub.bin_dir(self.root)
-        target = bin_dir / sub.binary
-        if sub.name not in load_state(self.root).reload_failed or not target.is_file():
-            return None
-        try:
-            info = read_version(bin_dir)
-        except DataError:  # only the report's version: status and verify say what is wrong with it
-            info = None
-        return pending.finish_reload(self, sub, sha256_file(target), info.version if info else None)
 
     def _health(self, sub: Subsystem) -> HealthResult:
         return wait_settled(sub.health, reloader=self.reloader, process=sub.process, cwd=self.root,
