@@ -20,6 +20,7 @@ import logging
 import os
 import platform as _platform
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -244,7 +245,9 @@ def _clone_by_pin(config: Config, sub: Subsystem, version: str | None, src_dir: 
         log.warning("%s: no %s to clone by %s before checking out %s; building it by name", sub.name,
                     command, sub.current, version[:12])
         return None
-    return command
+    # on the command line: go-task ranks a call's vars over a plain Taskfile var, which the build may
+    # have written the sha into (the environment reaches only a template var)
+    return f"{command} {sub.version_var}={shlex.quote(sub.current)}"
 
 
 def _aside_path(config: Config, sub: Subsystem) -> Path:

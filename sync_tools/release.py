@@ -216,8 +216,9 @@ def release_many(
         packaged[name] = tuple(items)
         # path: where the platform runs it under .bin when not right there (grafana: bin/grafana-server),
         # for agents whose config does not list the subsystem
+        folder = sub.bin_path.rpartition("/")[0]  # where binary_path() puts it: bin_path's folder, the binary's name
         entries[name] = dataclasses.replace(entry_for(items, sub.binary), rollout=sub.rollout,
-                                            path=sub.bin_path or None)
+                                            path=f"{folder}/{sub.binary}" if folder else None)
     label = ",".join(entries)
     private, public = release_keys(config, signing_key)
     store = store or open_store(config)

@@ -276,6 +276,8 @@ def in_pin_form(version: str, pin: str | None) -> str:
     ``11.4.0`` is ``11.6.0`` (plat-telemetry's grafana pins v-less and its Taskfile clones
     ``v{{.GF_VERSION}}``), ``2.10.26`` for a pin ``v2.10.24`` is ``v2.10.26``. *version* as it is when
     either is not a version or they differ in more than that prefix."""
+    if re.fullmatch(r"[0-9a-f]{7,40}", version):  # a commit, even an all-digit one, is no version
+        return version
     v, p = parse_version(version), parse_version(pin or "")
     if v is None or p is None or v.prefix not in ("", "v") or p.prefix not in ("", "v") or v.prefix == p.prefix:
         return version

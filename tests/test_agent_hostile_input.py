@@ -355,3 +355,24 @@ def test_a_chain_of_slow_redirects_cannot_hold_the_manifest_fetch_past_its_deadl
     with serve_http(H) as srv:
         took = _timed(lambda: HTTPFetcher(srv.url).fetch_bytes("manifest.json", max_bytes=4096, timeout=1.5))
     assert took < 3.0, f"fetch_bytes with a 1.5 s deadline took {took:.1f}s over 5 redirects of 0.8 s"
+
+
+@pytest.mark.parametrize("location", ["http://127.0.0.1:99999/", "http://h:abc/", "http://[::1/"])
+def test_a_redirect_to_no_url_is_a_redirect_error_not_a_value_error(location: str) -> None:
+    """urllib.parse raises ValueError for a port out of range or an unclosed bracket; the client's own
+    redirect handling must keep to its family of errors (health checks and the gate never raise)."""
+    from sync_tools.agent.httpclient import Client, RedirectError
+
+    class Moved(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with serve_http(Moved) as server:
+        with pytest.raises(RedirectError, match="not a URL"):
+            Client().get(server.url + "/x", timeout=(2, 2))

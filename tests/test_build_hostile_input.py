@@ -314,3 +314,20 @@ def test_build_version_moves_both_pins_or_neither(pt: PlatTelemetry) -> None:
     if (after.current, var.value) not in (("v2.10.24", "v2.10.24"), ("v2.10.26", "v2.10.26")):
         problems.append(f"manifest pin {after.current} but NATS_VERSION {var.value}")
     assert not problems, problems
+
+
+def test_a_branch_pins_sha_builds_in_a_fresh_checkout_when_its_taskfile_var_is_plain(pt: PlatTelemetry) -> None:
+    """The sha plan gives a branch pin's head, in a fresh checkout (no .src), with ``ARC_VERSION: main``
+    a plain var: the build writes the sha into the var, so the clone by the pin must name the branch
+    on task's command line (the environment does not reach a plain var): `git clone --branch <sha>`
+    failed (found by the final read of the fixes)."""
+    taskfile = pt.root / "arc" / "Taskfile.yml"
+    template = "  ARC_VERSION: '{{.ARC_VERSION | default \"main\"}}'\n"
+    assert template in taskfile.read_text()
+    taskfile.write_text(taskfile.read_text().replace(template, "  ARC_VERSION: main\n"))
+    cfg = load_config(pt.root / "manifest.yaml")
+    head = pt.advance("arc")
+    assert not (pt.root / "arc" / ".src").exists()
+    build(cfg, ["arc"], platform=PLAT, version=head, update_pin=False, env=pt.env())
+    assert pt.run_binary("arc")["commit"] == head
+    assert "  ARC_VERSION: main\n" in taskfile.read_text()  # the var written for the build is put back

@@ -106,10 +106,14 @@ class Client:
             # closed, not drained: a redirect's body is never wanted and may never end
             resp.close()
             resp.release_conn()
-            target = urllib.parse.urljoin(url, location)
-            if urllib.parse.urlsplit(target).scheme not in _DEFAULT_PORTS:
-                raise RedirectError(f"{url}: redirected to {target!r}, not an http(s) URL")
-            if _origin(target) != _origin(url):
+            try:
+                target = urllib.parse.urljoin(url, location)
+                if urllib.parse.urlsplit(target).scheme not in _DEFAULT_PORTS:
+                    raise RedirectError(f"{url}: redirected to {target!r}, not an http(s) URL")
+                cross = _origin(target) != _origin(url)
+            except ValueError as e:  # a port out of range, a bracket not closed: urllib.parse's words
+                raise RedirectError(f"{url}: redirected to {location!r}, not a URL: {e}") from e
+            if cross:
                 sent = {k: v for k, v in sent.items() if k.lower() not in _CROSS_ORIGIN_DROP}
             url = target
         raise RedirectError(f"{url}: more than {MAX_REDIRECTS} redirects")

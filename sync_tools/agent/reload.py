@@ -129,7 +129,8 @@ class CommandReloader(Reloader):
                 returncode = proc.wait(timeout=self.timeout)
             except subprocess.TimeoutExpired as e:
                 stop_group(proc, grace=self.grace)
-                raise ReloadError(f"reload command timed out after {self.timeout}s: {cmd}") from e
+                # as a non-zero exit: most often the new binary not coming up (a unit that never says ready)
+                raise StartError(f"reload command timed out after {self.timeout}s: {cmd}") from e
             if returncode == 0:
                 return
             out.seek(max(0, out.seek(0, os.SEEK_END) - self.OUTPUT_TAIL))
@@ -313,6 +314,13 @@ class _TimeoutSupervisorTransport(xmlrpc.client.Transport):
         return _connection(self.serverurl, self.timeout)
 
 
+def _late(method: str, message: str) -> ReloadError:
+    """A call that ran out of time: startProcess waits for the program to be RUNNING, so its deadline
+    passing is most likely the new binary not coming up (held as unhealthy); any other call's is the
+    manager's."""
+    return (StartError if method == "startProcess" else ReloadError)(message)
+
+
 class SupervisorReloader(Reloader):
     """supervisord over XML-RPC; restarts one program (stop + start, waiting for RUNNING)."""
 
@@ -343,10 +351,10 @@ class SupervisorReloader(Reloader):
                 from sync_tools.errtext import describe
 
                 if deadline.expired:
-                    raise ReloadError(late) from e
+                    raise _late(method, late) from e
                 raise ReloadError(f"supervisor at {self.serverurl}: {method}: {describe(e)}") from e
         if deadline.expired:  # a cut answer can read as a short, complete one
-            raise ReloadError(late)
+            raise _late(method, late)
         return result
 
     def restart(self, process: str) -> None:
