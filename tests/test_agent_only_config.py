@@ -48,3 +48,22 @@ def test_docs_show_a_complete_agent_only_config() -> None:
     assert "upstream" not in example and "subsystems" not in example
     for key in ("agent:", "relay:", "public_key:", "reload:"):
         assert key in example
+
+
+def test_an_install_under_a_manifest_path_is_the_one_found_over_a_file_left_at_the_top(tmp_path: Path) -> None:
+    """An agent-only root that had grafana at ``.bin/grafana-server`` (before manifests carried
+    ``path``) and now has it at ``.bin/bin/grafana-server`` with its ``.version`` there: status, verify
+    and owed restarts look at the one the platform runs, not the file left at the top."""
+    from sync_tools.agent.subsystems import installed
+
+    (tmp_path / "agent.yaml").write_text(f"agent:\n  root: {tmp_path / 'root'}\n  reload: none\n")
+    bin_dir = tmp_path / "root" / "grafana" / ".bin"
+    (bin_dir / "bin").mkdir(parents=True)
+    for d in (bin_dir, bin_dir / "bin"):
+        (d / "grafana-server").write_bytes(b"\x7fELF")
+        (d / ".version").write_text("{}")
+    [sub] = installed(load_config(tmp_path / "agent.yaml"), tmp_path / "root")
+    assert sub.binary_path(tmp_path / "root") == bin_dir / "bin" / "grafana-server"
+    (bin_dir / "bin" / ".version").unlink()  # no .version beside it: not an install, the top one is
+    [sub] = installed(load_config(tmp_path / "agent.yaml"), tmp_path / "root")
+    assert sub.binary_path(tmp_path / "root") == bin_dir / "grafana-server"

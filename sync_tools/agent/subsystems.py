@@ -62,14 +62,15 @@ def installed(config: Config, root: Path) -> list[Subsystem]:
     except OSError:
         return []
     for d in dirs:
+        # in a subfolder that holds its .version first (a manifest's path: bin/grafana-server): a file
+        # left at the top by an install from before the manifest said so is not the one that runs
+        nested = [(f"{s.name}/{f}", f) for s in sorted((d / ".bin").iterdir())
+                  if s.is_dir() and not s.name.startswith(".") and (s / ".version").is_file()
+                  for f in _binaries(s)]
+        if len(nested) == 1:
+            out.append(from_manifest(d.name, nested[0][1], nested[0][0]))
+            continue
         files = _binaries(d / ".bin")
-        if not files:  # in a subfolder that holds its .version (a manifest's path: bin/grafana-server)
-            nested = [(f"{s.name}/{f}", f) for s in sorted((d / ".bin").iterdir())
-                      if s.is_dir() and not s.name.startswith(".") and (s / ".version").is_file()
-                      for f in _binaries(s)]
-            if len(nested) == 1:
-                out.append(from_manifest(d.name, nested[0][1], nested[0][0]))
-                continue
         out.append(from_manifest(d.name, files[0] if len(files) == 1 else None))
     return out
 
