@@ -45,7 +45,9 @@ class PolicyError(ManifestError):
 def _number(obj: Mapping[str, Any], key: str, default: float, *, integer: bool, maximum: float,
             minimum: float, where: str) -> Any:
     value = obj.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not float(value).is_integer()):
+    # an int needs no float(): 10**400 (JSON and YAML both take it) would overflow it
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            integer and not isinstance(value, int) and not value.is_integer()):
         raise PolicyError(f"must be {'a whole number' if integer else 'a number'}", key=key, where=where)
     if not minimum <= value <= maximum:  # false for nan too
         raise PolicyError(f"must be from {minimum:g} to {maximum:g}, not {value!r}", key=key, where=where)
@@ -147,18 +149,54 @@ def wave_size(percent: float, fleet: int) -> int:
     return min(fleet, max(1, math.ceil(percent * fleet / 100 - 1e-9)))
 
 
-def wave_of(order: Sequence[str], waves: Sequence[float], agent: str) -> int | None:
-    """The 1-based wave *agent* first belongs to in *order* (from :func:`ranked`), None when it is not
-    in the fleet."""
+def wave_of(order: Sequence[str], waves: Sequence[float], agent: str,
+            sizes: Sequence[int] | None = None) -> int | None:
+    """The 1-based wave *agent* first belongs to in *order* (from :func:`ranked`, or a status's
+    ``order``), None when it is not in the fleet. *sizes*: each wave's size counting the waves before
+    it (a status's ``sizes``); by default :func:`wave_size` of the whole fleet."""
     try:
         i = order.index(agent)
     except ValueError:
         return None
     n = len(order)
     for k, p in enumerate(waves, 1):
-        if i < wave_size(p, n):
+        if i < (sizes[k - 1] if sizes is not None and k <= len(sizes) else wave_size(p, n)):
             return k
     return len(waves)
+
+
+def placed(build: str, agents: Collection[str], waves: Sequence[float], opened: Sequence[float],
+           joined: Mapping[str, float] | None) -> tuple[tuple[str, ...], list[int]]:
+    """The fleet in wave order, and each wave's size counting the waves before it.
+
+    Without *joined* (agent -> when the relay first knew it): :func:`ranked`, and :func:`wave_size` of
+    the whole fleet. With it, the waves opened so far keep their members however the fleet grows:
+    wave j is filled, in rank order, from the agents known when it opened, to its size in that fleet,
+    after every member of the waves before it; only the waves not yet open are sized over the fleet
+    as it is now. (By rank alone, one machine added to the fleet that ranks first pushed a wave-1 agent
+    out of wave 1: allowed, then refused, and its healthy report no longer counted.)"""
+    rank = ranked(build, agents)
+    n = len(rank)
+    k = min(len(opened), len(waves))
+    if joined is None:
+        return tuple(rank), [wave_size(p, n) for p in waves]
+    order: list[str] = []
+    taken: set[str] = set()
+    sizes: list[int] = []
+    for j in range(k):
+        known = [a for a in rank if joined.get(a, float("-inf")) <= opened[j]]
+        target = max(len(order), wave_size(waves[j], len(known)))
+        for a in known:
+            if len(order) >= target:
+                break
+            if a not in taken:
+                order.append(a)
+                taken.add(a)
+        sizes.append(len(order))
+    order += [a for a in rank if a not in taken]
+    for j in range(k, len(waves)):
+        sizes.append(max(sizes[-1] if sizes else 0, wave_size(waves[j], n)))
+    return tuple(order), sizes
 
 
 # -------------------------------------------------------------------------------- state machine
@@ -170,7 +208,8 @@ class RolloutStatus:
 
     ``wave``: the open wave (1-based; 0 before the first opens). ``due``: when the next step is due
     (the next wave may open; None: waiting for reports, or nothing left to do). ``open_next``: that
-    step is due now, the caller should record the next wave's opening. ``healthy`` / ``needed``:
+    step is due now, the caller should record the next wave's opening. ``recheck``: while it waits for
+    reports, when to judge it again anyway (a member it waits for falls silent). ``healthy`` / ``needed``:
     healthy agents of the open wave, and how many it needs; ``failed``: failed agents counting
     towards ``max_failures`` (those before a resume are forgiven).
     """
@@ -188,6 +227,8 @@ class RolloutStatus:
     open_next: bool
     reason: str
     order: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()  # each wave's size counting the waves before it, over ``order``
+    recheck: float | None = None  # waiting for reports: when a member waited for would fall silent
 
     def member(self, agent: str) -> bool:
         """Whether *agent* is in one of the waves opened so far."""
@@ -207,6 +248,8 @@ def evaluate(
     live: Collection[str] | None = None,
     operator_halt: str | None = None,
     forgiven: int = 0,
+    joined: Mapping[str, float] | None = None,
+    silent_at: Mapping[str, float] | None = None,
 ) -> RolloutStatus:
     """Judge the rollout of *build* under *policy*.
 
@@ -217,11 +260,13 @@ def evaluate(
     are all silent needs no healthy report from them, so a few dead machines cannot stall a rollout
     forever (the waves opened so far must still show a healthy report). *operator_halt*: the reason
     a person halted it. *forgiven*: failed agents a resume
-    forgave. Times are seconds on one clock.
+    forgave. *joined*: agent -> when it joined the fleet, so the waves opened keep their members
+    (:func:`placed`). *silent_at*: agent -> when it will count as silent if not heard from: a wave
+    that waits for a live member's report is due to be judged again then. Times are seconds on one
+    clock.
     """
-    order = tuple(ranked(build, agents))
+    order, sizes = placed(build, agents, policy.waves, opened, joined)
     n = len(order)
-    sizes = [wave_size(p, n) for p in policy.waves]
     k = min(len(opened), len(policy.waves))
     failed_total = len(failed)
     failing = max(0, failed_total - forgiven)
@@ -229,10 +274,10 @@ def evaluate(
     percent = policy.waves[k - 1] if k else None
 
     def status(state: str, reason: str, *, healthy_n: int = 0, needed: int = 0, due: float | None = None,
-               open_next: bool = False) -> RolloutStatus:
+               open_next: bool = False, recheck: float | None = None) -> RolloutStatus:
         return RolloutStatus(state=state, wave=k, percent=percent, fleet=n, members=members, healthy=healthy_n,
                              needed=needed, failed=failing, failed_total=failed_total, due=due,
-                             open_next=open_next, reason=reason, order=order)
+                             open_next=open_next, reason=reason, order=order, sizes=tuple(sizes), recheck=recheck)
 
     if operator_halt is not None:
         return status(HALTED, f"halted by an operator: {operator_halt}" if operator_halt else "halted by an operator")
@@ -257,11 +302,20 @@ def evaluate(
         counted = order[:members]
         alive_all = counted if live is None else [a for a in counted if a in live]
         needed = min(policy.min_healthy, max(1, len(alive_all))) if policy.min_healthy else 0
-    times = sorted(healthy[a] for a in counted if a in healthy)
+        if not alive_all and live is not None and any(a in live for a in order[members:]):
+            # every member so far is silent (a first wave of machines switched off): none of them can
+            # ever report, so the next wave, which has live machines, gives the evidence instead
+            needed = 0
+    # an agent counts once: healthy only when no failure came at or after its healthy report (one that
+    # said updated and then rolled back is a failure, not the wave's healthy report as well)
+    times = sorted(healthy[a] for a in counted if a in healthy and not (a in failed and failed[a] >= healthy[a]))
     last = k == len(policy.waves)
     if len(times) < needed:
+        # judged again when a member it waits for would fall silent: then it may wait for nobody
+        waiting = [silent_at[a] for a in counted if silent_at is not None and a in silent_at and a not in healthy
+                   and (live is None or a in live)]
         return status(ACTIVE, f"wave {k} ({percent:g}%): {len(times)} of {needed} healthy report(s)",
-                      healthy_n=len(times), needed=needed)
+                      healthy_n=len(times), needed=needed, recheck=min(waiting) if waiting else None)
     ready = max(opened[k - 1], times[needed - 1] if needed else opened[k - 1]) + policy.settle_seconds
     if last:
         if now >= ready:
@@ -296,7 +350,7 @@ def decide(st: RolloutStatus, policy: RolloutPolicy, agent: str, *, runs_build: 
     """Whether *agent* may install the build *st* judges. An agent that already runs it is always
     allowed (a rollback of a halted build is the agent's own health check); otherwise only members
     of the waves opened so far, and nobody while the rollout waits or is halted."""
-    agent_wave = wave_of(st.order, policy.waves, agent)
+    agent_wave = wave_of(st.order, policy.waves, agent, st.sizes or None)
 
     def answer(allowed: bool, reason: str) -> Decision:
         return Decision(allowed, st.state, st.wave, st.percent, reason, agent_wave)

@@ -720,9 +720,12 @@ class Fleet:
         agents = self.store.agents()
         fleet = [a.id for a in agents if a.platform is None or a.platform == record.platform]
         healthy, failed = self.store.outcomes(record.subsystem, record.build)
+        own = [a for a in agents if a.id in set(fleet)]
         st = evaluate(record.policy, record.build, agents=fleet, opened=record.opened, built_at=record.built,
                       healthy=healthy, failed=failed, now=now, live=self.live(agents), operator_halt=record.halt,
-                      forgiven=record.forgiven)
+                      forgiven=record.forgiven,
+                      joined={a.id: a.first_seen for a in own if a.first_seen is not None},
+                      silent_at={a.id: a.last_seen + self.silent_after for a in own if a.last_seen is not None})
         judged = Judged(record, st)
         self._cache[key] = (self._gen, now, judged)
         if st.state == HALTED and record.halted_at is None and self.store.mark_halted(record.subsystem,

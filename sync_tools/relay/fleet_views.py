@@ -86,9 +86,10 @@ class FleetRelay:
     def schedule(self, subsystem: str, build: str, st: RolloutStatus, tag: str = "") -> None:
         """Make sure a ``rollout`` job runs when *st*'s next step is due (now or later). One job per
         rollout, wave and due time (the outbox's dedupe), and once per process without a write."""
-        if st.due is None or st.state in (HALTED, COMPLETE):
+        due = st.due if st.due is not None else st.recheck  # waiting for reports: judged again when one falls silent
+        if due is None or st.state in (HALTED, COMPLETE):
             return
-        dedupe = f"rollout:{subsystem}:{build}:{st.wave}:{st.due:.3f}{tag}"
+        dedupe = f"rollout:{subsystem}:{build}:{st.wave}:{due:.3f}{tag}"
         with self._lock:
             if dedupe in self._scheduled:
                 return
@@ -110,8 +111,9 @@ class FleetRelay:
         if judged is None:
             return []
         st = judged.status
-        if st.due is not None and st.state not in (HALTED, COMPLETE) and not st.open_next:
-            raise Deferred(f"{sub} build {build[:12]}: {st.reason}", until=st.due)
+        due = st.due if st.due is not None else st.recheck
+        if due is not None and st.state not in (HALTED, COMPLETE) and not st.open_next:
+            raise Deferred(f"{sub} build {build[:12]}: {st.reason}", until=due)
         return []
 
     def announce(self, subsystem: str) -> int:
