@@ -381,7 +381,17 @@ class Relay:
         if newest is not None and later(newest, r.version):
             return wh.Ignored(r.delivery, r.event,
                               f"{r.subsystem} {r.version} is older than {newest}, which was already dispatched")
+        if newest is not None and newest == r.version and not self._known_delivery(r.delivery):
+            # the same version again (its tag, then its release page an hour later): one dispatch is
+            # enough. A redelivery of the same delivery is answered "duplicate" by the record step
+            return wh.Ignored(r.delivery, r.event, f"{r.subsystem} {r.version} was already dispatched")
         return r
+
+    def _known_delivery(self, delivery: str) -> bool:
+        try:
+            return self.outbox.has_delivery(delivery)
+        except OutboxError:
+            return True  # the record step decides, as before
 
     def _newest_dispatched(self, subsystem: str) -> str | None:
         """The newest version of *subsystem* dispatched, as of at most DISPATCHED_TTL seconds ago: a
@@ -392,6 +402,13 @@ class Relay:
         if hit is not None and now - hit[0] < DISPATCHED_TTL:
             return hit[1]
         newest = self.outbox.get_state(f"dispatched:{subsystem}")
+        # a dispatch on its way out counts too: its state is written only once GitHub has answered, and
+        # an older version accepted meanwhile would be dropped by the worker, unseen
+        prefix = f"dispatch:{subsystem}:"
+        for key in self.outbox.running_dedupes(prefix):
+            going = key[len(prefix):]
+            if newest is None or later(going, newest):
+                newest = going
         self._dispatched_seen[subsystem] = (now, newest)
         return newest
 
@@ -399,6 +416,7 @@ class Relay:
         jobs = []
         for r in results:
             if isinstance(r, wh.UpstreamChange):
+                self._dispatched_seen.pop(r.subsystem, None)  # a dispatch of it is coming: read it afresh
                 # one dispatch in flight at a time: a SIGKILL between GitHub's 204 and the job's
                 # completion then repeats at most one dispatch (a workflow run), not one per thread
                 lane = f"local:{r.subsystem}" if isinstance(self.dispatcher, LocalDispatcher) else "dispatch"

@@ -35,6 +35,7 @@ from requests.adapters import HTTPAdapter
 from sync_tools import errtext
 from sync_tools.deadline import Deadline, pool_classes, shutdown
 from sync_tools.errors import BuildError, RemoteError, SyncToolsError
+from sync_tools.procs import TERM_GRACE
 from sync_tools.relay.worker import Interrupted
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,10 @@ class GitHubDispatcher:
         check_response(resp, what, self._now(), answer)
 
 
+# a step's time between SIGTERM and SIGKILL: longer than the TERM_GRACE `sync-tools build` itself gives
+# its build commands, so its own SIGKILL reaches them first
+STEP_GRACE = TERM_GRACE + 5.0
+
 class LocalDispatcher:
     """Build, package and release one subsystem here, with ``sync-tools`` in a subprocess.
 
@@ -253,14 +258,14 @@ class LocalDispatcher:
         """Stop every step running (SIGTERM to its process group, SIGKILL after the grace period,
         then SIGKILL to whatever of the group is left) and refuse new steps. The interrupted
         dispatches raise Interrupted, so their jobs go back to the queue for the next start."""
-        from sync_tools.procs import TERM_GRACE, signal_group, stop_group
+        from sync_tools.procs import signal_group, stop_group
 
         with self._lock:
             self._stopped = True
             procs = list(self._running)
         if not procs:
             return
-        grace = TERM_GRACE if self.stop_grace is None else self.stop_grace
+        grace = STEP_GRACE if self.stop_grace is None else self.stop_grace
         log.warning("stopping %d local build step(s) still running", len(procs))
         for proc in procs:  # all of them at once: the grace periods run side by side
             signal_group(proc.pid, signal.SIGTERM)
@@ -289,7 +294,7 @@ class LocalDispatcher:
             raise
 
     def _build_package_release(self, client_payload: dict[str, Any]) -> None:
-        from sync_tools.procs import TERM_GRACE, stop_group
+        from sync_tools.procs import stop_group
 
         sub = str(client_payload["subsystem"])
         path = self.log_path(sub, str(client_payload.get("delivery") or "manual"))
@@ -319,8 +324,10 @@ class LocalDispatcher:
                     proc.wait(timeout=self.timeout)
                 except BaseException as e:
                     # SIGTERM first: `sync-tools build` then stops its build commands' own process
-                    # groups and puts back a pin it wrote; SIGKILL after the grace period
-                    stop_group(proc, grace=TERM_GRACE)
+                    # groups (SIGKILL after its own TERM_GRACE) and puts back a pin it wrote; this step
+                    # gets longer than that, or its SIGKILL would come first and leave a command that
+                    # ignores SIGTERM running in its own session
+                    stop_group(proc, grace=STEP_GRACE)
                     if isinstance(e, subprocess.TimeoutExpired):
                         raise BuildError(f"sync-tools {step} --only {sub} timed out after {self.timeout:.0f} s "
                                          f"(log: {path})") from e

@@ -822,6 +822,13 @@ class Outbox:
                 (job.kind, job.id, len(dedupe_prefix), dedupe_prefix)).fetchone()
         return self._job(row) if row else None
 
+    def running_dedupes(self, prefix: str) -> list[str]:
+        """The dedupe keys starting with *prefix* of the jobs running now (a dispatch on its way out)."""
+        with self._read() as conn:
+            return [r[0] for r in conn.execute(
+                "SELECT dedupe FROM jobs WHERE status = 'running' AND substr(dedupe, 1, ?) = ?",
+                (len(prefix), prefix))]
+
     def earlier_in_lane(self, job: Job) -> Job | None:
         """The first job of *job*'s lane created before it (a lower id) that is still pending or
         running, if any (a lane runs its jobs one at a time, but the next due first, not the oldest)."""

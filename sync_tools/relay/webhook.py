@@ -20,7 +20,7 @@ import orjson
 
 from sync_tools.config import Config, Subsystem
 from sync_tools.errors import DataError
-from sync_tools.versions import held_back
+from sync_tools.versions import held_back, parse_version, select
 
 _SIG_RE = re.compile(r"^sha256=([0-9a-fA-F]{64})$")
 _SHA40 = re.compile(r"^[0-9a-f]{40}$")
@@ -312,6 +312,15 @@ def _tag_allowed(sub: Subsystem, tag: str) -> str | None:
         return f"tag {tag!r} does not match {sub.name}.include"
     if sub.exclude is not None and sub.exclude.search(tag):
         return f"tag {tag!r} matches {sub.name}.exclude"
+    # what check would take: no pre-release unless the subsystem takes them, and, with a pin, only a
+    # version of the pin's line of tags (simple-tag, nightly-20241215 and release-1.2 are not v2.10.x)
+    v = parse_version(tag)
+    if v is not None and v.prerelease and not sub.prereleases:
+        return f"{tag} is a pre-release ({sub.name} does not take pre-releases)"
+    if sub.current and not select([tag], current=sub.current, prereleases=True, major="auto").latest:
+        pinned = parse_version(sub.current)
+        if pinned is not None:
+            return f"{tag} is no version of the pinned {sub.current}'s line of tags"
     reason = held_back(tag, sub.current, major=sub.major)
     return f"{sub.name}: {reason}" if reason else None
 
