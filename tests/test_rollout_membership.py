@@ -68,11 +68,8 @@ POLICY = {"waves": [5, 100], "min_healthy": 1, "settle_seconds": 60, "max_failur
 # ------------------------------------------------------------------------------- membership stability
 
 
-def test_a_wave_one_agent_is_refused_after_one_new_agent_joins_the_fleet(tmp_path: Path) -> None:
-    """Docs: "The order is stable for a build (a machine allowed in wave 1 stays allowed)". The wave's
-    size does not change (5 % of 10 and of 11 agents is 1), yet one new machine asking the relay once
-    pushes the wave-1 agent out: it was allowed, its download failed (say), it asks again, refused."""
-    clock = Clock()
+def _rolling_out(tmp_path: Path, clock: Clock) -> tuple[Fleet, str]:
+    """HOSTS known and live, BUILD's rollout created with wave 1 open; its first-ranked agent, allowed."""
     fleet = _fleet(tmp_path, clock)
     fleet.store.register_agents(HOSTS, clock())
     for h in HOSTS:
@@ -80,6 +77,15 @@ def test_a_wave_one_agent_is_refused_after_one_new_agent_joins_the_fleet(tmp_pat
     fleet.on_manifest(_manifest(BUILD, POLICY, built=clock() - 10))
     first = ranked(BUILD, HOSTS)[0]
     assert fleet.decide(first, "nats", BUILD).allowed
+    return fleet, first
+
+
+def test_a_wave_one_agent_is_refused_after_one_new_agent_joins_the_fleet(tmp_path: Path) -> None:
+    """Docs: "The order is stable for a build (a machine allowed in wave 1 stays allowed)". The wave's
+    size does not change (5 % of 10 and of 11 agents is 1), yet one new machine asking the relay once
+    pushes the wave-1 agent out: it was allowed, its download failed (say), it asks again, refused."""
+    clock = Clock()
+    fleet, first = _rolling_out(tmp_path, clock)
     newcomer = _ahead_of(BUILD, first)
     clock.t += 1
     fleet.decide(newcomer, "nats", BUILD)  # a new machine comes up and asks (the relay now knows it)
@@ -94,13 +100,7 @@ def test_a_healthy_wave_one_stalls_forever_once_a_token_for_an_unseen_machine_is
     silent, so the wave's evidence falls back to "the waves open so far", i.e. to itself: the healthy
     report already received no longer counts and a good build never reaches wave 2 without an operator."""
     clock = Clock()
-    fleet = _fleet(tmp_path, clock)
-    fleet.store.register_agents(HOSTS, clock())
-    for h in HOSTS:
-        fleet.store.touch(h, clock())
-    fleet.on_manifest(_manifest(BUILD, POLICY, built=clock() - 10))
-    first = ranked(BUILD, HOSTS)[0]
-    assert fleet.decide(first, "nats", BUILD).allowed
+    fleet, first = _rolling_out(tmp_path, clock)
     clock.t += 5
     fleet.record(_report(first, BUILD, "updated"))
     fleet.store.register_agents([_ahead_of(BUILD, first, "spare")], clock())  # a token added, machine unseen
