@@ -220,6 +220,7 @@ class GitHubDispatcher:
 # its build commands, so its own SIGKILL reaches them first
 STEP_GRACE = TERM_GRACE + 5.0
 
+
 class LocalDispatcher:
     """Build, package and release one subsystem here, with ``sync-tools`` in a subprocess.
 

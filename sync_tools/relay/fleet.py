@@ -720,7 +720,8 @@ class Fleet:
         agents = self.store.agents()
         fleet = [a.id for a in agents if a.platform is None or a.platform == record.platform]
         healthy, failed = self.store.outcomes(record.subsystem, record.build)
-        own = [a for a in agents if a.id in set(fleet)]
+        ids = set(fleet)
+        own = [a for a in agents if a.id in ids]
         st = evaluate(record.policy, record.build, agents=fleet, opened=record.opened, built_at=record.built,
                       healthy=healthy, failed=failed, now=now, live=self.live(agents), operator_halt=record.halt,
                       forgiven=record.forgiven,
