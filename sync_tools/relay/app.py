@@ -208,6 +208,9 @@ class Relay:
                 log.info("dispatch of %s %s (delivery %s) skipped: %s is queued after it", sub, version,
                          job.delivery, ahead[0])
                 return []
+        # this job runs now: the next delivery of it reads the running version afresh (once per dispatch,
+        # not once per delivery on the webhook path)
+        self._dispatched_seen.pop(str(sub), None)
         self._pace()
         self.dispatcher.dispatch(job.payload)
         if ordered and (newest is None or later(version, newest)):
@@ -416,7 +419,6 @@ class Relay:
         jobs = []
         for r in results:
             if isinstance(r, wh.UpstreamChange):
-                self._dispatched_seen.pop(r.subsystem, None)  # a dispatch of it is coming: read it afresh
                 # one dispatch in flight at a time: a SIGKILL between GitHub's 204 and the job's
                 # completion then repeats at most one dispatch (a workflow run), not one per thread
                 lane = f"local:{r.subsystem}" if isinstance(self.dispatcher, LocalDispatcher) else "dispatch"
