@@ -300,11 +300,11 @@ class _GatedFetcher(Fetcher):
         self.gate = threading.Event()
         self.waiting = threading.Event()
 
-    def _fetch(self, name: str, offset: int) -> Iterator[bytes]:
+    def _fetch(self, name: str, offset: int, *, deadline: float | None) -> Iterator[bytes]:
         if name.endswith(".tar.gz"):
             self.waiting.set()
             self.gate.wait(10)
-        return self.inner._fetch(name, offset)
+        return self.inner._fetch(name, offset, deadline=deadline)
 
 
 def test_events_during_an_update_coalesce(world: World) -> None:

@@ -238,11 +238,11 @@ class _FailingOnce(LocalFetcher):
         super().__init__(directory)
         self.calls = 0
 
-    def _fetch(self, url_or_name: str, offset: int) -> Iterator[bytes]:
+    def _fetch(self, url_or_name: str, offset: int, *, deadline: float | None) -> Iterator[bytes]:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("a bug")
-        return super()._fetch(url_or_name, offset)
+        return super()._fetch(url_or_name, offset, deadline=deadline)
 
 
 def _run(agent: Agent, done: Callable[[list[UpdateReport]], bool], events: list[AgentEvent],
@@ -445,6 +445,68 @@ def test_a_trickling_asset_fails_at_its_deadline_without_resuming(tmp_path: Path
     monkeypatch.setattr(agent_fetch, "ASSET_DEADLINE_MIN", 10.0)
     monkeypatch.setattr(agent_fetch, "ASSET_MIN_RATE", 1000)
     assert agent_fetch.asset_deadline(0) == 10.0 and agent_fetch.asset_deadline(5000) == 15.0
+
+
+_HOP_WAIT = 0.8  # seconds each answer of the slow redirect chain takes: well within any read timeout
+
+
+class _CutThenSlowRedirects(http.server.BaseHTTPRequestHandler):
+    """``/a.tar.gz``: the first GET sends half the body and drops the connection; the resume (a Range
+    request) is redirected ``/hop1`` .. ``/hop5`` (MAX_REDIRECTS hops), each answer taking _HOP_WAIT
+    seconds, and ``/hop5`` sends the rest (206). Every path asked for goes to ``server.paths``."""
+
+    data = os.urandom(200_000)
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.paths.append(self.path)  # type: ignore[attr-defined]
+        ranged = self.headers.get("Range")
+        try:
+            if self.path == "/a.tar.gz" and not ranged:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(self.data)))
+                self.end_headers()
+                self.wfile.write(self.data[: len(self.data) // 2])
+                return  # HTTP/1.0: the connection closes short of Content-Length, a cut
+            time.sleep(_HOP_WAIT)
+            hop = 1 if self.path == "/a.tar.gz" else int(self.path.removeprefix("/hop")) + 1
+            if hop <= 5:
+                self.send_response(302)
+                self.send_header("Location", f"/hop{hop}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            start = int((ranged or "bytes=0-").removeprefix("bytes=").rstrip("-"))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(self.data) - 1}/{len(self.data)}")
+            self.send_header("Content-Length", str(len(self.data) - start))
+            self.end_headers()
+            self.wfile.write(self.data[start:])
+        except OSError:
+            pass  # the client left at its deadline
+
+
+def test_a_resume_through_slow_redirects_keeps_to_the_downloads_deadline(tmp_path: Path) -> None:
+    """The download's one deadline reaches the redirects a resume's GET follows (fetch -> _fetch ->
+    Client.get): each hop answers within the read timeout, and the chain would deliver the rest after
+    6 x _HOP_WAIT = 4.8 s, but the download was given 1.5 s in all, so it ends near 1.5 s, out of time,
+    before the chain's end is asked for."""
+    data = _CutThenSlowRedirects.data
+    with serve_http(_CutThenSlowRedirects) as srv:
+        srv.paths = []  # type: ignore[attr-defined]
+        fetcher = HTTPFetcher(srv.url, timeout=(5.0, 10.0))
+        with open(tmp_path / "part", "w+b") as out:
+            started = time.monotonic()
+            err = in_thread(lambda: download(fetcher, "a.tar.gz", out, size=len(data), sha256=_sha(data),
+                                             max_bytes=len(data), timeout=1.5), 30, "no total deadline")
+            took = time.monotonic() - started
+        paths = list(srv.paths)  # type: ignore[attr-defined]
+    assert isinstance(err, DeadlineError), err
+    assert paths[:2] == ["/a.tar.gz", "/a.tar.gz"]  # the cut, then the resume that was redirected
+    assert "/hop5" not in paths, paths  # the hops stopped at the deadline
+    assert took < 3.0, f"a download with a 1.5 s deadline took {took:.1f}s through slow redirects"
 
 
 # ------------------------------------------------------------------ 7. the command reload backend

@@ -25,11 +25,11 @@ class _Gated(HTTPFetcher):
         self.gate = threading.Event()
         self.waiting = threading.Event()
 
-    def _fetch(self, name: str, offset: int) -> Iterator[bytes]:
+    def _fetch(self, name: str, offset: int, *, deadline: float | None) -> Iterator[bytes]:
         if name.endswith(".tar.gz"):
             self.waiting.set()
             self.gate.wait(15)
-        return super()._fetch(name, offset)
+        return super()._fetch(name, offset, deadline=deadline)
 
 
 def test_a_second_agent_waits_for_the_one_installing_or_says_it_is_busy(world: World) -> None:

@@ -1,10 +1,12 @@
 """Fetchers: the agent's one seam for getting bytes from a release source.
 
-:class:`Fetcher` is abstract over ``_fetch(name, offset) -> Iterator[bytes]``; the base class adds the
-size cap and wraps every foreign error into :class:`~sync_tools.errors.DownloadError` once, so the
-pipeline above only sees our error families. Two real fetchers: :class:`HTTPFetcher` (a base URL such
-as a GitHub release download URL; streamed, with timeouts and HTTP Range resume) and
-:class:`LocalFetcher` (a local store directory ``<store>/<tag>/``). Tests may pass any other fetcher.
+:class:`Fetcher` is abstract over ``_fetch(name, offset, *, deadline) -> Iterator[bytes]``; the base class
+adds the size cap and the deadline check on every chunk, and wraps every foreign error into
+:class:`~sync_tools.errors.DownloadError` once, so the pipeline above only sees our error families.
+Two real fetchers: :class:`HTTPFetcher` (a base URL such as a GitHub release download URL; streamed,
+with timeouts and HTTP Range resume; the deadline also bounds its request and the redirects it
+follows) and :class:`LocalFetcher` (a local store directory ``<store>/<tag>/``). Tests may pass any
+other fetcher.
 
 :func:`download` streams one asset to a file, resuming after a cut, and checks size and sha256 before
 the caller may use the file.
@@ -18,7 +20,6 @@ import hashlib
 import http.client
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ class Fetcher(abc.ABC):
         try:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineError(f"{url_or_name}: out of time before the transfer started")
-            for chunk in self._fetch(url_or_name, offset):
+            for chunk in self._fetch(url_or_name, offset, deadline=deadline):
                 if deadline is not None and time.monotonic() >= deadline:
                     raise DeadlineError(f"{url_or_name}: still transferring at its deadline "
                                         f"({received} bytes received): the source is too slow")
@@ -120,8 +121,12 @@ class Fetcher(abc.ABC):
             raise TooLargeError(f"{e}; refused until a newer release") from e
 
     @abc.abstractmethod
-    def _fetch(self, url_or_name: str, offset: int) -> Iterator[bytes]:
-        """Yield the file's bytes from *offset*; raise anything on failure (the base class wraps it)."""
+    def _fetch(self, url_or_name: str, offset: int, *, deadline: float | None) -> Iterator[bytes]:
+        """Yield the file's bytes from *offset*; raise anything on failure (the base class wraps it).
+
+        *deadline* is :meth:`fetch`'s (a :func:`time.monotonic` time, or None): the base class checks it
+        as chunks arrive, so a fetcher need only keep to it where it waits before the first chunk (a
+        request and the redirects it follows)."""
 
 
 class HTTPFetcher(Fetcher):
@@ -137,31 +142,20 @@ class HTTPFetcher(Fetcher):
         self.client = client or Client()
         self.timeout = timeout
         self.headers = dict(headers or {})
-        self._local = threading.local()
 
     def url(self, url_or_name: str) -> str:
         if url_or_name.startswith(("http://", "https://")):
             return url_or_name
         return f"{self.base_url}/{url_or_name}"
 
-    def fetch(self, url_or_name: str, *, max_bytes: int, offset: int = 0,
-              deadline: float | None = None) -> Iterator[bytes]:
-        # _fetch (the seam subclasses and tests override) takes no deadline, but the redirects
-        # client.get follows before the first byte must keep to it too: _fetch reads it from here,
-        # in this thread, before anything else can run (the generator sets it on its first step)
-        self._local.deadline = deadline
-        try:
-            yield from super().fetch(url_or_name, max_bytes=max_bytes, offset=offset, deadline=deadline)
-        finally:
-            self._local.deadline = None
-
-    def _fetch(self, url_or_name: str, offset: int) -> Iterator[bytes]:
+    def _fetch(self, url_or_name: str, offset: int, *, deadline: float | None) -> Iterator[bytes]:
         headers = {"Accept-Encoding": "identity", **self.headers}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         url = self.url(url_or_name)
-        resp = self.client.get(url, headers=headers, stream=True, timeout=self.timeout,
-                               deadline=getattr(self._local, "deadline", None))
+        # the deadline bounds the request and every redirect it follows (each hop's timeouts are cut
+        # to it), not only the chunks the base class sees after the answer
+        resp = self.client.get(url, headers=headers, stream=True, timeout=self.timeout, deadline=deadline)
         try:
             if resp.status == 416 and offset:
                 return  # nothing left past offset: the caller's size check decides
@@ -187,7 +181,7 @@ class LocalFetcher(Fetcher):
     def __init__(self, directory: Path):
         self.directory = Path(directory)
 
-    def _fetch(self, url_or_name: str, offset: int) -> Iterator[bytes]:
+    def _fetch(self, url_or_name: str, offset: int, *, deadline: float | None) -> Iterator[bytes]:
         name = os.path.basename(url_or_name)
         if name != url_or_name or name in ("", ".", ".."):
             raise DownloadError(f"{url_or_name!r}: not a plain file name")
