@@ -156,10 +156,17 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
     """Choose the newest tag.
 
     ``include``/``exclude`` filter first; pre-releases (by their text, or listed in
-    *prerelease_tags*, e.g. GitHub's flag) are dropped unless *prereleases*. Under ``major="manual"``
-    with a parseable *current*, ``latest`` stays within current's major and the newest tag of a higher
-    major is returned as ``major_available``; ``major="auto"`` takes the newest overall. Tags that
-    cannot be ordered are listed in ``skipped``. Never raises for odd tag names.
+    *prerelease_tags*, e.g. GitHub's flag) are dropped unless *prereleases*, and so are tags whose
+    first number reads as a date (``nightly-20241215``) unless the pin is dated too. Tag families
+    (see :func:`_family`): with a parseable *current*, only tags of the pin's family compete. Without
+    one, when any tag of the ``v``/bare family (``v1.29.0``, ``V1.2``, ``1.3.0``) is left after that
+    filtering, the newest of that family is taken; only when none is do all families compete, as
+    ``release-1.2`` and ``release-1.10`` of a repo that tags nothing else. So ``plugin-3.0``,
+    ``go1.22`` or ``tools/v5.0`` beside ``v1.29.0`` is never the newest of an unpinned subsystem.
+    Under ``major="manual"`` with a parseable *current*, ``latest`` stays within current's major and
+    the newest tag of a higher major is returned as ``major_available``; ``major="auto"`` takes the
+    newest overall; without a pin ``major_available`` is None. Tags that cannot be ordered are listed
+    in ``skipped``, whatever their family. Never raises for odd tag names.
     """
     flagged = set(prerelease_tags)
     pinned = parse_version(current) if current else None
@@ -172,9 +179,14 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
     cur = pinned if major == "manual" else None
     cur_major = cur.major if cur is not None else None
     # plain numeric tags (most of a remote's thousands) are ranked together by _newest_plain; the
-    # others are parsed one by one, keeping the (key, tag) of the best so far
+    # others are parsed one by one, keeping the (key, tag) of the best so far. Without a pin, tags of
+    # another family than v/bare (plugin-3.0, go1.22, tools/v5.0) go to other_plain and other instead:
+    # they count only when no v/bare tag is left
     plain: list[tuple[list[str], str]] = []
+    other_plain: list[tuple[list[str], str]] = []
     newest: tuple | None = None
+    other: tuple | None = None
+    ours = _V_PREFIXES if family is None else None  # with a pin, every tag left is of its family
     in_major: tuple | None = None
     skipped: list[str] = []
     final = _FINAL_RE.match
@@ -196,7 +208,10 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
             elif not dates and _dated(int(parts[0])):
                 continue
             elif prereleases or t not in flagged:
-                plain.append((parts, t))
+                if ours is None or m[1] in ours:
+                    plain.append((parts, t))
+                else:
+                    other_plain.append((parts, t))
             continue
         p = _parse(t)
         if p is None:
@@ -207,10 +222,16 @@ def select(tags: Iterable[str], *, current: str | None = None, include: re.Patte
         if not prereleases and (p[2] or t in flagged):
             continue
         k = (p[3], t)
+        if ours is not None and _prefix(t) not in ours:
+            if other is None or k > other:
+                other = k
+            continue
         if newest is None or k > newest:
             newest = k
         if cur_major is not None and p[1][0] <= cur_major and (in_major is None or k > in_major):
             in_major = k
+    if not plain and newest is None:  # no v/bare tag is left: every family competes (pinned, both are empty)
+        plain, newest = other_plain, other
     best = _newest_plain(plain)
     if best is not None and (newest is None or best > newest):
         newest = best
@@ -233,6 +254,11 @@ def _family(prefix: str) -> str:
     ``nats-server-v`` and ``nats-server-`` another."""
     p = prefix.lower()
     return p[:-1] if p.endswith("v") else p
+
+
+# the prefixes of the family _family names "" (v1.29.0, V1.2, 1.3.0): the one upstreams tag their
+# releases in, preferred by select when there is no pin
+_V_PREFIXES = frozenset({"", "v", "V"})
 
 
 def _dated(number: int) -> bool:

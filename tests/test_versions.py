@@ -164,6 +164,9 @@ def _reference_select(tags, *, current=None, prereleases=False, major="manual", 
     cur = parse_version(current) if current and major == "manual" else None
     pin = parse_version(current) if current else None
 
+    def dated(v) -> bool:  # a first number that reads as a date (nightly-20241215)
+        return 19000000 <= v.major <= 20999999
+
     def family(prefix: str) -> str:  # v, V and no prefix are one family of tags
         return prefix.lower().removesuffix("v")
 
@@ -177,8 +180,13 @@ def _reference_select(tags, *, current=None, prereleases=False, major="manual", 
         v = parse_version(t)
         if v is None:
             skipped.append(t)
+        elif dated(v) and not (pin is not None and dated(pin)):
+            continue  # a build's date, no release's major, unless the pin is dated too
         elif prereleases or not (v.prerelease or t in flagged):
             kept.append(v)
+    if pin is None:  # no pin: the v/bare family's tags alone, when any is left
+        ours = [v for v in kept if family(re.match(r"[^0-9]*", v.tag, re.S).group()) == ""]
+        kept = ours or kept
     best = max(kept, key=order_key, default=None)
     if best is None or cur is None:
         return (best and best.tag, None, tuple(skipped))
@@ -187,11 +195,12 @@ def _reference_select(tags, *, current=None, prereleases=False, major="manual", 
 
 
 # few distinct numbers and short releases, so equal releases behind other text (1.2 / 1.2.0 / 01.2) are common
-_number = st.sampled_from(["0", "1", "2", "00", "01", "10", "999", "2024"])
+_number = st.sampled_from(["0", "1", "2", "00", "01", "10", "999", "2024", "20241215"])
 _release = st.one_of(st.lists(_number, min_size=1, max_size=4), st.lists(_number, min_size=5, max_size=8)).map(".".join)
 _tag = st.one_of(
-    st.builds(lambda p, r: p + r, st.sampled_from(["", "v", "V", "release-", "go", "nats-server-v"]), _release),
-    st.builds(lambda p, r, s: p + r + s, st.sampled_from(["", "v"]), _release,
+    st.builds(lambda p, r: p + r, st.sampled_from(["", "v", "V", "release-", "go", "nats-server-v", "tools/v"]),
+              _release),
+    st.builds(lambda p, r, s: p + r + s, st.sampled_from(["", "v", "release-"]), _release,
               st.sampled_from(["-rc.1", "-RC.2", "-beta", "+build.5", ".post1", "-alpha.x.7", "x", "-"])),
     st.text(max_size=6),
 )
@@ -201,10 +210,14 @@ _tag = st.one_of(
        major=st.sampled_from(["manual", "auto"]), flag=st.integers(0, 5))
 @example(tags=["1.2.0", "v1.2", "0.9"], current=None, prereleases=False, major="auto", flag=0)
 @example(tags=["v2.0", "release-2", "v1.10.0", "v1.10"], current="v1.0", prereleases=False, major="manual", flag=0)
+@example(tags=["v1.29.0", "plugin-3.0", "release-4.1+build.5"], current=None, prereleases=False, major="manual", flag=0)
+@example(tags=["v2.0.0-rc.1", "v20241215", "release-1.0", "go1.2"], current=None, prereleases=False, major="auto",
+         flag=0)
 def test_select_agrees_with_parsing_every_tag(tags, current, prereleases, major, flag):
     """select ranks plain numeric tags a release part at a time (fast on thousands of tags); the
     answer must be exactly what parsing every tag and taking the max gives: trailing zeros, leading
-    zeros, equal releases behind other prefixes, flagged pre-releases, and the pin's major."""
+    zeros, equal releases behind other prefixes, flagged pre-releases, dates, the pin's major and,
+    without a pin, the v/bare family first."""
     flagged = tags[::flag] if flag else []
     sel = select(tags, current=current, prereleases=prereleases, major=major, prerelease_tags=flagged)
     got = (sel.latest and sel.latest.tag, sel.major_available and sel.major_available.tag, sel.skipped)
@@ -241,3 +254,40 @@ def test_digits_of_other_scripts_are_not_version_numbers(tag):
     sel = select([tag, "v1.4.0"], current="v1.0.0")
     assert sel.latest.tag == "v1.4.0" and sel.major_available is None
     assert tag in sel.skipped
+
+
+@pytest.mark.parametrize("tags, kw, expected", [
+    pytest.param(["v1.29.0", "plugin-3.0"], {}, "v1.29.0", id="v-beside-plugin"),
+    pytest.param(["v1.29.0", "plugin-3.0", "release-4.1", "go1.22", "tools/v5.0", "nightly-20241215"], {},
+                 "v1.29.0", id="v-beside-many-lines"),
+    pytest.param(["plugin-3.0", "1.29.0", "V1.28.0"], {}, "1.29.0", id="bare-and-V-are-the-v-family"),
+    pytest.param(["v1.29.0+build.1", "plugin-3.0-rc.1", "release-4.1"], {"prereleases": True}, "v1.29.0+build.1",
+                 id="v-tag-with-a-suffix"),
+    pytest.param(["release-1.2", "release-1.10"], {}, "release-1.10", id="no-v-tag-one-line"),
+    pytest.param(["release-1.2", "go1.22", "tools/v5.0"], {}, "tools/v5.0", id="no-v-tag-newest-of-all"),
+    pytest.param(["1.2.0", "v1.3.0"], {}, "v1.3.0", id="bare-and-v-one-family"),
+    pytest.param(["v2.0.0-rc.1", "tools-3.0"], {}, "tools-3.0", id="only-v-tag-a-dropped-prerelease"),
+    pytest.param(["v2.0.0-rc.1", "tools-3.0"], {"prereleases": True}, "v2.0.0-rc.1", id="prerelease-taken"),
+    pytest.param(["v1.9.0", "v2.0.0-rc.1", "tools-3.0"], {}, "v1.9.0", id="prerelease-dropped-v-release-left"),
+    pytest.param(["v1.0.0", "plugin-2.0"], {"prerelease_tags": ["v1.0.0"]}, "plugin-2.0",
+                 id="only-v-tag-flagged-prerelease"),
+    pytest.param(["v20241215", "release-1.0"], {}, "release-1.0", id="only-v-tag-dated"),
+    pytest.param(["v1.29.0", "plugin-3.0", "plugin-3.1"], {"include": re.compile(r"^plugin-")}, "plugin-3.1",
+                 id="include-leaves-another-line"),
+    pytest.param(["v1.29.0", "plugin-3.0"], {"exclude": re.compile(r"^v")}, "plugin-3.0",
+                 id="exclude-leaves-another-line"),
+    pytest.param(["v1.29.0", "plugin-3.0"], {"major": "auto"}, "v1.29.0", id="major-auto"),
+])
+def test_without_a_pin_the_v_family_wins_when_it_has_a_tag(tags, kw, expected):
+    """Upstreams tag releases vX.Y.Z (nats-server, telegraf, grafana, liftbridge) and may carry other
+    lines beside them (plugin-3.0, go1.22, tools/v5.0): without a pin, the newest acceptable tag of the
+    v/bare family is taken when there is one; otherwise the newest of every family, as before."""
+    for order in (tags, tags[::-1]):
+        sel = select(order, **kw)
+        assert sel.latest.tag == expected
+        assert sel.major_available is None
+
+
+def test_without_a_pin_other_families_unparseable_tags_are_still_skipped():
+    sel = select(["v1.0.0", "plugin-2.0", "plugin-x", "latest"])
+    assert sel.latest.tag == "v1.0.0" and set(sel.skipped) == {"plugin-x", "latest"}
