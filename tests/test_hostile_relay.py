@@ -647,7 +647,7 @@ def test_sse_streams_leave_room_for_health_and_deliveries(tmp_path: Path, github
             d = delivery("create", tag_payload(tag="v6.0.0"))
             assert requests.post(url + "/webhook", data=d.body, headers=d.headers, timeout=15).status_code == 202
             streams.pop().close()
-            # the server sees the close at its next heartbeat's write (gunicorn's relay: every 15 s)
+            # the server sees the close at its next heartbeat's write (gunicorn's relay: within 25 s)
             wait_for(lambda: requests.get(url + "/events", headers=auth, stream=True, timeout=10).status_code == 200,
                      timeout=60, what="a freed stream slot")
         finally:

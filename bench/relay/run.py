@@ -6,13 +6,15 @@
 2. refusal: invalid-signature requests/s (relay and webhook).
 3. fan-out: N SSE subscribers; from a signed release webhook to every subscriber having the event
    (p50/p99/max), and server memory per connected agent; per server model.
+4. production: the documented production setup under load with SSE agents held (see bench_production).
+5. idle: what holding N quiet SSE agents costs the relay (its heartbeats), per heartbeat setting.
 
 Load: ``wrk`` (apt) with bench/relay/ingest.lua; every delivery carries its own X-GitHub-Delivery, so
 each one is a new durable commit, over 2,000 distinct real-shaped payloads (@octokit create example,
 ~6 KB), so the outbox also holds 2,000 jobs which the worker dispatches to a loopback sink while the
 load runs.
 
-Usage: .venv/bin/python bench/relay/run.py [ingest] [fanout] [--n 1000,10000] [--seconds 10]
+Usage: .venv/bin/python bench/relay/run.py [ingest] [fanout] [production] [idle] [--n 1000,10000] [--seconds 10]
 Prints a JSON line per measurement and a summary table.
 """
 
@@ -65,6 +67,25 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
         except requests.RequestException:
             time.sleep(0.05)
     raise RuntimeError(f"{url} did not come up")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (gunicorn master + worker), in seconds."""
+    pids = [pid]
+    try:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, timeout=5)
+        pids += [int(p) for p in out.stdout.split()]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    ticks = 0
+    for p in pids:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int) -> int:
@@ -390,6 +411,37 @@ def _count(db: Path, sql: str) -> int:
         return int(conn.execute(sql).fetchone()[0])
 
 
+def bench_idle(tmp: Path, seconds: int, n: int, rounds: int, heartbeats: list[float]) -> None:
+    """What holding *n* quiet SSE agents costs: the relay (gunicorn + gevent) with *n* agents connected
+    and no event, its CPU (master and worker) and the agents' client process's over *seconds*; once
+    per heartbeat setting (``SYNC_TOOLS_SSE_HEARTBEAT``) a round, the settings interleaved. All a quiet
+    relay writes is heartbeats, so this is their cost, per agent and minute."""
+    sink_port = free_port()
+    with process([PY, "-c", SINK, str(sink_port)], dict(os.environ), tmp, f"http://127.0.0.1:{sink_port}/"):
+        for rnd in range(1, rounds + 1):
+            for hb in heartbeats:
+                ws = tmp / f"idle-{rnd}-{hb:g}"
+                cfg, env = workspace(ws, f"http://127.0.0.1:{sink_port}")
+                env["SYNC_TOOLS_DB"] = str(ws / "relay.db")
+                env["SYNC_TOOLS_SSE_HEARTBEAT"] = f"{hb:g}"
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                with process(server_argv("gunicorn-gevent", port, cfg, env), env, ws, url + "/health") as relay:
+                    client = subscribers(port, url, n, ws / "got.json")
+                    try:
+                        time.sleep(2)  # the last connections' first writes
+                        relay0, client0, t0 = cpu_seconds(relay.pid), cpu_seconds(client.pid), time.monotonic()
+                        time.sleep(seconds)
+                        relay1, client1, took = cpu_seconds(relay.pid), cpu_seconds(client.pid), time.monotonic() - t0
+                    finally:
+                        client.kill()
+                        client.wait(10)
+                record("idle.gunicorn-gevent", round=rnd, heartbeat_s=hb, agents=n, window_s=round(took, 1),
+                       relay_cpu_s=round(relay1 - relay0, 2), clients_cpu_s=round(client1 - client0, 2),
+                       relay_ms_per_agent_minute=round((relay1 - relay0) * 1000 / n * 60 / took, 3),
+                       loadavg=os.getloadavg()[0])
+
+
 def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_workers: int) -> None:
     """The documented production setup, as relay/process-compose.yaml runs it: the relay under
     gunicorn + gevent (SSE, worker, everything but /webhook) and the ingest server under granian
@@ -486,6 +538,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="production: rounds of the relay, each between two webhook runs")
     ap.add_argument("--agents", type=int, default=10000, help="production: SSE agents held during the load")
     ap.add_argument("--ingest-workers", type=int, default=2, help="production: granian worker processes")
+    ap.add_argument("--heartbeats", default="15,25",
+                    help="idle: SYNC_TOOLS_SSE_HEARTBEAT settings to compare, interleaved (15 was the default before)")
     args = ap.parse_args()
     if args.servers:
         chosen = args.servers.split(",")
@@ -499,6 +553,8 @@ def main() -> None:
             bench_ingest(tmp, args.seconds)
         if "fanout" in args.what:
             bench_fanout(tmp, [int(x) for x in args.n.split(",")])
+        if "idle" in args.what:
+            bench_idle(tmp, args.seconds, args.agents, args.rounds, [float(x) for x in args.heartbeats.split(",")])
         if "production" in args.what:
             bench_production(tmp, args.seconds, args.agents, args.rounds, args.ingest_workers)
     finally:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -38,6 +39,7 @@ from sync_tools.stores.base import Store
 log = logging.getLogger(__name__)
 
 EVENT_TYPE = "release.updated"
+HEARTBEAT_SPREAD = 0.8  # a stream's quiet gap before a heartbeat: 80-100 % of the relay's heartbeat
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,10 @@ class Broker:
     def stream(self, sub: Subscriber | None, last_event_id: int, heartbeat: float,
                on_close: Callable[[], None] | None = None) -> Iterator[bytes]:
         """The SSE byte stream for one subscriber: what was missed since *last_event_id* (from the
-        log), then live events, with a comment line whenever *heartbeat* seconds pass quietly.
+        log), then live events, with a comment line when a quiet spell reaches a time drawn between
+        ``HEARTBEAT_SPREAD`` x *heartbeat* and *heartbeat* (so never more than *heartbeat* apart). The
+        draw keeps the streams' heartbeats apart: a release reaches every stream at once, and equal
+        gaps would have every one of them write its next heartbeat in the same instant.
         *sub* None: the stream subscribes when it starts, before it reads the log (so nothing falls
         between log and live, and a stream never started holds no subscription); a given *sub* must
         be registered already."""
@@ -238,7 +243,7 @@ class Broker:
                 sent = ev.id
             while True:
                 try:
-                    item = sub.queue.get(timeout=heartbeat)
+                    item = sub.queue.get(timeout=heartbeat * random.uniform(HEARTBEAT_SPREAD, 1.0))
                 except queue.Empty:
                     yield b": heartbeat\n\n"
                     continue

@@ -72,7 +72,7 @@ if worker_class != GEVENT_WORKER:
 bind = os.environ.get("RELAY_BIND", "127.0.0.1:9191")  # cloudflared connects here; never expose directly
 workers = int(os.environ.get("RELAY_WORKERS", "1"))
 preload_app = False  # the app (and its SQLite connections) is built in the worker, after the fork
-timeout = 60  # a silent worker is restarted; SSE streams write a heartbeat every 15 s
+timeout = 60  # a silent worker is restarted; SSE streams write a heartbeat within 25 s
 graceful_timeout = 5  # SSE streams never finish on their own; agents reconnect with Last-Event-ID, and jobs
 # cut short stay in the outbox and are resumed by the next worker (at-least-once delivery)
 keepalive = 75  # gunicorn's own idle limit; the worker's request deadline (15 s) cuts idle connections first,

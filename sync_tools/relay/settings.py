@@ -26,6 +26,7 @@ DB_ENV = "SYNC_TOOLS_DB"
 DEFAULT_GITHUB_API = "https://api.github.com"
 STATE_DIR = ".sync-tools"
 
+HEARTBEAT_ENV = "SYNC_TOOLS_SSE_HEARTBEAT"
 
 @dataclass(frozen=True)
 class Settings:
@@ -49,7 +50,10 @@ class Settings:
     max_report_rows: int = 200  # reports kept per agent (the newest)
     max_body: int = 25 * 1024 * 1024
     max_attempts: int = 8
-    heartbeat: float = 15.0  # seconds between SSE comment heartbeats (Cloudflare cuts idle at ~100 s)
+    # the longest quiet gap on an SSE stream before a comment (the contract: at least every 30 s;
+    # Cloudflare cuts idle streams at ~100 s, the agent's read timeout is 90 s). Each heartbeat costs
+    # the relay a write per agent: at 10,000 agents, the most CPU an idle relay spends
+    heartbeat: float = 25.0
     backoff_base: float = 2.0  # first retry delay; doubles per attempt, with jitter
     backoff_cap: float = 600.0
     workers: int = 4  # delivery threads (local builds of different subsystems run side by side)
@@ -106,6 +110,7 @@ def load_settings(config: Config, environ: Mapping[str, str] | None = None, *, r
         retention=_seconds(env, "SYNC_TOOLS_RETENTION_DAYS", 7.0) * 86400.0,
         prune_every=_seconds(env, "SYNC_TOOLS_PRUNE_EVERY", 600.0),
         dispatch_interval=_seconds(env, "SYNC_TOOLS_DISPATCH_INTERVAL", 1.0),
+        heartbeat=_heartbeat(env),
     )
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -129,6 +134,17 @@ def check_release_key(config: Config, env: Mapping[str, str]) -> None:
         if signing.public_key_pem(private) != signing.public_key_pem(public):
             raise ConfigError(f"{signing.SIGNING_KEY_ENV} does not belong to release.public_key: every local "
                               "release would be refused by the agents", path=pub_path)
+
+
+def _heartbeat(env: Mapping[str, str]) -> float:
+    """``SYNC_TOOLS_SSE_HEARTBEAT``: the longest quiet gap on an SSE stream, 1 to 30 seconds (the
+    contract's "at least every 30 s"; shorter for a proxy that cuts idle connections sooner). Raises
+    ConfigError."""
+    value = _seconds(env, HEARTBEAT_ENV, Settings.heartbeat)
+    if not 1.0 <= value <= 30.0:
+        raise ConfigError(f"{HEARTBEAT_ENV}={env.get(HEARTBEAT_ENV)!r}: expected seconds from 1 to 30 (the agents "
+                          "expect a heartbeat at least every 30 s)")
+    return value
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
