@@ -146,9 +146,11 @@ class ReleaseStore:
 
     def publish_archive(self, name: str, binary: str, archive: bytes, binary_sha256: str, version: str,
                         *, platform: str = PLATFORM, asset_sha256: str | None = None,
-                        now: datetime | None = None, rollout: dict | None = None) -> Manifest:
+                        now: datetime | None = None, rollout: dict | None = None,
+                        path: str | None = None) -> Manifest:
         """Upload *archive* as name's asset and re-sign the manifest (serial + 1); *rollout*: the entry's
-        rollout policy (issue 15), as the manifest's JSON has it."""
+        rollout policy (issue 15), as the manifest's JSON has it; *path*: the entry's place for the binary
+        under ``.bin`` (``bin/grafana-server``)."""
         aname = asset_name(binary, platform)
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.dir / aname, archive)
@@ -156,7 +158,7 @@ class ReleaseStore:
         entry = Entry(version=version, commit=hashlib.sha1(version.encode()).hexdigest(),
                       built=format_time(now or datetime.now(UTC)),
                       assets=MappingProxyType({platform: asset}), binary=binary,
-                      rollout=None if rollout is None else RolloutPolicy.from_json(rollout))
+                      rollout=None if rollout is None else RolloutPolicy.from_json(rollout), path=path)
         base = self.manifest() or Manifest(serial=0, created=format_time(datetime.now(UTC)),
                                            expires=format_time(datetime.now(UTC)))
         m = with_entry(base, name, entry, now=now, expires_days=self.expires_days)

@@ -226,10 +226,12 @@ def _read_text_or_none(path: Path) -> str | None:
         return None
 
 
-def save_previous(bin_dir: Path, binary: str) -> None:
+def save_previous(bin_dir: Path, binary: str, *, source: Path | None = None) -> None:
     """Keep the current binary and its .version in ``.previous/`` without the binary path ever going
-    missing: a hard link (a copy where links fail) replaces ``.previous/<binary>`` atomically."""
-    current = bin_dir / binary
+    missing: a hard link (a copy where links fail) replaces ``.previous/<binary>`` atomically.
+    *source*: the directory the current binary and its .version are in, when not *bin_dir* (the binary
+    moved place: :mod:`.relocated`)."""
+    current = (source or bin_dir) / binary
     prev = bin_dir / PREVIOUS_DIR
     prev.mkdir(exist_ok=True)
     tmp = prev / f".{binary}.tmp"
@@ -241,7 +243,7 @@ def save_previous(bin_dir: Path, binary: str) -> None:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
     os.replace(tmp, prev / binary)
-    version_text = _read_text_or_none(bin_dir / VERSION_FILE)
+    version_text = _read_text_or_none((source or bin_dir) / VERSION_FILE)
     if version_text is None:
         (prev / VERSION_FILE).unlink(missing_ok=True)
     else:
@@ -250,13 +252,18 @@ def save_previous(bin_dir: Path, binary: str) -> None:
 
 
 def begin(journal: Journal, *, subsystem: str, bin_dir: Path, binary: str, new_sha: str,
-          new_version: VersionInfo, kind: str = "update") -> Intent:
-    """Record the intent to swap in the already staged and verified ``staged_path(bin_dir, binary)``."""
+          new_version: VersionInfo, kind: str = "update",
+          replaces: tuple[str, str | None] | None = None) -> Intent:
+    """Record the intent to swap in the already staged and verified ``staged_path(bin_dir, binary)``.
+    *replaces*: when nothing is at the target, the sha256 and .version text of the build the swap
+    replaces all the same (the binary moved place), already kept in ``.previous/``."""
     target = bin_dir / binary
+    old_sha, old_version = _sha_or_none(target), _read_text_or_none(bin_dir / VERSION_FILE)
+    if old_sha is None and replaces is not None:
+        old_sha, old_version = replaces
     intent = Intent(
         subsystem=subsystem, bin_dir=str(bin_dir), binary=binary, new_sha=new_sha,
-        new_version=new_version.render(), old_sha=_sha_or_none(target),
-        old_version=_read_text_or_none(bin_dir / VERSION_FILE), kind=kind,
+        new_version=new_version.render(), old_sha=old_sha, old_version=old_version, kind=kind,
     )
     try:
         journal.write(intent)
@@ -274,7 +281,9 @@ def swap(intent: Intent, *, keep_previous: bool = True) -> None:
     """
     bin_dir = Path(intent.bin_dir)
     try:
-        if keep_previous and intent.old_sha is not None and intent.old_sha != intent.new_sha:
+        # nothing at the target: the binary moved place, and the build it replaces is in .previous already
+        replaced = intent.old_sha is not None and intent.old_sha != intent.new_sha and intent.target.exists()
+        if keep_previous and replaced:
             save_previous(bin_dir, intent.binary)
         crash_point("previous-saved")
         if intent.staged.exists():

@@ -7,6 +7,9 @@ restarts it again and checks its health before it decides anything about the rel
 whose restart failed leaves the service stopped while the build is skipped or held), and also when the
 release cannot be fetched: the binary in place needs no network (a kill inside that restart leaves no
 intent in the journal, so this is what finishes it at the next start).
+
+A restart the process manager's call failed (:class:`NotRestarted`) never ran the binary: what the agent
+says about it blames the restart, not the binary (:func:`put_back_error`, :func:`rollback_error`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sync_tools.agent.health import HealthResult
 from sync_tools.agent.state import load_state
 from sync_tools.config import Subsystem
 from sync_tools.errors import DataError
@@ -21,6 +25,40 @@ from sync_tools.fsutil import sha256_file
 from sync_tools.versionfile import read_version
 
 log = logging.getLogger(__name__)
+
+OWED = "the restart is tried again at the next run"
+
+
+class NotRestarted(HealthResult):
+    """Not healthy because the process manager's call failed (unreachable, an error, an answer that
+    is not one, its deadline): the binary in place may never have run, so this says nothing against
+    its build."""
+
+
+def put_back_error(health: HealthResult) -> str:
+    """Why the previous binary, just put back in place, is not known healthy: the manager's restart
+    failed (it never ran; :func:`note_reload` recorded the restart as owed), or it is unhealthy."""
+    if isinstance(health, NotRestarted):
+        return (f"the previous binary is back in place, but the process manager's restart failed "
+                f"({health.detail}), so it may not be running; {OWED}")
+    return f"the previous binary is unhealthy too: {health.detail}"
+
+
+def rollback_error(health: HealthResult, back: HealthResult | Exception) -> str:
+    """A failed ``rollback``: the restart onto the previous binary gave *health*, and putting back the
+    binary it replaced gave *back* (its restart's result, or the error that stopped it)."""
+    if isinstance(health, NotRestarted):
+        error = f"the restart onto the previous binary failed ({health.detail}); it never ran"
+    else:
+        error = f"unhealthy after rollback: {health.detail}"
+    if isinstance(back, Exception):
+        return f"{error}; putting back the binary it replaced failed: {back}"
+    error += "; the binary it replaced is back"
+    if back.ok:
+        return error
+    if isinstance(back, NotRestarted):
+        return f"{error}, but the process manager's restart failed too ({back.detail}); {OWED}"
+    return f"{error}, unhealthy too: {back.detail}"
 
 
 def note_reload(agent: Any, name: str, error: str | None) -> None:

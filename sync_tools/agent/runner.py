@@ -43,12 +43,13 @@ from sync_tools.manifest import (
 from sync_tools.signing import load_public_key
 from sync_tools.versionfile import PREVIOUS_DIR, VersionInfo, read_version
 
-from . import delta, install, pending, statusinfo, subsystems
+from . import delta, install, pending, relocated, statusinfo, subsystems
 from .events import AgentEvent
 from .extract import extract_binary
 from .fetch import Fetcher, ProgressFn, Refusal, TooLargeError, download, make_fetcher, open_part
 from .gate import Gate, has_rollout, held_info
 from .health import HealthResult
+from .pending import NotRestarted
 from .reload import Reloader, ReloadError, StartError, make_reloader
 from .report import Reporter, StepTimes
 from .settle import wait_settled
@@ -72,12 +73,6 @@ RETRY_BASE = 1.0
 RETRY_MAX = 60.0
 RETRY_ATTEMPTS = 6
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm"}
-
-
-class NotRestarted(HealthResult):
-    """Not healthy because the process manager's call failed (unreachable, an error, an answer that
-    is not one, its deadline): the binary in place may never have run, so this says nothing against
-    its build."""
 
 
 def detect_platform() -> str:
@@ -369,17 +364,20 @@ class Agent:
             results = self._recover_locked()  # an intent a failed swap left behind
         except (SyncToolsError, OSError) as e:
             return UpdateReport(manifest.serial, error=f"install root: {e}", seconds=time.monotonic() - started)
+        recovered = {r.name: r for r in results}
         for sub in _order(subsystems.for_manifest(self.config, manifest)):
             # a restart owed since it failed comes before anything is decided about the release's build
-            # (skipped, held, missing, no entry): those leave the binary in place, and its service stopped
-            owed = pending.finish_owed(self, sub)
+            # (skipped, held, missing, no entry): those leave the binary in place, and its service stopped;
+            # one the recovery just made is in the report already, and owed to the next run if it failed
+            owed = pending.finish_owed(self, sub) if sub.name not in recovered else None
             if owed is not None:
                 results.append(owed)
             entry = manifest.subsystems.get(sub.name)
             if entry is None:
                 continue
             res = self._apply(sub, entry)
-            if owed is None or res.action != "unchanged":  # after the owed restart, "unchanged" adds nothing
+            said = owed or (r if (r := recovered.get(sub.name)) and not r.ok else None)
+            if said is None or res.action != "unchanged":  # after the owed or failed restart: adds nothing
                 results.append(res)
         return UpdateReport(manifest.serial, tuple(results), manifest_bytes=mbytes,
                             seconds=time.monotonic() - started, retry=stale or any(r.retry for r in results))
@@ -414,7 +412,8 @@ class Agent:
                 info = VersionInfo(commit=entry.commit, timestamp=entry.built, checksum=asset.binary_sha256,
                                    version=entry.version)
                 intent = install.begin(self.journal, subsystem=sub.name, bin_dir=bin_dir, binary=sub.binary,
-                                       new_sha=asset.binary_sha256, new_version=info)
+                                       new_sha=asset.binary_sha256, new_version=info,
+                                       replaces=relocated.keep_previous(sub, self.root, asset.binary_sha256))
                 install.swap(intent)
         except SyncToolsError as e:
             swapped = target.is_file() and sha256_file(target) == asset.binary_sha256
@@ -428,7 +427,7 @@ class Agent:
                                    times=times.done())
         with times("health"):  # restart, health check, settle window (and the restore when unhealthy)
             res = self._reload_and_check(sub, intent, started=started, moved=moved)
-        return SubsystemResult(res.name, res.action, old_sha, res.new_sha, entry.version, res.error,
+        return SubsystemResult(res.name, res.action, intent.old_sha, res.new_sha, entry.version, res.error,
                                moved, res.seconds, times.done(), patch=fetched.patch)
 
     def _stage(self, sub: Subsystem, asset: Asset) -> delta.Fetched:
@@ -485,16 +484,16 @@ class Agent:
             self.journal.remove(sub.name)
             if intent.kind == "update":  # a new build proved healthy
                 self.update_state(lambda st: st.with_failed(sub.name, None))
+                relocated.remove_stale(sub, self.root)
             elif intent.kind == "rollback":  # a recovered rollback: keep away from what it left
                 self._hold_back(sub, intent)
             # a (recovered) restore keeps the mark: the build it replaced failed, until the release changes
             return SubsystemResult(sub.name, "updated", intent.old_sha, intent.new_sha,
                                    bytes=moved, seconds=time.monotonic() - started)
-        if intent.kind == "restore":  # a recovered restore: the previous binary itself is unhealthy
+        if intent.kind == "restore":  # a recovered restore: the previous binary unhealthy, or not restarted
             self.journal.remove(sub.name)
             return SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha,
-                                   error=f"the previous binary is unhealthy too: {health.detail}",
-                                   seconds=time.monotonic() - started)
+                                   error=pending.put_back_error(health), seconds=time.monotonic() - started)
         # A manager whose call failed never ran the new binary: the build is not marked (one HTTP 500
         # would hold a good build back until the release changes); it is tried again at the next run.
         untried = isinstance(health, NotRestarted)
@@ -591,7 +590,7 @@ class Agent:
         SyncToolsError otherwise."""
         _, _, health = self._swap_previous_in(sub, "restore", replaced)
         if not health.ok:
-            raise RemoteError(f"the previous binary is unhealthy too: {health.detail}")
+            raise RemoteError(pending.put_back_error(health))
 
     def _hold_back(self, sub: Subsystem, intent: install.Intent) -> None:
         """After a rollback: mark the build rolled away from, so reconciles skip it until the release
@@ -606,7 +605,7 @@ class Agent:
         release has a new build of NAME. When not, the two are swapped back (and restarted): a failed
         rollback leaves NAME as it was. Raises ConfigError (unknown name), InstallError/DataError (no
         verified previous), AgentBusy (another agent process kept the install root's lock too long)."""
-        sub = self.config.subsystem(name)
+        sub = subsystems.installed_named(self.config, self.root, name)
         started = time.monotonic()
         with self._lock, self.agent_lock.hold(self.lock_timeout):
             # finish an install a crash interrupted first: otherwise the half-written state (a new
@@ -622,15 +621,14 @@ class Agent:
                                        seconds=time.monotonic() - started)
             # a rollback that fails changes nothing: the binary it replaced (running a moment ago) goes
             # back, rather than leaving a binary known to be unhealthy in place
-            log.error("%s: the previous binary %s is unhealthy (%s); putting back %s", sub.name,
+            log.error("%s: the rollback to %s failed (%s); putting back %s", sub.name,
                       intent.new_sha[:12], health.detail, (intent.old_sha or "?")[:12])
-            error = f"unhealthy after rollback: {health.detail}"
+            back: HealthResult | Exception
             try:
                 _, _, back = self._swap_previous_in(sub, "rollback")
             except (SyncToolsError, OSError) as e:
-                error += f"; putting back the binary it replaced failed: {e}"
-            else:
-                error += "; the binary it replaced is back" + ("" if back.ok else f", unhealthy too: {back.detail}")
+                back = e
+            error = pending.rollback_error(health, back)
         return SubsystemResult(sub.name, "failed", intent.old_sha, intent.new_sha, info.version, error,
                                seconds=time.monotonic() - started)
 

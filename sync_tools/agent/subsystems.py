@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sync_tools.config import Config, Subsystem
+from sync_tools.errors import ConfigError
 
 if TYPE_CHECKING:
     from sync_tools.manifest import Manifest
@@ -73,6 +74,18 @@ def installed(config: Config, root: Path) -> list[Subsystem]:
         files = _binaries(d / ".bin")
         out.append(from_manifest(d.name, files[0] if len(files) == 1 else None))
     return out
+
+
+def installed_named(config: Config, root: Path, name: str) -> Subsystem:
+    """The subsystem called *name* for ``rollback``: the configured one, else (an agent-only config) the
+    one installed under *root* as :func:`installed` finds it. Raises ConfigError for neither."""
+    if config.subsystems:
+        return config.subsystem(name)
+    for sub in installed(config, root):
+        if sub.name == name:
+            return sub
+    raise ConfigError(f"no subsystem {name!r} is installed under {root} (the config lists none: the "
+                      "manifest names them)", path=config.path)
 
 
 def _binaries(directory: Path) -> list[str]:
