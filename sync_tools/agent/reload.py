@@ -102,6 +102,11 @@ class NoReloader(Reloader):
 class CommandReloader(Reloader):
     """Runs a shell command with ``{process}`` filled in; exit 0 is success.
 
+    A non-zero exit is taken as the new binary's failure (:class:`StartError`), except where the exit
+    itself says the manager was never asked (:data:`NOT_ASKED`: the shell could not run the command,
+    126 and 127, or the command's own ``exit 75``, sysexits' EX_TEMPFAIL): then it is a
+    :class:`ReloadError`, which holds nothing against the build and leaves the restart owed.
+
     The command runs in its own process group with its output going to a temporary file, so a command
     that starts a daemon (which keeps the inherited stdout open) is done when the shell exits; on a
     timeout the whole group is stopped.
@@ -110,6 +115,10 @@ class CommandReloader(Reloader):
     name = "command"
     #: bytes of the command's output kept for the error message
     OUTPUT_TAIL = 4096
+    #: exit statuses that say the manager was not asked: the shell's "found but not executable" and
+    #: "not found", and EX_TEMPFAIL (sysexits.h), for a wrapper to say "the manager is away, try later"
+    NOT_ASKED = {126: "the shell could not execute it", 127: "the shell did not find it",
+                 75: "EX_TEMPFAIL: the command says the manager could not be asked"}
 
     def __init__(self, template: str, *, cwd: Path | None = None, timeout: float = 60.0, grace: float = 5.0):
         self.template = template
@@ -136,7 +145,9 @@ class CommandReloader(Reloader):
             out.seek(max(0, out.seek(0, os.SEEK_END) - self.OUTPUT_TAIL))
             text = out.read(self.OUTPUT_TAIL).decode("utf-8", errors="replace")
         tail = text.strip().splitlines()[-1:] or [""]
-        # the exit cannot say whether the manager or the new binary failed (`supervisorctl restart`
+        if returncode in self.NOT_ASKED:  # nothing was restarted: no verdict on the build
+            raise ReloadError(f"reload command exited {returncode} ({self.NOT_ASKED[returncode]}): {cmd}: {tail[0]}")
+        # otherwise the exit cannot say whether the manager or the new binary failed (`supervisorctl restart`
         # exits 1 for a program that does not start): taken as the binary's, so a bad build is held
         # as before rather than installed again at every run
         raise StartError(f"reload command exited {returncode}: {cmd}: {tail[0]}")
