@@ -69,16 +69,21 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children (gunicorn master + worker), in seconds."""
+def with_children(pid: int) -> list[int]:
+    """*pid* and its children (gunicorn master + worker)."""
     pids = [pid]
     try:
         out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, timeout=5)
         pids += [int(p) for p in out.stdout.split()]
     except (OSError, subprocess.SubprocessError):
         pass
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children, in seconds."""
     ticks = 0
-    for p in pids:
+    for p in with_children(pid):
         try:
             stat = Path(f"/proc/{p}/stat").read_text()
         except OSError:
@@ -91,13 +96,7 @@ def cpu_seconds(pid: int) -> float:
 def rss_kb(pid: int) -> int:
     """RSS of a process and its children (gunicorn master + worker), in KiB."""
     total = 0
-    pids = [pid]
-    try:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, timeout=5)
-        pids += [int(p) for p in out.stdout.split()]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    for p in pids:
+    for p in with_children(pid):
         try:
             text = Path(f"/proc/{p}/status").read_text()
         except OSError:
