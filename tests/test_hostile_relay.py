@@ -614,7 +614,8 @@ def _server_with(server: str, root: Path, github_api: GitHubAPIServer,  # noqa: 
                  max_connections: int) -> Iterator[str]:
     """``sync-tools relay``'s server or gunicorn's, taking *max_connections* connections; yields its URL."""
     if server == "gunicorn":
-        with _gunicorn(root, github_api, RELAY_CONNECTIONS=str(max_connections)) as url:
+        # a stream's end is seen at its next heartbeat's write: 2 s, not the default's 25
+        with _gunicorn(root, github_api, RELAY_CONNECTIONS=str(max_connections), SYNC_TOOLS_SSE_HEARTBEAT="2") as url:
             yield url
         return
     github_api.state.add_repo(RELEASE_REPO)
@@ -647,7 +648,7 @@ def test_sse_streams_leave_room_for_health_and_deliveries(tmp_path: Path, github
             d = delivery("create", tag_payload(tag="v6.0.0"))
             assert requests.post(url + "/webhook", data=d.body, headers=d.headers, timeout=15).status_code == 202
             streams.pop().close()
-            # the server sees the close at its next heartbeat's write (gunicorn's relay: within 25 s)
+            # the server sees the close at its next heartbeat's write (gunicorn's relay here: within 2 s)
             wait_for(lambda: requests.get(url + "/events", headers=auth, stream=True, timeout=10).status_code == 200,
                      timeout=60, what="a freed stream slot")
         finally:
