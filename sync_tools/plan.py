@@ -42,6 +42,9 @@ DEFAULT_RUNNER = "ubuntu-latest"
 ZERO_SHA = "0" * 40
 _MAX_EVENT = 25 * 1024 * 1024
 _SAFE_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+/@-]{0,127}$")
+#: GitHub runs at most this many jobs from one matrix (per workflow run); a bigger one fails the job
+#: that uses it, after the plan job has already reported work.
+MAX_MATRIX_JOBS = 256
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ def make_plan(config: Config, names: Iterable[str], platforms: Sequence[str] | N
     """One matrix item per named subsystem (in config order) and platform (default: the config's);
     *versions* adds a ``version`` key to the items of the subsystems it names.
 
-    Raises ConfigError for an unknown subsystem or a malformed platform.
+    Raises ConfigError for an unknown subsystem or a malformed platform, DataError for a version that
+    is no version or more items than a GitHub Actions matrix runs (:data:`MAX_MATRIX_JOBS`).
     """
     wanted = set(names)
     for n in wanted:
@@ -119,6 +123,10 @@ def make_plan(config: Config, names: Iterable[str], platforms: Sequence[str] | N
             os_, arch = p.split("/")
             items.append(MatrixItem(n, p, os_, arch, RUNNERS.get(p, DEFAULT_RUNNER),
                                     (versions or {}).get(n)))
+    if len(items) > MAX_MATRIX_JOBS:
+        raise DataError(f"the plan has {len(items)} build legs ({len(ordered)} subsystems x {len(plats)} "
+                        f"platforms); a GitHub Actions matrix runs at most {MAX_MATRIX_JOBS} jobs: name fewer "
+                        "subsystems or platforms, and build the rest in another run")
     return Plan(tuple(ordered), tuple(items), reason, tuple(notices))
 
 
@@ -181,12 +189,17 @@ def names_from_event(config: Config, event: Mapping[str, Any]) -> list[str]:
 
 def versions_from_event(event: Mapping[str, Any]) -> dict[str, str]:
     """``{subsystem: version}`` when a repository_dispatch names exactly one subsystem and a version
-    (the relay's payload), else empty."""
+    (the relay's payload), else empty. Raises DataError for a version that is not a string (a number
+    from ``gh api -F``) or holds characters a version never has."""
     payload = event.get("client_payload") if isinstance(event, Mapping) else None
     if not isinstance(payload, Mapping):
         return {}
     names = list(dict.fromkeys(_names(payload.get("subsystem"), "client_payload.subsystem")))
     version = payload.get("version")
+    if version is not None and not isinstance(version, str):
+        # `gh api -F client_payload[version]=1.10` sends the number 1.1: building the pin instead, as
+        # if no version had been sent, would release something nobody asked for.
+        raise DataError(f"client_payload.version must be a string, not {type(version).__name__}")
     if len(names) == 1 and isinstance(version, str) and version.strip():
         # The version reaches shell commands in the workflow: only plain version/commit characters.
         if not _SAFE_VERSION.match(version.strip()):
