@@ -688,9 +688,12 @@ def _nats(sec: _Section) -> NatsConfig | None:
     if not sec.data:
         return None
     servers = sec.str_list("servers")
-    for url in servers:
+    for n, url in enumerate(servers):
         scheme, _, rest = url.partition("://")
-        if scheme not in ("nats", "tls") or not rest or "@" in rest.split("/")[0]:
+        if "@" in url:  # user:password@ or token@, wherever it ends: the error must not show it
+            raise sec.error("servers", f"server {n + 1} has credentials in it (not shown here): a nats:// or "
+                            "tls:// URL without credentials in it (they come from creds, nkey_seed or the token_env variable)")
+        if scheme not in ("nats", "tls") or not rest:
             raise sec.error("servers", f"{url!r}: a nats:// or tls:// URL without credentials in it "
                             "(they come from creds, nkey_seed or the token_env variable)")
     if not servers:

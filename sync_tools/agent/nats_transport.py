@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
@@ -151,6 +152,64 @@ def connect_options(cfg: NatsConfig, *, root: Path, environ: Mapping[str, str] |
     return opts
 
 
+_SEED_KINDS = {"U": "a user", "A": "an account", "O": "an operator", "N": "a server", "C": "a cluster"}
+
+
+def check_credentials(opts: Mapping[str, Any]) -> None:
+    """Read the credentials files named in *opts* (:func:`connect_options`) the way nats-py will at
+    connect, and raise ConfigError, naming the file and never its secret, for one it cannot use.
+
+    nats-py reads them only when the server asks for a signature, and fails there badly: a .creds file
+    without its JWT block makes it loop for ever (``while True: readline()``, at full CPU, inside the
+    connect: no timeout ends it), one without its seed is a TypeError, a file with no seed in it an
+    ErrInvalidSeed at every attempt. An account's (or operator's) seed where a user's belongs is only
+    "refused" by the server; it is named here."""
+    creds = opts.get("user_credentials")
+    if isinstance(creds, str):
+        what = f"the NATS credentials file {creds}"
+        lines = io.BytesIO(_read_secret(creds, what)).readlines()  # split at \n alone, as nats-py reads it
+
+        def after(marker: bytes) -> bytes | None:  # the line after the marker's, as nats-py takes it
+            for i, line in enumerate(lines):
+                if marker in line:
+                    return lines[i + 1][:-1] if i + 1 < len(lines) else b""
+            return None
+
+        jwt = after(b"BEGIN NATS USER JWT")
+        if not jwt or not jwt.strip() or not jwt.isascii():
+            raise ConfigError(f"{what} has no user JWT (a .creds file, as nsc makes it: the user's JWT block, then "
+                              "its NKey seed block; a bare NKey seed goes in nkey_seed)")
+        seed = after(b"BEGIN USER NKEY SEED")
+        if seed is None:
+            raise ConfigError(f"{what} has no user NKey seed (the block after the JWT's)")
+        _check_seed(seed, f"{what}: the line after BEGIN USER NKEY SEED")
+    seed_file = opts.get("nkeys_seed")
+    if isinstance(seed_file, str):
+        what = f"the NATS NKey seed file {seed_file}"
+        _check_seed(_read_secret(seed_file, what).strip(), what)
+
+
+def _read_secret(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1 << 20)
+    except OSError as e:
+        raise ConfigError(f"{what} cannot be read: {e.strerror or e}") from e
+
+
+def _check_seed(seed: bytes, what: str) -> None:
+    import nkeys
+
+    try:
+        nkeys.from_seed(bytearray(seed)).wipe()
+    except Exception:  # noqa: BLE001 - nkeys fails in several ways; none names the seed
+        raise ConfigError(f"{what} is not an NKey seed (one line, S followed by letters and digits)") from None
+    kind = chr(seed[1])
+    if kind != "U":
+        raise ConfigError(f"{what} holds {_SEED_KINDS.get(kind, 'another kind of')} seed (S{kind}...), not a user "
+                          "seed (SU...): the server takes users' keys")
+
+
 def describe_credentials(opts: Mapping[str, Any], cfg: NatsConfig) -> str:
     """Which credentials were offered, for an error line (never the secret itself)."""
     cert = f"the TLS client certificate {cfg.tls_cert}" if cfg.tls_cert else None
@@ -216,6 +275,7 @@ class NatsSubscriber:
         self.on_connect = on_connect
         self._make_options = options if callable(options) else None
         self.options = dict(options()) if callable(options) else dict(options)  # the last ones made
+        check_credentials(self.options)  # a file that cannot work stops serve_nats at start
         self.name = name
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
@@ -233,7 +293,7 @@ class NatsSubscriber:
         self._wake: asyncio.Event | None = None
         self._last_error: str | None = None
         self._errors_seen: set[str] = set()  # the connect errors logged since the last connection
-        self._catchup_failing = False
+        self._catchup_failures: set[str] = set()  # why the catch-up had no answer, logged since the last one
 
     # ---------------------------------------------------------------------------------- control
 
@@ -333,6 +393,7 @@ class NatsSubscriber:
         # the client's own reconnect is off: this class reconnects, with jitter, and catches up each time
         if self._make_options is not None:
             self.options = dict(self._make_options())  # files renewed since: read again
+        check_credentials(self.options)  # a renewal half done: a failed attempt, retried
         return await nats.connect(**self.options, name=self.name, allow_reconnect=False, max_reconnect_attempts=1,
                                   reconnect_time_wait=0.1, connect_timeout=self.connect_timeout,
                                   ping_interval=int(self.ping_interval), max_outstanding_pings=2, error_cb=quiet,
@@ -344,6 +405,8 @@ class NatsSubscriber:
             self._handle(msg.data, msg.headers, "live")
 
         await nc.subscribe(self.subject, cb=on_msg)
+        inbox = nc.new_inbox()
+        answers = await nc.subscribe(inbox + ".*")  # the catch-up's answers (catch_up)
         await nc.flush(timeout=self.request_timeout)  # the subscription is in place before the catch-up
         self.connects += 1
         self.connected.set()
@@ -354,11 +417,12 @@ class NatsSubscriber:
         self._errors_seen.clear()
         if self.on_connect is not None:
             self.on_connect(self.connects)
-        js = nc.jetstream(domain=self.cfg.domain, timeout=self.request_timeout)
         unanswered = 0
+        asked = 0
         while True:
             self._wake.clear()  # set by stop() and by the connection's loss, whichever comes
-            if await self.catch_up(js):
+            asked += 1
+            if await self.catch_up(nc, answers, f"{inbox}.{asked}"):
                 unanswered = 0
                 every = self.cfg.catchup_seconds
                 wait = every * self.rng.uniform(0.5, 1.5) if every > 0 else None
@@ -374,27 +438,68 @@ class NatsSubscriber:
             if self._stopped.is_set() or closed.is_set() or nc.is_closed:
                 return
 
-    async def catch_up(self, js: Any) -> bool:
-        """One direct get of the subject's last message; hands it on when it is new. Returns whether
-        the stream answered (a missing message, no release yet, is an answer)."""
+    @property
+    def direct_get_subject(self) -> str:
+        """Where the stream answers a direct get of the subject's last message (``allow_direct``)."""
+        api = f"$JS.{self.cfg.domain}.API" if self.cfg.domain else "$JS.API"
+        return f"{api}.DIRECT.GET.{self.cfg.stream}.{self.subject}"
+
+    async def catch_up(self, nc: Any, answers: Any, reply: str) -> bool:
+        """One direct get of the subject's last message, its answer awaited on *answers* (a subscription
+        on the session's inbox) as *reply*; hands the message on when it is new. Returns whether the
+        stream answered (a missing message, no release yet, is an answer).
+
+        The answer is read here rather than by nats-py's ``get_last_msg``, which raised from a stored
+        message with no body and a ``Status`` header of its own (anyone who may publish on the subject
+        can store one: its KeyError broke the session, so every agent reconnected about once a second
+        for as long as it was the last message) and from an answer without JetStream's headers (from
+        anything else in the account that answers on the direct-get subject), and handed on a message
+        of another subject as this one's. Here a stored message of the subject is a message, whatever
+        headers it carries (:meth:`_handle` judges it); anything else is no answer, asked again."""
         import nats.errors
-        import nats.js.errors
 
         try:
-            msg = await js.get_last_msg(self.cfg.stream, self.subject, direct=True)
-        except nats.js.errors.NotFoundError:
-            return True
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError) as e:
-            # the hub (or its link to this leaf) is away, or the stream has no allow_direct: the next
-            # catch-up, or a live message once the link is back, brings the release
-            log.log(logging.DEBUG if self._catchup_failing else logging.INFO,
-                    "NATS %s: no catch-up answer from stream %s (%s); trying again later", self.subject,
-                    self.cfg.stream, explain(e))
-            self._catchup_failing = True
-            return False
-        self._catchup_failing = False
-        self._handle(msg.data, msg.headers, "catch-up", seq=msg.seq)
+            await nc.publish(self.direct_get_subject, b"", reply=reply)
+            deadline = asyncio.get_running_loop().time() + self.request_timeout
+            while True:  # an answer to an earlier, timed-out request may come first: not this one's
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise nats.errors.TimeoutError
+                msg = await answers.next_msg(timeout=left)
+                if msg.subject == reply:
+                    break
+        except (nats.errors.TimeoutError, TimeoutError) as e:
+            return self._unanswered(explain(e))
+        headers = msg.headers or {}
+        stream, subject, seq = headers.get("Nats-Stream"), headers.get("Nats-Subject"), headers.get("Nats-Sequence")
+        status = str(headers.get("Status") or "")
+        if stream is None and seq is None:  # not a stored message: a status from the server, or no JetStream's
+            if status == "404":  # no message on the subject: no release yet
+                self._catchup_failures.clear()
+                return True
+            if status == "503":  # no responders: the hub, or its link to this leaf, is away; or no allow_direct
+                return self._unanswered("NoRespondersError: nats: no responders available for request")
+            what = (f"status {status[:8]} {str(headers.get('Description') or '')[:80]}".rstrip() if status
+                    else "no JetStream headers")
+            return self._unanswered(f"the answer is not a stored message ({what})", logging.WARNING)
+        if subject != self.subject or stream != self.cfg.stream:
+            return self._unanswered(f"the answer is a message of {str(subject)[:140]!r} in stream {str(stream)[:64]!r}, "
+                                    f"not of {self.subject} in {self.cfg.stream}", logging.WARNING)
+        self._catchup_failures.clear()
+        self._handle(msg.data, headers, "catch-up", seq=int(seq) if seq and seq.isdigit() else None)
         return True
+
+    def _unanswered(self, why: str, level: int = logging.INFO) -> bool:
+        """Log (each reason once until the stream answers) that the catch-up had no answer; False."""
+        if why in self._catchup_failures:
+            level = logging.DEBUG
+        elif len(self._catchup_failures) < 64:
+            self._catchup_failures.add(why)
+        # the hub (or its link to this leaf) is away, or the stream has no allow_direct: the next
+        # catch-up, or a live message once the link is back, brings the release
+        log.log(level, "NATS %s: no catch-up answer from stream %s (%s); trying again later", self.subject,
+                self.cfg.stream, why)
+        return False
 
     def _handle(self, data: bytes | None, headers: Mapping[str, str] | None, via: str,
                 seq: int | None = None) -> None:

@@ -13,7 +13,8 @@ stream's ``duplicate_window`` is a day). The stream keeps only the newest :data:
 per subject and answers direct gets (``allow_direct``), which is all an agent's catch-up needs.
 
 The stream is made when it does not exist (:func:`ensure_stream`); one made by an operator is used
-as it is, with a warning when it cannot serve the agents' catch-up.
+as it is, with a warning when it has no ``allow_direct``, and refused (a retried error) when it does
+not take the release's subject, keeps no message for the agents' catch-up, or acknowledges no publish.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 from sync_tools.agent.nats_transport import (
     MSG_ID,
     STREAM_SUBJECTS,
+    check_credentials,
     connect_options,
     describe_credentials,
     event_key,
@@ -50,11 +52,31 @@ KEEP_PER_SUBJECT = 5
 DUPLICATE_WINDOW = 24 * 3600.0
 
 
-async def ensure_stream(js: Any, name: str) -> None:
-    """Make stream *name* for ``sync.release.>`` when there is none; warn when an existing one has no
-    ``allow_direct`` (agents could not catch up from it). Raises nats-py's errors."""
+class StreamUnusable(Exception):
+    """The stream the relay would publish into cannot serve the agents (:func:`ensure_stream`)."""
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether the NATS subject *pattern* (``*`` one token, ``>`` one or more at the end) takes *subject*."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+async def ensure_stream(js: Any, name: str, subject: str | None = None, domain: str | None = None) -> None:
+    """Make stream *name* for ``sync.release.>`` when there is none. Raises :class:`StreamUnusable` when
+    no JetStream answers (*domain* names none), or for an existing stream that does not take *subject*,
+    keeps a message only until consumers have it (retention interest or workqueue: the agents' catch-up
+    finds nothing, as no agent consumes) or acknowledges no publish (``no_ack``); warns when it has no
+    ``allow_direct`` (agents could not catch up from it, live messages still reach them). Raises
+    nats-py's errors."""
+    import nats.errors
     import nats.js.errors
-    from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+    from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
     try:
         info = await js.stream_info(name)
@@ -66,7 +88,26 @@ async def ensure_stream(js: Any, name: str) -> None:
         log.info("made JetStream stream %s (%s, newest %d per subject, direct get)", name, STREAM_SUBJECTS,
                  KEEP_PER_SUBJECT)
         return
-    if not info.config.allow_direct:
+    except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
+        if getattr(e, "description", None):  # the server's own words: "JetStream not enabled for account"
+            raise
+        where = f"in domain {domain!r} (relay.nats.domain: the hub's jetstream {{ domain }})" if domain else \
+            "without a domain (relay.nats.domain names the hub's, when it has one)"
+        raise StreamUnusable(f"no JetStream answered {where} for the relay's account") from e
+    config = info.config
+    problems = []
+    if subject is not None and not any(subject_matches(p, subject) for p in config.subjects or ()):
+        problems.append(f"its subjects ({', '.join(config.subjects or ()) or 'none'}) do not take {subject}")
+    retention = str(getattr(config.retention, "value", config.retention) or RetentionPolicy.LIMITS.value)
+    if retention != RetentionPolicy.LIMITS.value:  # (nats-py leaves the server's string here)
+        problems.append(f"retention {retention}: it keeps a message only until consumers take it, "
+                        "so the agents' catch-up (no consumer) finds none")
+    if config.no_ack:
+        problems.append("no_ack: it acknowledges no publish, so the relay cannot know one was stored")
+    if problems:
+        raise StreamUnusable(f"JetStream stream {name} cannot carry release events: {'; '.join(problems)} "
+                             f"(make it as docs/nats.md shows: subjects {STREAM_SUBJECTS}, retention limits)")
+    if not config.allow_direct:
         log.warning("JetStream stream %s has no allow_direct: agents cannot catch up from it "
                     "(nats stream edit %s --allow-direct)", name, name)
 
@@ -82,7 +123,7 @@ class NatsPublisher:
         self.root = root
         self._env = dict(os.environ if environ is None else environ)
         self.timeout = timeout
-        self._stream_ready = False
+        self._stream_ready: set[str] = set()  # the subjects the stream was found to take
 
     @property
     def enabled(self) -> bool:
@@ -125,6 +166,7 @@ class NatsPublisher:
         servers = ", ".join(self.cfg.servers)
         try:
             opts = connect_options(self.cfg, root=self.root, environ=self._env)
+            check_credentials(opts)
         except ConfigError as e:
             # a credentials file missing or half-renewed (a certificate rotated without its key yet) can
             # be mended while the job waits: retried with the job's backoff, dead-lettered if it is not
@@ -134,8 +176,8 @@ class NatsPublisher:
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - nats-py and asyncio fail in many ways; all are retried
-            self._stream_ready = False  # a hub made anew may have lost the stream: look again next time
-            why = explain(e)
+            self._stream_ready.clear()  # a hub made anew may have lost the stream: look again next time
+            why = str(e) if isinstance(e, StreamUnusable) else explain(e)
             if is_auth_error(e):
                 why += f"; offered {describe_credentials(opts, self.cfg)}"
             raise RemoteError(f"cannot publish release event {key} to NATS {servers}: {why}") from e
@@ -154,9 +196,9 @@ class NatsPublisher:
                                 reconnect_time_wait=0.1, connect_timeout=self.timeout, error_cb=quiet)
         try:
             js = nc.jetstream(domain=self.cfg.domain, timeout=self.timeout)
-            if not self._stream_ready:
-                await ensure_stream(js, self.cfg.stream)
-                self._stream_ready = True
+            if subject not in self._stream_ready:
+                await ensure_stream(js, self.cfg.stream, subject, self.cfg.domain)
+                self._stream_ready.add(subject)
             ack = await js.publish(subject, body, headers={MSG_ID: key}, stream=self.cfg.stream)
             return ack.seq, bool(ack.duplicate)
         finally:
