@@ -15,6 +15,7 @@ import gzip
 import json
 import logging
 import os
+import shutil
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -160,6 +161,53 @@ def _read_sidecar(path: Path) -> Packaged:
     if obj["name"] + SIDECAR_SUFFIX != path.name:
         raise DataError(f"{path}: sidecar describes {obj['name']!r}, not its own asset")
     return Packaged(**{k: obj[k] for k in _SIDECAR_KEYS}, path=path.with_name(obj["name"]))
+
+
+def take_leg_packages(artifacts: Path, into: Path) -> list[Path]:
+    """Copy each build leg's package from *artifacts* (one folder per leg, ``dist-<subsystem>-<os>-<arch>``,
+    as actions/download-artifact lays them out without ``merge-multiple``) into the empty or new folder
+    *into*; returns the assets taken.
+
+    A leg ran upstream code, and a merged download would let a file it uploaded named like another leg's
+    asset replace that asset before it is signed. So each folder must hold exactly its own package, the
+    asset and its sidecar, for the subsystem and platform its name says, as plain files. Raises DataError
+    for anything else (nothing is released then)."""
+    try:
+        into.mkdir(parents=True, exist_ok=True)
+        if any(into.iterdir()):
+            raise DataError(f"{into}: not empty; the legs' packages are taken into an empty folder")
+        legs = sorted(artifacts.iterdir())
+    except OSError as e:
+        raise DataError(f"cannot read the build legs' artifacts in {artifacts}: {e.strerror or e}") from e
+    taken: list[Path] = []
+    for leg in legs:
+        parts = leg.name.removeprefix("dist-").rsplit("-", 2)
+        if leg.is_symlink() or not leg.is_dir() or not leg.name.startswith("dist-") or len(parts) != 3 \
+                or not all(parts):
+            raise DataError(f"{leg}: not a build leg's artifact (a folder dist-<subsystem>-<os>-<arch>)")
+        sub, platform = parts[0], f"{parts[1]}/{parts[2]}"
+        files = sorted(p.name for p in leg.iterdir())
+        sidecars = [n for n in files if n.endswith(".tar.gz" + SIDECAR_SUFFIX)]
+        if len(sidecars) != 1:
+            raise DataError(f"{leg}: {len(sidecars)} package sidecars; a leg uploads exactly one package")
+        side = leg / sidecars[0]
+        if side.is_symlink():
+            raise DataError(f"{side}: a symlink, not the leg's own sidecar")
+        item = _read_sidecar(side)
+        if (item.subsystem, item.platform) != (sub, platform):
+            raise DataError(f"{leg}: its package is {item.subsystem!r} for {item.platform!r}, not this leg's "
+                            f"{sub} for {platform}")
+        if files != sorted([item.name, side.name]):
+            raise DataError(f"{leg} holds {', '.join(files)}: a leg's artifact holds its package and sidecar only")
+        for name in files:
+            src, dest = leg / name, into / name
+            if src.is_symlink() or not src.is_file():
+                raise DataError(f"{src}: not a plain file")
+            if dest.exists():
+                raise DataError(f"{name}: in two legs' artifacts ({leg.name} and another)")
+            shutil.copyfile(src, dest)
+        taken.append(into / item.name)
+    return taken
 
 
 def read_packaged(dist: Path, name: str, platforms: Iterable[str] | None = None, *,

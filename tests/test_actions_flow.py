@@ -151,13 +151,18 @@ def run_job(run: Run, job_id: str, matrix: dict[str, str] | None = None, workflo
             assert not dest.exists(), f"artifact {with_['name']} uploaded twice"
             shutil.copytree(workspace / with_["path"], dest)
         elif uses.startswith("actions/download-artifact@"):
-            assert workspace is not None and with_["merge-multiple"] == "True"
+            # as download-artifact v4 lays them out: one folder per artifact, or (merge-multiple) every
+            # artifact's files in one folder, a later file replacing one of the same name
+            assert workspace is not None
+            merge = with_.get("merge-multiple") == "True"
             dest = workspace / with_["path"]
             dest.mkdir(parents=True, exist_ok=True)
             for art in sorted(run.artifacts.iterdir()):
                 if fnmatch.fnmatch(art.name, with_["pattern"]):
+                    into = dest if merge else dest / art.name
+                    into.mkdir(exist_ok=True)
                     for f in art.iterdir():
-                        shutil.copy2(f, dest / f.name)
+                        shutil.copy2(f, into / f.name)
         elif uses == "./":
             assert workspace is not None
             result = run_action(with_, workspace=workspace, event=run.event, env={**base_env, **env},

@@ -199,3 +199,88 @@ def test_a_dispatch_without_a_version_still_builds_the_pin(ws, tmp_path, version
                                       "--platform", "linux/amd64"], env={"GITHUB_OUTPUT": None})
     assert result.exit_code == 0, result.output
     assert [i.get("version") for i in json.loads(result.stdout)["include"]] == [None]
+
+
+# ----------------------------------------------- the release job takes each leg's own package only
+
+
+def _leg(artifacts: Path, sub: str, platform: str, *, extra: dict[str, bytes] | None = None,
+         claims: tuple[str, str] | None = None) -> None:
+    """A build leg's artifact as download-artifact lays it out without merge-multiple:
+    ``dist-<sub>-<os>-<arch>/`` with the asset and its sidecar (whose subsystem and platform are *claims*
+    when given), plus *extra* files."""
+    os_, arch = platform.split("/")
+    art = artifacts / f"dist-{sub}-{os_}-{arch}"
+    art.mkdir(parents=True)
+    name = f"{sub}-{os_}-{arch}.tar.gz"
+    data = f"the real {sub} for {platform}".encode()
+    (art / name).write_bytes(data)
+    of, on = claims or (sub, platform)
+    (art / f"{name}.json").write_text(json.dumps(_sidecar(name, of, on, data)))
+    for fname, blob in (extra or {}).items():
+        (art / fname).write_bytes(blob)
+
+
+def _sidecar(name: str, sub: str, platform: str, data: bytes) -> dict:
+    import hashlib
+
+    return {"subsystem": sub, "platform": platform, "version": "v1.0.0", "commit": "0" * 40,
+            "built": "2026-12-07T00:00:00Z", "binary": sub, "name": name, "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), "binary_sha256": "1" * 64}
+
+
+def test_the_release_job_releases_from_each_legs_own_folder() -> None:
+    release = UPSTREAM["jobs"]["release"]
+    download = next(s for s in release["steps"] if s.get("uses", "").startswith("actions/download-artifact@"))
+    assert download["with"]["path"] == ".artifacts/" and download["with"]["merge-multiple"] is False
+    assert "--artifacts .artifacts" in _step(release, "Release")["with"]["args"]
+
+
+def test_the_legs_packages_are_taken_one_folder_each(tmp_path: Path) -> None:
+    from sync_tools.package import take_leg_packages
+
+    arts = tmp_path / ".artifacts"
+    _leg(arts, "nats", "linux/amd64")
+    _leg(arts, "nats", "linux/arm64")
+    _leg(arts, "plat-telemetry", "linux/amd64")  # a name with a dash in it
+    taken = take_leg_packages(arts, tmp_path / "taken")
+    assert [p.name for p in taken] == ["nats-linux-amd64.tar.gz", "nats-linux-arm64.tar.gz",
+                                       "plat-telemetry-linux-amd64.tar.gz"]
+    assert len(list((tmp_path / "taken").iterdir())) == 6
+    assert (tmp_path / "taken/nats-linux-arm64.tar.gz").read_bytes() == b"the real nats for linux/arm64"
+
+
+@pytest.mark.parametrize("planted", ["another leg's asset", "a relabelled sidecar", "a symlink", "a stray artifact"])
+def test_a_leg_cannot_put_another_legs_asset_in_the_release(tmp_path: Path, planted: str) -> None:
+    """nats' leg ran upstream code that also uploaded arc's asset (and a sidecar for it) in its artifact.
+    With every artifact merged into one folder (merge-multiple), whichever copy came last was released
+    and signed as arc's. Now `release --artifacts` stops with one line, before anything is uploaded."""
+    arts = tmp_path / ".artifacts"
+    _leg(arts, "arc", "linux/amd64")
+    if planted == "another leg's asset":
+        _leg(arts, "nats", "linux/amd64", extra={
+            "arc-linux-amd64.tar.gz": b"planted", "arc-linux-amd64.tar.gz.json": json.dumps(
+                _sidecar("arc-linux-amd64.tar.gz", "arc", "linux/amd64", b"planted")).encode()})
+    elif planted == "a relabelled sidecar":
+        _leg(arts, "nats", "linux/amd64", claims=("arc", "linux/amd64"))
+    elif planted == "a symlink":
+        _leg(arts, "nats", "linux/amd64")
+        asset = arts / "dist-nats-linux-amd64" / "nats-linux-amd64.tar.gz"
+        asset.unlink()
+        asset.symlink_to(arts / "dist-arc-linux-amd64" / "arc-linux-amd64.tar.gz")
+    else:
+        _leg(arts, "nats", "linux/amd64")
+        (arts / "zz-other").mkdir()
+    ws = make_workspace(tmp_path / "ws")
+    result = CliRunner().invoke(cli, ["release", "--only", "nats,arc", "--artifacts", str(arts),
+                                      "--config", str(ws.config_path)])
+    assert result.exit_code != 0
+    last = result.output.strip().splitlines()[-1]
+    assert ("dist-nats-linux-amd64" in last or "zz-other" in last) and "Traceback" not in result.output, result.output
+
+
+def test_release_takes_dist_or_artifacts_not_both(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    result = CliRunner().invoke(cli, ["release", "--only", "nats", "--dist", str(tmp_path / "d"),
+                                      "--artifacts", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "--dist or --artifacts, not both" in result.output

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from sync_tools.cli._common import config_option, echo_json, json_option, load, split_names
+from sync_tools.config import Config
 from sync_tools.errors import ConfigError, DataError
 
 
@@ -207,12 +208,16 @@ def package(only: tuple[str, ...], platform: str | None, dist: str | None, as_js
 @click.option("--platform", "platforms", multiple=True, metavar="OS/ARCH[,OS/ARCH]",
               help="Only these platforms' packaged assets (default: all packaged for NAME).")
 @click.option("--dist", "dist", type=click.Path(file_okay=False), help="Where the packaged assets are (.dist).")
+@click.option("--artifacts", "artifacts", type=click.Path(file_okay=False),
+              help="Instead of --dist: the build legs' artifacts, a folder each (dist-<subsystem>-<os>-<arch>, "
+                   "as actions/download-artifact lays them out without merge-multiple); each must hold only "
+                   "its own leg's package.")
 @click.option("--allow-downgrade", "allow_downgrade", is_flag=True,
               help="Release NAME even when the manifest holds a newer version (a deliberate rollback).")
 @json_option
 @config_option
 def release(only: tuple[str, ...], refresh: bool, platforms: tuple[str, ...], dist: str | None,
-            allow_downgrade: bool, as_json: bool, config_path: str | None) -> None:
+            artifacts: str | None, allow_downgrade: bool, as_json: bool, config_path: str | None) -> None:
     """Upload only NAME's packaged assets to the release store, then put NAME's entry into manifest.json
     (every other entry untouched, serial + 1, expiry renewed) and re-sign it with the key in
     $SYNC_TOOLS_SIGNING_KEY (a path or the PEM). Several names: one manifest write for all of them.
@@ -231,10 +236,21 @@ def release(only: tuple[str, ...], refresh: bool, platforms: tuple[str, ...], di
     """
     from sync_tools import release as releasing
 
-    if refresh == bool(only) or (refresh and (platforms or dist or allow_downgrade)):
-        raise click.UsageError("give --only NAME (with --platform/--dist/--allow-downgrade if wanted), or "
-                               "--refresh alone")
+    if refresh == bool(only) or (refresh and (platforms or dist or artifacts or allow_downgrade)):
+        raise click.UsageError("give --only NAME (with --platform/--dist/--artifacts/--allow-downgrade if "
+                               "wanted), or --refresh alone")
+    if dist and artifacts:
+        raise click.UsageError("give --dist or --artifacts, not both")
     config = load(config_path)
+    if artifacts:
+        import tempfile
+
+        from sync_tools.package import take_leg_packages
+
+        with tempfile.TemporaryDirectory(prefix="sync-tools-legs-") as taken:
+            take_leg_packages(Path(artifacts), Path(taken))
+            _release(config, only, platforms, Path(taken), allow_downgrade, as_json)
+        return
     if refresh:
         m = releasing.refresh(config)
         if as_json:
@@ -242,7 +258,14 @@ def release(only: tuple[str, ...], refresh: bool, platforms: tuple[str, ...], di
         else:
             click.echo(f"refreshed manifest.json: serial {m.serial}, expires {m.expires}")
         return
-    results = releasing.release_many(config, split_names(only), dist=Path(dist) if dist else None,
+    _release(config, only, platforms, Path(dist) if dist else None, allow_downgrade, as_json)
+
+
+def _release(config: Config, only: tuple[str, ...], platforms: tuple[str, ...], dist: Path | None,
+             allow_downgrade: bool, as_json: bool) -> None:
+    from sync_tools import release as releasing
+
+    results = releasing.release_many(config, split_names(only), dist=dist,
                                      platforms=split_names(platforms) or None, allow_downgrade=allow_downgrade,
                                      patch_from=config.release.patches)
     if as_json:
