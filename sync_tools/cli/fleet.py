@@ -85,13 +85,22 @@ def fleet(config_path: str | None, relay_url: str | None, as_json: bool) -> None
 
     Needs SYNC_TOOLS_OPERATOR_TOKEN (or an agent token).
 
+    The relay's Cloudflare Tunnel (relay/cloudflared.yml) keeps /fleet private: run this on the relay's
+    host, or through an ingress rule of your own.
+
     \b
     Example:
-      SYNC_TOOLS_OPERATOR_TOKEN=... sync-tools fleet --relay https://relay.example.org
+      SYNC_TOOLS_OPERATOR_TOKEN=... sync-tools fleet --relay http://127.0.0.1:9191
       sync-tools fleet --json | jq '.subsystems.nats.rollout'
     """
     url, token = _target(config_path, relay_url)
-    view = call("GET", f"{url}/fleet", token)
+    try:
+        view = call("GET", f"{url}/fleet", token)
+    except RemoteError as e:
+        if getattr(e, "status_code", None) != 404 or "not the relay's JSON" not in str(e):
+            raise
+        raise RemoteError(f"{e} The relay's tunnel answers 404 for /fleet, which it keeps private: run this "
+                          "on the relay's host (--relay http://127.0.0.1:9191)", status_code=404) from None
     if as_json:
         echo_json(view)
         return
