@@ -2,7 +2,10 @@
 
 - :class:`SSEClient` holds ``GET <relay>/events`` open (``Authorization: Bearer <token>``), hands every
   event to a callback, and reconnects with exponential backoff and full jitter, sending
-  ``Last-Event-ID`` so the relay replays what was missed.
+  ``Last-Event-ID`` so the relay replays what was missed. A stream that ends soon after it opened, or
+  an answer that is no event stream, counts as a failure (the backoff grows); a 429/503's
+  ``Retry-After`` is honoured (capped, with jitter); an id that could not be sent back is not kept,
+  and a resume point the relay refuses (400) is dropped.
 - :class:`WebhookVerifier` checks pushed deliveries: Standard Webhooks (``webhook-id``,
   ``webhook-timestamp`` within 5 minutes, ``webhook-signature``) via the ``standardwebhooks`` package,
   or GitHub's own ``X-Hub-Signature-256`` for a release webhook pointed straight at the agent; a
@@ -38,6 +41,48 @@ log = logging.getLogger(__name__)
 EVENT_TYPE = "release.updated"
 HEARTBEAT_READ_TIMEOUT = 90.0  # the relay sends a comment at least every 30 s
 MAX_EVENT_BYTES = 1 << 20
+#: Seconds a stream must have stayed open for its end to be a new outage (the backoff starts over):
+#: a stream that ends sooner is a failure, or a relay (or a page in its place) that closes at once
+#: would be reconnected to, and the release looked at, every half second.
+STABLE_STREAM_SECONDS = 30.0
+#: The longest ``Retry-After`` of a 429/503 the client honours, in seconds.
+RETRY_AFTER_MAX = 300.0
+#: The longest event id kept as the resume point; it goes back to the relay as a header.
+MAX_EVENT_ID = 128
+
+
+def _sendable_id(value: str) -> bool:
+    """Whether *value* can go back as ``Last-Event-ID``: visible ASCII, not too long. The SSE standard
+    ignores an id with NUL; a CR, a character latin-1 lacks, or a line past the server's header limit
+    would fail every reconnect."""
+    return 0 < len(value) <= MAX_EVENT_ID and all("!" <= c <= "~" for c in value)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); None when absent or nonsense."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    import email.utils
+
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class StreamRefused(HTTPError):
+    """The relay answered /events with a status other than 200, or with no event stream."""
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -82,7 +127,7 @@ class SSEClient:
                  on_event_id: Callable[[str], None] | None = None,
                  on_connect: Callable[[int, str | None], None] | None = None, backoff_base: float = 0.5,
                  backoff_max: float = 60.0, read_timeout: float = HEARTBEAT_READ_TIMEOUT,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, stable_after: float | None = None):
         self.url = relay_url.rstrip("/") + "/events"
         self.token = token
         self.on_event = on_event
@@ -94,6 +139,8 @@ class SSEClient:
         self.backoff_max = backoff_max
         self.read_timeout = read_timeout
         self.rng = rng or random.Random()
+        self.stable_after = STABLE_STREAM_SECONDS if stable_after is None else stable_after
+        self._opened: float | None = None  # time.monotonic() when the last stream opened
         self._stop = threading.Event()
         self._resp: Response | None = None
         self.connects = 0
@@ -112,22 +159,41 @@ class SSEClient:
         """Full jitter: uniform in [0, min(max, base * 2**failures)]."""
         return self.rng.uniform(0, min(self.backoff_max, self.backoff_base * (2 ** failures)))
 
+    def delay(self, failures: int, retry_after: float | None = None) -> float:
+        """The wait before the next connect: the backoff, or when the relay asked for more
+        (``Retry-After``, capped at RETRY_AFTER_MAX) that plus up to half of it again, so a fleet told
+        the same does not come back in step."""
+        wait = self.backoff(failures)
+        if retry_after is not None and retry_after > 0:
+            asked = min(retry_after, RETRY_AFTER_MAX)
+            wait = max(wait, asked + self.rng.uniform(0, asked / 2))
+        return wait
+
     def run(self) -> None:
         """Subscribe until :meth:`stop`. Never raises: every failure is logged and retried."""
         failures = 0
         while not self._stop.is_set():
+            self._opened = None
+            error: Exception | None = None
             try:
                 self._stream()
-                failures = 0  # a clean end of stream: reconnect promptly
-                delay = self.backoff(0)
             except Exception as e:  # noqa: BLE001 - a closed or broken stream fails in many ways
                 if self._stop.is_set():
                     break  # stop() closed the response under a blocked read
-                delay = self.backoff(failures)
-                failures += 1
+                error = e
+            opened = self._opened
+            lasted = None if opened is None else time.monotonic() - opened
+            if lasted is not None and lasted >= self.stable_after:
+                failures = 0  # the stream held: its end is a new outage, reconnect promptly
+            delay = self.delay(failures, getattr(error, "retry_after", None))
+            failures += 1
+            if error is not None:
                 from sync_tools.errtext import describe
 
-                log.warning("SSE %s: %s; reconnecting in %.1fs", self.url, describe(e), delay)
+                log.warning("SSE %s: %s; reconnecting in %.1fs", self.url, describe(error), delay)
+            elif failures > 1:
+                log.warning("SSE %s: the stream ended %.1fs after it opened; reconnecting in %.1fs",
+                            self.url, lasted or 0.0, delay)
             self.connected.clear()
             self._stop.wait(delay)
 
@@ -142,8 +208,11 @@ class SSEClient:
             self._resp = resp
             try:
                 if resp.status != 200:
-                    raise DataError(f"HTTP {resp.status}") if resp.status in (401, 403) \
-                        else HTTPError(f"HTTP {resp.status}")
+                    self._refused(resp, headers.get("Last-Event-ID"))
+                ctype = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+                if ctype != "text/event-stream":
+                    raise StreamRefused(f"HTTP 200 but {ctype or 'no content type'}, not text/event-stream")
+                self._opened = time.monotonic()
                 self.connects += 1
                 self.connected.set()
                 if self.on_connect is not None:
@@ -151,6 +220,20 @@ class SSEClient:
                 self._read(resp)
             finally:
                 self._resp = None
+
+    def _refused(self, resp: Response, sent_id: str | None) -> None:
+        """Raise for a non-200 answer to /events (DataError for 401/403). A 400 to a request that carried
+        a resume point drops it: the relay refuses an id it did not give (one from an older relay, a
+        proxy, a damaged state file), and sending it again would be refused for good."""
+        status = resp.status
+        if status in (401, 403):
+            raise DataError(f"HTTP {status}")
+        if status == 400 and sent_id is not None and self.last_event_id == sent_id:
+            log.warning("SSE %s: the relay refused Last-Event-ID %r (HTTP 400); subscribing from its tail",
+                        self.url, sent_id[:MAX_EVENT_ID])
+            self.last_event_id = None
+        retry_after = _retry_after(resp.headers.get("Retry-After")) if status in (429, 503) else None
+        raise StreamRefused(f"HTTP {status}", status=status, retry_after=retry_after)
 
     def _read(self, resp: Response) -> None:
         buf = b""
@@ -177,7 +260,11 @@ class SSEClient:
                 name, _, value = line.partition(":")
                 value = value[1:] if value.startswith(" ") else value
                 if name == "id":
-                    event_id = value or None
+                    if not value or _sendable_id(value):
+                        event_id = value or None
+                    else:
+                        log.warning("SSE: ignoring an event id that could not be sent back to resume "
+                                    "from: %r", value[:MAX_EVENT_ID])
                 else:
                     size += len(raw)
                     if size > MAX_EVENT_BYTES:
@@ -385,16 +472,60 @@ def create_receiver(verifier: WebhookVerifier, on_event: Callable[[AgentEvent], 
 
 
 RECEIVER_SOCKET_TIMEOUT = 60.0  # seconds a connection to a receiver may stay silent
+RECEIVER_REQUEST_DEADLINE = 120.0  # seconds one request (headers and body) may take in all
+RECEIVER_MAX_CONNECTIONS = 64  # connections served at once; more are closed at once
 
 
 def make_receiver_server(app: Any, host: str, port: int) -> Any:
     """*app* under werkzeug's threaded server (a thread per connection), whose sockets time out after
-    RECEIVER_SOCKET_TIMEOUT seconds of silence: a client that connects and sends nothing, or
-    trickles a body, costs a thread for a minute, not forever. ``server_port`` tells the port."""
-    from werkzeug.serving import WSGIRequestHandler, make_server
+    RECEIVER_SOCKET_TIMEOUT seconds of silence, and whose requests are cut after
+    RECEIVER_REQUEST_DEADLINE seconds in all: a client that connects and sends nothing, or trickles
+    its request, costs a thread for a while, not forever. At most RECEIVER_MAX_CONNECTIONS connections
+    are served at once (a connection past them is closed unanswered), so idle sockets cannot take the
+    threads the agent itself needs. ``server_port`` tells the port."""
+    import socket
+
+    from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
     class Handler(WSGIRequestHandler):
         timeout = RECEIVER_SOCKET_TIMEOUT
 
-    return make_server(host, port, app, threaded=True, request_handler=Handler)
+        def handle_one_request(self) -> None:
+            timer = threading.Timer(RECEIVER_REQUEST_DEADLINE, self._cut)
+            timer.daemon = True
+            timer.start()
+            try:
+                super().handle_one_request()
+            finally:
+                timer.cancel()
 
+        def _cut(self) -> None:
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)  # the blocked read ends; the thread goes
+
+    class Server(ThreadedWSGIServer):
+        slots = threading.BoundedSemaphore(RECEIVER_MAX_CONNECTIONS)
+        full = False  # logged once per spell of refusals
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):
+                if not self.full:
+                    self.full = True
+                    log.warning("push receiver: %d connections open; closing new ones until one ends",
+                                RECEIVER_MAX_CONNECTIONS)
+                self.shutdown_request(request)
+                return
+            self.full = False
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()  # no thread was started to release it
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+    return Server(host, port, app, handler=Handler)

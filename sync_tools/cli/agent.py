@@ -85,10 +85,34 @@ def _stop_on_signals(stop: Any) -> None:
         signal.signal(sig, handler)
 
 
+def _check_listen(listen: str, *, path: object = None, key: str = "agent.listen") -> None:
+    """Raise ConfigError (one line naming *key*) when *listen* is not ``host:port`` or cannot be bound
+    now (a port another program holds, an address not on this machine). The receiver itself opens after
+    the start-up reconcile; finding this only then cost a reconcile per start, a loop under a supervisor."""
+    import errno
+    import socket
+
+    from sync_tools.agent.runner import parse_listen
+
+    host, port = parse_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the receiver's server binds
+            s.bind((host, port))
+    except OSError as e:
+        from sync_tools import errtext
+
+        why = "the port is in use by another program" if e.errno == errno.EADDRINUSE else errtext.describe(e)
+        raise ConfigError(f"cannot listen on {host}:{port} for pushes: {why}", path=path, key=key) from e
+
+
 def _serve(config: Config, agent: Any, listen: str | None, as_json: bool) -> None:
     from sync_tools.agent.runner import serve
 
     ac = config.agent
+    if listen:
+        _check_listen(listen, path=config.path)
     token = os.environ.get(ac.token_env) or None
     secret = os.environ.get(ac.secret_env) or None
     if ac.transport == "nats":  # release events from NATS (docs/nats.md); pushes to agent.listen still taken
@@ -293,6 +317,7 @@ def watch(config_path: str | None, port: int, host: str, mode: str, root: str | 
     if not secret:
         raise ConfigError(f"${config.agent.secret_env} is not set: refusing to accept unverified webhooks")
     listen = f"{host}:{port}"
+    _check_listen(listen, key="--host/--port")
     if mode == "user" or (mode == "auto" and not _is_dev(config)):
         ag = _agent(config, root)
         from sync_tools.agent.runner import serve
