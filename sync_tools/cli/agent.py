@@ -122,9 +122,15 @@ def _serve(config: Config, agent: Any, listen: str | None, as_json: bool) -> Non
         serve_nats(agent, listen=listen, secret=secret, on_report=lambda r: _print_report(r, as_json),
                    on_ready=lambda info: click.echo(f"nats: {info['nats']} ({info['nats_subject']})", err=True))
         return
-    if ac.relay and not token:
+    # transport push: release events come only as the relay's signed pushes to agent.listen; agent.relay,
+    # when set, still takes the agent's reports and answers the wave gate, but no SSE stream is followed
+    events_from = None if ac.transport == "push" else ac.relay
+    if ac.transport == "push" and not listen:
+        raise ConfigError("agent.transport is 'push' but agent.listen is not set: the relay's pushes need an "
+                          "address to reach (host:port), or use --once", path=config.path, key="agent.listen")
+    if events_from and not token:
         log.warning("agent.relay is set but $%s is empty: subscribing without a token", ac.token_env)
-    if not ac.relay and not listen:
+    if not events_from and not listen:
         raise ConfigError("nothing to wait for: set agent.relay (SSE) and/or agent.listen (pushes), "
                           "or use --once", path=config.path, key="agent")
     _stop_on_signals(agent.stop)
@@ -134,7 +140,7 @@ def _serve(config: Config, agent: Any, listen: str | None, as_json: bool) -> Non
             if isinstance(v, str):
                 click.echo(f"{k}: {v}", err=True)
 
-    serve(agent, relay=ac.relay, token=token, listen=listen, secret=secret,
+    serve(agent, relay=events_from, token=token, listen=listen, secret=secret,
           on_report=lambda r: _print_report(r, as_json), on_ready=ready)
 
 
