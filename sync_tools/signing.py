@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +41,19 @@ def generate_keypair() -> KeyPair:
 
 
 def write_keypair(out_dir: Path, name: str = "release") -> tuple[Path, Path]:
-    """Generate a key pair into ``out_dir/<name>.key`` (mode 0600) and ``<name>.pub``. Never overwrites."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Generate a key pair into ``out_dir/<name>.key`` (mode 0600) and ``<name>.pub``. Never overwrites.
+
+    Directories it makes are 0755 at most, whatever the umask; a directory anyone may write to (not
+    sticky, as /tmp is) is refused: anyone could put a pair of their own in place of this one before
+    the public key is pinned and the private one stored as the signing secret."""
+    _make_dirs(out_dir)
+    if not out_dir.is_dir():
+        raise ConfigError("not a directory", path=out_dir)
+    mode = out_dir.stat().st_mode
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        raise ConfigError("anyone can write to this directory (mode "
+                          f"{stat.S_IMODE(mode):o}), so anyone could replace the keys: use another "
+                          "(or chmod o-w it)", path=out_dir)
     priv, pub = out_dir / f"{name}.key", out_dir / f"{name}.pub"
     for p in (priv, pub):
         if p.exists():
@@ -58,6 +70,20 @@ def write_keypair(out_dir: Path, name: str = "release") -> tuple[Path, Path]:
         priv.unlink()  # ours, made just now: no half pair is left behind
         raise ConfigError("already exists; refusing to overwrite a key", path=pub) from e
     return priv, pub
+
+
+def _make_dirs(path: Path) -> None:
+    """``mkdir -p`` with mode 0755 for each directory made (``Path.mkdir`` gives the parents it makes
+    0777 less the umask)."""
+    missing: list[Path] = []
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o755)
+        except FileExistsError:
+            pass  # made meanwhile; a file there fails the writes below
 
 
 def _pem_or_file(value: str | bytes, what: str) -> tuple[bytes, object]:

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
@@ -531,15 +531,29 @@ def notify() -> Response | tuple[Response, int]:
     if delivery is not None and not _DELIVERY_RE.match(delivery):
         return _error(400, "malformed delivery id")
     delivery = delivery or f"notify-{uuid.uuid4()}"
+    # "look again" says nothing a look not yet taken will not see: while one waits in the queue (or in
+    # its backoff, the store unreachable) a notify joins it, so a body sent again and again (it carries
+    # no id or time of its own) costs a row, not a read of the store each. A look already running may
+    # have read the store before the release landed: the next notify queues one after it
+    job = replace(relay.fanout_job("notify"), dedupe=f"{_NOTIFY_SLOT}{delivery}", supersedes=_NOTIFY_SLOT,
+                  newer=_joins_the_pending_look)
     try:
-        rec = relay.outbox.record(delivery, "notify", "fanout", [relay.fanout_job("notify")])
+        rec = relay.outbox.record(delivery, "notify", "fanout", [job])
     except OutboxError as e:
         log.error("cannot record notify %s: %s", delivery, e)
         return _error(503, "the relay cannot record deliveries right now")
-    relay.worker.wake()
     if rec.duplicate:
         return jsonify(status="duplicate", delivery=delivery)
-    return jsonify(status="accepted", delivery=delivery, jobs=list(rec.jobs)), 202
+    if rec.jobs:
+        relay.worker.wake()
+    return jsonify(status="accepted", delivery=delivery, jobs=list(rec.jobs), coalesced=rec.coalesced), 202
+
+
+_NOTIFY_SLOT = "notify-fanout:"  # the supersede slot of /notify's fan-outs: at most one pending
+
+
+def _joins_the_pending_look(pending: dict[str, Any]) -> bool:
+    return False  # never replaces the pending look (its attempts and backoff stay): it is dropped, coalesced
 
 
 # ---------------------------------------------------------------------------------- webhook front
