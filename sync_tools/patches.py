@@ -4,6 +4,12 @@ The format is HDiffPatch's (PyPI ``hdiffpatch``) with LZMA2 compression, chosen 
 real nats-server binaries (docs/decisions.md, bench/delta): 7.3% of the gzip'd asset for a patch
 release, 3 s to make, 0.08 s to apply. Nothing here writes or parses the patch bytes itself.
 
+Making a patch runs in a child process of its own (``python -m sync_tools.patches make OLD NEW OUT``),
+killed at its deadline: the library holds several times the binary in memory and takes minutes for a
+large one (benchmarks.md, section 4). ``release`` gives all its patches together :data:`MAKE_BUDGET`
+seconds and makes none for a binary over :data:`MAX_MAKE_BYTES`, so a release always goes out, with
+full assets only for what did not fit.
+
 The apply runs in a child process (``python -m sync_tools.patches apply OLD PATCH OUT``): the library
 holds the old and new binaries in memory while it works (about twice the binary's size), and that
 transient peak, like any crash of the C code, then stays out of the long-lived agent. The child has a
@@ -40,6 +46,15 @@ MAX_SHARE = 0.5
 DEFAULT_FROM = 3
 #: Seconds the agent's apply may take (0.1 s for nats-server; a small, busy machine gets room).
 APPLY_TIMEOUT = 300.0
+#: No patch is made for a binary over this size: making one holds about six times the binary in memory
+#: (a GitHub runner has 7 GB), and takes minutes for one the size of grafana's server.
+MAX_MAKE_BYTES = 512 << 20
+#: Seconds one patch may take to make when the caller gives no deadline (the child is killed past it).
+MAKE_TIMEOUT = 600.0
+#: Seconds all the patches of one ``release`` may take together (bases fetched, patches made and
+#: uploaded): past it no more are made and the rest of the release's assets go out as full assets only.
+#: The release job has a 30-minute timeout, and the full assets and the manifest must still fit in it.
+MAKE_BUDGET = 600.0
 # LZMA2 with an 8 MiB dictionary: the applying side holds that much beside the two binaries.
 _LZMA2_LEVEL, _LZMA2_WINDOW = 9, 23
 _STEM = re.compile(r"^(?P<stem>.+)\.tar\.gz$")
@@ -74,10 +89,39 @@ def is_base_of(name: str, asset_name: str) -> bool:
     return re.fullmatch(re.escape(stem(asset_name)) + r"\.base-[0-9a-f]{16}\.tar\.gz", name) is not None
 
 
-def make_patch(old: Path, new: Path, out: Path) -> int:
+def make_patch(old: Path, new: Path, out: Path, *, timeout: float = MAKE_TIMEOUT) -> int:
     """Write the patch that turns the file *old* into *new* to *out* (atomically); return its size.
 
-    The library checks its own output against *new* before returning. Raises PatchError."""
+    Made in a child process that is killed after *timeout* seconds; *out* never stays behind on a
+    failure. A file over :data:`MAX_MAKE_BYTES` is refused before anything is read. The library checks
+    its own output against *new* before returning. Raises PatchError."""
+    old, new, out = Path(old), Path(new), Path(out)
+    for f in (old, new):
+        if f.stat().st_size > MAX_MAKE_BYTES:
+            raise PatchError(f"{f.name} is {f.stat().st_size} bytes, over the {MAX_MAKE_BYTES}-byte limit for "
+                             "making patches")
+    if timeout <= 0:
+        raise PatchError(f"no time left to make a patch {old.name} -> {new.name}")
+    cmd = [sys.executable, "-m", "sync_tools.patches", "make", str(old), str(new), str(out)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:  # run() has killed the child
+        out.unlink(missing_ok=True)
+        raise PatchError(f"making a patch {old.name} -> {new.name} took over {timeout:g}s; stopped") from e
+    except OSError as e:
+        raise PatchError(f"cannot start making a patch {old.name} -> {new.name}: {e}") from e
+    size = proc.stdout.strip()
+    if proc.returncode != 0 or not size.isdigit() or not out.is_file() or out.stat().st_size != int(size):
+        out.unlink(missing_ok=True)
+        lines = proc.stderr.strip().splitlines()
+        why = lines[-1] if lines else (f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
+                                       else f"exit status {proc.returncode}")
+        raise PatchError(f"making a patch {old.name} -> {new.name} failed: {why}")
+    return int(size)
+
+
+def make_here(old: Path, new: Path, out: Path) -> int:
+    """:func:`make_patch`'s work, in this process (the child it starts). Raises PatchError, OSError."""
     import hdiffpatch
 
     old_data, new_data = Path(old).read_bytes(), Path(new).read_bytes()
@@ -165,9 +209,17 @@ def _limit_memory(old: Path, patch: Path, max_bytes: int) -> None:
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m sync_tools.patches apply OLD PATCH OUT MAX_BYTES``: print the sha256 of OUT."""
+    """``python -m sync_tools.patches apply OLD PATCH OUT MAX_BYTES``: print the sha256 of OUT;
+    ``python -m sync_tools.patches make OLD NEW OUT``: print the size of the patch written to OUT."""
+    if len(argv) == 4 and argv[0] == "make":
+        try:
+            print(make_here(Path(argv[1]), Path(argv[2]), Path(argv[3])))
+        except (PatchError, OSError) as e:
+            print(f"{type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        return 0
     if len(argv) != 5 or argv[0] != "apply":
-        print("usage: python -m sync_tools.patches apply OLD PATCH OUT MAX_BYTES", file=sys.stderr)
+        print("usage: python -m sync_tools.patches apply OLD PATCH OUT MAX_BYTES | make OLD NEW OUT", file=sys.stderr)
         return 2
     try:
         old, patch, cap = Path(argv[1]), Path(argv[2]), int(argv[4])

@@ -191,11 +191,14 @@ def release_many(
     Patches (issue #17): for each asset it replaces, patches from the binaries of up to *patch_from*
     earlier builds (the one the manifest names now, then the ones its patches start from) to the new
     binary are made, and each not over :data:`~sync_tools.patches.MAX_SHARE` of the full asset is
-    uploaded beside it and listed in the asset's ``patches``. The asset being replaced stays in the
+    uploaded beside it (after it) and listed in the asset's ``patches``. The asset being replaced stays in the
     store as a base (``<stem>.base-<sha>.tar.gz``) while a listed patch starts from it, so the next
     release can make patches from it too; once the manifest is written, patches and bases of the asset
     that the new entry no longer lists are deleted. A patch that cannot
-    be made is left out (logged): it never blocks a release.
+    be made or uploaded is left out (logged): it never blocks a release. Making them is bounded: all
+    the patches of a release share :data:`~sync_tools.patches.MAKE_BUDGET` seconds, every asset's patch
+    from the current build first, and a binary over :data:`~sync_tools.patches.MAX_MAKE_BYTES` gets
+    none; past either the assets go out as full downloads only, with a warning line saying so.
 
     Raises what :func:`release` raises.
     """
@@ -262,17 +265,20 @@ def release_many(
     before = {name: first.subsystems.get(name) for name in entries}
     made: dict[str, dict[str, tuple[Patch, ...]]] = {name: {} for name in entries}
     with tempfile.TemporaryDirectory(prefix="sync-tools-patches-") as tmp:
-        for name, items in packaged.items():
+        jobs = [(name, item, before[name].assets.get(item.platform) if before[name] is not None else None)
+                for name, items in packaged.items() for item in items]
+        # made (and their bases fetched) before the full assets replace the ones they start from;
+        # uploaded after them, so an optional patch never stands in the way of the release itself
+        pending = _make_patches(store, jobs, Path(tmp), patch_from)
+        for items in packaged.values():
             for item in items:
-                prev = before[name].assets.get(item.platform) if before[name] is not None else None
-                made[name][item.platform] = _publish_patches(store, item, prev, Path(tmp), patch_from)
+                store.upload_asset(item.path, item.name)
+                log.info("uploaded %s", item.name)
+        for (name, platform), todo in pending.items():
+            made[name][platform] = _upload_patches(store, todo)
     for name, by_platform in made.items():
         assets = {p: dataclasses.replace(a, patches=by_platform.get(p, ())) for p, a in entries[name].assets.items()}
         entries[name] = dataclasses.replace(entries[name], assets=MappingProxyType(assets))
-    for items in packaged.values():
-        for item in items:
-            store.upload_asset(item.path, item.name)
-            log.info("uploaded %s", item.name)
 
     def change(base: Manifest) -> Manifest:
         # Another release put a different build of the same subsystem in after our first read. (The
@@ -310,46 +316,105 @@ def release_many(
     return [results[name] for name in dict.fromkeys(names)]
 
 
-def _publish_patches(store: Store, item: Packaged, prev: Asset | None, tmp: Path, keep: int
-                     ) -> tuple[Patch, ...]:
-    """Make and upload *item*'s patches from up to *keep* earlier builds (and the bases they start
-    from); return the patches to list. *prev* is the asset the manifest names now for the platform (None: a first release)."""
+#: A patch made and not yet uploaded: the patch, its file, and the archive to keep as its base with the
+#: base's name (None: nothing to upload, as for the patches of the same build the store holds already).
+_Pending = tuple[Patch, Path | None, tuple[Path, str] | None]
+
+
+def _make_patches(store: Store, jobs: Sequence[tuple[str, Packaged, Asset | None]], tmp: Path, keep: int
+                  ) -> dict[tuple[str, str], list[_Pending]]:
+    """Make the patches of each ``(subsystem, packaged asset, the asset the manifest names now for its
+    platform or None)`` in *jobs* from up to *keep* earlier builds, fetching the bases they start from;
+    return them per ``(subsystem, platform)``, for :func:`_upload_patches`.
+
+    All of them together get :data:`~sync_tools.patches.MAKE_BUDGET` seconds, spent in rounds: every
+    asset's patch from the current build (the one most of the fleet runs), then every asset's from the
+    build before, and so on. Past the budget no more are made, and a binary over
+    :data:`~sync_tools.patches.MAX_MAKE_BYTES` gets none. A patch that cannot be made is left out. Each
+    is a warning line; the release always goes on, with those assets as full downloads only."""
     from sync_tools.agent.extract import extract_binary
 
-    if keep <= 0:
-        return ()
-    if prev is not None and prev.binary_sha256 == item.binary_sha256:
-        return prev.patches  # the same build again: its patches are in the store already
-    listing = store.list_assets()
-    wanted = [] if prev is None else [prev.binary_sha256, *(p.from_sha for p in prev.patches)]
-    froms = [sha for sha in dict.fromkeys(wanted) if sha != item.binary_sha256][:keep]
-    work = tmp / item.name
-    work.mkdir(parents=True, exist_ok=True)
-    new_bin = work / "new"
-    extract_binary(item.path, item.binary, new_bin, max_bytes=_MAX_BASE_BYTES)
-    out: list[Patch] = []
-    for sha in froms:
+    deadline = time.monotonic() + patches.MAKE_BUDGET
+    out: dict[tuple[str, str], list[_Pending]] = {}
+    plans: list[tuple[tuple[str, str], Packaged, Asset | None, list[str], Path]] = []
+    for name, item, prev in jobs:
+        key = (name, item.platform)
+        out[key] = []
+        if keep <= 0:
+            continue
+        if prev is not None and prev.binary_sha256 == item.binary_sha256:
+            out[key] = [(p, None, None) for p in prev.patches]  # the same build again: they are in the store
+            continue
+        wanted = [] if prev is None else [prev.binary_sha256, *(p.from_sha for p in prev.patches)]
+        froms = [sha for sha in dict.fromkeys(wanted) if sha != item.binary_sha256][:keep]
+        work = tmp / item.name
+        work.mkdir(parents=True, exist_ok=True)
+        extract_binary(item.path, item.binary, work / "new", max_bytes=_MAX_BASE_BYTES)
+        if froms and (work / "new").stat().st_size > patches.MAX_MAKE_BYTES:
+            log.warning("%s: no patches: its binary is %d bytes, over the %d-byte limit for making patches "
+                        "(full asset only)", item.name, (work / "new").stat().st_size, patches.MAX_MAKE_BYTES)
+            continue
+        if froms:
+            plans.append((key, item, prev, froms, work))
+    listing = store.list_assets() if plans else {}
+    todo = [(r, plan) for r in range(keep) for plan in plans if r < len(plan[3])]  # round by round
+    for i, (r, (key, item, prev, froms, work)) in enumerate(todo):
+        if time.monotonic() >= deadline:
+            log.warning("the release's time for making patches (%gs) is spent: %d not made (%s); those go "
+                        "out as full downloads only", patches.MAKE_BUDGET, len(todo) - i,
+                        ", ".join(f"{t[1].name} from {t[3][n][:12]}" for n, t in todo[i:]))
+            break
+        made = _make_patch(store, listing, item, prev, froms[r], work, deadline)
+        if made is not None:
+            out[key].append(made)
+    return out
+
+
+def _make_patch(store: Store, listing: dict[str, int], item: Packaged, prev: Asset | None, sha: str,
+                work: Path, deadline: float) -> _Pending | None:
+    """Make *item*'s patch from the binary *sha* (the new binary is ``work/new``) within *deadline*. None
+    (logged) when it is not made or over :data:`~sync_tools.patches.MAX_SHARE`."""
+    try:
+        base = _base_binary(store, listing, item, prev, sha, work)
+        if base is None:
+            return None
+        old_bin, archive, from_full = base
+        pname = patches.patch_name(item.name, sha, item.binary_sha256)
+        ppath = work / pname
+        size = patches.make_patch(old_bin, work / "new", ppath,
+                                  timeout=min(patches.MAKE_TIMEOUT, deadline - time.monotonic()))
+    except (DataError, RemoteError, OSError) as e:
+        log.warning("%s: no patch from %s: %s", item.name, sha[:12], e)
+        return None
+    finally:
+        (work / sha).unlink(missing_ok=True)  # the old binary: a large one need not wait for the rest
+    share = size / max(1, item.size)
+    if share > patches.MAX_SHARE:
+        log.info("%s: the patch from %s is %.0f%% of the full asset; not published", item.name, sha[:12],
+                 share * 100)
+        return None
+    patch = Patch(from_sha=sha, name=pname, size=size, sha256=sha256_file(ppath), format=patches.FORMAT)
+    # the build being replaced: its asset stays in the store as a base for later patches
+    return patch, ppath, (archive, patches.base_name(item.name, sha)) if from_full else None
+
+
+def _upload_patches(store: Store, todo: Sequence[_Pending]) -> tuple[Patch, ...]:
+    """Upload each made patch, and the base it starts from where that is the asset being replaced; return
+    the patches to list. One whose upload (or its base's) fails is left out (logged): what did get
+    there is pruned once the manifest is written."""
+    out = []
+    for patch, ppath, base in todo:
         try:
-            base = _base_binary(store, listing, item, prev, sha, work)
-            if base is None:
-                continue
-            old_bin, archive, from_full = base
-            pname = patches.patch_name(item.name, sha, item.binary_sha256)
-            ppath = work / pname
-            size = patches.make_patch(old_bin, new_bin, ppath)
+            if base is not None:
+                store.upload_asset(*base)
+            if ppath is not None:
+                store.upload_asset(ppath, patch.name)
         except (DataError, RemoteError, OSError) as e:
-            log.warning("%s: no patch from %s: %s", item.name, sha[:12], e)
+            log.warning("%s: left out, its upload failed: %s", patch.name, e)
             continue
-        share = size / max(1, item.size)
-        if share > patches.MAX_SHARE:
-            log.info("%s: the patch from %s is %.0f%% of the full asset; not published", item.name, sha[:12],
-                     share * 100)
-            continue
-        if from_full:  # the build being replaced: its asset stays in the store as a base for later patches
-            store.upload_asset(archive, patches.base_name(item.name, sha))
-        store.upload_asset(ppath, pname)
-        log.info("uploaded %s (%d bytes, %.1f%% of the full asset)", pname, size, share * 100)
-        out.append(Patch(from_sha=sha, name=pname, size=size, sha256=sha256_file(ppath), format=patches.FORMAT))
+        if ppath is not None:
+            log.info("uploaded %s (%d bytes)", patch.name, patch.size)
+        out.append(patch)
     return tuple(out)
 
 
