@@ -222,6 +222,10 @@ def release_many(
         folder = sub.bin_path.rpartition("/")[0]  # where binary_path() puts it: bin_path's folder, the binary's name
         entries[name] = dataclasses.replace(entry_for(items, sub.binary), rollout=sub.rollout,
                                             path=f"{folder}/{sub.binary}" if folder else None)
+    with tempfile.TemporaryDirectory(prefix="sync-tools-check-") as tmp:
+        for items in packaged.values():
+            for item in items:
+                _check_binary_inside(item, Path(tmp))
     label = ",".join(entries)
     private, public = release_keys(config, signing_key)
     store = store or open_store(config)
@@ -314,6 +318,23 @@ def release_many(
                                         skipped=why)
                     for name, (entry, why) in skipped.items()})
     return [results[name] for name in dict.fromkeys(names)]
+
+
+def _check_binary_inside(item: Packaged, tmp: Path) -> None:
+    """The binary inside *item*'s archive is the one its sidecar names (``binary_sha256``, which every
+    agent checks the binary it installs against): a sidecar that says otherwise (edited, or written for
+    another build) would publish a manifest every agent refuses. Raises DataError, before anything in the
+    store changes."""
+    from sync_tools.agent.extract import extract_binary
+
+    out = tmp / item.name
+    try:
+        sha = extract_binary(item.path, item.binary, out, max_bytes=_MAX_BASE_BYTES)
+    finally:
+        out.unlink(missing_ok=True)
+    if sha != item.binary_sha256:
+        raise DataError(f"{item.path}: the binary inside has sha256 {sha}, but its sidecar says {item.binary_sha256} "
+                        f"(agents would refuse it); package it again: sync-tools package --only {item.subsystem}")
 
 
 #: A patch made and not yet uploaded: the patch, its file, and the archive to keep as its base with the

@@ -552,3 +552,20 @@ def test_a_damaged_pending_pair_is_an_error_not_a_manifest(ws) -> None:
     (ws.release_dir / ".manifest.pending").write_bytes(b"99999\nshort")
     with pytest.raises(DataError, match="not a pending manifest pair"):
         LocalStore(ws.store, ws.tag).read_manifest()
+
+
+def test_a_sidecar_whose_binary_sha256_is_not_the_binary_inside_releases_nothing(ws) -> None:
+    """The sidecar's size and sha256 match the archive, but its binary_sha256 (what every agent checks the
+    installed binary against) names another binary: released, every agent would refuse the build. It is
+    refused before anything in the store changes."""
+    cfg = ws.config()
+    build(cfg, ["nats"], platform="linux/amd64", env=ws.env())
+    package(cfg, "nats", platform="linux/amd64")
+    sidecar = ws.dist / "nats-server-linux-amd64.tar.gz.json"
+    meta = json.loads(sidecar.read_text())
+    meta["binary_sha256"] = "0" * 64
+    sidecar.write_text(json.dumps(meta))
+    store_before = _files(ws.release_dir)
+    with pytest.raises(DataError, match="the binary inside has sha256 .* but its sidecar says 0{64}"):
+        release(cfg, "nats", signing_key=str(ws.private_key))
+    assert _files(ws.release_dir) == store_before
