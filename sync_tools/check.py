@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -95,17 +97,29 @@ def check_one(sub: Subsystem, sources: Sources, root: Path | None = None) -> Che
             found = found._replace(branch=branch, current_commit=found.latest if matched else installed,
                                    update_available=not matched)
     except SyncToolsError as e:
-        log.info("check %s failed: %s", sub.name, e)
-        return CheckResult(**base, error=str(e), seconds=time.monotonic() - started)
+        error = printable(str(e))
+        log.info("check %s failed: %s", sub.name, error)
+        return CheckResult(**base, error=error, seconds=time.monotonic() - started)
     except Exception as e:  # a bug or an unwrapped library error must not sink the other subsystems
         # one line, as every error here; the traceback only for whoever asks for debug logs
-        log.warning("check %s failed: internal error: %s: %s", sub.name, type(e).__name__, e)
+        error = printable(f"internal error: {type(e).__name__}: {e}")
+        log.warning("check %s failed: %s", sub.name, error)
         log.debug("check %s crashed", sub.name, exc_info=True)
-        return CheckResult(**base, error=f"internal error: {type(e).__name__}: {e}",
-                           seconds=time.monotonic() - started)
+        return CheckResult(**base, error=error, seconds=time.monotonic() - started)
     return CheckResult(**base, latest=found.latest, commit=found.commit, current_commit=found.current_commit,
                        update_available=found.update_available, major_available=found.major_available,
                        seconds=time.monotonic() - started, branch=found.branch)
+
+
+def printable(text: str) -> str:
+    """*text* on one line with nothing a terminal or a CI log acts on: every character that is not
+    printable (a newline, an escape, U+2028) as its Python escape. An error carries what the upstream
+    said (GitHub's ``message``, a git daemon's ``ERR`` line), printed after ``Error:`` and logged by
+    ``plan --from-check``: a newline there started a line of the server's choosing (``::error::`` and
+    the other workflow commands of GitHub Actions), an escape sequence rewrote the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def installed_commit(sub: Subsystem, root: Path) -> str | None:
@@ -202,6 +216,36 @@ def write_version_manifest(path: Path, report: CheckReport) -> dict[str, Any]:
     good entry, with ``error`` added (a failed check loses nothing). Returns what was written. A
     missing or unreadable old file is replaced; raises OSError only when the new one cannot be written.
     """
+    with _exclusive(path.parent):
+        return _merge_and_write(path, report)
+
+
+@contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` of *directory* (the workspace) while the manifest is read, merged
+    and replaced: two `check` runs of different subsystems at once each read the old file and
+    replaced it with their own merge, and the later dropped the other's entries. The directory, not
+    the file: the replace makes a new file, and there may be none yet. Where it cannot be locked
+    (no such directory yet, a file system without flock) the write goes on unlocked, as before."""
+    import fcntl
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            log.debug("%s: cannot lock (%s); writing %s unlocked", directory, e, VERSION_MANIFEST)
+        yield
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
+def _merge_and_write(path: Path, report: CheckReport) -> dict[str, Any]:
     old = _read_json(path)
     old_subs: Mapping[str, Any] = old.get("subsystems", {}) if isinstance(old.get("subsystems"), dict) else {}
     subsystems: dict[str, Any] = {k: v for k, v in old_subs.items() if isinstance(v, dict)}

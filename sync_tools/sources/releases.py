@@ -11,13 +11,14 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from sync_tools import versions
 from sync_tools.deadline import Deadline, pool_classes
 from sync_tools.errors import DataError, RemoteError
 from sync_tools.sources import Latest, Sources
-from sync_tools.sources.remote import listing_deadline
+from sync_tools.sources.remote import listing_deadline, ref_name
 
 if TYPE_CHECKING:
     from sync_tools.config import Subsystem
@@ -130,13 +131,31 @@ def _ask(sub: Subsystem, slug: str, gh: Any) -> Latest:
         raise RemoteError(f"{slug}: GitHub API unreachable: {e}") from e
 
 
+def _pages(repo: Any) -> Iterator[Any]:
+    """The releases of the newest :data:`_MAX_PAGES` pages, a request each. The pages are asked by
+    number (``?page=N``), not by following each answer's ``Link: next``: an API whose every page is
+    short and names itself as the next was asked a page per release until the cap of releases, 300
+    requests. A page shorter than :data:`_PER_PAGE` is the last. A stand-in without ``get_page`` is
+    iterated up to the same count of releases."""
+    listing = repo.get_releases()
+    if not hasattr(listing, "get_page"):
+        yield from (rel for i, rel in zip(range(_PER_PAGE * _MAX_PAGES), listing, strict=False))
+        return
+    for n in range(_MAX_PAGES):
+        page = listing.get_page(n)
+        yield from page[:_PER_PAGE]
+        if len(page) < _PER_PAGE:
+            return
+
+
 def _from_list(sub: Subsystem, slug: str, repo: Any) -> Latest:
     releases = []
-    for i, rel in enumerate(repo.get_releases()):
-        if i >= _PER_PAGE * _MAX_PAGES:
-            break
-        if not rel.draft:
-            releases.append(rel)
+    for rel in _pages(repo):
+        # a tag name git never makes (a newline, an escape sequence) is no version: read as one once
+        # its whitespace is stripped, it went on as it is to the output, the pin and `plan`
+        if rel.draft or not isinstance(rel.tag_name, str) or ref_name(f"refs/tags/{rel.tag_name}") is None:
+            continue
+        releases.append(rel)
     if not releases:
         raise DataError(f"{slug}: no published release")
     by_tag = {r.tag_name: r for r in releases}

@@ -35,6 +35,26 @@ _OBJECT_ID = re.compile(rb"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1 or SHA-256 objec
 _REF_PREFIX = ("HEAD", "refs/heads/", "refs/tags/")
 
 
+# what git's check-ref-format refuses in a ref name: control characters, space and DEL, ~^:?*[\,
+# "..", "@{", "//", a component that starts with "." or ends with ".lock", a name that ends in "/" or "."
+_BAD_REF = re.compile(rb"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|(?:^|/)\.|\.lock(?:/|$)|[/.]$")
+
+
+def ref_name(name: bytes | str) -> str | None:
+    """*name* as text when git could have made it (``git check-ref-format``'s rules, in UTF-8), else
+    None. A server is hostile until its answer parses: a name git never makes (``v1.9.9\r``, an escape
+    sequence, bytes that are no UTF-8) would be read as a version once its whitespace is stripped, and
+    printed, written to the pin and handed to ``plan`` as it is."""
+    try:
+        raw = name.encode("utf-8") if isinstance(name, str) else name
+        text = raw.decode("utf-8") if isinstance(name, bytes) else name
+    except UnicodeError:
+        return None
+    if not raw or _BAD_REF.search(raw):
+        return None
+    return text
+
+
 def listing_deadline(timeout: float) -> float:
     """Seconds one whole listing may take, connect to last byte, for a per-call *timeout*: a server
     that trickles a byte every so often never trips a per-read timeout, and must not hold a check."""
@@ -104,7 +124,9 @@ def _local_refs(path: str) -> RemoteRefs:
         refs: dict[str, str] = {}
         peeled: dict[str, str] = {}
         for name, sha in repo.get_refs().items():
-            ref = name.decode("utf-8", "replace")
+            ref = ref_name(name)
+            if ref is None:  # as a server's listing (_parse_refs): never a version, never printed
+                continue
             refs[ref] = sha.decode()
             if ref.startswith("refs/tags/"):
                 p = repo.refs.get_peeled(name)
@@ -117,8 +139,9 @@ def _local_refs(path: str) -> RemoteRefs:
                     peeled[ref] = p.decode()
         symrefs = {}
         head = repo.refs.read_ref(b"HEAD")
-        if head and head.startswith(b"ref: "):
-            symrefs["HEAD"] = head[5:].decode()
+        target = ref_name(head[5:]) if head and head.startswith(b"ref: ") else None
+        if target is not None:
+            symrefs["HEAD"] = target
     return RemoteRefs(path, MappingProxyType(refs), MappingProxyType(peeled), MappingProxyType(symrefs))
 
 
@@ -338,17 +361,27 @@ def _garbled(e: BaseException) -> str:
 def _parse_refs(url: str, result: Any) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     refs: dict[str, str] = {}
     peeled: dict[str, str] = {}
+    dropped = 0
     for name, sha in result.refs.items():
         if sha is None:  # an unborn HEAD
             continue
         if not _OBJECT_ID.fullmatch(sha):  # the server is hostile until its answer parses
             raise RemoteError(f"{url}: the server answered a malformed ref line for {name[:200]!r}")
-        ref = name.decode("utf-8", "replace")
-        if ref.endswith(_PEELED):
-            peeled[ref[: -len(_PEELED)]] = sha.decode()
+        is_peeled = name.endswith(_PEELED.encode())
+        ref = ref_name(name[: -len(_PEELED)] if is_peeled else name)
+        if ref is None:  # a name git never makes: left out, as if the server had not sent it
+            dropped += 1
+        elif is_peeled:
+            peeled[ref] = sha.decode()
         else:
             refs[ref] = sha.decode()
-    symrefs = {k.decode(): v.decode() for k, v in (result.symrefs or {}).items()}
+    if dropped:
+        log.info("ls-remote %s: left out %d ref names git never makes", url, dropped)
+    symrefs = {}
+    for k, v in (result.symrefs or {}).items():
+        key, target = ref_name(k), ref_name(v)
+        if key is not None and target is not None:
+            symrefs[key] = target
     return refs, peeled, symrefs
 
 
