@@ -41,7 +41,7 @@ RUNNERS: Mapping[str, str] = {
 DEFAULT_RUNNER = "ubuntu-latest"
 ZERO_SHA = "0" * 40
 _MAX_EVENT = 25 * 1024 * 1024
-_SAFE_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+/@-]{0,127}$")
+_SAFE_VERSION = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+/@-]{0,127}\Z")  # \Z: $ would take a trailing newline
 #: GitHub runs at most this many jobs from one matrix (per workflow run); a bigger one fails the job
 #: that uses it, after the plan job has already reported work.
 MAX_MATRIX_JOBS = 256

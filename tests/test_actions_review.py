@@ -284,3 +284,11 @@ def test_release_takes_dist_or_artifacts_not_both(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["release", "--only", "nats", "--dist", str(tmp_path / "d"),
                                       "--artifacts", str(tmp_path / "a")])
     assert result.exit_code == 2 and "--dist or --artifacts, not both" in result.output
+
+
+@pytest.mark.parametrize("version", ["v1.2.3\n", "v1.2.3\r\n"])
+def test_a_version_with_a_line_end_is_no_version(ws, version) -> None:
+    """`$` matches before a trailing newline: "v1.2.3\\n" passed the plan's check of what reaches the
+    build's shell commands and the Actions outputs."""
+    with pytest.raises(DataError, match="characters a version never has"):
+        make_plan(ws.config(), ["nats"], ["linux/amd64"], versions={"nats": version})
