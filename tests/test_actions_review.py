@@ -76,6 +76,21 @@ def _step(job: dict, name: str) -> dict:
     return next(s for s in job["steps"] if s.get("name") == name)
 
 
+def _run_package_step(tmp_path: Path, work: Path, package: dict, fake_cli: str) -> None:
+    """Run the build job's Package step in *work* as the runner does (bash -eo pipefail), with *fake_cli*
+    as `sync-tools` on PATH (nats for linux/amd64); it must succeed."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "sync-tools"
+    fake.write_text(fake_cli)
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "SUBSYSTEM": "nats",
+           "PLATFORM": "linux/amd64"}
+    proc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", package["run"]], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_a_build_leg_uploads_only_the_package_it_made(tmp_path: Path) -> None:
     """Run the build job's Package step as the runner does, after a Build step whose upstream code left
     another subsystem's asset and sidecar in .dist: the directory the leg then uploads holds this leg's
@@ -92,18 +107,9 @@ def test_a_build_leg_uploads_only_the_package_it_made(tmp_path: Path) -> None:
     (dist / "arc-linux-amd64.tar.gz.json").write_text(json.dumps({"subsystem": "arc", "platform": "linux/amd64"}))
     (dist / "nats-server-darwin-arm64.tar.gz").write_bytes(b"planted")  # another platform of its own
     # A stand-in for `sync-tools package`: writes exactly what the real one writes for this leg.
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    fake = bindir / "sync-tools"
-    fake.write_text('#!/usr/bin/env bash\nset -e\n[ "$1" = package ]\nmkdir -p .dist\n'
-                    'echo asset > .dist/nats-server-linux-amd64.tar.gz\n'
-                    'echo "{}" > .dist/nats-server-linux-amd64.tar.gz.json\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "SUBSYSTEM": "nats",
-           "PLATFORM": "linux/amd64"}
-    proc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", package["run"]], cwd=work,
-                          env=env, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr
+    _run_package_step(tmp_path, work, package, '#!/usr/bin/env bash\nset -e\n[ "$1" = package ]\nmkdir -p .dist\n'
+                      'echo asset > .dist/nats-server-linux-amd64.tar.gz\n'
+                      'echo "{}" > .dist/nats-server-linux-amd64.tar.gz.json\n')
     assert sorted(p.name for p in dist.iterdir()) == ["nats-server-linux-amd64.tar.gz",
                                                        "nats-server-linux-amd64.tar.gz.json"]
 
@@ -117,16 +123,8 @@ def test_a_build_leg_whose_dist_is_a_planted_symlink_uploads_only_its_package(tm
     (elsewhere / "arc-linux-amd64.tar.gz").write_bytes(b"planted")
     work.mkdir()
     (work / ".dist").symlink_to(elsewhere)
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    fake = bindir / "sync-tools"
-    fake.write_text("#!/usr/bin/env bash\nmkdir -p .dist\necho asset > .dist/nats-server-linux-amd64.tar.gz\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "SUBSYSTEM": "nats",
-           "PLATFORM": "linux/amd64"}
-    proc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", package["run"]], cwd=work,
-                          env=env, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr
+    _run_package_step(tmp_path, work, package,
+                      "#!/usr/bin/env bash\nmkdir -p .dist\necho asset > .dist/nats-server-linux-amd64.tar.gz\n")
     assert not (work / ".dist").is_symlink()
     assert [p.name for p in (work / ".dist").iterdir()] == ["nats-server-linux-amd64.tar.gz"]
     assert (elsewhere / "arc-linux-amd64.tar.gz").exists()  # rm -rf removes the link, not its target

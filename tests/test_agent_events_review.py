@@ -187,12 +187,9 @@ def test_a_stream_that_held_resets_the_backoff() -> None:
 # --------------------------------------------------------------------- 3. Retry-After of a busy relay
 
 
-@pytest.mark.parametrize("status", [429, 503])
-def test_retry_after_of_a_busy_relay_is_honoured_with_jitter(status: int) -> None:
-    """A relay (or the proxy before it) that answers 429/503 with ``Retry-After: 1``: the agent came back
-    after its own backoff (here a hundredth of a second), ignoring it. Now it waits at least that long,
-    with jitter on top so a fleet does not come back in step."""
-    times: list[float] = []
+def _busy_relay(status: int, retry_after: str, times: list[float]) -> type[http.server.BaseHTTPRequestHandler]:
+    """A relay (or the proxy before it) that answers every GET *status* with ``Retry-After: retry_after``,
+    noting the time of each in *times*."""
 
     class H(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
@@ -203,11 +200,20 @@ def test_retry_after_of_a_busy_relay_is_honoured_with_jitter(status: int) -> Non
         def do_GET(self) -> None:  # noqa: N802
             times.append(time.monotonic())
             self.send_response(status)
-            self.send_header("Retry-After", "1")
+            self.send_header("Retry-After", retry_after)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-    with serve_http(H) as srv:
+    return H
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_of_a_busy_relay_is_honoured_with_jitter(status: int) -> None:
+    """A relay (or the proxy before it) that answers 429/503 with ``Retry-After: 1``: the agent came back
+    after its own backoff (here a hundredth of a second), ignoring it. Now it waits at least that long,
+    with jitter on top so a fleet does not come back in step."""
+    times: list[float] = []
+    with serve_http(_busy_relay(status, "1", times)) as srv:
         with _running(SSEClient(srv.url, None, lambda e: None, backoff_base=0.01, backoff_max=0.01)):
             wait_for(lambda: len(times) >= 2, timeout=10, what="a second attempt")
     assert times[1] - times[0] >= 0.95
@@ -219,21 +225,7 @@ def test_a_retry_after_that_is_huge_negative_or_nonsense_is_capped_or_ignored(
     """A hostile ``Retry-After`` must not silence the agent for years or make it spin."""
     monkeypatch.setattr(events, "RETRY_AFTER_MAX", 0.5)
     times: list[float] = []
-
-    class H(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"
-
-        def log_message(self, *a: object) -> None:
-            pass
-
-        def do_GET(self) -> None:  # noqa: N802
-            times.append(time.monotonic())
-            self.send_response(503)
-            self.send_header("Retry-After", value)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-    with serve_http(H) as srv:
+    with serve_http(_busy_relay(503, value, times)) as srv:
         with _running(SSEClient(srv.url, None, lambda e: None, backoff_base=0.01, backoff_max=0.01)):
             wait_for(lambda: len(times) >= 3, timeout=10, what="a third attempt")
     assert all(b - a < 2.0 for a, b in zip(times, times[1:], strict=False))
