@@ -66,9 +66,11 @@ def write_keypair(out_dir: Path, name: str = "release") -> tuple[Path, Path]:
         raise ConfigError("already exists; refusing to overwrite a key", path=priv) from e
     try:
         atomic_write_bytes(pub, pair.public_pem, mode=0o644, exclusive=True)
-    except FileExistsError as e:
-        priv.unlink()  # ours, made just now: no half pair is left behind
-        raise ConfigError("already exists; refusing to overwrite a key", path=pub) from e
+    except BaseException as e:
+        priv.unlink(missing_ok=True)  # ours, made just now: no half pair is left behind, whatever failed
+        if isinstance(e, FileExistsError):
+            raise ConfigError("already exists; refusing to overwrite a key", path=pub) from e
+        raise
     return priv, pub
 
 

@@ -335,3 +335,27 @@ def test_the_push_listener_holds_a_bounded_number_of_connections(monkeypatch: py
                 s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
                 return s.recv(64).startswith(b"HTTP/1.1 200") or False
         wait_for(health, timeout=10, what="the receiver serving again")
+
+
+def test_a_refused_resume_point_is_dropped_from_the_agent_state_too(tmp_path: Path) -> None:
+    """The refused id was forgotten in memory only: the state file kept it, so the next start of the
+    agent sent it again and was refused once more before it subscribed afresh."""
+    from sync_tools.agent.state import load_state, save_state
+
+    root = tmp_path / "root"
+    root.mkdir()
+    save_state(root, load_state(root).with_event_id("x1"))
+    seen: list[str | None] = []
+
+    def remember(eid: str | None) -> None:
+        seen.append(eid)
+        save_state(root, load_state(root).with_event_id(eid))
+
+    with _relay_like(b"id: 5\n" + _event(2)) as srv:
+        got: list[AgentEvent] = []
+        client = SSEClient(srv.url, None, got.append, last_event_id=load_state(root).last_event_id,
+                           backoff_base=0.01, backoff_max=0.05, on_event_id=remember)
+        with _running(client):
+            wait_for(lambda: got, timeout=10, what="an event")
+    assert seen[0] is None  # dropped from the state as soon as the relay refused it
+    assert load_state(root).last_event_id in ("5", None)

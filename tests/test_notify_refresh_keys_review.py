@@ -298,3 +298,45 @@ def test_a_refresh_racing_a_release_keeps_the_release_entry(tmp_path: Path, gith
     m = verify_manifest(final.data, final.signature, load_public_key(str(tmp_path / "keys" / "release.pub")))
     assert landed and set(m.subsystems) == {"nats", "arc"}
     assert m.serial == new.serial == landed[0] + 1
+
+
+def test_keys_generate_leaves_no_private_key_alone_when_the_public_one_cannot_be_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing the public key fails with a full disk: the private key written a moment before stayed,
+    alone, and the next run refused to overwrite it ("already exists"), with no public half to pin."""
+    import errno
+
+    from sync_tools import signing
+
+    real = signing.atomic_write_bytes
+
+    def full_disk(path: Path, *a: object, **kw: object) -> None:
+        if str(path).endswith(".pub"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, *a, **kw)
+
+    monkeypatch.setattr(signing, "atomic_write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        signing.write_keypair(tmp_path / "keys")
+    assert list((tmp_path / "keys").iterdir()) == []
+    monkeypatch.setattr(signing, "atomic_write_bytes", real)
+    priv, pub = signing.write_keypair(tmp_path / "keys")  # the disk has room again: a whole pair
+    assert priv.exists() and pub.exists()
+
+
+def test_notify_signs_with_the_secret_as_the_relay_uses_it(tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    """The relay (and the workflow's notify step) use SYNC_TOOLS_NOTIFY_SECRET as it is; the CLI
+    stripped it, so a secret with a space or a newline at an end got 401 from the CLI only."""
+    from click.testing import CliRunner
+
+    from sync_tools.cli import cli
+    from tests.relay_support import serve_relay
+
+    github_api.state.add_repo(RELEASE_REPO)
+    config = write_config(tmp_path, dispatch="github")
+    padded = " notify-secret\n"
+    with serve_relay(config, tmp_path, notify_secret=padded.encode(), github_api_url=github_api.url) as relay:
+        result = CliRunner().invoke(cli, ["notify", "--relay", relay.url, "--config", str(config.path)],
+                                    env={"SYNC_TOOLS_NOTIFY_SECRET": padded})
+    assert result.exit_code == 0, result.output
+    assert "401" not in result.output

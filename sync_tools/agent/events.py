@@ -124,7 +124,7 @@ class SSEClient:
 
     def __init__(self, relay_url: str, token: str | None, on_event: Callable[[AgentEvent], None], *,
                  last_event_id: str | None = None, client: Client | None = None,
-                 on_event_id: Callable[[str], None] | None = None,
+                 on_event_id: Callable[[str | None], None] | None = None,
                  on_connect: Callable[[int, str | None], None] | None = None, backoff_base: float = 0.5,
                  backoff_max: float = 60.0, read_timeout: float = HEARTBEAT_READ_TIMEOUT,
                  rng: random.Random | None = None, stable_after: float | None = None):
@@ -232,6 +232,11 @@ class SSEClient:
             log.warning("SSE %s: the relay refused Last-Event-ID %r (HTTP 400); subscribing from its tail",
                         self.url, sent_id[:MAX_EVENT_ID])
             self.last_event_id = None
+            if self.on_event_id is not None:  # and from the state file: the next start would send it again
+                try:
+                    self.on_event_id(None)
+                except Exception:  # noqa: BLE001 - the state file's trouble must not end the stream's loop
+                    log.exception("SSE %s: cannot drop the refused Last-Event-ID from the agent state", self.url)
         retry_after = _retry_after(resp.headers.get("Retry-After")) if status in (429, 503) else None
         raise StreamRefused(f"HTTP {status}", status=status, retry_after=retry_after)
 

@@ -33,7 +33,9 @@ def notify(config_path: str | None, relay_url: str | None, delivery: str | None,
     url = relay_url or config.agent.relay
     if not url:
         raise ConfigError(f"no relay URL: pass --relay URL, set {RELAY_URL_ENV} or agent.relay in the config")
-    secret = (os.environ.get(NOTIFY_SECRET_ENV) or os.environ.get(WEBHOOK_SECRET_ENV) or "").strip()
+    # as the relay uses it: as it is (a secret of only whitespace is none)
+    secret = os.environ.get(NOTIFY_SECRET_ENV) or os.environ.get(WEBHOOK_SECRET_ENV) or ""
+    secret = secret if secret.strip() else ""
     answer = notify_relay(url, secret.encode(), config.release.tag, delivery=delivery)
     if as_json:
         echo_json(answer)
