@@ -222,10 +222,6 @@ def release_many(
         folder = sub.bin_path.rpartition("/")[0]  # where binary_path() puts it: bin_path's folder, the binary's name
         entries[name] = dataclasses.replace(entry_for(items, sub.binary), rollout=sub.rollout,
                                             path=f"{folder}/{sub.binary}" if folder else None)
-    with tempfile.TemporaryDirectory(prefix="sync-tools-check-") as tmp:
-        for items in packaged.values():
-            for item in items:
-                _check_binary_inside(item, Path(tmp))
     label = ",".join(entries)
     private, public = release_keys(config, signing_key)
     store = store or open_store(config)
@@ -268,7 +264,10 @@ def release_many(
     label = ",".join(entries)
     before = {name: first.subsystems.get(name) for name in entries}
     made: dict[str, dict[str, tuple[Patch, ...]]] = {name: {} for name in entries}
-    with tempfile.TemporaryDirectory(prefix="sync-tools-patches-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sync-tools-release-") as tmp:
+        for items in packaged.values():  # before any asset goes up; the binaries stay for the patches
+            for item in items:
+                _check_binary_inside(item, Path(tmp) / item.name / "new")
         jobs = [(name, item, before[name].assets.get(item.platform) if before[name] is not None else None)
                 for name, items in packaged.items() for item in items]
         # made (and their bases fetched) before the full assets replace the ones they start from;
@@ -320,18 +319,15 @@ def release_many(
     return [results[name] for name in dict.fromkeys(names)]
 
 
-def _check_binary_inside(item: Packaged, tmp: Path) -> None:
-    """The binary inside *item*'s archive is the one its sidecar names (``binary_sha256``, which every
-    agent checks the binary it installs against): a sidecar that says otherwise (edited, or written for
-    another build) would publish a manifest every agent refuses. Raises DataError, before anything in the
-    store changes."""
+def _check_binary_inside(item: Packaged, out: Path) -> None:
+    """Extract *item*'s binary to *out* (where :func:`_make_patches` takes it from) and check it is the
+    one its sidecar names (``binary_sha256``, which every agent checks the binary it installs against):
+    a sidecar that says otherwise (edited, or written for another build) would publish a manifest every
+    agent refuses. Raises DataError; the caller runs it before any asset is uploaded."""
     from sync_tools.agent.extract import extract_binary
 
-    out = tmp / item.name
-    try:
-        sha = extract_binary(item.path, item.binary, out, max_bytes=_MAX_BASE_BYTES)
-    finally:
-        out.unlink(missing_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sha = extract_binary(item.path, item.binary, out, max_bytes=_MAX_BASE_BYTES)
     if sha != item.binary_sha256:
         raise DataError(f"{item.path}: the binary inside has sha256 {sha}, but its sidecar says {item.binary_sha256} "
                         f"(agents would refuse it); package it again: sync-tools package --only {item.subsystem}")
@@ -346,15 +342,14 @@ def _make_patches(store: Store, jobs: Sequence[tuple[str, Packaged, Asset | None
                   ) -> dict[tuple[str, str], list[_Pending]]:
     """Make the patches of each ``(subsystem, packaged asset, the asset the manifest names now for its
     platform or None)`` in *jobs* from up to *keep* earlier builds, fetching the bases they start from;
-    return them per ``(subsystem, platform)``, for :func:`_upload_patches`.
+    return them per ``(subsystem, platform)``, for :func:`_upload_patches`. Each new binary is at
+    ``tmp/<asset name>/new`` already (:func:`_check_binary_inside`).
 
     All of them together get :data:`~sync_tools.patches.MAKE_BUDGET` seconds, spent in rounds: every
     asset's patch from the current build (the one most of the fleet runs), then every asset's from the
     build before, and so on. Past the budget no more are made, and a binary over
     :data:`~sync_tools.patches.MAX_MAKE_BYTES` gets none. A patch that cannot be made is left out. Each
     is a warning line; the release always goes on, with those assets as full downloads only."""
-    from sync_tools.agent.extract import extract_binary
-
     deadline = time.monotonic() + patches.MAKE_BUDGET
     out: dict[tuple[str, str], list[_Pending]] = {}
     plans: list[tuple[tuple[str, str], Packaged, Asset | None, list[str], Path]] = []
@@ -369,8 +364,6 @@ def _make_patches(store: Store, jobs: Sequence[tuple[str, Packaged, Asset | None
         wanted = [] if prev is None else [prev.binary_sha256, *(p.from_sha for p in prev.patches)]
         froms = [sha for sha in dict.fromkeys(wanted) if sha != item.binary_sha256][:keep]
         work = tmp / item.name
-        work.mkdir(parents=True, exist_ok=True)
-        extract_binary(item.path, item.binary, work / "new", max_bytes=_MAX_BASE_BYTES)
         if froms and (work / "new").stat().st_size > patches.MAX_MAKE_BYTES:
             log.warning("%s: no patches: its binary is %d bytes, over the %d-byte limit for making patches "
                         "(full asset only)", item.name, (work / "new").stat().st_size, patches.MAX_MAKE_BYTES)
