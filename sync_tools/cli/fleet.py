@@ -44,9 +44,11 @@ def _target(config_path: str | None, relay_url: str | None) -> tuple[str, str]:
     return url.rstrip("/"), token
 
 
-def call(method: str, url: str, token: str, json_body: dict[str, Any] | None = None) -> Any:
+def call(method: str, url: str, token: str, json_body: dict[str, Any] | None = None, *,
+         not_found: str = "") -> Any:
     """One request to the relay; its JSON object. Raises RemoteError with the relay's one-line error, or
-    naming *url* and the status when the answer is not a 2xx JSON object (a redirect, a web page)."""
+    naming *url* and the status when the answer is not a 2xx JSON object (a redirect, a web page), with
+    *not_found* after it for a 404 that is not the relay's."""
     import requests
 
     try:
@@ -64,8 +66,9 @@ def call(method: str, url: str, token: str, json_body: dict[str, Any] | None = N
     if not 200 <= resp.status_code < 300 or not isinstance(body, dict):
         moved = resp.headers.get("Location")
         what = f" (redirects to {moved})" if moved else f" {resp.reason}" if resp.reason else ""
-        raise RemoteError(f"{url} answered {resp.status_code}{what}, not the relay's JSON: is the relay URL right?",
-                          status_code=resp.status_code)
+        hint = f" {not_found}" if not_found and resp.status_code == 404 else ""
+        raise RemoteError(f"{url} answered {resp.status_code}{what}, not the relay's JSON: is the relay URL right?"
+                          f"{hint}", status_code=resp.status_code)
     return body
 
 
@@ -94,13 +97,9 @@ def fleet(config_path: str | None, relay_url: str | None, as_json: bool) -> None
       sync-tools fleet --json | jq '.subsystems.nats.rollout'
     """
     url, token = _target(config_path, relay_url)
-    try:
-        view = call("GET", f"{url}/fleet", token)
-    except RemoteError as e:
-        if getattr(e, "status_code", None) != 404 or "not the relay's JSON" not in str(e):
-            raise
-        raise RemoteError(f"{e} The relay's tunnel answers 404 for /fleet, which it keeps private: run this "
-                          "on the relay's host (--relay http://127.0.0.1:9191)", status_code=404) from None
+    view = call("GET", f"{url}/fleet", token,
+                not_found="The relay's tunnel answers 404 for /fleet, which it keeps private: run this on the "
+                          "relay's host (--relay http://127.0.0.1:9191)")
     if as_json:
         echo_json(view)
         return
