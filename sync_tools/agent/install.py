@@ -226,11 +226,11 @@ def _read_text_or_none(path: Path) -> str | None:
         return None
 
 
-def save_previous(bin_dir: Path, binary: str, *, source: Path | None = None) -> None:
+def save_previous(bin_dir: Path, binary: str, *, source: Path | None = None) -> str | None:
     """Keep the current binary and its .version in ``.previous/`` without the binary path ever going
     missing: a hard link (a copy where links fail) replaces ``.previous/<binary>`` atomically.
     *source*: the directory the current binary and its .version are in, when not *bin_dir* (the binary
-    moved place: :mod:`.relocated`)."""
+    moved place: :mod:`.relocated`). Returns the .version text kept (None: there was none)."""
     current = (source or bin_dir) / binary
     prev = bin_dir / PREVIOUS_DIR
     prev.mkdir(exist_ok=True)
@@ -249,6 +249,7 @@ def save_previous(bin_dir: Path, binary: str, *, source: Path | None = None) -> 
     else:
         atomic_write_text(prev / VERSION_FILE, version_text)
     fsync_dir(prev)
+    return version_text
 
 
 def begin(journal: Journal, *, subsystem: str, bin_dir: Path, binary: str, new_sha: str,

@@ -59,8 +59,7 @@ def keep_previous(sub: Subsystem, root: Path, new_sha: str) -> tuple[str, str | 
             log.warning("%s: %s already holds another build; the one at %s is not kept for a rollback",
                         sub.name, kept.parent, old)
             return None
-        install.save_previous(bin_dir, sub.binary, source=old.parent)
-        text = install._read_text_or_none(old.parent / VERSION_FILE)  # what save_previous kept beside it
+        text = install.save_previous(bin_dir, sub.binary, source=old.parent)  # the .version kept beside it
     except OSError as e:
         raise install.InstallError(f"{sub.name}: cannot keep {old} (the build before the binary moved to "
                                    f"{bin_dir}) for a rollback: {e}") from e
