@@ -267,6 +267,7 @@ def bench_ingest(tmp: Path, seconds: int) -> None:
 CLIENT = r"""
 import asyncio, json, sys, time
 host, port, n, token, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+hold = len(sys.argv) > 6 and sys.argv[6] == "hold"  # stay connected after the event, as agents do
 got = {}
 async def one(i, ready):
     for attempt in range(20):
@@ -285,14 +286,17 @@ async def one(i, ready):
         data = await r.read(65536)
         if not data:
             return
+        if i in got:
+            continue  # holding: heartbeats after the event
         buf += data
         if not connected and b": connected" in buf:
             connected = True
             ready.append(i)
         if b"\ndata: " in buf or buf.startswith(b"data: "):
             got[i] = time.time()
-            w.close()
-            return
+            if not hold:
+                w.close()
+                return
 async def main():
     ready = []
     tasks = []
@@ -303,17 +307,29 @@ async def main():
     while len(ready) < n:
         await asyncio.sleep(0.05)
     print("READY", flush=True)
+    if hold:
+        deadline = time.monotonic() + 120
+        while len(got) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        print(f"GOT {len(got)}", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        json.dump(got, open(out, "w"))
+        return  # the process's exit closes every connection
     await asyncio.wait(tasks, timeout=120)
     json.dump(got, open(out, "w"))
 asyncio.run(main())
 """
 
 
-def subscribers(port: int, url: str, n: int, out: Path) -> subprocess.Popen:
+def subscribers(port: int, url: str, n: int, out: Path, *, hold: bool = False) -> subprocess.Popen:
     """*n* SSE subscribers to the relay on *port* (one asyncio client process writing each one's
-    receive time to *out*), returned once the relay at *url* counts every one of them."""
-    client = subprocess.Popen([PY, "-c", CLIENT, "127.0.0.1", str(port), str(n), TOKEN, str(out)],
-                              stdout=subprocess.PIPE, text=True)
+    receive time to *out*), returned once the relay at *url* counts every one of them. Each closes its
+    stream once it has the event, unless *hold*: then every stream stays open, as an agent's does, the
+    client prints ``GOT <count>`` once all have it (or after 120 s), and writes *out* and exits at a
+    line on its stdin."""
+    client = subprocess.Popen([PY, "-c", CLIENT, "127.0.0.1", str(port), str(n), TOKEN, str(out),
+                               "hold" if hold else "close"],
+                              stdin=subprocess.PIPE if hold else None, stdout=subprocess.PIPE, text=True)
     try:
         assert client.stdout is not None
         if "READY" not in client.stdout.readline():
@@ -447,7 +463,8 @@ def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_worker
     (POST /webhook) on one outbox. Each round measures webhook, then the relay with *n* SSE agents
     connected while wrk posts deliveries to the ingest server for *seconds*; halfway through, a release
     of the platform's own repo goes to the ingest server and the time until every agent has the event
-    is taken, on one clock. Every delivery carries a version of its own, so each is committed (none is
+    is taken, on one clock. The agents stay connected after the event, as agents do, until the load
+    has ended, and the row says how many the relay still held then (``held_after_load``). Every delivery carries a version of its own, so each is committed (none is
     "ignored" as older than one already dispatched), and the relay's worker dispatches them to a
     loopback sink all along.
 
@@ -491,7 +508,7 @@ def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_worker
                 warm = wrk(iurl, warmfile, seconds=1, conns=4)
                 assert warm["non2xx"] == 0, f"the ingest server refused valid deliveries: {warm}"
                 out = ws / "got.json"
-                client = subscribers(port, url, n, out)
+                client = subscribers(port, url, n, out, hold=True)
                 try:
                     recorded_before = _count(db, "SELECT COUNT(*) FROM deliveries")
                     result: dict = {}
@@ -506,6 +523,14 @@ def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_worker
                     answer = requests.post(iurl + "/webhook", data=body, headers=headers, timeout=10)
                     assert answer.status_code == 202, answer.text
                     load.join()
+                    # the agents stay connected through the load, as agents do after an event; they
+                    # must all still be held when it ends
+                    assert client.stdout is not None
+                    got_line = client.stdout.readline()  # the client gives up waiting after 120 s
+                    held = requests.get(url + "/health", timeout=10).json()["connected_agents"]
+                    assert client.stdin is not None
+                    client.stdin.write("stop\n")
+                    client.stdin.flush()
                     client.wait(150)
                 finally:
                     if client.poll() is None:
@@ -519,8 +544,11 @@ def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_worker
 
             # the ratio counts committed deliveries only (each a 202 after its fsync), not every 2xx
             committed_rps = committed / (result["duration_us"] / 1e6)
+            if not got_line.startswith("GOT "):
+                raise RuntimeError(f"the subscribers' client said {got_line!r}")
             row = dict(round=rnd, ingest_workers=ingest_workers, committed=committed,
                        committed_rps=round(committed_rps), dispatched=dispatched, agents=n, received=len(lat),
+                       held_after_load=held,
                        fanout_p50_s=pct(50), fanout_p99_s=pct(99), fanout_max_s=round(lat[-1], 4) if lat else None,
                        **result)
             peer_after = measure_peer(rnd + 1)
