@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,6 +31,7 @@ from sync_tools.errors import SyncToolsError
 from sync_tools.relay import webhook as wh
 from sync_tools.relay.app import Answer, Relay, ToRecord, create_app, get_relay
 from sync_tools.relay.connections import DEADLINE
+from sync_tools.relay.cpus import ingest_cpus, pin_worker
 from sync_tools.relay.doorbell import Bell
 from sync_tools.relay.outbox import OutboxError, Recorded
 
@@ -184,9 +186,13 @@ async def _answer(send: Send, answer: Answer) -> None:
 def build() -> Ingest:
     """uvicorn's ``--factory`` entry (``sync_tools.relay.ingest:build``): the config from
     ``SYNC_TOOLS_CONFIG``, secrets from the environment, as :mod:`sync_tools.relay.wsgi` does; a
-    start-up error is one line on stderr and exit 1."""
+    start-up error is one line on stderr and exit 1. The worker takes a core of its own
+    (:mod:`sync_tools.relay.cpus`) before granian starts its threads."""
     try:
-        return Ingest(get_relay(create_app(load_config())))
+        cpus = ingest_cpus(os.environ)
+        relay = get_relay(create_app(load_config()))
+        pin_worker(relay.outbox.path, cpus)
+        return Ingest(relay)
     except SyncToolsError as e:
         print(f"sync-tools relay (ingest): {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

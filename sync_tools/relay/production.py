@@ -19,6 +19,7 @@ from typing import NoReturn
 
 from sync_tools.config import CONFIG_ENV, Config
 from sync_tools.errors import ConfigError, SyncToolsError
+from sync_tools.relay.cpus import ingest_cpus
 
 GUNICORN_CONF = "python:sync_tools.relay.gunicorn_conf"
 WSGI_APP = "sync_tools.relay.wsgi:app"
@@ -138,6 +139,7 @@ def run_ingest(config: Config, host: str, port: int, workers: int) -> NoReturn:
     if importlib.util.find_spec("granian") is None:
         raise ConfigError("the ingest server needs granian: pip install 'sync-tools[prod]'")
     check(config)
+    ingest_cpus(os.environ)  # a bad RELAY_INGEST_CPUS is one line here, not one per worker
     _port_free(host, port)
     argv, env = ingest_command(config, host, port, workers)
     lower_priority(env)
