@@ -546,7 +546,8 @@ def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_worker
             committed_rps = committed / (result["duration_us"] / 1e6)
             if not got_line.startswith("GOT "):
                 raise RuntimeError(f"the subscribers' client said {got_line!r}")
-            row = dict(round=rnd, ingest_workers=ingest_workers, committed=committed,
+            row = dict(round=rnd, ingest_workers=ingest_workers,
+                       ingest_cpus=ienv.get("RELAY_INGEST_CPUS", "auto"), committed=committed,
                        committed_rps=round(committed_rps), dispatched=dispatched, agents=n, received=len(lat),
                        held_after_load=held,
                        fanout_p50_s=pct(50), fanout_p99_s=pct(99), fanout_max_s=round(lat[-1], 4) if lat else None,
