@@ -41,13 +41,14 @@ PIDS: dict[str, int] = {}  # ingest server URL -> its pid
 
 
 @contextlib.contextmanager
-def ingest_server(root: Path, github_api_url: str, **extra: str) -> Iterator[str]:
+def ingest_server(root: Path, github_api_url: str, workers: int = 1, **extra: str) -> Iterator[str]:
     """``sync-tools relay --production --ingest`` for the workspace at *root* (its relay.db); yields its URL."""
     port = free_port()
     e = {**os.environ, **env(root, **extra), "GITHUB_API_URL": github_api_url,
          "SYNC_TOOLS_CONFIG": str(root / "sync-tools.yaml")}
     proc = subprocess.Popen([sys.executable, "-m", "sync_tools", "relay", "--production", "--ingest", "--port",
-                             str(port), "--host", "127.0.0.1"], env=e, cwd=root, stdout=subprocess.DEVNULL,
+                             str(port), "--host", "127.0.0.1", "--workers", str(workers)],
+                            env=e, cwd=root, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -295,3 +296,45 @@ def test_a_taken_port_stops_the_ingest_server_with_one_line(tmp_path: Path) -> N
                               text=True, timeout=60)
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
+
+
+def _cores(pid: int) -> list[set[int]]:
+    """The cores each thread of process *pid* may run on."""
+    return [os.sched_getaffinity(int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()]
+
+
+def _workers(master: int) -> list[int]:
+    """The pids of granian's worker processes under the *master*."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == master:
+                kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to spread the workers over")
+def test_each_ingest_worker_runs_on_a_core_of_its_own(tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    """A delivery crosses the threads of one worker (granian's I/O thread, the event loop, the committer):
+    each worker and every thread of it stays on one core, and no two workers share one. With
+    RELAY_INGEST_CPUS=off the scheduler places them, and a bad value stops the start in one line."""
+    github_api.state.add_repo(RELEASE_REPO)
+    write_config(tmp_path)
+    allowed = os.sched_getaffinity(0)
+    with ingest_server(tmp_path, github_api.url, workers=2) as ingest:
+        assert _post(ingest, delivery("create", tag_payload(tag="v2.10.25"))).status_code == 202  # the committer runs
+        workers = _workers(PIDS[ingest])
+        assert len(workers) == 2, workers
+        per_worker = [_cores(w) for w in workers]
+        for threads in per_worker:
+            assert len({frozenset(c) for c in threads}) == 1 and len(threads[0]) == 1, threads
+        assert per_worker[0][0] != per_worker[1][0] and per_worker[0][0] | per_worker[1][0] <= allowed
+    with ingest_server(tmp_path, github_api.url, workers=2, RELAY_INGEST_CPUS="off") as ingest:
+        for w in _workers(PIDS[ingest]):
+            assert all(c == allowed for c in _cores(w))
+    e = {**os.environ, **env(tmp_path), "SYNC_TOOLS_CONFIG": str(tmp_path / "sync-tools.yaml"),
+         "RELAY_INGEST_CPUS": "0-4096"}
+    proc = subprocess.run([sys.executable, "-m", "sync_tools", "relay", "--production", "--ingest", "--port",
+                           str(free_port())], env=e, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and "RELAY_INGEST_CPUS='0-4096'" in proc.stderr, proc.stderr
