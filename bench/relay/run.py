@@ -125,18 +125,27 @@ def process(argv: list[str], env: dict[str, str], cwd: Path, ready_url: str,
 
 
 SINK = r"""
-import sys
+import json, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+posts = []  # when each POST (a repository_dispatch) arrived; GET /posts lists them
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        posts.append(time.time())
         self.send_response(204); self.send_header("Content-Length", "0"); self.end_headers()
     def do_GET(self):
-        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+        body = json.dumps(posts).encode() if self.path == "/posts" else b""
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
     def log_message(self, *a): pass
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
+
+
+def sink_posts(sink_port: int, since: float) -> list[float]:
+    """When the sink got each POST (a dispatch) since *since*."""
+    return [t for t in requests.get(f"http://127.0.0.1:{sink_port}/posts", timeout=10).json() if t >= since]
 
 
 def workspace(tmp: Path, sink_url: str) -> tuple[Path, dict[str, str]]:
@@ -508,6 +517,7 @@ def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_worker
                 warm = wrk(iurl, warmfile, seconds=1, conns=4)
                 assert warm["non2xx"] == 0, f"the ingest server refused valid deliveries: {warm}"
                 out = ws / "got.json"
+                started = time.time()
                 client = subscribers(port, url, n, out, hold=True)
                 try:
                     recorded_before = _count(db, "SELECT COUNT(*) FROM deliveries")
@@ -537,6 +547,7 @@ def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_worker
                         client.kill()
                 committed = _count(db, "SELECT COUNT(*) FROM deliveries") - recorded_before - 1
                 dispatched = _count(db, "SELECT COUNT(*) FROM jobs WHERE kind = 'dispatch' AND status = 'done'")
+                sent = sink_posts(sink_port, started)  # the dispatches that went out (done counts skipped ones too)
             lat = sorted(t - t0 for t in json.loads(out.read_text()).values())
 
             def pct(p: float, lat: list[float] = lat) -> float | None:
@@ -549,7 +560,8 @@ def bench_production(tmp: Path, seconds: int, n: int, rounds: int, ingest_worker
             row = dict(round=rnd, ingest_workers=ingest_workers,
                        ingest_cpus=ienv.get("RELAY_INGEST_CPUS", "auto"), committed=committed,
                        committed_rps=round(committed_rps), dispatched=dispatched, agents=n, received=len(lat),
-                       held_after_load=held,
+                       held_after_load=held, dispatches_sent=len(sent),
+                       dispatch_min_gap_s=round(min(b - a for a, b in zip(sent, sent[1:], strict=False)), 3) if len(sent) > 1 else None,
                        fanout_p50_s=pct(50), fanout_p99_s=pct(99), fanout_max_s=round(lat[-1], 4) if lat else None,
                        **result)
             peer_after = measure_peer(rnd + 1)
