@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,32 @@ def test_a_burst_of_versions_dispatches_the_newest_a_second_apart(tmp_path: Path
         assert versions == sorted(set(versions)) and len(versions) < 40
         times = [r["at"] for r in github_api.requests_to("POST", "/dispatches$")]
         assert all(b - a >= 0.95 for a, b in zip(times, times[1:], strict=False)), times
+
+
+def test_the_second_between_dispatches_counts_from_when_the_last_one_went_out(
+        tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    """A first dispatch slow to leave (a new connection, a TLS handshake) reached GitHub late; the pace
+    counted from its start, so the next one, quick on the kept connection, arrived 0.4 s after it."""
+    with running_relay(tmp_path, github_api) as server:
+        relay = get_relay(server.app)
+        send = relay.dispatcher.dispatch
+        calls: list[int] = []
+
+        def slow_first(payload: dict) -> None:  # type: ignore[type-arg]
+            calls.append(1)
+            if len(calls) == 1:
+                time.sleep(0.6)
+            send(payload)
+
+        relay.dispatcher.dispatch = slow_first  # type: ignore[method-assign]
+        for tag in ("v3.2.0", "v3.2.1"):
+            d = delivery("create", tag_payload(tag=tag))
+            assert requests.post(server.url + "/webhook", data=d.body, headers=d.headers, timeout=10).status_code == 202
+            if tag == "v3.2.0":  # the first is on its way before the second is queued
+                wait_for(lambda: calls, what="the first dispatch to start")
+        wait_for(lambda: len(github_api.requests_to("POST", "/dispatches$")) == 2, what="two dispatches")
+        first, second = (r["at"] for r in github_api.requests_to("POST", "/dispatches$"))
+        assert second - first >= 0.95, second - first
 
 
 def _nightly(version: str) -> NewJob:

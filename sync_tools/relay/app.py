@@ -189,7 +189,7 @@ class Relay:
                          "first", sub, version, job.delivery)
                 return []
             self._pace()
-            self.dispatcher.dispatch(job.payload)
+            self._send(job)
             self.outbox.set_state(arrival_key, str(job.id))
             return self._dispatched(job)
         ordered = tracked is not None and isinstance(version, str)
@@ -212,7 +212,7 @@ class Relay:
         # not once per delivery on the webhook path)
         self._dispatched_seen.pop(str(sub), None)
         self._pace()
-        self.dispatcher.dispatch(job.payload)
+        self._send(job)
         if ordered and (newest is None or later(version, newest)):
             self.outbox.set_state(key, version)
             self._dispatched_seen.pop(str(sub), None)
@@ -231,6 +231,15 @@ class Relay:
             raise Deferred(f"{wait:.2f} s to go before the next repository_dispatch", until=self.outbox.now() + wait,
                            quiet=True)
         self._last_dispatch = now
+
+    def _send(self, job: Job) -> None:
+        """Send the dispatch; the pace's second then counts from its end too. A request whose connection
+        took long to open (a new TLS session) arrives late, and the next one, on the kept connection,
+        would otherwise reach GitHub less than a second after it."""
+        try:
+            self.dispatcher.dispatch(job.payload)
+        finally:
+            self._last_dispatch = max(self._last_dispatch, time.monotonic())
 
     def _dispatched(self, job: Job) -> list[NewJob]:
         log.info("dispatched %s %s (delivery %s) via %s", job.payload.get("subsystem"),
