@@ -79,7 +79,7 @@ def pin_worker(db: Path, cpus: list[int]) -> int | None:
     for cpu in cpus:
         path = f"{db}.ingest-cpu{cpu}.lock"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except OSError as e:
             log.warning("ingest server: cannot open %s (%s); the worker runs on any core", path, e.strerror or e)
             return None
