@@ -1,7 +1,7 @@
 """Which core each worker of the ingest server runs on (``RELAY_INGEST_CPUS``).
 
-A delivery crosses four threads of one worker process: granian's I/O thread, the event loop, the
-outbox's committer and back. Left to the scheduler, the two workers' threads wander over the cores
+A delivery crosses three threads of one worker process, there and back: granian's I/O thread, the
+event loop, the outbox's committer. Left to the scheduler, the two workers' threads wander over the cores
 and every hand-off is a wake-up on another core; kept on one core per worker, a hand-off stays on its
 core and the workers do not meet (the rate with and without: docs/benchmarks.md, section 2).
 
