@@ -17,6 +17,7 @@ from sync_tools.relay.app import create_app, get_relay
 from sync_tools.relay.server import RelayServer
 from tests.processes import assert_process_ends
 from tests.relay_support import delivery, settings, tag_payload
+from tests.support import wait_for
 from tests.test_relay_fanout import SSE
 from tests.workspace import make_workspace
 
@@ -44,6 +45,9 @@ def test_local_dispatch_builds_releases_and_announces(tmp_path: Path, monkeypatc
             d = delivery("create", tag_event(ws.upstreams["nats"], tag))
             r = requests.post(server.url + "/webhook", data=d.body, headers=d.headers, timeout=5)
             assert r.status_code == 202, r.text
+            # the first build under way before the second version arrives: queued before it started,
+            # v1.1.0 would be replaced by v1.2.0 (one pending dispatch per subsystem) and never built
+            wait_for(lambda: any((s.logs_dir / "nats").glob("*.log")), timeout=30, what="the first build to start")
         seen: list[dict] = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
