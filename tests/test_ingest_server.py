@@ -325,9 +325,12 @@ def test_each_ingest_worker_runs_on_a_core_of_its_own(tmp_path: Path, github_api
         assert _post(ingest, delivery("create", tag_payload(tag="v2.10.25"))).status_code == 202  # the committer runs
         workers = _workers(PIDS[ingest])
         assert len(workers) == 2, workers
+
+        def pinned() -> bool:  # /health answered from one worker: the other may still be starting
+            return all(len({frozenset(c) for c in _cores(w)}) == 1 and len(_cores(w)[0]) == 1 for w in workers)
+
+        wait_for(pinned, timeout=20, what=f"every thread of both workers on one core: {[_cores(w) for w in workers]}")
         per_worker = [_cores(w) for w in workers]
-        for threads in per_worker:
-            assert len({frozenset(c) for c in threads}) == 1 and len(threads[0]) == 1, threads
         assert per_worker[0][0] != per_worker[1][0] and per_worker[0][0] | per_worker[1][0] <= allowed
     with ingest_server(tmp_path, github_api.url, workers=2, RELAY_INGEST_CPUS="off") as ingest:
         for w in _workers(PIDS[ingest]):
@@ -338,3 +341,35 @@ def test_each_ingest_worker_runs_on_a_core_of_its_own(tmp_path: Path, github_api
                            str(free_port())], env=e, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and "RELAY_INGEST_CPUS='0-4096'" in proc.stderr, proc.stderr
+
+
+def _counts(text: str) -> dict[str, float]:
+    """``sync_tools_relay_deliveries_total`` by result, from a Prometheus text page."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("sync_tools_relay_deliveries_total{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('result="', 1)[1].split('"', 1)[0]] = float(value)
+    return out
+
+
+def test_the_ingest_servers_metrics_count_every_workers_deliveries(tmp_path: Path, github_api: GitHubAPIServer) -> None:  # noqa: F811
+    """The relay's /metrics does not see what the ingest server took, and each worker counts in its own
+    process: the ingest server's /metrics sums its workers' counters (prometheus_client's multiprocess
+    mode), whichever worker a scrape reaches, and they start again with the server."""
+    github_api.state.add_repo(RELEASE_REPO)
+    write_config(tmp_path)
+    with ingest_server(tmp_path, github_api.url, workers=2) as ingest:
+        assert len(_workers(PIDS[ingest])) == 2
+        for i in range(20):  # a connection each: the kernel spreads them over both workers
+            assert _post(ingest, delivery("create", tag_payload(tag=f"v2.11.{i}"))).status_code == 202
+        assert _post(ingest, delivery("create", tag_payload(tag="v2.12.0"), secret="wrong")).status_code == 401
+        for _ in range(8):
+            page = requests.get(ingest + "/metrics", timeout=10)
+            assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/plain")
+            assert _counts(page.text) == {"accepted": 20.0, "unauthorized": 1.0}, page.text
+    files = sorted(p.name.split("_")[0] for p in (tmp_path / "relay.db.ingest-metrics").glob("*.db"))
+    assert files and set(files) <= {"counter", "histogram", "gauge"}
+    with ingest_server(tmp_path, github_api.url, workers=2) as ingest:  # a new run counts from nothing
+        assert _post(ingest, delivery("create", tag_payload(tag="v2.13.0"))).status_code == 202
+        assert _counts(requests.get(ingest + "/metrics", timeout=10).text) == {"accepted": 1.0}

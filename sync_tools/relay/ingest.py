@@ -22,12 +22,15 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from sync_tools.config import load_config
-from sync_tools.errors import SyncToolsError
+from sync_tools.errors import ConfigError, SyncToolsError
 from sync_tools.relay import webhook as wh
 from sync_tools.relay.app import Answer, Relay, ToRecord, create_app, get_relay
 from sync_tools.relay.connections import DEADLINE
@@ -44,6 +47,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 COMMIT_WAIT = 8.0  # GitHub gives up after 10 s; a commit slower than this is answered 503 (the
 # delivery may still be committed: a redelivery is then answered "duplicate")
 HEALTH_WAIT = 5.0
+#: prometheus_client's multiprocess mode: each worker keeps its counters in files there, /metrics sums them
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -56,6 +61,14 @@ class Ingest:
         self.deadline = deadline
         self.bell = Bell(relay.outbox.path)
         relay.on_accepted.append(self.bell.ring)
+        # /metrics: every worker's counters, as prometheus_client's multiprocess mode keeps them in
+        # METRICS_ENV (set by ingest_command); without it, this process's own
+        shared = os.environ.get(METRICS_ENV)
+        if shared:
+            self.registry = CollectorRegistry()
+            MultiProcessCollector(self.registry, path=shared)
+        else:
+            self.registry = relay.metrics.registry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -80,6 +93,11 @@ class Ingest:
                 await _answer(send, (200, {"status": "ok", "role": "ingest"}, {}))
             else:
                 await _answer(send, (503, _error(f"deliveries cannot be recorded: {problem}"), {}))
+        elif path == "/metrics" and method in ("GET", "HEAD"):
+            data = await asyncio.to_thread(generate_latest, self.registry)  # reads each worker's file
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", CONTENT_TYPE_LATEST.encode()), (b"content-length", str(len(data)).encode())]})
+            await send({"type": "http.response.body", "body": b"" if method == "HEAD" else data})
         else:
             await _answer(send, (404, _error("not found: this is the relay's ingest server, for POST /webhook; "
                                               "every other path is served by the relay"), {}))
@@ -190,9 +208,20 @@ def build() -> Ingest:
     (:mod:`sync_tools.relay.cpus`) before granian starts its threads."""
     try:
         cpus = ingest_cpus(os.environ)
+        shared = os.environ.get(METRICS_ENV)
+        if shared:  # made (and emptied) by `relay --production --ingest`; made here for other starts
+            try:
+                Path(shared).mkdir(mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"cannot make {shared} for the workers' metrics: {e.strerror or e}") from e
         relay = get_relay(create_app(load_config()))
         pin_worker(relay.outbox.path, cpus)
         return Ingest(relay)
     except SyncToolsError as e:
         print(f"sync-tools relay (ingest): {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+def metrics_dir(db: Path) -> Path:
+    """Where the ingest server's workers keep their counters (METRICS_ENV): beside the database."""
+    return Path(f"{db}.ingest-metrics")

@@ -91,9 +91,14 @@ def run(config: Config, host: str, port: int, workers: int) -> NoReturn:
 def ingest_command(config: Config, host: str, port: int, workers: int,
                    environ: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that run the ingest server (:mod:`sync_tools.relay.ingest`) under granian."""
+    from sync_tools.relay.ingest import METRICS_ENV, metrics_dir
+    from sync_tools.relay.settings import load_settings
+
     env = dict(os.environ if environ is None else environ)
     if config.path is not None:
         env[CONFIG_ENV] = str(config.path)
+    # the workers' counters in one place, so /metrics answers for all of them whichever one it reaches
+    env[METRICS_ENV] = str(metrics_dir(load_settings(config, env).db_path))
     return [sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--host", host, "--port", str(port),
             "--workers", str(workers), "--no-ws", "--log-level", "warning",
             "--http1-header-read-timeout", str(HEADER_TIMEOUT_MS), INGEST_APP], env
@@ -133,6 +138,19 @@ def _port_free(host: str, port: int) -> None:
                               "(another server there? --port)") from None
 
 
+def _fresh_metrics(folder: Path) -> None:
+    """Make the workers' metrics folder, and empty it: counters start again with the server, and the
+    files of an earlier run's workers would otherwise be summed into them. Raises ConfigError."""
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if folder.is_symlink() or not folder.is_dir():
+            raise ConfigError(f"{folder} (the ingest server's metrics) is not a directory; move it aside")
+        for old in folder.glob("*.db"):
+            old.unlink(missing_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot prepare {folder} for the ingest server's metrics: {e.strerror or e}") from e
+
+
 def run_ingest(config: Config, host: str, port: int, workers: int) -> NoReturn:
     """Check, then replace this process with granian serving the ingest server. Raises ConfigError
     when the config or the secrets are wrong, or granian is not installed."""
@@ -142,6 +160,7 @@ def run_ingest(config: Config, host: str, port: int, workers: int) -> NoReturn:
     ingest_cpus(os.environ)  # a bad RELAY_INGEST_CPUS is one line here, not one per worker
     _port_free(host, port)
     argv, env = ingest_command(config, host, port, workers)
+    _fresh_metrics(Path(env["PROMETHEUS_MULTIPROC_DIR"]))
     lower_priority(env)
     from sync_tools.relay.connections import raise_nofile
 
