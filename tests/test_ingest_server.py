@@ -274,12 +274,16 @@ def test_the_ingest_server_runs_below_the_relays_cpu_priority(tmp_path: Path, gi
         threads = list(Path(f"/proc/{pid}/task").iterdir())
         nices = {int(Path(t, "stat").read_text().rsplit(")", 1)[1].split()[16]) for t in threads}
         assert nices == {base + 10}, nices
-    e = {**os.environ, **env(tmp_path), "SYNC_TOOLS_CONFIG": str(tmp_path / "sync-tools.yaml"),
-         "RELAY_INGEST_NICE": "lots"}
+    _refused_in_one_line(tmp_path, "RELAY_INGEST_NICE", "lots")
+
+
+def _refused_in_one_line(root: Path, name: str, value: str) -> None:
+    """``relay --production --ingest`` with *name*=*value* stops before serving, with one line naming it."""
+    e = {**os.environ, **env(root), "SYNC_TOOLS_CONFIG": str(root / "sync-tools.yaml"), name: value}
     proc = subprocess.run([sys.executable, "-m", "sync_tools", "relay", "--production", "--ingest", "--port",
-                           str(free_port())], env=e, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                           str(free_port())], env=e, cwd=root, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
-    assert proc.stderr.strip().count("\n") == 0 and "RELAY_INGEST_NICE='lots'" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and f"{name}={value!r}" in proc.stderr, proc.stderr
 
 
 def test_a_taken_port_stops_the_ingest_server_with_one_line(tmp_path: Path) -> None:
@@ -335,12 +339,7 @@ def test_each_ingest_worker_runs_on_a_core_of_its_own(tmp_path: Path, github_api
     with ingest_server(tmp_path, github_api.url, workers=2, RELAY_INGEST_CPUS="off") as ingest:
         for w in _workers(PIDS[ingest]):
             assert all(c == allowed for c in _cores(w))
-    e = {**os.environ, **env(tmp_path), "SYNC_TOOLS_CONFIG": str(tmp_path / "sync-tools.yaml"),
-         "RELAY_INGEST_CPUS": "0-4096"}
-    proc = subprocess.run([sys.executable, "-m", "sync_tools", "relay", "--production", "--ingest", "--port",
-                           str(free_port())], env=e, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().count("\n") == 0 and "RELAY_INGEST_CPUS='0-4096'" in proc.stderr, proc.stderr
+    _refused_in_one_line(tmp_path, "RELAY_INGEST_CPUS", "0-4096")
 
 
 def _counts(text: str) -> dict[str, float]:
