@@ -68,10 +68,10 @@ class Moved:
         """process-compose running *runs* (through sh, so a file not there yet is a process that exited)."""
         return ProcessComposeServer({"grafana": (["/bin/sh", "-c", 'exec "$0"', str(runs)], {})})
 
-    def agent(self, pc: ProcessComposeServer) -> Agent:
+    def agent(self, pc: ProcessComposeServer, settle: float = 0) -> Agent:
         """The documented agent-only config: no ``subsystems:``, the manifest names grafana."""
         config = parse_config(self.base / "agent.yaml", {"agent": {
-            "root": str(self.root), "health_timeout": 3, "settle_seconds": 0}})
+            "root": str(self.root), "health_timeout": 3, "settle_seconds": settle}})
         return Agent(config, fetcher=HTTPFetcher(self.server.url), public_key=self.store.key.public_key(),
                      platform=PLATFORM, reloader=ProcessComposeReloader(pc.url, ready_timeout=3))
 
@@ -129,7 +129,8 @@ def test_an_unhealthy_moved_build_puts_the_old_build_back_at_the_new_place(moved
     build proved healthy)."""
     moved.publish("v2", script("v2", ok=False))
     with moved.manager(runs=moved.new) as pc:
-        res = moved.agent(pc).reconcile().result("grafana")
+        # a settle window: without one, a loaded machine looked before the exit and saw v2 running
+        res = moved.agent(pc, settle=1.5).reconcile().result("grafana")
         assert res is not None and res.action == "rolled_back", res
         assert moved.new.read_bytes() == moved.v1
         assert wait_for(lambda: _running(pc), timeout=10, what="v1 running at the new place")
