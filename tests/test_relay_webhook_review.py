@@ -149,6 +149,8 @@ def test_an_older_version_arriving_while_a_newer_one_is_dispatching_is_answered_
         assert send(server, delivery("create", tag_payload(tag="v2.10.26"))).status_code == 202
         outbox = get_relay(server.app).outbox
         wait_for(lambda: outbox.stats().running == 1, what="the v2.10.26 dispatch under way")
+        # on its way to GitHub: past the claim, whose first steps (reads) a loaded machine had not yet taken
+        wait_for(lambda: github_api.requests_to("POST", "/dispatches$"), what="the v2.10.26 dispatch at GitHub")
         r = send(server, delivery("create", tag_payload(tag="v2.10.25")))
         _settled(server)
         assert [d["client_payload"]["version"] for d in github_api.state.dispatches] == ["v2.10.26"]

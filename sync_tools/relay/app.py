@@ -169,6 +169,9 @@ class Relay:
 
     def _dispatch_job(self, job: Job) -> list[NewJob]:
         sub, version = job.payload.get("subsystem"), job.payload.get("version")
+        # this job is running: the next delivery of its subsystem reads the running version afresh
+        # (first thing, so the window after the claim is as short as can be; the rest reads the database)
+        self._dispatched_seen.pop(str(sub), None)
         key = f"dispatched:{sub}"
         tracked = self.config.subsystems.get(sub) if isinstance(sub, str) else None
         if tracked is not None and tracked.strategy == "commits":
@@ -208,9 +211,6 @@ class Relay:
                 log.info("dispatch of %s %s (delivery %s) skipped: %s is queued after it", sub, version,
                          job.delivery, ahead[0])
                 return []
-        # this job runs now: the next delivery of it reads the running version afresh (once per dispatch,
-        # not once per delivery on the webhook path)
-        self._dispatched_seen.pop(str(sub), None)
         self._pace()
         self._send(job)
         if ordered and (newest is None or later(version, newest)):
