@@ -220,3 +220,27 @@ def test_a_forged_message_with_the_next_events_msg_id_does_not_suppress_that_rel
         worker.stop(5)
         outbox.close()
         hub.stop()
+
+
+
+def test_a_read_of_a_file_that_is_not_the_database_is_an_outbox_error(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """(failed before the fix: sqlite3.OperationalError, a 500 from /webhook, in a CI run) A restore
+    copies the database back while the relay runs: a reader opened during the copy finds no tables.
+    The read is an OutboxError (503, or tried again later) and that connection is not kept."""
+    from sync_tools.relay import outbox as ob
+
+    other = sqlite3.connect(tmp_path / "other.db")  # a database, but none of the relay's tables
+    other.execute("CREATE TABLE x (y)")
+    other.commit()
+    other.close()
+    outbox = ob.Outbox(tmp_path / "relay.db")
+    try:
+        real = ob._connect
+        monkeypatch.setattr(ob, "_connect", lambda path, create=True: real(tmp_path / "other.db", create=create))
+        with pytest.raises(ob.OutboxError, match="cannot read the relay database"):
+            outbox.get_state("dispatched:nats")
+        monkeypatch.setattr(ob, "_connect", real)
+        assert outbox.get_state("dispatched:nats") is None  # a new reader, on the database: the bad one was dropped
+    finally:
+        outbox.close()

@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -402,10 +402,20 @@ class Outbox:
                 raise OutboxError(f"cannot open the relay database {self.path}: {e}") from e
             with self._wlock:
                 self._all.append(conn)
+        keep = True
         try:
             yield conn
+        except sqlite3.Error as e:
+            # a file at the path that is not the database (a restore half copied, a replacement): the
+            # caller answers 503 or tries again later, never 500; this connection is not kept
+            keep = False
+            with self._wlock, suppress(ValueError, sqlite3.Error):
+                self._all.remove(conn)
+                conn.close()
+            raise OutboxError(f"cannot read the relay database {self.path}: {e}") from e
         finally:
-            self._readers.put(conn)
+            if keep:
+                self._readers.put(conn)
 
     def check_files(self) -> None:
         """Raise OutboxError unless the database and its WAL at the path are still the files this
