@@ -72,6 +72,25 @@ def serve_once(handler: Callable[[socket.socket], None]) -> Iterator[int]:
         srv.close()
 
 
+def serve_advertisement() -> Iterator[tuple[str, dict[str, bytes]]]:
+    """A loopback HTTP server answering every request with ``answer["body"]`` as a git ref
+    advertisement; yields its repository URL and *answer*, which the test fills in."""
+    answer = {"body": b""}
+
+    def handle(conn: socket.socket) -> None:
+        try:
+            conn.settimeout(2)
+            conn.recv(65536)
+            body = answer["body"]
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-git-upload-pack-advertisement\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        except OSError:
+            pass
+
+    for port in serve_once(handle):
+        yield f"http://127.0.0.1:{port}/r.git", answer
+
+
 class LoopbackHTTPServer(http.server.ThreadingHTTPServer):
     """A threaded HTTP server on 127.0.0.1:0; ``stopping`` is set before it shuts down (a handler that
     streams until told to stop watches it)."""

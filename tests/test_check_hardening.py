@@ -23,7 +23,7 @@ from sync_tools.errors import RemoteError
 from sync_tools.sources.remote import ls_remote
 from tests.gitrepos import GitRepo
 from tests.processes import assert_process_ends
-from tests.support import serve_once
+from tests.support import serve_advertisement
 
 
 def pkt(data: bytes) -> bytes:
@@ -200,20 +200,7 @@ _GARBLED = {
 @pytest.fixture
 def garbling_server():
     """A loopback HTTP server answering every request with ``answer["body"]`` as a ref advertisement."""
-    answer = {"body": b""}
-
-    def handle(conn: socket.socket) -> None:
-        try:
-            conn.settimeout(2)
-            conn.recv(65536)
-            body = answer["body"]
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-git-upload-pack-advertisement\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
-        except OSError:
-            pass
-
-    for port in serve_once(handle):
-        yield f"http://127.0.0.1:{port}/r.git", answer
+    yield from serve_advertisement()
 
 
 @pytest.mark.parametrize("case", list(_GARBLED))

@@ -19,7 +19,7 @@ from sync_tools.check import CheckReport, CheckResult, write_version_manifest
 from sync_tools.cli import cli
 from sync_tools.sources.remote import ls_remote
 from tests.servers.github_api import github_api_fixture  # noqa: F401 - fixture `github_api`
-from tests.support import serve_once
+from tests.support import serve_advertisement, serve_once
 
 
 def pkt(data: bytes) -> bytes:
@@ -38,20 +38,7 @@ def _advertisement(names: list[bytes]) -> bytes:
 @pytest.fixture
 def advertising_server():
     """A loopback HTTP server answering every request with ``answer["body"]`` as a ref advertisement."""
-    answer = {"body": b""}
-
-    def handle(conn: socket.socket) -> None:
-        try:
-            conn.settimeout(2)
-            conn.recv(65536)
-            body = answer["body"]
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-git-upload-pack-advertisement\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
-        except OSError:
-            pass
-
-    for port in serve_once(handle):
-        yield f"http://127.0.0.1:{port}/r.git", answer
+    yield from serve_advertisement()
 
 
 def _config(tmp_path: Path, subsystems: dict) -> Path:
